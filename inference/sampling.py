@@ -1,0 +1,283 @@
+"""Sampling parameters, batched token sampling and stop detection.
+
+`sample` handles a batch of rows with different parameters: greedy rows take the argmax; the rest are divided
+by their temperature, masked by top-k / top-p (one sort for the whole batch, per-row k and p as tensors) and
+drawn by an exponential race, argmax(p / E) with E ~ Exp(1), which picks index i with probability p_i. Each
+seeded row draws its noise from its own `torch.Generator`, so its tokens depend only on its own seed and
+logits, never on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. temperature 0 = greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings; the output text ends just before the first one found
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept lists (and a single stop string) from callers, store tuples so the object stays hashable.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        for name in ("stop_token_ids", "stop"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                if not isinstance(value, (list, frozenset, set)):
+                    raise TypeError(f"{name} must be a tuple or list, got {type(value).__name__}")
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(f"temperature must be a number, got {self.temperature!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+            raise TypeError(f"top_p must be a number, got {self.top_p!r}")
+        if not (0.0 < self.top_p <= 1.0):  # also rejects NaN
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not _SEED_MIN <= self.seed <= _SEED_MAX):
+            raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        for tid in self.stop_token_ids:
+            if not _is_int(tid) or tid < 0:
+                raise ValueError(f"stop_token_ids must hold integers >= 0, got {tid!r}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A request's own random stream (None when it has no seed: such rows use torch's global generator)."""
+    if params.seed is None:
+        return None
+    return torch.Generator(device=torch.device(device)).manual_seed(params.seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k and top-p nucleus with -inf (returns a new tensor).
+
+    logits [B, V]; top_k [B] integer (0 or >= V keeps all; exactly k survive, ties broken by index);
+    top_p [B] float in (0, 1] (keeps the smallest set of highest-probability tokens whose mass reaches p,
+    top_k applied first; 1 keeps all).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    num_rows, vocab = logits.shape
+    if top_k.shape != (num_rows,) or top_p.shape != (num_rows,):
+        raise ValueError(
+            f"top_k and top_p must be [{num_rows}], got {tuple(top_k.shape)} and {tuple(top_p.shape)}"
+        )
+    top_k = top_k.to(device=logits.device, dtype=torch.long)
+    top_p = top_p.to(device=logits.device, dtype=torch.float32)
+    use_k = (top_k > 0) & (top_k < vocab)  # [B]
+    use_p = top_p < 1.0  # [B]
+    if not bool((use_k | use_p).any()):
+        return logits.clone()
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [B, V] each
+    ranks = torch.arange(vocab, device=logits.device)  # [V]
+    k = torch.where(use_k, top_k, vocab)  # [B]
+    drop = ranks[None, :] >= k[:, None]  # [B, V] in sorted order
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    if bool(use_p.any()):
+        probs = sorted_logits.float().softmax(dim=-1)  # [B, V]
+        mass_before = probs.cumsum(dim=-1) - probs  # [B, V] probability of strictly better tokens
+        drop_p = (mass_before >= top_p[:, None]) & use_p[:, None]
+        drop_p[:, 0] = False  # the best token always survives
+        sorted_logits = sorted_logits.masked_fill(drop_p, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Draw one token per row. logits [B, V] float32; returns [B] int64 on logits' device."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    num_rows = logits.shape[0]
+    if len(params) != num_rows or len(generators) != num_rows:
+        raise ValueError(f"need one SamplingParams and one generator per row: {num_rows} rows, "
+                         f"{len(params)} params, {len(generators)} generators")
+    logits = logits.float()
+    out = logits.argmax(dim=-1)  # [B]; final for greedy rows
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return out
+    device = logits.device
+    row_idx = torch.tensor(rows, device=device)
+    temps = torch.tensor([params[i].temperature for i in rows], device=device, dtype=torch.float32)
+    x = logits[row_idx] / temps[:, None]  # [R, V]
+    top_k = torch.tensor([params[i].top_k for i in rows], device=device, dtype=torch.long)
+    top_p = torch.tensor([params[i].top_p for i in rows], device=device, dtype=torch.float32)
+    if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
+        x = apply_top_k_top_p(x, top_k, top_p)
+    probs = x.softmax(dim=-1)  # [R, V]
+    noise = torch.empty_like(probs)  # [R, V] ~ Exp(1), each seeded row from its own generator
+    unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
+    if unseeded:
+        noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=device).exponential_()
+    for j, i in enumerate(rows):
+        gen = generators[i]
+        if gen is not None:
+            noise[j].exponential_(generator=gen)
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # 0/0 would be NaN and win the argmax
+    out[row_idx] = (probs / noise).argmax(dim=-1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stop detection
+
+
+def find_stop_string(text: str, stops: Sequence[str], start: int = 0) -> tuple[int, str] | None:
+    """Earliest occurrence of any stop string in text that ends after `start`'s search window begins:
+    returns (index, stop string) or None. Searching from `start` lets callers scan only new text (plus
+    the overlap a stop string split across deltas needs)."""
+    best: tuple[int, str] | None = None
+    for s in stops:
+        pos = text.find(s, max(0, start - len(s) + 1))
+        if pos >= 0 and (best is None or pos < best[0]):
+            best = (pos, s)
+    return best
+
+
+@dataclass(frozen=True)
+class StopResult:
+    finish_reason: str  # "stop" | "length"
+    text: str  # final output text, cut before a matched stop string
+    matched: int | str | None  # the stop token id or stop string; None for "length"
+
+
+def check_stop(
+    params: SamplingParams,
+    token_ids: Sequence[int],
+    text: str,
+    eos_id: int | None,
+    *,
+    new_text_start: int = 0,
+) -> StopResult | None:
+    """Stateless check after a step: token_ids are all generated ids (last = newest), text their decoded text.
+
+    Order: stop token (EOS unless ignore_eos, or stop_token_ids) on the newest token, then stop strings in
+    text (searched from `new_text_start`, widened for stop strings split across tokens), then max_tokens.
+    For a stop token the caller's text should not contain that token's own text.
+    """
+    if token_ids:
+        last = int(token_ids[-1])
+        if last in params.stop_token_ids or (last == eos_id and not params.ignore_eos):
+            return StopResult(FINISH_STOP, text, last)
+    if params.stop:
+        found = find_stop_string(text, params.stop, new_text_start)
+        if found is not None:
+            return StopResult(FINISH_STOP, text[: found[0]], found[1])
+    if len(token_ids) >= params.max_tokens:
+        return StopResult(FINISH_LENGTH, text, None)
+    return None
+
+
+class TextDecoder(Protocol):
+    """What StopChecker needs from a streaming detokenizer (inference.tokenizer.IncrementalDecoder)."""
+
+    def step(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class StopUpdate:
+    text_delta: str  # text now safe to stream (held back while it could still begin a stop string)
+    finish_reason: str | None  # None while running
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class StopChecker:
+    """Per-request detokenize-and-stop state for streaming.
+
+    `step(token_id)` decodes the token, checks EOS / stop_token_ids / stop strings / max_tokens and returns
+    the text delta that is safe to emit: while stop strings are set, the last len(longest)-1 characters are
+    held back because they could be the start of a stop string completed by a later token. The text of a
+    stop token (e.g. EOS) is not part of the output. Concatenated deltas equal `.text` at the end.
+    """
+
+    def __init__(self, params: SamplingParams, eos_id: int | None, decoder: TextDecoder) -> None:
+        self.params = params
+        self.eos_id = eos_id
+        self._decoder = decoder
+        self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.token_ids: list[int] = []
+        self.text = ""  # all text so far (emitted + held back); the final output once finished
+        self._emitted = 0  # len of the prefix of self.text already returned
+        self.finish_reason: str | None = None
+        self.matched: int | str | None = None
+
+    def step(self, token_id: int) -> StopUpdate:
+        if self.finish_reason is not None:
+            raise RuntimeError("StopChecker.step called after the request finished")
+        token_id = int(token_id)
+        self.token_ids.append(token_id)
+        params = self.params
+        if token_id in params.stop_token_ids or (token_id == self.eos_id and not params.ignore_eos):
+            # Only flush what an incomplete character held back: the stop token's own text is dropped.
+            self.text += self._decoder.flush()
+            return self._finish(FINISH_STOP, token_id)
+        scan_from = len(self.text)
+        self.text += self._decoder.step(token_id)
+        at_length = len(self.token_ids) >= params.max_tokens
+        if at_length:
+            self.text += self._decoder.flush()  # an incomplete last character becomes U+FFFD, as in decode
+        if params.stop:
+            found = find_stop_string(self.text, params.stop, scan_from)
+            if found is not None:
+                self.text = self.text[: found[0]]
+                return self._finish(FINISH_STOP, found[1])
+        if at_length:
+            return self._finish(FINISH_LENGTH, None)
+        safe = max(self._emitted, len(self.text) - self._holdback)
+        delta = self.text[self._emitted:safe]
+        self._emitted = safe
+        return StopUpdate(delta, None)
+
+    def _finish(self, reason: str, matched: int | str | None) -> StopUpdate:
+        self.finish_reason = reason
+        self.matched = matched
+        delta = self.text[self._emitted:]
+        self._emitted = len(self.text)
+        return StopUpdate(delta, reason)

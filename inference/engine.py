@@ -1,0 +1,169 @@
+"""Synchronous engine: load a checkpoint, compute logits, generate batches (the async server drives the same
+model through `ModelRunner`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inference.batch import ScheduledSeq
+from inference.checkpoint import checkpoint_is_fp8, find_checkpoint_files, load_weights, resolve_model_path
+from inference.config import ModelConfig
+from inference.demo import DEMO_NAME, demo_checkpoint_path
+from inference.model import Runtime, Transformer
+from inference.runner import ModelRunner
+from inference.sampling import SamplingParams, StopChecker, make_generator, sample
+from inference.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None, default: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = (dtype or default).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of float32, bfloat16, float16")
+    return _DTYPES[name]
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use device 'cpu' or 'auto'")
+    return dev
+
+
+def select_backend(device: torch.device, backend: str) -> str:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel backend {backend!r} is not one of auto, torch, triton")
+    if backend == "auto":
+        try:
+            from kernels.backend import select_backend as kernel_select
+        except ImportError:
+            return "torch"
+        return kernel_select(device, None)
+    return backend
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+
+
+class Engine:
+    def __init__(self, model: Transformer, config: ModelConfig, tokenizer: Tokenizer, device: torch.device,
+                 dtype: torch.dtype, name: str, path: Path, backend: str, fp8: bool):
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.device, self.dtype = device, dtype
+        self.name, self.path, self.backend, self.fp8 = name, path, backend, fp8
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike | None = None, device: torch.device | str = "auto",
+                        dtype: torch.dtype | str | None = None, *, backend: str = "auto",
+                        dequantize_fp8: bool = False, progress: bool | None = None) -> Engine:
+        """Load a DeepseekV3ForCausalLM checkpoint (None: the demo checkpoint, written on first use)."""
+        path = demo_checkpoint_path() if path_or_repo_id is None else resolve_model_path(path_or_repo_id)
+        config = ModelConfig.from_file(path)
+        files = find_checkpoint_files(path)
+        dev = resolve_device(device)
+        dt = parse_dtype(dtype, config.torch_dtype)
+        fp8 = checkpoint_is_fp8(files, config)
+        kernel_backend = select_backend(dev, backend)
+        if fp8 and kernel_backend == "triton":
+            from kernels.backend import fp8_supported, fp8_unsupported_notice
+
+            if not fp8_supported(dev):
+                log.warning(fp8_unsupported_notice(dev))
+                dequantize_fp8 = True
+        rt = Runtime(dtype=dt, backend=kernel_backend,
+                     scale_fmt=config.quant.scale_fmt if config.quant else None,
+                     fp8_block=config.quant.block_size[0] if config.quant else 128)
+        model = Transformer(config, rt, fp8=fp8, device=dev)
+        load_weights(model, files, progress=progress)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        if fp8 and dequantize_fp8:
+            model.dequantize_fp8_()
+            fp8 = False
+        model.eval()
+        tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else None)
+        name = DEMO_NAME if path_or_repo_id is None else str(path_or_repo_id)
+        return cls(model, config, tokenizer, dev, dt, name, path, kernel_backend, fp8)
+
+    @property
+    def is_demo(self) -> bool:
+        return self.name == DEMO_NAME
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    def make_runner(self, num_blocks: int, block_size: int = 16, setting: str = "cache_tokens") -> ModelRunner:
+        return ModelRunner(self.model, self.config, num_blocks, block_size, self.device, self.dtype, setting)
+
+    def check_prompt(self, token_ids: Sequence[int], max_tokens: int = 0) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty: pass at least one token")
+        v = self.config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < v), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{v - 1})")
+        if len(token_ids) + max_tokens > self.max_context:
+            raise ValueError(f"prompt of {len(token_ids)} tokens plus max_tokens {max_tokens} exceeds the model's "
+                             f"context of {self.max_context} tokens; shorten the prompt or lower max_tokens")
+
+    def logits(self, token_ids: Sequence[int], block_size: int = 16) -> torch.Tensor:
+        """Prefill logits of every position: [len(token_ids), V] float32."""
+        token_ids = list(token_ids)
+        self.check_prompt(token_ids)
+        n_blocks = -(-len(token_ids) // block_size)
+        runner = self.make_runner(n_blocks, block_size)
+        return runner.run([ScheduledSeq(token_ids, 0, list(range(n_blocks)))], all_logits=True)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 block_size: int = 16) -> list[GenerationOutput]:
+        """Batched generation: one prefill step for all prompts, then one decode step per token."""
+        prompts = [list(p) for p in prompts]
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        for p, sp in zip(prompts, plist):
+            self.check_prompt(p, sp.max_tokens)
+        tables: list[list[int]] = []
+        next_block = 0
+        for p, sp in zip(prompts, plist):
+            n = -(-(len(p) + sp.max_tokens) // block_size)
+            tables.append(list(range(next_block, next_block + n)))
+            next_block += n
+        runner = self.make_runner(next_block, block_size)
+        gens = [make_generator(sp, self.device) for sp in plist]
+        checkers = [StopChecker(sp, self.tokenizer.eos_id, self.tokenizer.incremental_decoder()) for sp in plist]
+        lengths = [len(p) for p in prompts]
+        active = list(range(len(prompts)))
+        step = [ScheduledSeq(p, 0, t) for p, t in zip(prompts, tables)]
+        while active:
+            logits = runner.run(step)  # [B, V]
+            tokens = sample(logits, [plist[i] for i in active], [gens[i] for i in active]).tolist()
+            still, step = [], []
+            for i, tok in zip(active, tokens):
+                if not checkers[i].step(tok).finished:
+                    still.append(i)
+                    step.append(ScheduledSeq([tok], lengths[i], tables[i]))
+                lengths[i] += 1
+            active = still
+        return [GenerationOutput(c.token_ids, c.text, c.finish_reason or "length", len(p))
+                for c, p in zip(checkers, prompts)]

@@ -1,0 +1,74 @@
+"""Runs forward steps of a model over its paged latent cache: the piece the scheduler drives."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from inference.batch import ScheduledSeq, build_batch
+from inference.config import ModelConfig
+from inference.model import Transformer
+
+
+class CacheMemoryError(MemoryError):
+    """The requested cache pool cannot fit; raised before anything large is allocated."""
+
+
+def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """(kv_lora_rank + qk_rope_head_dim) x layers x element size: nothing per head."""
+    return cfg.kv_cache_dim * cfg.num_layers * torch.empty((), dtype=dtype).element_size()
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def check_cache_fits(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                     device: torch.device, setting: str = "cache_tokens") -> None:
+    need = num_blocks * block_size * cache_bytes_per_token(cfg, dtype)
+    have = available_memory(device)
+    if need > 0.9 * have:
+        raise CacheMemoryError(
+            f"a KV cache of {num_blocks * block_size} tokens needs {need / 2**30:.2f} GiB on {device}, but only "
+            f"{have / 2**30:.2f} GiB is available; lower the `{setting}` setting")
+
+
+class ModelRunner:
+    """Owns the cache pool `[num_layers, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]`."""
+
+    def __init__(self, model: Transformer, config: ModelConfig, num_blocks: int, block_size: int,
+                 device: torch.device | str, dtype: torch.dtype, setting: str = "cache_tokens"):
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be positive")
+        self.model, self.config = model, config
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.device, self.dtype = torch.device(device), dtype
+        check_cache_fits(config, num_blocks, block_size, dtype, self.device, setting)
+        self.kv_cache = torch.zeros(config.num_layers, num_blocks, block_size, config.kv_cache_dim,
+                                    dtype=dtype, device=self.device)
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def run(self, seqs: Sequence[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
+        """Compute the new tokens of every sequence; logits [B, V] float32 of each one's last token
+        (or [T, V] for every new token with all_logits)."""
+        for s in seqs:
+            for b in s.block_table:
+                if not 0 <= b < self.num_blocks:
+                    raise ValueError(f"block id {b} outside the pool of {self.num_blocks} blocks")
+        input_ids, positions, meta = build_batch(seqs, self.block_size, self.device, all_logits)
+        return self.model(input_ids, positions, meta, self.kv_cache)

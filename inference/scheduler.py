@@ -1,0 +1,218 @@
+"""Continuous-batching scheduler: decodes, chunked prefill and admission under a token budget per step.
+
+Each `schedule()` builds one model step:
+1. every running sequence that is decoding gets its one new token;
+2. running sequences still prefilling get the next chunk of their prompt from what is left of the
+   `max_num_batched_tokens` budget (so a long prompt never stalls the decodes);
+3. waiting sequences are admitted (first come, first served) while the budget, `max_num_seqs` and the
+   block pool allow; each starts from its longest cached prefix.
+When a running sequence needs a block and the pool is empty, the newest running sequence is preempted: its
+blocks are released and it goes back to the front of the waiting queue, to be recomputed later (its full
+blocks usually still sit in the prefix cache). Nothing is admitted in a step that preempted.
+
+`postprocess()` takes the sampled tokens, registers newly completed blocks in the prefix cache, checks
+stops and releases finished sequences' blocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from inference.batch import ScheduledSeq
+from inference.cache import BlockManager, chain_block_hashes
+from inference.sequence import Sequence, SequenceStatus, SeqUpdate
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    seqs: list[Sequence]
+    scheduled: list[ScheduledSeq]  # row b is seqs[b]'s share of the step (what the runner consumes)
+    sample_rows: list[int]  # rows whose last new token is the sequence's last token: they sample
+    preempted: list[Sequence]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int = 16,
+        max_num_batched_tokens: int = 512,
+        max_model_len: int | None = None,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs ({max_num_seqs})"
+                " so every running sequence can decode each step"
+            )
+        capacity = block_manager.num_blocks * block_manager.block_size
+        self.max_model_len = min(max_model_len or capacity, capacity)
+        self.bm = block_manager
+        self.block_size = block_manager.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the newest is preempted first
+        self._by_id: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self._by_id:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        if seq.num_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {seq.num_tokens} tokens; the limit is {self.max_model_len - 1} "
+                "(cache capacity / model length; raise cache_tokens)"
+            )
+        seq.cap_length(self.max_model_len)
+        seq.status = SequenceStatus.WAITING
+        self._by_id[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> SeqUpdate | None:
+        """Stop a request now and release its blocks; None if it is unknown or already finished."""
+        seq = self._by_id.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        else:
+            self.waiting.remove(seq)
+        return seq.finish("abort")
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._by_id.get(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chosen: dict[Sequence, int] = {}  # seq -> new tokens this step, in row order
+        preempted: list[Sequence] = []
+
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decoding + prefilling:
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue  # preempted earlier in this step, or no budget left for a chunk
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = self._blocks_needed(seq, num_new)
+            while need > self.bm.num_free_blocks:
+                victim = self.running[-1]
+                budget += chosen.pop(victim, 0)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.block_table.extend(self.bm.allocate(need))
+            chosen[seq] = num_new
+            budget -= num_new
+
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = self._admit(seq, budget)
+            if num_new == 0:
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            chosen[seq] = num_new
+            budget -= num_new
+
+        seqs = list(chosen)
+        scheduled: list[ScheduledSeq] = []
+        sample_rows: list[int] = []
+        for row, seq in enumerate(seqs):
+            start, n = seq.num_computed_tokens, chosen[seq]
+            scheduled.append(ScheduledSeq(seq.token_ids[start : start + n], start, list(seq.block_table)))
+            if start + n == seq.num_tokens:
+                sample_rows.append(row)
+        return SchedulerOutput(seqs, scheduled, sample_rows, preempted)
+
+    def postprocess(self, out: SchedulerOutput, sampled_token_ids: Seq[int]) -> list[SeqUpdate]:
+        """Advance the step's sequences; `sampled_token_ids[i]` belongs to row `out.sample_rows[i]`."""
+        if len(sampled_token_ids) != len(out.sample_rows):
+            raise ValueError(f"{len(sampled_token_ids)} sampled tokens for {len(out.sample_rows)} rows")
+        token_of_row = dict(zip(out.sample_rows, sampled_token_ids, strict=True))
+        updates: list[SeqUpdate] = []
+        for row, (seq, sched) in enumerate(zip(out.seqs, out.scheduled, strict=True)):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed_tokens += len(sched.token_ids)
+            self._register_full_blocks(seq)
+            if row not in token_of_row:
+                continue
+            update = seq.append_token(int(token_of_row[row]))
+            updates.append(update)
+            if update.finished:
+                self.running.remove(seq)
+                del self._by_id[seq.request_id]
+                self._release(seq)
+        return updates
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
+        total = seq.num_computed_tokens + num_new
+        return -(-total // self.block_size) - len(seq.block_table)
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Give a waiting sequence its cached prefix and blocks for its first chunk; returns the chunk
+        length, or 0 if the pool cannot hold it now (nothing is taken then)."""
+        bs = self.block_size
+        hashes = chain_block_hashes(seq.token_ids, bs, seq.block_hashes)
+        # the block holding the last token is never taken from the cache: its logits must be computed
+        cached = self.bm.match_prefix(hashes[: (seq.num_tokens - 1) // bs])
+        num_cached = len(cached) * bs
+        num_new = min(seq.num_tokens - num_cached, budget)
+        need = -(-(num_cached + num_new) // bs) - len(cached)
+        if need + self.bm.num_evictable_in(cached) > self.bm.num_free_blocks:
+            return 0
+        self.bm.acquire(cached)
+        seq.block_table = cached + self.bm.allocate(need)
+        seq.num_computed_tokens = num_cached
+        seq.num_registered_blocks = len(cached)
+        if seq.num_cached_tokens < 0:  # first admission: count it for the prefix hit rate
+            seq.num_cached_tokens = num_cached
+            self.bm.record_prefix_query(seq.num_tokens, num_cached)
+        seq.status = SequenceStatus.RUNNING
+        return num_new
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= seq.num_registered_blocks:
+            return
+        hashes = chain_block_hashes(seq.token_ids, self.block_size, seq.block_hashes)
+        for i in range(seq.num_registered_blocks, num_full):
+            self.bm.register(seq.block_table[i], hashes[i])
+        seq.num_registered_blocks = num_full
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.bm.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0

@@ -1,0 +1,19 @@
+"""Session-wide test settings, applied before any test module imports torch, triton or the engine."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Kernels run through Triton's CPU interpreter where there is no GPU.
+try:
+    import torch
+
+    _cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _cuda = False
+if not _cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The demo checkpoint is written once per test session into a private cache, never the user's.
+os.environ.setdefault("DEEPSEEK_MCP_CACHE", tempfile.mkdtemp(prefix="deepseek-mcp-test-cache-"))

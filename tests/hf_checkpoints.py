@@ -1,0 +1,61 @@
+"""Tiny random DeepseekV3ForCausalLM checkpoints written by transformers' `save_pretrained` (the reference)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def tiny_hf_model(path: Path, *, q_lora_rank: int | None = 48, yarn: bool = True, n_group: int = 2,
+                  topk_group: int = 1, hidden: int = 64, seed: int = 0, legacy_rope: bool = False):
+    """Save a tiny random model to `path` and return it (fp32, eval mode)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if yarn:
+        rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 1.0,
+                "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0}
+    cfg = DeepseekV3Config(
+        vocab_size=256, hidden_size=hidden, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=n_group,
+        topk_group=topk_group, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=q_lora_rank,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_parameters=rope, max_position_embeddings=256,
+        num_nextn_predict_layers=0, initializer_range=0.1, routed_scaling_factor=2.5,
+    )
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # HF initializes norms to ones: perturb so a missing norm cannot pass
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn(b.shape, generator=g))
+    model.save_pretrained(path)
+    if legacy_rope:  # older config.json files: `rope_scaling` + `rope_theta` instead of `rope_parameters`
+        raw = json.loads((path / "config.json").read_text())
+        params = raw.pop("rope_parameters")
+        raw["rope_theta"] = params.pop("rope_theta")
+        params["type"] = params.pop("rope_type")
+        raw["rope_scaling"] = params if params["type"] != "default" else None
+        (path / "config.json").write_text(json.dumps(raw, indent=2))
+    return model
+
+
+@torch.no_grad()
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids])).logits[0].float()  # [T, V]
+
+
+@torch.no_grad()
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        out.append(nxt)
+        ids.append(nxt)
+    return out

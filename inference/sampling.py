@@ -1,10 +1,10 @@
 """Sampling parameters, batched token sampling and stop detection.
 
 `sample` handles a batch of rows with different parameters: greedy rows take the argmax; the rest are divided
-by their temperature, masked by top-k / top-p (one sort for the whole batch, per-row k and p as tensors) and
-drawn by an exponential race, argmax(p / E) with E ~ Exp(1), which picks index i with probability p_i. Each
-seeded row draws its noise from its own `torch.Generator`, so its tokens depend only on its own seed and
-logits, never on which other requests share the batch.
+by their temperature, filtered by top-k / top-p (one `topk` or one sort for the whole batch, per-row k and p
+as tensors) and drawn by inverse CDF: one uniform u per row, the token is the first whose cumulative
+probability exceeds u. Each seeded row takes its uniform from its own `torch.Generator`, so its tokens depend
+only on its own seed and logits, never on which other requests share the batch.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+_NUCLEUS_CANDIDATES = 1024  # top-p without top-k first tries this many candidates before a full sort
 
 
 @dataclass(frozen=True)
@@ -87,38 +88,94 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
 # Sampling
 
 
+def _top_candidates(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n best entries of each row, ordered by (value desc, id asc): (values [B, n], ids [B, n]).
+
+    Ranks an int64 key (order-preserving int image of the float32 value, then the inverted id) so there are
+    no ties: `topk` and a full sort agree exactly, whatever n the rest of the batch asks for.
+    """
+    vocab = logits.shape[1]
+    bits = logits.float().contiguous().view(torch.int32)  # [B, V]
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()  # [B, V] monotone in the float value
+    keys = (ordered << 32) | (vocab - 1 - torch.arange(vocab, device=logits.device))  # [B, V] unique per row
+    top = keys.topk(n, dim=-1).values if n < vocab else keys.sort(dim=-1, descending=True).values  # [B, n]
+    ids = (vocab - 1) - (top & 0xFFFFFFFF)  # [B, n]
+    return logits.gather(1, ids), ids
+
+
+def _candidates(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, temperature: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's candidates, best first: (values [B, K] with filtered entries at -inf, vocab ids [B, K]).
+
+    `temperature` [B], if given, divides the values (the ranking does not change with it; top-p does).
+    K is the largest top-k when every row has one; otherwise the first `_NUCLEUS_CANDIDATES` when that
+    covers every top-p nucleus, else V (a full sort).
+    """
+    num_rows, vocab = logits.shape
+    device = logits.device
+    top_k = top_k.to(device=device, dtype=torch.long)
+    top_p = top_p.to(device=device, dtype=torch.float32)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)  # [B]
+    has_k = k < vocab  # [B]
+    use_p = top_p < 1.0  # [B]
+    scaled = logits if temperature is None else logits / temperature[:, None]  # [B, V]
+    row_lse: torch.Tensor | None = None  # [B] whole-row normalizer, for top-p rows without top-k
+    if not num_rows or bool(has_k.all()):
+        sizes = [int(k.max()) if num_rows else vocab]
+    else:
+        row_lse = scaled.logsumexp(dim=-1)
+        sizes = [vocab]
+        if not bool((~has_k & ~use_p).any()):  # every row without top-k has a nucleus: try a short list
+            guess = max(_NUCLEUS_CANDIDATES, int(k.masked_fill(~has_k, 0).max()))
+            sizes = [guess, vocab] if guess < vocab else [vocab]
+    for n in sizes:
+        values, ids = _top_candidates(logits, n)  # [B, n] each
+        if temperature is not None:
+            values = values / temperature[:, None]
+        ranks = torch.arange(n, device=device)  # [n]
+        values = values.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))  # exactly k per row survive
+        if not bool(use_p.any()):
+            return values, ids
+        lse = values.logsumexp(dim=-1)  # [B] over the top-k survivors
+        if row_lse is not None:
+            lse = torch.where(has_k, lse, row_lse)
+        probs = (values - lse[:, None]).exp()  # [B, n]
+        if n < vocab and not bool((has_k | (probs.sum(dim=-1) >= top_p)).all()):
+            continue  # some nucleus reaches past the first n candidates
+        mass_before = probs.cumsum(dim=-1) - probs  # [B, n] probability of strictly better candidates
+        drop = (mass_before >= top_p[:, None]) & use_p[:, None]
+        drop[:, 0] = False  # the best token always survives
+        return values.masked_fill(drop, float("-inf")), ids
+    raise AssertionError("unreachable: the last candidate list is the whole vocabulary")
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask logits outside each row's top-k and top-p nucleus with -inf (returns a new tensor).
 
-    logits [B, V]; top_k [B] integer (0 or >= V keeps all; exactly k survive, ties broken by index);
-    top_p [B] float in (0, 1] (keeps the smallest set of highest-probability tokens whose mass reaches p,
-    top_k applied first; 1 keeps all).
+    logits [B, V]; top_k [B] integer (0 or >= V keeps all; exactly k survive, equal logits ranked by lower
+    id first); top_p [B] float in (0, 1] (after top-k, keeps the smallest set of most probable tokens whose
+    mass reaches p; 1 keeps all).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
-    num_rows, vocab = logits.shape
+    num_rows = logits.shape[0]
     if top_k.shape != (num_rows,) or top_p.shape != (num_rows,):
         raise ValueError(
             f"top_k and top_p must be [{num_rows}], got {tuple(top_k.shape)} and {tuple(top_p.shape)}"
         )
-    top_k = top_k.to(device=logits.device, dtype=torch.long)
-    top_p = top_p.to(device=logits.device, dtype=torch.float32)
-    use_k = (top_k > 0) & (top_k < vocab)  # [B]
-    use_p = top_p < 1.0  # [B]
-    if not bool((use_k | use_p).any()):
-        return logits.clone()
-    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [B, V] each
-    ranks = torch.arange(vocab, device=logits.device)  # [V]
-    k = torch.where(use_k, top_k, vocab)  # [B]
-    drop = ranks[None, :] >= k[:, None]  # [B, V] in sorted order
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    if bool(use_p.any()):
-        probs = sorted_logits.float().softmax(dim=-1)  # [B, V]
-        mass_before = probs.cumsum(dim=-1) - probs  # [B, V] probability of strictly better tokens
-        drop_p = (mass_before >= top_p[:, None]) & use_p[:, None]
-        drop_p[:, 0] = False  # the best token always survives
-        sorted_logits = sorted_logits.masked_fill(drop_p, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    values, ids = _candidates(logits, top_k, top_p)
+    return torch.full_like(logits, float("-inf")).scatter_(1, ids, values)
+
+
+def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: probs [R, K] (rows need not be normalized), uniforms [R] in [0, 1) -> [R] column."""
+    cdf = probs.double().cumsum(dim=-1)  # [R, K]
+    total = cdf[:, -1:]  # [R, 1]
+    # target strictly below total (u * total may round up to it), so the first cdf > target has p > 0
+    target = torch.minimum(uniforms.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    choice = torch.searchsorted(cdf, target, right=True)  # [R, 1]
+    return choice.clamp_(max=cdf.shape[1] - 1).squeeze(1)  # clamp only matters for an all-NaN row
 
 
 def sample(
@@ -141,22 +198,26 @@ def sample(
     device = logits.device
     row_idx = torch.tensor(rows, device=device)
     temps = torch.tensor([params[i].temperature for i in rows], device=device, dtype=torch.float32)
-    x = logits[row_idx] / temps[:, None]  # [R, V]
-    top_k = torch.tensor([params[i].top_k for i in rows], device=device, dtype=torch.long)
-    top_p = torch.tensor([params[i].top_p for i in rows], device=device, dtype=torch.float32)
+    x = logits if len(rows) == num_rows else logits[row_idx]  # [R, V]
+    ids: torch.Tensor | None = None
     if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
-        x = apply_top_k_top_p(x, top_k, top_p)
-    probs = x.softmax(dim=-1)  # [R, V]
-    noise = torch.empty_like(probs)  # [R, V] ~ Exp(1), each seeded row from its own generator
+        top_k = torch.tensor([params[i].top_k for i in rows], device=device, dtype=torch.long)
+        top_p = torch.tensor([params[i].top_p for i in rows], device=device, dtype=torch.float32)
+        x, ids = _candidates(x, top_k, top_p, temps)  # [R, K] each
+    else:
+        x = x / temps[:, None]
+    probs = x.softmax(dim=-1)  # [R, K]
+    # One uniform per row and step: a seeded row's stream depends on nothing but its own steps.
+    uniforms = torch.empty(len(rows), device=device, dtype=torch.float64)
     unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
     if unseeded:
-        noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=device).exponential_()
+        uniforms[unseeded] = torch.rand(len(unseeded), device=device, dtype=torch.float64)
     for j, i in enumerate(rows):
         gen = generators[i]
         if gen is not None:
-            noise[j].exponential_(generator=gen)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # 0/0 would be NaN and win the argmax
-    out[row_idx] = (probs / noise).argmax(dim=-1)
+            uniforms[j] = torch.rand((), generator=gen, device=device, dtype=torch.float64)
+    choice = _draw(probs, uniforms)  # [R]
+    out[row_idx] = choice if ids is None else ids.gather(1, choice[:, None]).squeeze(1)
     return out
 
 

@@ -110,6 +110,18 @@ def test_seed_reproducible_and_independent_of_batch() -> None:
     assert different != alone
 
 
+def test_seeded_rows_independent_of_batch_with_tied_logits() -> None:
+    """bf16 logits tie a lot; a row's tokens must not change with what the other rows force (top-k list,
+    short nucleus list or full sort)."""
+    logits = (torch.randn(2000) * 2).bfloat16().float()
+    p = SamplingParams(temperature=1.0, top_k=60, top_p=0.9, seed=77)
+    alone = _run_seeded(logits, p, [], 0, 25)
+    assert len(set(alone)) > 3
+    assert _run_seeded(logits, p, [SamplingParams(temperature=1.0)], 0, 25) == alone  # full sort
+    assert _run_seeded(logits, p, [SamplingParams(temperature=0.5, top_p=0.5)], 1, 25) == alone  # short list
+    assert _run_seeded(logits, p, [SamplingParams(temperature=0.5, top_k=500)], 1, 25) == alone  # longer top-k
+
+
 def test_unseeded_rows_sample() -> None:
     logits = torch.zeros(3, 50)
     params = [SamplingParams(temperature=1.0)] * 3
@@ -130,6 +142,45 @@ def test_top_k_keeps_exactly_k() -> None:
         assert float(logits[row][keep].min()) >= float(logits[row][~keep].max())  # the k largest
         assert torch.equal(masked[row][keep], logits[row][keep])  # survivors unchanged
     assert torch.equal(masked[2], logits[2])
+    # among equal logits the lower ids win
+    tied = torch.isfinite(masked[4]) & (logits[4] == logits[4][torch.isfinite(masked[4])].min())
+    ids_at_threshold = (logits[4] == logits[4][tied][0]).nonzero().flatten()
+    assert tied.nonzero().flatten().tolist() == ids_at_threshold[: int(tied.sum())].tolist()
+    flat = apply_top_k_top_p(torch.zeros(2, 10), torch.tensor([3, 0]), torch.tensor([1.0, 0.35]))
+    assert torch.isfinite(flat).tolist() == [[True] * 3 + [False] * 7, [True] * 4 + [False] * 6]
+
+
+def _reference_mask(row: torch.Tensor, k: int, p: float) -> set[int]:
+    """Straightforward float64 top-k then top-p over one row: the kept ids."""
+    values = row.double().tolist()
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    if 0 < k < len(values):
+        order = order[:k]
+    weights = [math.exp(values[i] - values[order[0]]) for i in order]
+    total = sum(weights) if 0 < k < len(values) else sum(math.exp(v - values[order[0]]) for v in values)
+    kept, mass = set(), 0.0
+    for i, w in zip(order, weights, strict=True):
+        if kept and p < 1.0 and mass >= p:
+            break
+        kept.add(i)
+        mass += w / total
+    return kept
+
+
+@pytest.mark.parametrize("vocab", [50, 3000])
+def test_masks_match_reference_and_are_batch_independent(vocab: int) -> None:
+    """Random rows mixing top-k / top-p / neither; 3000 > the short candidate list, so top-p rows without
+    top-k exercise both the short list and the full-sort fallback (flat rows need most of the vocab)."""
+    rows = 8
+    logits = torch.randn(rows, vocab) * torch.tensor([3.0, 0.05, 1.0, 2.0, 0.01, 4.0, 1.0, 0.5])[:, None]
+    top_k = torch.tensor([0, 0, 5, 0, 0, 40, 1, 0])
+    top_p = torch.tensor([0.9, 0.95, 0.8, 1.0, 0.5, 0.3, 0.9, 0.7])
+    masked = apply_top_k_top_p(logits, top_k, top_p)
+    for r in range(rows):
+        kept = set(torch.isfinite(masked[r]).nonzero().flatten().tolist())
+        assert kept == _reference_mask(logits[r], int(top_k[r]), float(top_p[r])), r
+        alone = apply_top_k_top_p(logits[r : r + 1], top_k[r : r + 1], top_p[r : r + 1])
+        assert torch.equal(alone[0], masked[r])
 
 
 def _keep_set(probs: list[float], top_p: float, top_k: int = 0, perm: torch.Tensor | None = None) -> set[int]:
@@ -320,3 +371,15 @@ def test_no_nan_or_masked_pick_with_extreme_logits() -> None:
     out = sample(logits, params, _gens(params))
     assert out.tolist() == [10, 10, 10, 10]
     assert not math.isnan(float(apply_top_k_top_p(logits, torch.tensor([2] * 4), torch.full((4,), 0.9)).max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rows_with_cuda_generators() -> None:
+    logits = torch.randn(3, 4096, device="cuda")
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=50, seed=3),
+              SamplingParams(temperature=0.7, top_p=0.9, seed=4)]
+    first = sample(logits, params, [make_generator(p, "cuda") for p in params])
+    again = sample(logits, params, [make_generator(p, "cuda") for p in params])
+    assert first.device.type == "cuda" and torch.equal(first, again)
+    assert int(first[0]) == int(logits[0].argmax())
+    assert int(first[1]) in set(logits[1].topk(50).indices.tolist())

@@ -1,0 +1,135 @@
+"""`deepseek-mcp` / `python -m mcp_server`: serve a local DeepSeek-V3.1 over MCP (stdio by default)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from mcp_server.config import CONFIG_ENV, TOKEN_ENV, ConfigError, ServerConfig, check_serving_security, load_config
+
+log = logging.getLogger("deepseek-mcp")
+
+EPILOG = f"""\
+Configuration: a JSON file (--config, or ${CONFIG_ENV}) with the keys of config.example.json; unknown keys are
+errors. ${TOKEN_ENV} sets the bearer token. Command-line flags override both.
+
+Examples:
+  deepseek-mcp                                    demo checkpoint over stdio (for MCP clients)
+  deepseek-mcp --model /models/DeepSeek-V3.1      a real checkpoint
+  deepseek-mcp --transport http --port 8000       streamable HTTP at http://127.0.0.1:8000/mcp
+  deepseek-mcp --transport http --host 0.0.0.0 --token SECRET   beyond loopback (token required)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deepseek-mcp", description="MCP server for a local DeepSeek-V3.1 (chat, think, tool_call).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="PATH", help=f"JSON configuration file (default: ${CONFIG_ENV})")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="checkpoint directory or Hugging Face id (default: the demo checkpoint, "
+                                   "random weights)")
+    m.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="activation dtype")
+    m.add_argument("--kernels", choices=["auto", "triton", "torch"], help="kernel backend (default auto)")
+    m.add_argument("--cache-tokens", type=int, help="KV cache capacity in tokens")
+    m.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default 16)")
+    s = p.add_argument_group("defaults and limits")
+    s.add_argument("--temperature", type=float, help="default temperature (default 0.6; 0 = greedy)")
+    s.add_argument("--top-p", type=float, help="default top_p (default 0.95)")
+    s.add_argument("--top-k", type=int, help="default top_k (default 0 = off)")
+    s.add_argument("--max-tokens", type=int, help="default max_tokens per call (default 512)")
+    s.add_argument("--thinking-budget", type=int, help="default reasoning budget for think (default max_tokens/2)")
+    s.add_argument("--max-wall-time", type=float, metavar="SECONDS",
+                   help="generation time limit per call; returns what it has with finish_reason 'time' "
+                        "(default 50)")
+    s.add_argument("--load-wait", type=float, metavar="SECONDS",
+                   help="how long a call waits for a model still loading (default 600)")
+    s.add_argument("--max-conversations", type=int, help="stored conversations kept (default 256)")
+    t = p.add_argument_group("transport")
+    t.add_argument("--transport", choices=["stdio", "http", "sse"], help="default stdio")
+    t.add_argument("--host", help="HTTP/SSE bind address (default 127.0.0.1)")
+    t.add_argument("--port", type=int, help="HTTP/SSE port (default 8000)")
+    t.add_argument("--path", help="streamable HTTP endpoint path (default /mcp)")
+    t.add_argument("--token", help=f"bearer token for HTTP/SSE; required beyond loopback (or ${TOKEN_ENV})")
+    t.add_argument("--allowed-host", action="append", metavar="HOST[:PORT]",
+                   help="extra accepted Host header (repeatable; 'name:*' for any port)")
+    t.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
+                   help="extra accepted Origin header, e.g. https://app.example (repeatable)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
+    return p
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags given on the command line, shaped like the configuration file."""
+    flat = {"model": args.model, "device": args.device, "dtype": args.dtype, "kernels": args.kernels,
+            "cache_tokens": args.cache_tokens, "max_num_seqs": args.max_num_seqs, "transport": args.transport,
+            "host": args.host, "port": args.port, "path": args.path, "token": args.token,
+            "allowed_hosts": args.allowed_host, "allowed_origins": args.allowed_origin, "log_level": args.log_level}
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    limits = {"max_tokens": args.max_tokens, "thinking_budget": args.thinking_budget,
+              "max_wall_time_s": args.max_wall_time, "load_wait_s": args.load_wait,
+              "max_conversations": args.max_conversations}
+    out: dict[str, Any] = {k: v for k, v in flat.items() if v is not None}
+    for key, section in (("sampling", sampling), ("limits", limits)):
+        given = {k: v for k, v in section.items() if v is not None}
+        if given:
+            out[key] = given
+    return out
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)  # never stdout: over stdio it carries the protocol
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+async def serve(config: ServerConfig) -> None:
+    from mcp_server.model_host import ModelHost
+    from mcp_server.server import build_server
+    from mcp_server.service import ChatService
+    from mcp_server.transports import serve_http, serve_stdio
+
+    host = ModelHost(config)
+    service = ChatService(host, config)
+    mcp = build_server(service)
+    async with host.running():
+        if config.transport == "stdio":
+            await serve_stdio(mcp)
+        else:
+            await serve_http(mcp, config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, overrides(args))
+        check_serving_security(config)
+    except ConfigError as e:
+        print(f"deepseek-mcp: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config.model_dump_json(indent=2, exclude={"token"}))
+        return 0
+    setup_logging(config.log_level)
+    try:
+        import anyio
+        import torch  # noqa: F401 - load the heavy native libraries before the event loop starts serving
+
+        anyio.run(serve, config)
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        log.exception("deepseek-mcp stopped on an unexpected error")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

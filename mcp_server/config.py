@@ -1,0 +1,151 @@
+"""Server configuration: one pydantic model, read from a JSON file, then environment, then command-line flags.
+
+`config.example.json` at the repository root mirrors `ServerConfig` key for key. Unknown keys are rejected with a
+message that names them, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+TOKEN_ENV = "DEEPSEEK_MCP_TOKEN"
+CONFIG_ENV = "DEEPSEEK_MCP_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration the server refuses; the message says what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingDefaults(_Section):
+    temperature: float = Field(0.6, ge=0.0, le=2.0, description="Default temperature (0 = greedy).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Default nucleus mass.")
+    top_k: int = Field(0, ge=0, description="Default top-k (0 = off).")
+
+
+class Limits(_Section):
+    max_tokens: int = Field(512, gt=0, description="max_tokens when a call gives none.")
+    thinking_budget: int | None = Field(
+        None, gt=0, description="think's reasoning budget when a call gives none (null = half of max_tokens)."
+    )
+    max_wall_time_s: float = Field(
+        50.0, gt=0, description="Generation time limit per call; the call returns what it has (finish 'time')."
+    )
+    load_wait_s: float = Field(600.0, gt=0, description="How long a call waits for a model still loading.")
+    max_conversations: int = Field(256, gt=0, description="Stored conversations kept (least recently used go).")
+    progress_interval_s: float = Field(0.5, gt=0, le=1.0, description="Seconds between progress notifications.")
+
+
+class ServerConfig(_Section):
+    model: str | None = Field(None, description="Checkpoint directory or Hugging Face id; null = demo checkpoint.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(None, description="null = engine default.")
+    kernels: Literal["auto", "triton", "torch"] = Field("auto", description="Kernel backend.")
+    cache_tokens: int | None = Field(None, gt=0, description="KV cache capacity in tokens (null = engine default).")
+    max_num_seqs: int = Field(16, gt=0, description="Most requests decoded together.")
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    limits: Limits = Field(default_factory=Limits)
+    transport: Literal["stdio", "http", "sse"] = "stdio"
+    host: str = Field("127.0.0.1", description="HTTP/SSE bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP/SSE port (0 = any free port).")
+    path: str = Field("/mcp", description="Streamable HTTP endpoint path.")
+    token: str | None = Field(None, description=f"Bearer token for HTTP/SSE (or env {TOKEN_ENV}).")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Extra Host header values accepted over HTTP ('name:port' or 'name:*')."
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="Extra Origin values accepted over HTTP ('https://app.example')."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def bind_is_loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    unknown = [".".join(str(p) for p in e["loc"]) for e in err.errors() if e["type"] == "extra_forbidden"]
+    lines = []
+    if unknown:
+        lines.append(f"{source}: unknown key(s) {', '.join(unknown)}; see config.example.json for valid keys")
+    for e in err.errors():
+        if e["type"] != "extra_forbidden":
+            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"{source}: {where}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path).expanduser()
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> ServerConfig:
+    """File (`path`, or $DEEPSEEK_MCP_CONFIG), then $DEEPSEEK_MCP_TOKEN, then `overrides` (command-line flags)."""
+    env = os.environ if environ is None else environ
+    path = path or env.get(CONFIG_ENV) or None
+    data: dict[str, Any] = read_config_file(path) if path else {}
+    source = str(path) if path else "configuration"
+    try:
+        ServerConfig.model_validate(data)  # report file errors against the file, before merging flags
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+    if env.get(TOKEN_ENV):
+        data["token"] = env[TOKEN_ENV]
+    data = _deep_merge(data, overrides or {})
+    try:
+        return ServerConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, "command line")) from None
+
+
+def check_serving_security(config: ServerConfig) -> None:
+    """Refuse an HTTP/SSE bind beyond loopback without a bearer token."""
+    if config.transport == "stdio":
+        return
+    if not config.bind_is_loopback() and not config.token:
+        raise ConfigError(
+            f"refusing to serve {config.transport} on {config.host}: a non-loopback bind address needs a bearer "
+            f"token. Set \"token\" in the config file, pass --token, or export {TOKEN_ENV}; or bind to 127.0.0.1."
+        )
+    if not config.path.startswith("/"):
+        raise ConfigError(f"path must start with '/', got {config.path!r}")

@@ -1,0 +1,176 @@
+"""Model lifecycle: load once per process in the background, then serve through one AsyncEngine.
+
+The load (minutes for a real checkpoint) runs in a daemon thread, so the protocol answers at once and a process
+asked to exit never waits for it. Calls that arrive meanwhile wait in `wait_ready`, reporting load progress; a
+failed load leaves the cause in `error`, returned by every call.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+
+from mcp_server.config import ServerConfig
+from mcp_server.progress import Progress
+
+log = logging.getLogger(__name__)
+
+Status = Literal["loading", "ready", "failed"]
+DEMO_NAME = "deepseek-v3.1-demo (random weights)"  # what inference.demo names its checkpoint
+
+
+class ModelUnavailable(RuntimeError):
+    """The model failed to load, or is still loading past the wait limit; the message says which and why."""
+
+
+def display_name(model: str | None) -> str:
+    if model is None:
+        return DEMO_NAME
+    path = Path(model).expanduser()
+    return path.name if path.exists() else model  # local directory -> its name; HF id -> as given
+
+
+def default_loader(config: ServerConfig) -> Callable[[], Any]:
+    def load() -> Any:
+        from inference.engine import Engine
+
+        return Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
+                                      backend=config.kernels)
+
+    return load
+
+
+def default_async_engine(config: ServerConfig) -> Callable[[Any], Any]:
+    def make(engine: Any) -> Any:
+        from inference.async_engine import AsyncEngine
+
+        return AsyncEngine(engine, max_num_seqs=config.max_num_seqs, cache_tokens=config.cache_tokens)
+
+    return make
+
+
+class ModelHost:
+    """Owns the Engine and the AsyncEngine. Use `async with host.running():` around serving."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        loader: Callable[[], Any] | None = None,
+        make_async_engine: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.name = display_name(config.model)
+        self.source = config.model or "demo"
+        self.demo = config.model is None
+        self._loader = loader or default_loader(config)
+        self._make_async_engine = make_async_engine or default_async_engine(config)
+        self.status: Status = "loading"
+        self.error: str | None = None
+        self.engine: Any = None
+        self.aengine: Any = None
+        self.load_started = time.monotonic()
+        self.load_seconds: float | None = None
+        self._future: concurrent.futures.Future[Any] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def start_loading(self) -> None:
+        """Start the load thread (idempotent). Call early: the load overlaps the protocol handshake."""
+        if self._future is not None:
+            return
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._future = future
+        self.load_started = time.monotonic()
+
+        def work() -> None:
+            try:
+                future.set_result(self._loader())
+            except BaseException as e:  # noqa: BLE001 - reported to every caller as the load failure
+                future.set_exception(e)
+
+        threading.Thread(target=work, name="deepseek-mcp-load", daemon=True).start()
+        log.info("loading model %s in the background", self.source)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[ModelHost]:
+        """Load (in the background) and serve; on exit the AsyncEngine stops and its requests end."""
+        self.start_loading()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._supervise)
+            try:
+                yield self
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _supervise(self) -> None:
+        assert self._future is not None
+        while not self._future.done():
+            await anyio.sleep(0.05)
+        try:
+            engine = self._future.result()
+            self.engine = engine
+            aengine = self._make_async_engine(engine)
+            async with aengine:
+                self.aengine = aengine
+                self.load_seconds = time.monotonic() - self.load_started
+                self.status = "ready"
+                log.info("model %s ready after %.1f s", self.name, self.load_seconds)
+                await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as e:  # noqa: BLE001
+            self.error = f"{type(e).__name__}: {e}"
+            self.status = "failed"
+            log.error("model %s failed to load: %s", self.source, self.error)
+        finally:
+            if self.status == "ready":
+                self.status = "failed"
+                self.error = "the server is shutting down"
+            self.aengine = None
+
+    # -- capacity -------------------------------------------------------------------------------------
+
+    def cache_capacity_tokens(self) -> int | None:
+        return getattr(self.aengine, "cache_capacity_tokens", None) if self.aengine is not None else None
+
+    def context_tokens(self) -> int:
+        """Longest prompt + max_tokens one request can use: the model's context, capped by the KV cache."""
+        limit = self.engine.max_context
+        capacity = self.cache_capacity_tokens()
+        return min(limit, capacity) if capacity else limit
+
+    # -- waiting --------------------------------------------------------------------------------------
+
+    def load_elapsed(self) -> float:
+        return time.monotonic() - self.load_started
+
+    async def wait_ready(self, progress: Progress | None = None, *, timeout_s: float | None = None) -> Any:
+        """The AsyncEngine, once the model is loaded; reports load progress meanwhile."""
+        progress = progress or Progress()
+        timeout_s = self.config.limits.load_wait_s if timeout_s is None else timeout_s
+        interval = self.config.limits.progress_interval_s
+        waited = time.monotonic()
+        while self.status == "loading":
+            elapsed = time.monotonic() - waited
+            if elapsed >= timeout_s:
+                raise ModelUnavailable(
+                    f"the model {self.name} is still loading ({self.load_elapsed():.0f} s so far); retry the "
+                    "call in a little while, or call list_models to see its status"
+                )
+            await progress.update(0, None, f"loading model {self.name} ({self.load_elapsed():.0f} s elapsed)")
+            with anyio.move_on_after(min(interval, timeout_s - elapsed)):
+                while self.status == "loading":
+                    await anyio.sleep(0.05)
+        if self.status == "failed":
+            raise ModelUnavailable(f"the model {self.source} failed to load: {self.error}. Fix the model "
+                                   "configuration (model, device, dtype, kernels) and restart the server")
+        return self.aengine

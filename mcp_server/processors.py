@@ -1,0 +1,35 @@
+"""Logits processors the tools attach to a request, and the hook through which constrained decoding plugs in.
+
+`ToolCallProcessors` is the seam for grammar-constrained tool calls: given the offered tools and the tool_choice,
+it returns per-request processors (see inference/logits_process.py). Without one, `tool_call` parses whatever
+the model produced; only tool_choice "none" is enforced here, by banning the token that opens a tool-call block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from mcp_server.tool_specs import ToolChoice, ToolSpec
+
+TOOL_CALL_OPENERS = ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>")
+
+
+class ToolCallProcessors(Protocol):
+    def __call__(self, *, tokenizer: Any, tools: Sequence[ToolSpec], choice: ToolChoice) -> Sequence[Any]: ...
+
+
+class BanTokens:
+    """Never sample the given token ids."""
+
+    def __init__(self, token_ids: Iterable[int]) -> None:
+        self.token_ids = sorted(set(token_ids))
+
+    def __call__(self, output_ids: list[int], logits: Any) -> Any:
+        logits[self.token_ids] = float("-inf")  # logits: [V]
+        return logits
+
+
+def ban_tool_calls(tokenizer: Any) -> BanTokens:
+    ids = [tokenizer.token_to_id(t) for t in TOOL_CALL_OPENERS]
+    return BanTokens(i for i in ids if i is not None)

@@ -1,0 +1,265 @@
+"""Pydantic models at the MCP boundary: what each tool accepts and returns.
+
+The JSON Schemas the agent sees are generated from these classes, so field descriptions are written for the agent.
+Inputs reject unknown keys (a misspelled `max_token` is an error, not a silent default).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "time", "cancelled"]
+ToolChoiceMode = Literal["auto", "required", "none"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+class ToolCallIn(_Strict):
+    """A tool call the assistant made earlier in the conversation (ours or OpenAI-style)."""
+
+    id: str | None = Field(None, description="Call id, echoed by the matching role 'tool' message.")
+    name: str = Field(description="Name of the tool that was called.")
+    arguments: dict[str, Any] = Field(default_factory=dict, description="Arguments of the call (a JSON object).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten_openai(cls, data: Any) -> Any:
+        # OpenAI: {"id", "type": "function", "function": {"name", "arguments": "<json>"}}
+        if isinstance(data, dict) and isinstance(data.get("function"), dict):
+            fn = data["function"]
+            rest = {k: v for k, v in data.items() if k not in ("function", "type")}
+            return {**rest, "name": fn.get("name"), "arguments": fn.get("arguments", {})}
+        return data
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _parse_arguments(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(f"arguments is a string but not valid JSON ({e.msg}); pass a JSON object") from None
+        return value
+
+
+class Message(_Strict):
+    """One chat message. `content` may be null only on an assistant message that carries `tool_calls`."""
+
+    role: Role = Field(description="system | user | assistant | tool")
+    content: str | None = Field(None, description="Message text (for role 'tool': the tool's output).")
+    tool_calls: list[ToolCallIn] | None = Field(
+        None, description="Only on role 'assistant': the tool calls it made ({id, name, arguments})."
+    )
+    tool_call_id: str | None = Field(None, description="Only on role 'tool': id of the call this answers.")
+    name: str | None = Field(None, description="Optional: the tool's name on a role 'tool' message.")
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls is only allowed on role 'assistant' messages, not '{self.role}'")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"content is required on a '{self.role}' message")
+        return self
+
+
+class GenerationInput(_Strict):
+    """Inputs shared by chat, think and tool_call. Give exactly one of `prompt` or `messages`."""
+
+    prompt: str | None = Field(None, description="A single user message. Give this or `messages`, not both.")
+    messages: list[Message] | None = Field(
+        None,
+        description="A conversation: [{role: system|user|assistant|tool, content, tool_calls?}], ending with "
+        "the turn to answer. Give this or `prompt`, not both.",
+    )
+    system: str | None = Field(None, description="Optional system prompt, placed before the conversation.")
+    max_tokens: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="Most tokens to generate (server default if omitted). Must fit in the context."
+    )
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(
+        None, description="Sampling temperature; 0 is greedy. Server default if omitted."
+    )
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(None, description="Nucleus sampling mass.")
+    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    stop: list[str] | None = Field(None, max_length=16, description="Strings that end generation when produced.")
+    conversation_id: str | None = Field(
+        None,
+        description="Continue a conversation this server stored (from an earlier result's conversation_id); "
+        "the new prompt/messages are appended to it.",
+    )
+
+
+class ChatInput(GenerationInput):
+    # `response_format` (JSON schema constrained output) slots in here once constrained decoding exists.
+    pass
+
+
+class ThinkInput(GenerationInput):
+    thinking_budget: Annotated[int, Field(gt=0)] | None = Field(
+        None,
+        description="Most reasoning tokens; when reached the reasoning is closed and the answer follows. Must "
+        "be smaller than max_tokens. Server default if omitted.",
+    )
+
+
+class FunctionSpec(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class OpenAITool(_Strict):
+    """OpenAI-style tool: {type: "function", function: {name, description, parameters}}."""
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class McpTool(BaseModel):
+    """MCP-style tool, as listed by tools/list: {name, description, inputSchema}. Other fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}}, alias="inputSchema"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schema_aliases(cls, data: Any) -> Any:
+        # Also accept the plain {name, description, parameters} and Anthropic's `input_schema` spellings.
+        if isinstance(data, dict) and "inputSchema" not in data:
+            for key in ("input_schema", "parameters"):
+                if key in data:
+                    return {**{k: v for k, v in data.items() if k != key}, "inputSchema": data[key]}
+        return data
+
+
+class NamedToolChoice(_Strict):
+    """Force a call to one tool: {"name": "..."} (OpenAI's {"type": "function", "function": {"name"}} works)."""
+
+    name: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten_openai(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("function"), dict):
+            return {"name": data["function"].get("name")}
+        return data
+
+
+class ToolCallInput(GenerationInput):
+    tools: list[McpTool | OpenAITool] = Field(
+        min_length=1,
+        description="Tools the model may call: MCP-style {name, description, inputSchema} or OpenAI-style "
+        "{type: 'function', function: {name, description, parameters}}. Schemas must be valid JSON Schema.",
+    )
+    tool_choice: ToolChoiceMode | NamedToolChoice = Field(
+        "auto",
+        description="'auto' (model decides), 'required' (must call a tool), 'none' (must not), or "
+        "{\"name\": tool} to call that tool.",
+    )
+
+
+class ResetInput(_Strict):
+    conversation_id: str = Field(description="The conversation to forget.")
+
+
+class ListModelsInput(_Strict):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatOutput(BaseModel):
+    text: str = Field(description="The reply.")
+    finish_reason: FinishReason = Field(
+        description="stop: finished; length: hit max_tokens; time: hit the server's time limit; cancelled."
+    )
+    usage: Usage
+    conversation_id: str = Field(description="Pass back to continue this conversation.")
+    model: str
+
+
+class ThinkOutput(ChatOutput):
+    reasoning: str = Field(description="The model's reasoning (between <think> and </think>).")
+    answer: str = Field(description="The answer after the reasoning (same as text).")
+    reasoning_tokens: int = Field(description="Tokens spent on reasoning.")
+    reasoning_complete: bool = Field(description="False when generation stopped before the reasoning closed.")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+class InvalidToolCall(BaseModel):
+    name: str | None = Field(description="Tool name the model wrote, if any.")
+    raw: str = Field(description="The call as generated.")
+    error: str = Field(description="Why the call is unusable (unknown tool, bad JSON, schema mismatch).")
+
+
+class ToolCallOutput(ChatOutput):
+    tool_calls: list[ToolCallOut] = Field(description="Valid calls, arguments checked against the tool schema.")
+    invalid_tool_calls: list[InvalidToolCall] = Field(description="Calls the model produced that are unusable.")
+
+
+class Architecture(BaseModel):
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    vocab_size: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    first_k_dense_replace: int
+    max_position_embeddings: int
+
+
+class ModelInfo(BaseModel):
+    model: str = Field(description="Name reported in every result's `model` field.")
+    source: str = Field(description="Checkpoint path or Hugging Face id; 'demo' for the built-in demo.")
+    demo: bool = Field(description="True when serving the demo checkpoint (random weights, meaningless text).")
+    status: Literal["loading", "ready", "failed"]
+    error: str | None = None
+    load_seconds: float | None = None
+    architecture: Architecture | None = None
+    parameters: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    kernels: str | None = Field(None, description="Which kernels run: triton or torch.")
+    context_tokens: int | None = Field(None, description="Longest prompt + max_tokens one call can use.")
+    cache_capacity_tokens: int | None = None
+    defaults: dict[str, Any] = Field(default_factory=dict, description="Defaults applied to omitted inputs.")
+    stats: dict[str, Any] = Field(default_factory=dict, description="Serving engine statistics.")
+
+
+class ListModelsOutput(BaseModel):
+    models: list[ModelInfo]
+
+
+class ResetOutput(BaseModel):
+    conversation_id: str
+    removed_messages: int

@@ -1,0 +1,139 @@
+"""Serving the MCP server over stdio, streamable HTTP or SSE, with the model host running alongside.
+
+stdio: nothing but protocol on stdout (the SDK points fd 1 at stderr while serving, logs go to stderr), a line
+that is not JSON-RPC gets a JSON-RPC error, and the process ends when stdin closes.
+HTTP/SSE: Host/Origin validation against DNS rebinding (the SDK's transport security), and a static bearer token
+checked by the SDK's bearer-auth middleware whenever one is configured (required beyond loopback).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+from typing import Any
+
+import anyio
+import mcp_types as types
+from mcp.server import MCPServer
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.stdio import stdio_server
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.message import SessionMessage
+from pydantic import ValidationError
+
+from mcp_server.config import ServerConfig, is_loopback
+
+log = logging.getLogger(__name__)
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+class StaticTokenVerifier:
+    """Accepts exactly one bearer token (compared in constant time)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if hmac.compare_digest(token.encode(), self._token):
+            return AccessToken(token=token, client_id="deepseek-mcp-client", scopes=[])
+        return None
+
+
+def auth_kwargs(config: ServerConfig) -> dict[str, Any]:
+    """MCPServer keyword arguments that require `Authorization: Bearer <token>` on every HTTP/SSE request."""
+    if config.transport == "stdio" or not config.token:
+        return {}
+    # No OAuth server: the issuer is nominal (the SDK serves no OAuth routes without a provider).
+    base = f"http://{config.host}:{config.port}"
+    return {"token_verifier": StaticTokenVerifier(config.token),
+            "auth": AuthSettings(issuer_url=base, resource_server_url=None)}
+
+
+def _local_names(bind: str) -> list[str]:
+    names = set(_LOOPBACK_HOSTS)
+    if bind not in ("0.0.0.0", "::", ""):
+        names.add(f"[{bind}]" if ":" in bind else bind)
+        return sorted(names)
+    for name in (socket.gethostname(), socket.getfqdn()):
+        names.add(name)
+        try:
+            for info in socket.getaddrinfo(name, None):
+                addr = str(info[4][0])
+                names.add(f"[{addr}]" if ":" in addr else addr)
+        except OSError:
+            pass
+    return sorted(names)
+
+
+def security_settings(config: ServerConfig) -> TransportSecuritySettings:
+    """Accepted Host and Origin headers: loopback names (plus, beyond loopback, this machine's names and
+    addresses) on any port, and whatever the configuration adds."""
+    names = list(_LOOPBACK_HOSTS) if config.bind_is_loopback() else _local_names(config.host)
+    hosts = [*names, *(f"{n}:*" for n in names), *config.allowed_hosts]
+    origins = [*(f"http://{n}:*" for n in _LOOPBACK_HOSTS), *(f"http://{n}" for n in _LOOPBACK_HOSTS),
+               *config.allowed_origins]
+    if not config.bind_is_loopback():
+        log.info("accepting Host headers %s; add others with allowed_hosts", ", ".join(hosts))
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
+                                     allowed_origins=origins)
+
+
+def http_app(mcp: MCPServer, config: ServerConfig) -> Any:
+    security = security_settings(config)
+    if config.transport == "sse":
+        return mcp.sse_app(transport_security=security, host=config.host)
+    return mcp.streamable_http_app(streamable_http_path=config.path, transport_security=security, host=config.host)
+
+
+async def serve_http(mcp: MCPServer, config: ServerConfig) -> None:
+    import uvicorn
+
+    app = http_app(mcp, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
+                                           log_level=config.log_level.lower(), lifespan="on"))
+    where = config.path if config.transport == "http" else "/sse"
+    log.info("serving MCP over %s at http://%s:%d%s%s", config.transport, config.host, config.port, where,
+             " (bearer token required)" if config.token else "")
+    if not is_loopback(config.host):
+        log.warning("listening beyond loopback on %s: every request needs the bearer token", config.host)
+    await server.serve()
+
+
+def _jsonrpc_error(exc: Exception) -> SessionMessage:
+    """The JSON-RPC error for a line that failed to parse: Parse error, or Invalid Request (echoing its id)."""
+    request_id = None
+    code, message = types.INVALID_REQUEST, "Invalid Request: not a JSON-RPC 2.0 message"
+    if isinstance(exc, ValidationError):
+        errors = exc.errors()
+        if any(e["type"] == "json_invalid" for e in errors):
+            code, message = types.PARSE_ERROR, "Parse error: the line is not valid JSON"
+        for e in errors:
+            candidate = e.get("input")
+            if isinstance(candidate, dict) and isinstance(candidate.get("id"), (str, int)):
+                request_id = candidate["id"]
+                break
+    error = types.JSONRPCError(jsonrpc="2.0", id=request_id, error=types.ErrorData(code=code, message=message))
+    return SessionMessage(error)
+
+
+async def serve_stdio(mcp: MCPServer) -> None:
+    lowlevel = mcp._lowlevel_server  # noqa: SLF001 - the SDK's own run_stdio_async does the same
+    async with stdio_server() as (read_stream, write_stream):
+        inner_send, inner_read = anyio.create_memory_object_stream[Any](0)
+
+        async def pump() -> None:
+            async with inner_send:
+                async for item in read_stream:
+                    if isinstance(item, Exception):
+                        log.info("stdin line rejected: %s", str(item).splitlines()[0])
+                        await write_stream.send(_jsonrpc_error(item))
+                    else:
+                        await inner_send.send(item)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump)
+            await lowlevel.run(inner_read, write_stream, lowlevel.create_initialization_options())
+            tg.cancel_scope.cancel()

@@ -19,7 +19,7 @@ import torch
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
-_NUCLEUS_CANDIDATES = 1024  # top-p without top-k first tries this many candidates before a full sort
+_NUCLEUS_CANDIDATES = (1024, 16384)  # top-p without top-k tries these short lists before a full sort
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,8 @@ def _candidates(
     """Each row's candidates, best first: (values [B, K] with filtered entries at -inf, vocab ids [B, K]).
 
     `temperature` [B], if given, divides the values (the ranking does not change with it; top-p does).
-    K is the largest top-k when every row has one; otherwise the first `_NUCLEUS_CANDIDATES` when that
-    covers every top-p nucleus, else V (a full sort).
+    K is the largest top-k when every row has one; otherwise the shortest of `_NUCLEUS_CANDIDATES` that
+    covers every row's top-k and top-p nucleus, else V (a full sort).
     """
     num_rows, vocab = logits.shape
     device = logits.device
@@ -126,9 +126,9 @@ def _candidates(
     else:
         row_lse = scaled.logsumexp(dim=-1)
         sizes = [vocab]
-        if not bool((~has_k & ~use_p).any()):  # every row without top-k has a nucleus: try a short list
-            guess = max(_NUCLEUS_CANDIDATES, int(k.masked_fill(~has_k, 0).max()))
-            sizes = [guess, vocab] if guess < vocab else [vocab]
+        if not bool((~has_k & ~use_p).any()):  # every row without top-k has a nucleus: try short lists
+            longest_k = int(k.masked_fill(~has_k, 0).max())
+            sizes = [n for n in _NUCLEUS_CANDIDATES if longest_k <= n < vocab] + [vocab]
     for n in sizes:
         values, ids = _top_candidates(logits, n)  # [B, n] each
         if temperature is not None:

@@ -16,7 +16,6 @@ from torch import nn
 
 from inference.batch import AttentionMetadata
 from inference.config import ModelConfig, RopeConfig, yarn_mscale
-from kernels.fp8 import weight_dequant_torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -33,6 +32,22 @@ class Runtime:
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
+
+
+def dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """w [..., N, K] e4m3, scale_inv [..., ceil(N/b), ceil(K/b)] -> [..., N, K] dtype, exact in fp32.
+
+    The torch path's per-matmul dequantization (stacked experts included); few ops, since on CPU the number of
+    small ops, not bytes, sets the cost of a decode step.
+    """
+    *lead, n, k = w.shape
+    if n % block == 0 and k % block == 0:
+        nb, kb = n // block, k // block
+        x = w.view(*lead, nb, block, kb, block).to(torch.float32)
+        x.mul_(scale_inv.view(*lead, nb, 1, kb, 1))
+        return x.view(*lead, n, k).to(dtype)
+    scale = scale_inv.repeat_interleave(block, -2)[..., :n, :].repeat_interleave(block, -1)[..., :k]
+    return (w.to(torch.float32) * scale).to(dtype)  # edge blocks: partial rows/columns
 
 
 class Linear(nn.Module):
@@ -53,7 +68,7 @@ class Linear(nn.Module):
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.weight_scale_inv is None:
             return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
-        return weight_dequant_torch(self.weight, self.weight_scale_inv, self.rt.fp8_block, dtype)
+        return dequant_fp8(self.weight, self.weight_scale_inv, self.rt.fp8_block, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_scale_inv is not None and self.rt.backend == "triton":
@@ -269,31 +284,39 @@ class Experts(nn.Module):
             scale = torch.empty(e, -(-n // b), -(-k // b), dtype=torch.float32, device=device) if fp8 else None
             setattr(self, name + "_scale_inv", _frozen(scale) if fp8 else None)
 
-    def _weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
-        w = getattr(self, name)[expert]
+    def _weights(self, name: str, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The weights of the given experts, dequantized together: [A, N, K]."""
+        w = getattr(self, name)[experts]
         scale = getattr(self, name + "_scale_inv")
         if scale is None:
             return w if w.dtype == dtype else w.to(dtype)
-        return weight_dequant_torch(w, scale[expert], self.rt.fp8_block, dtype)
+        return dequant_fp8(w, scale[experts], self.rt.fp8_block, dtype)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x [T, D], weights/idx [T, k] -> [T, D]: tokens sorted by expert, one GEMM per expert that has rows."""
+        """x [T, D], weights/idx [T, k] -> [T, D]: rows sorted by expert; only experts with rows do work."""
         t, k = idx.shape
         flat = idx.flatten()  # [T*k]
         order = flat.argsort(stable=True)
         token_of = order // k  # [T*k] source token of each sorted row
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])  # [E]
+        active = counts.nonzero().flatten()  # [A]
+        sizes = counts[active].tolist()
         xs = x[token_of]  # [T*k, D]
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue  # experts with no tokens cost nothing
-            seg = xs[start : start + n]
-            hgate = F.linear(seg, self._weight("gate_proj", e, x.dtype))
-            hup = F.linear(seg, self._weight("up_proj", e, x.dtype))
-            ys[start : start + n] = F.linear(F.silu(hgate) * hup, self._weight("down_proj", e, x.dtype))
-            start += n
+        w_gate = self._weights("gate_proj", active, x.dtype)  # [A, I, D]
+        w_up = self._weights("up_proj", active, x.dtype)  # [A, I, D]
+        w_down = self._weights("down_proj", active, x.dtype)  # [A, D, I]
+        if all(n == sizes[0] for n in sizes):  # e.g. decode at batch 1: one batched matmul per projection
+            seg = xs.view(len(sizes), sizes[0], -1)  # [A, n, D]
+            h = F.silu(torch.bmm(seg, w_gate.transpose(1, 2))) * torch.bmm(seg, w_up.transpose(1, 2))
+            ys = torch.bmm(h, w_down.transpose(1, 2)).view(t * k, -1)
+        else:
+            ys = torch.empty_like(xs)
+            start = 0
+            for j, n in enumerate(sizes):
+                seg = xs[start : start + n]
+                h = F.silu(F.linear(seg, w_gate[j])) * F.linear(seg, w_up[j])
+                ys[start : start + n] = F.linear(h, w_down[j])
+                start += n
         ys = ys.float() * weights.flatten()[order, None]
         return torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token_of, ys).to(x.dtype)
 
@@ -370,8 +393,6 @@ class Transformer(nn.Module):
                     scale = getattr(module, name + "_scale_inv")
                     if scale is None:
                         continue
-                    w = getattr(module, name)
-                    dense = torch.stack([weight_dequant_torch(w[e], scale[e], self.rt.fp8_block, self.rt.dtype)
-                                         for e in range(w.shape[0])])
+                    dense = dequant_fp8(getattr(module, name), scale, self.rt.fp8_block, self.rt.dtype)
                     setattr(module, name, _frozen(dense))
                     setattr(module, name + "_scale_inv", None)

@@ -1,0 +1,191 @@
+"""Engine benchmark on the demo checkpoint: ours vs transformers' DeepseekV3ForCausalLM, same weights and dtype.
+
+    python bench/engine.py [--prompt-len 512] [--decode-tokens 32] [--dtype bfloat16]
+
+Each implementation runs in its own subprocess (so peak RSS is its own): prefill tokens/s (one prompt, logits of
+the last token), decode tokens/s at batch 1 and 8 (greedy, fixed token count), peak RSS, KV-cache bytes per
+token. Transformers reads a dequantized copy of the demo checkpoint (it has no CPU FP8 path); ours is measured
+on that same copy (same weights, same dtype) and on the FP8 original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def dequantized_copy(src: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """The demo checkpoint with every FP8 weight dequantized (no quantization_config)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from kernels.fp8 import weight_dequant_torch
+
+    if (dst / "config.json").is_file():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    weight_map = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out = {}
+        with safe_open(str(src / shard), "pt") as f:
+            for k in f.keys():
+                if k.endswith("weight_scale_inv"):
+                    continue
+                t = f.get_tensor(k)
+                if t.dtype == torch.float8_e4m3fn:
+                    t = weight_dequant_torch(t, f.get_tensor(k + "_scale_inv"), 128, dtype)
+                out[k] = t
+                weight_map[k] = shard
+        save_file(out, str(dst / shard), metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config")
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def _prompts(n: int, length: int, vocab: int = 120000) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def _timed(fn, repeats: int = 3) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def run_ours(path: Path, dtype: str, prompt_len: int, decode_tokens: int) -> dict:
+    from inference.batch import ScheduledSeq
+    from inference.engine import Engine
+    from inference.runner import cache_bytes_per_token
+    from inference.sampling import SamplingParams
+
+    eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch")
+    (prompt,) = _prompts(1, prompt_len)
+    bs = 16
+    runner = eng.make_runner(-(-prompt_len // bs), bs)
+    table = list(range(runner.num_blocks))
+    prefill_s = _timed(lambda: runner.run([ScheduledSeq(prompt, 0, table)]))
+    res = {"prefill_tok_s": prompt_len / prefill_s}
+    params = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
+    for batch in (1, 8):
+        prompts = _prompts(batch, 16)
+        # decode time = generate(16-token prompt, N tokens) - generate(same, 1 token): the prefill cancels out
+        full = _timed(lambda p=prompts: eng.generate(p, params), repeats=2)
+        one = _timed(lambda p=prompts: eng.generate(p, SamplingParams(max_tokens=1, ignore_eos=True)), repeats=2)
+        res[f"decode_b{batch}_tok_s"] = batch * (decode_tokens - 1) / max(full - one, 1e-9)
+    res["cache_bytes_per_token"] = cache_bytes_per_token(eng.config, eng.dtype)
+    return res
+
+
+def run_hf(path: Path, dtype: str, prompt_len: int, decode_tokens: int) -> dict:
+    from transformers import DeepseekV3ForCausalLM
+
+    model = DeepseekV3ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    (prompt,) = _prompts(1, prompt_len)
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        prefill_s = _timed(lambda: model(ids, logits_to_keep=1))
+    res = {"prefill_tok_s": prompt_len / prefill_s}
+
+    def gen(batch_ids: torch.Tensor, n: int):
+        with torch.inference_mode():
+            return model.generate(batch_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=2, eos_token_id=None)
+
+    for batch in (1, 8):
+        bids = torch.tensor(_prompts(batch, 16))
+        full = _timed(lambda b=bids: gen(b, decode_tokens), repeats=2)
+        one = _timed(lambda b=bids: gen(b, 1), repeats=2)
+        res[f"decode_b{batch}_tok_s"] = batch * (decode_tokens - 1) / max(full - one, 1e-9)
+    cfg = model.config
+    elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    res["cache_bytes_per_token"] = (cfg.num_hidden_layers * cfg.num_attention_heads
+                                    * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * elem)
+    return res
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    fn = run_ours if args.impl == "ours" else run_hf
+    res = fn(Path(args.path), args.dtype, args.prompt_len, args.decode_tokens)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(res))
+
+
+def spawn(impl: str, path: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", impl, "--path", str(path), "--dtype", args.dtype,
+           "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens),
+           "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{impl} run failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.impl = args.child
+    if args.child:
+        child(args)
+        return
+
+    from inference.demo import default_cache_dir, demo_checkpoint_path
+
+    demo = demo_checkpoint_path()
+    deq = dequantized_copy(demo, default_cache_dir() / f"demo-dequantized-{args.dtype}", getattr(torch, args.dtype))
+    rows = {"ours (FP8 demo)": spawn("ours", demo, args), f"ours ({args.dtype} copy)": spawn("ours", deq, args),
+            f"transformers ({args.dtype} copy)": spawn("hf", deq, args)}
+    hf = rows[f"transformers ({args.dtype} copy)"]
+    print(f"# engine benchmark: demo checkpoint, {cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
+          f"dtype {args.dtype}, prompt {args.prompt_len} tokens, {args.decode_tokens} decode tokens")
+    cols = ["prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s", "peak_rss_mb", "cache_bytes_per_token"]
+    print("| implementation | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for name, r in rows.items():
+        cells = []
+        for c in cols:
+            ratio = f" ({r[c] / hf[c]:.2f}x)" if not name.startswith("transformers") else ""
+            cells.append(f"{r[c]:.1f}{ratio}" if isinstance(r[c], float) else f"{r[c]}{ratio}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

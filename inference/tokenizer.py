@@ -20,7 +20,7 @@ import functools
 import importlib.util
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -357,60 +357,50 @@ def _read_optional_json(path: Path) -> dict[str, Any]:
 class IncrementalDecoder:
     """Per-request streaming detokenizer: `step(token_id)` returns the newly completed text.
 
-    The concatenation of all `step` results and a final `flush()` equals `tokenizer.decode(all_ids)`.
-    Never returns part of a UTF-8 character; O(1) amortized work per token.
+    The concatenation of all `step` results and a final `flush()` equals `tokenizer.decode(all_ids)`, and no
+    step returns part of a UTF-8 character.
+
+    Byte-level tokenizers (DeepSeek): token bytes go through an incremental UTF-8 decoder, which holds back
+    only the bytes of an unfinished character; O(1) per token. Other tokenizers: vLLM's window, which decodes
+    the tokens since the last emission plus the previous emission as left context (for decoders with
+    leading-space rules) and emits once the text does not end in U+FFFD (a genuine trailing U+FFFD therefore
+    waits for the next token or `flush`).
     """
 
-    # Generic path: vLLM-style window (tokens before `_read` were emitted; `_prefix` marks the window start).
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
         self._tokenizer = tokenizer
-        self._skip = tokenizer._skip_ids if skip_special_tokens else frozenset()
         self._skip_special = skip_special_tokens
-        self._utf8: codecs.IncrementalDecoder | None = None
-        self._piece: Callable[[int], bytes] | None = None
-        if tokenizer.is_byte_level:
-            self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            self._piece = tokenizer.piece_bytes
-        self._window: list[int] = []
-        self._read = 0  # window[:_read] is already emitted text (kept as left context)
+        self._skip = tokenizer._skip_ids if skip_special_tokens else frozenset()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") if tokenizer.is_byte_level else None
+        self._window: list[int] = []  # window path: previous emission's tokens, then the pending ones
+        self._read = 0  # window[:_read] was already emitted
 
     def step(self, token_id: int) -> str:
         token_id = int(token_id)
-        if self._utf8 is not None and self._piece is not None:
+        if self._utf8 is not None:
             if token_id in self._skip:
                 return ""
-            return self._utf8.decode(self._piece(token_id))
-        return self._step_window(token_id)
+            return self._utf8.decode(self._tokenizer.piece_bytes(token_id))
+        self._window.append(token_id)
+        delta = self._window_delta()
+        if delta and not delta.endswith("\ufffd"):
+            self._advance()
+            return delta
+        return ""
 
     def flush(self) -> str:
         """Emit whatever is held back (an incomplete character becomes U+FFFD, as a one-shot decode gives)."""
         if self._utf8 is not None:
             return self._utf8.decode(b"", final=True)
-        if self._read == len(self._window):
-            return ""
-        delta = self._delta(len(self._window))
+        delta = self._window_delta()
         self._advance()
         return delta
 
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
-
-    def _delta(self, end: int) -> str:
-        prefix_text = self._decode(self._window[: self._read])
-        new_text = self._decode(self._window[:end])
-        return new_text[len(prefix_text):]
+    def _window_delta(self) -> str:
+        prefix_text = self._tokenizer.decode(self._window[: self._read], self._skip_special)
+        new_text = self._tokenizer.decode(self._window, self._skip_special)
+        return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
 
     def _advance(self) -> None:
-        # Keep the last emitted tokens as left context (leading-space rules) and drop the rest.
-        self._window = self._window[self._read:]
+        self._window = self._window[self._read:]  # the tokens just emitted become the left context
         self._read = len(self._window)
-
-    def _step_window(self, token_id: int) -> str:
-        self._window.append(token_id)
-        prefix_text = self._decode(self._window[: self._read])
-        new_text = self._decode(self._window)
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            delta = new_text[len(prefix_text):]
-            self._advance()
-            return delta
-        return ""

@@ -211,6 +211,33 @@ def test_checkpoint_tokenizer_preferred(tmp_path: Path) -> None:
     assert Tokenizer.load(other).vocab_size == 7 and Tokenizer.load(str(other)).encode("va") == [6]
 
 
+@pytest.mark.parametrize("wrap_decoder", [False, True])
+def test_small_byte_level_checkpoint_streams_exactly(tmp_path: Path, wrap_decoder: bool) -> None:
+    """A tiny byte-level BPE (multi-byte characters stay split into byte tokens). With a plain ByteLevel
+    decoder the byte path runs; wrapped in a Sequence the generic window path runs. Both must hold back
+    split characters and reproduce one-shot decode."""
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["hello world, this is a tiny corpus"] * 20, trainer)
+    backend.decoder = decoders.Sequence([decoders.ByteLevel()]) if wrap_decoder else decoders.ByteLevel()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path)
+    assert tok.is_byte_level is not wrap_decoder and tok.eos_id is None
+    text = "hello 世界 🤖 wörld<eos>, tiny 😀"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and tok.token_to_id("<eos>") in ids
+    dec = tok.incremental_decoder()
+    deltas = [dec.step(i) for i in ids]
+    assert "".join(deltas) + dec.flush() == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert deltas.count("") >= 5  # each of 世, 界, 🤖, 😀 spans several byte tokens: partial steps emit nothing
+    cut = tok.encode("ab 🤖")[:-1]
+    dec = tok.incremental_decoder()
+    assert "".join(dec.step(i) for i in cut) + dec.flush() == tok.decode(cut) == "ab \ufffd"
+
+
 def test_checkpoint_without_tokenizer_uses_bundled(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     assert Tokenizer.load(tmp_path) is Tokenizer.default()

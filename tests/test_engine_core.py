@@ -295,3 +295,31 @@ def test_demo_engine_generates_with_seed_reproducibility():
     a = eng.generate([ids], p)[0]
     b = eng.generate([ids, ids[:2]], [p, SamplingParams(max_tokens=3)])[0]
     assert a.token_ids == b.token_ids and len(a.token_ids) == 6 and a.finish_reason == "length"
+
+
+def _hub_offline(monkeypatch, cache: Path) -> None:
+    import huggingface_hub.constants as hub_constants  # read at import time: patch the module, not the env
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+
+def test_repo_id_offline_and_absent_is_a_clear_error(tmp_path, monkeypatch):
+    _hub_offline(monkeypatch, tmp_path / "hub")
+    with pytest.raises(CheckpointError, match=r"not in the Hugging Face cache .*huggingface-cli download"):
+        Engine.from_pretrained("some-org/absent-model", device="cpu")
+
+
+def test_repo_id_resolves_through_the_hub_cache_offline(tiny_ckpt, tmp_path, monkeypatch):
+    """A model already in huggingface_hub's cache loads by repo id with no network."""
+    hub = tmp_path / "hub"
+    repo = hub / "models--some-org--tiny-v3"
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    for f in tiny_ckpt.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    _hub_offline(monkeypatch, hub)
+    eng = Engine.from_pretrained("some-org/tiny-v3", device="cpu", dtype="float32")
+    assert eng.config.hidden_size == 64 and eng.name == "some-org/tiny-v3"

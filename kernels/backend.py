@@ -1,0 +1,68 @@
+"""Which kernels the engine runs: the Triton ones on CUDA, the torch twins elsewhere.
+
+Pure detection only (cached, nothing mutable): the engine decides once at construction and passes the answer on.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kernels.util import interpreting
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when `import triton` works (it does not on macOS or Windows)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_backend(device: torch.device | str, force: str | None = None) -> str:
+    """-> "triton" or "torch". force None/"auto": Triton on CUDA when it imports, the twins elsewhere.
+    force "triton" fails loudly where it cannot run (no Triton, or a non-CUDA device outside the interpreter)."""
+    dev = torch.device(device)
+    choice = "auto" if force is None else force
+    if choice not in BACKENDS:
+        raise ValueError(f"kernel backend {force!r} is not one of {', '.join(BACKENDS)}")
+    if choice == "torch":
+        return "torch"
+    if choice == "auto":
+        return "triton" if dev.type == "cuda" and triton_available() else "torch"
+    if not triton_available():
+        raise ValueError("kernel backend 'triton' was requested but triton is not installed")
+    if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
+        raise ValueError(f"kernel backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on cpu), got {dev}")
+    return "triton"
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def fp8_supported(device: torch.device | str) -> bool:
+    """FP8 e4m3 tensor-core GEMMs need compute capability >= 8.9 (Ada, Hopper, Blackwell)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return _capability(dev.index if dev.index is not None else torch.cuda.current_device()) >= (8, 9)
+
+
+def fp8_unsupported_notice(device: torch.device | str) -> str:
+    """One line to log when an FP8 checkpoint must be dequantized to bf16 instead of running FP8 kernels."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        major, minor = _capability(index)
+        where = f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor})"
+    else:
+        where = f"device {dev}"
+    return (f"FP8 GEMM kernels need compute capability >= 8.9; {where} lacks them, so FP8 weights are "
+            "dequantized to bf16 at load (about 2x the weight memory)")

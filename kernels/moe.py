@@ -1,0 +1,100 @@
+"""Grouped GEMM over the routed experts: one launch for every expert's rows.
+
+x [M, K] has its rows sorted by expert; expert e owns rows expert_offsets[e]:expert_offsets[e+1] (offsets[0] = 0,
+offsets[E] = M). Weights w [E, N, K] are e4m3 with w_scale [E, ceil(N/128), ceil(K/128)] (fp32 per 128x128
+block; x is then quantized per 1x128 group like act_quant) or bf16/fp16/fp32 with w_scale None.
+activation None -> x @ w[e]^T [M, N]; "swiglu" -> w is the fused [E, 2I, K] gate+up weight (gate rows first) and
+the result is silu(x @ gate^T) * (x @ up^T) [M, I].
+
+`moe_grouped_gemm` launches the Triton kernel (kernels/moe_triton.py, imported on first use);
+`moe_grouped_gemm_torch` is its twin (one matmul per expert that has rows).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.fp8 import act_quant, act_quant_torch, weight_dequant_torch
+from kernels.util import FP8_DTYPE, cdiv, check_launchable, check_tensor, out_or_new
+
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _triton():
+    from kernels import moe_triton
+
+    return moe_triton
+
+
+def _check(x, expert_offsets, w, w_scale, activation, out) -> tuple[torch.Tensor, bool]:
+    check_tensor(x, "x", ndim=2, dtypes=_FLOATS)
+    check_tensor(w, "w", ndim=3, dtypes=(FP8_DTYPE, *_FLOATS), device=x.device, last_contiguous=True)
+    m, k = x.shape
+    n_experts, n, wk = w.shape
+    if wk != k:
+        raise ValueError(f"x [M, K] = {tuple(x.shape)} and w [E, N, K] = {tuple(w.shape)} disagree on K")
+    check_tensor(expert_offsets, "expert_offsets", shape=(n_experts + 1,), dtypes=(torch.int32, torch.int64),
+                 device=x.device)
+    if w.dtype == FP8_DTYPE:
+        if w_scale is None:
+            raise ValueError("w is float8_e4m3fn: w_scale [E, ceil(N/128), ceil(K/128)] fp32 is required")
+        check_tensor(w_scale, "w_scale", shape=(n_experts, cdiv(n, 128), cdiv(k, 128)), dtypes=(torch.float32,),
+                     device=x.device)
+    elif w_scale is not None:
+        raise ValueError(f"w_scale is only for float8_e4m3fn weights, w is {w.dtype}")
+    if activation not in (None, "swiglu"):
+        raise ValueError(f"activation must be None or 'swiglu', got {activation!r}")
+    swiglu = activation == "swiglu"
+    if swiglu and n % 2:
+        raise ValueError(f"swiglu needs the fused [E, 2I, K] gate+up weight, got N = {n}")
+    n_out = n // 2 if swiglu else n
+    return out_or_new(out, (m, n_out), x.dtype, x.device), swiglu
+
+
+def moe_grouped_gemm_torch(
+    x: torch.Tensor, expert_offsets: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None,
+    activation: str | None = None, *, scale_fmt: str | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Twin of `moe_grouped_gemm`: fp32 math, one matmul per expert with rows (FP8: x through act_quant_torch)."""
+    o, swiglu = _check(x, expert_offsets, w, w_scale, activation, out)
+    fp8 = w_scale is not None
+    if fp8:
+        xq, xs = act_quant_torch(x, 128, scale_fmt)
+        xf = xq.float() * xs.repeat_interleave(128, 1)[:, : x.shape[1]]  # [M, K] dequantized
+    else:
+        xf = x.to(w.dtype).float()  # the kernel multiplies in w's dtype
+    offsets = expert_offsets.tolist()
+    for e in range(w.shape[0]):
+        r0, r1 = offsets[e], offsets[e + 1]
+        if r1 <= r0:
+            continue  # experts with no rows cost nothing
+        we = weight_dequant_torch(w[e], w_scale[e]) if fp8 else w[e].float()  # [N, K]
+        y = xf[r0:r1] @ we.T
+        if swiglu:
+            gate, up = y.chunk(2, dim=-1)
+            y = F.silu(gate) * up
+        o[r0:r1] = y.to(o.dtype)
+    return o
+
+
+def moe_grouped_gemm(
+    x: torch.Tensor, expert_offsets: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None,
+    activation: str | None = None, *, scale_fmt: str | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows of x sorted by expert -> [M, N] (or [M, I] with "swiglu") in x's dtype, one launch for all experts.
+    FP8 weights: x is quantized per 1x128 group (act_quant, `scale_fmt` None or "ue8m0") and both scales are
+    applied per 128-wide K step in fp32. Other weights: x is cast to w's dtype, fp32 accumulation."""
+    o, swiglu = _check(x, expert_offsets, w, w_scale, activation, out)
+    check_launchable(x.device, "moe_grouped_gemm")
+    if o.numel() == 0:
+        return o
+    if x.shape[1] == 0:
+        return o.zero_()
+    if w_scale is not None:
+        xq, xs = act_quant(x, 128, scale_fmt)
+    else:
+        xq, xs = x.to(w.dtype), None
+        xq = xq if xq.stride(-1) == 1 else xq.contiguous()
+    _triton().launch_moe_grouped_gemm(xq, xs, w, w_scale, expert_offsets, o, swiglu)
+    return o

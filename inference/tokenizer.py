@@ -59,6 +59,7 @@ V31_SPECIAL_TOKENS: Mapping[int, str] = MappingProxyType({
 })
 # The ids that V3 ships as placeholders and V3.1 renames.
 V31_RENAMED_IDS: tuple[int, ...] = (128796, 128797)
+_SKIPPED_IDS = frozenset({0, 1, 2, 128805})
 _PLACEHOLDER = re.compile(r"<｜place▁holder▁no▁\d+｜>")
 
 
@@ -135,8 +136,9 @@ def patch_v3_to_v31(data: dict[str, Any], path: Path) -> list[str]:
                 vocab[content] = tid
             changes.append(f"id {tid}: {old} -> {content}")
         else:
+            # Flags as V3 has them: BOS/EOS/pad/EOT are special (skipped by skip_special_tokens), the rest not.
             added.append({"id": tid, "content": content, "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False, "special": True})
+                          "rstrip": False, "normalized": False, "special": tid in _SKIPPED_IDS})
             changes.append(f"id {tid}: added {content}")
     added.sort(key=lambda t: int(t["id"]))
     return changes
@@ -148,6 +150,9 @@ def _default_tokenizer() -> Tokenizer:
     data = _read_json(path)
     patch_v3_to_v31(data, path)
     backend = _build_backend(data, path)
+    for tid, content in V31_SPECIAL_TOKENS.items():
+        if backend.token_to_id(content) != tid or backend.encode(content, add_special_tokens=False).ids != [tid]:
+            raise ValueError(f"{path}: after patching, {content!r} does not encode to id {tid}")
     return Tokenizer(backend, bos_id=0, eos_id=1, pad_id=2, vocab_size=DEEPSEEK_V31_VOCAB_SIZE,
                      byte_level=_is_byte_level(data), source=f"{path} (patched to DeepSeek-V3.1)")
 

@@ -103,6 +103,7 @@ def test_patch_adds_missing_and_rejects_conflicts(tmp_path: Path) -> None:
     changes = patch_v3_to_v31(data, tmp_path)
     assert len(changes) == len(V31_SPECIAL_TOKENS) - 1
     assert {t["id"]: t["content"] for t in data["added_tokens"]} == dict(V31_SPECIAL_TOKENS)
+    assert {t["id"] for t in data["added_tokens"] if t["special"]} == {0, 1, 2, 128805}  # as V3 flags them
     bad = {"model": {}, "added_tokens": [{"id": 128798, "content": "<unexpected>", "special": True}]}
     with pytest.raises(ValueError, match=r"id 128798 holds '<unexpected>', expected '<think>'"):
         patch_v3_to_v31(bad, tmp_path)

@@ -144,9 +144,8 @@ class ModelHost:
 
     def context_tokens(self) -> int:
         """Longest prompt + max_tokens one request can use: the model's context, capped by the KV cache."""
-        limit = self.engine.max_context
-        capacity = self.cache_capacity_tokens()
-        return min(limit, capacity) if capacity else limit
+        limit = getattr(self.aengine, "max_model_len", None)
+        return int(limit) if limit else int(self.engine.max_context)
 
     # -- waiting --------------------------------------------------------------------------------------
 

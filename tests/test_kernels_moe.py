@@ -1,0 +1,170 @@
+"""Grouped MoE GEMM against its twin and a float64 per-expert reference.
+
+Experts with no rows (first, middle, last), N and K not multiples of 128, SwiGLU with the up half starting
+inside a 128-row scale block, bf16 and FP8 (e4m3 + 128x128 scales, activations through act_quant) weights.
+Without CUDA in the Triton interpreter at small sizes; with CUDA also DeepSeek-V3 decode/prefill shapes.
+Tolerance: within 1e-2 relative (+1e-4 of max) of float64 on the same (dequantized) inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernels.backend import triton_available  # noqa: E402
+from kernels.fp8 import act_quant_torch, weight_dequant_torch  # noqa: E402
+from kernels.moe import moe_grouped_gemm, moe_grouped_gemm_torch  # noqa: E402
+from kernels.util import FP8_DTYPE  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-2, what: str = "") -> None:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert not torch.isnan(out).any(), f"{what}: NaN left in output (unwritten poison?)"
+    atol = 1e-4 * ref.abs().max().item() + 1e-30
+    excess = (out - ref).abs() - rtol * ref.abs() - atol
+    assert excess.max().item() <= 0, f"{what}: max excess {excess.max().item():.3e} over tolerance"
+
+
+def offsets_for(counts: list[int], device=DEV) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def weights(e: int, n: int, k: int, fp8: bool, device=DEV):
+    if not fp8:
+        return (torch.randn(e, n, k, device=device) / k**0.5).to(torch.bfloat16), None
+    w = (torch.randn(e, n, k, device=device) * 64).clamp(-448, 448).to(FP8_DTYPE)
+    return w, torch.rand(e, -(-n // 128), -(-k // 128), device=device) * 2e-3 + 1e-4
+
+
+def reference(x, counts, w, w_scale, activation, scale_fmt=None):
+    """float64, expert by expert, from the same inputs the kernel multiplies (act_quant'ed x for FP8)."""
+    if w_scale is not None:
+        xq, xs = act_quant_torch(x, 128, scale_fmt)
+        xd = xq.double() * xs.double().repeat_interleave(128, 1)[:, : x.shape[1]]
+    else:
+        xd = x.to(w.dtype).double()
+    n_out = w.shape[1] // 2 if activation == "swiglu" else w.shape[1]
+    out = torch.zeros(x.shape[0], n_out, dtype=torch.float64, device=x.device)
+    r0 = 0
+    for e, c in enumerate(counts):
+        if c:
+            we = weight_dequant_torch(w[e], w_scale[e]).double() if w_scale is not None else w[e].double()
+            y = xd[r0 : r0 + c] @ we.T
+            if activation == "swiglu":
+                y = F.silu(y[:, :n_out]) * y[:, n_out:]
+            out[r0 : r0 + c] = y
+        r0 += c
+    return out
+
+
+def random_counts(m: int, e: int, empty: tuple[int, ...]) -> list[int]:
+    """m rows over e experts, the experts in `empty` with none."""
+    live = [i for i in range(e) if i not in empty]
+    picks = torch.randint(0, len(live), (m,)).tolist()
+    counts = [0] * e
+    for p in picks:
+        counts[live[p]] += 1
+    return counts
+
+
+@needs_triton
+@pytest.mark.parametrize("m", [1, 7, 64, 333])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+def test_moe_grouped_gemm(m, fp8, activation):
+    e, k, n = (6, 200, 300) if not CUDA else (16, 1000, 600)  # swiglu: I = 150, up rows start in block 1
+    counts = random_counts(m, e, empty=(0, 2, e - 1))
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    w, ws = weights(e, n, k, fp8)
+    n_out = n // 2 if activation == "swiglu" else n
+    out = torch.full((m, n_out), float("nan"), dtype=torch.bfloat16, device=DEV)
+    off = offsets_for(counts)
+    assert moe_grouped_gemm(x, off, w, ws, activation, scale_fmt="ue8m0", out=out) is out
+    ref = reference(x, counts, w, ws, activation, "ue8m0")
+    assert_close(out, ref, what=f"moe m={m} fp8={fp8} {activation}")
+    twin = moe_grouped_gemm_torch(x, off, w, ws, activation, scale_fmt="ue8m0")
+    assert_close(twin, ref, what="moe twin")
+
+
+@needs_triton
+def test_moe_many_experts_few_rows_decode_like():
+    """256 experts, 8 rows on 8 of them (one token's top-8): the schedule scans all 256 offsets."""
+    e, k, n = 256, 160, 64
+    counts = [0] * e
+    for i in torch.randperm(e)[:8].tolist():
+        counts[i] = 1
+    x = torch.randn(8, k, device=DEV, dtype=torch.bfloat16)
+    w, ws = weights(e, n, k, fp8=True)
+    out = torch.full((8, n // 2), float("nan"), dtype=torch.bfloat16, device=DEV)
+    moe_grouped_gemm(x, offsets_for(counts), w, ws, "swiglu", out=out)
+    assert_close(out, reference(x, counts, w, ws, "swiglu"), what="256 experts")
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg", [{"BLOCK_M": 32, "BLOCK_N": 64}, {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8}])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_moe_explicit_configs(cfg, fp8):
+    from kernels.fp8 import act_quant
+    from kernels.moe_triton import launch_moe_grouped_gemm
+
+    counts = [40, 0, 70, 3]
+    m, k, n = sum(counts), 260, 200
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    w, ws = weights(4, n, k, fp8)
+    xq, xs = act_quant(x) if fp8 else (x, None)
+    out = torch.full((m, n // 2), float("nan"), dtype=torch.bfloat16, device=DEV)
+    launch_moe_grouped_gemm(xq, xs, w, ws, offsets_for(counts), out, swiglu=True, config=cfg)
+    assert_close(out, reference(x, counts, w, ws, "swiglu"), what=str(cfg))
+
+
+def test_moe_twin_large_and_fp32():
+    counts = random_counts(600, 12, empty=(5,))
+    x = torch.randn(600, 384)
+    w = torch.randn(12, 512, 384) / 20
+    out = moe_grouped_gemm_torch(x, offsets_for(counts, "cpu"), w, None, "swiglu")
+    assert_close(out, reference(x, counts, w, None, "swiglu"), rtol=1e-5, what="fp32 twin")
+
+
+def test_moe_rejects_bad_arguments():
+    x = torch.randn(4, 128)
+    w, ws = weights(2, 64, 128, fp8=True, device="cpu")
+    off = offsets_for([1, 3], "cpu")
+    with pytest.raises(ValueError, match="w_scale .* is required"):
+        moe_grouped_gemm_torch(x, off, w, None)
+    with pytest.raises(ValueError, match="expert_offsets"):
+        moe_grouped_gemm_torch(x, off[:-1], w, ws)
+    with pytest.raises(ValueError, match="activation"):
+        moe_grouped_gemm_torch(x, off, w, ws, "gelu")
+    with pytest.raises(ValueError, match="disagree on K"):
+        moe_grouped_gemm_torch(x[:, :64], off, w, ws)
+    with pytest.raises(ValueError, match="swiglu needs"):
+        moe_grouped_gemm_torch(x, off, torch.randn(2, 63, 128), None, "swiglu")
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("tokens", [4, 512])
+def test_moe_v3_shapes_cuda(tokens):
+    """V3: 256 experts, top-8, hidden 7168, expert intermediate 2048 (fused gate+up 4096), then down."""
+    e, k, inter = 256, 7168, 2048
+    counts = torch.bincount(torch.randint(0, e, (tokens * 8,)), minlength=e).tolist()
+    m = tokens * 8
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    w13, s13 = weights(e, 2 * inter, k, fp8=True)
+    h = moe_grouped_gemm(x, offsets_for(counts), w13, s13, "swiglu", scale_fmt="ue8m0")
+    assert_close(h, reference(x, counts, w13, s13, "swiglu", "ue8m0"), what="V3 gate/up")
+    w2, s2 = weights(e, k, inter, fp8=True)
+    y = moe_grouped_gemm(h, offsets_for(counts), w2, s2, None, scale_fmt="ue8m0")
+    assert_close(y, reference(h, counts, w2, s2, None, "ue8m0"), what="V3 down")

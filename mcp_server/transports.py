@@ -19,9 +19,10 @@ from mcp.server import MCPServer
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.stdio import stdio_server
-from mcp.server.transport_security import TransportSecuritySettings
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from mcp.shared.message import SessionMessage
 from pydantic import ValidationError
+from starlette.requests import Request
 
 from mcp_server.config import ServerConfig, is_loopback
 
@@ -81,10 +82,26 @@ def security_settings(config: ServerConfig) -> TransportSecuritySettings:
                                      allowed_origins=origins)
 
 
+class _CheckSseOrigin:
+    """Refuse a foreign Host/Origin on the SSE stream before the SDK's SSE endpoint sees it (that endpoint
+    answers 403 too, then raises, which would log a traceback per refused request)."""
+
+    def __init__(self, app: Any, settings: TransportSecuritySettings, sse_path: str) -> None:
+        self.app, self.security, self.sse_path = app, TransportSecurityMiddleware(settings), sse_path
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == self.sse_path:
+            refused = await self.security.validate_request(Request(scope, receive), is_post=False)
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def http_app(mcp: MCPServer, config: ServerConfig) -> Any:
     security = security_settings(config)
     if config.transport == "sse":
-        return mcp.sse_app(transport_security=security, host=config.host)
+        return _CheckSseOrigin(mcp.sse_app(transport_security=security, host=config.host), security, "/sse")
     return mcp.streamable_http_app(streamable_http_path=config.path, transport_security=security, host=config.host)
 
 
@@ -92,7 +109,8 @@ async def serve_http(mcp: MCPServer, config: ServerConfig) -> None:
     import uvicorn
 
     app = http_app(mcp, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
+    # log_config=None: uvicorn logs through our stderr handler (its default sends access lines to stdout)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
                                            log_level=config.log_level.lower(), lifespan="on"))
     where = config.path if config.transport == "http" else "/sse"
     log.info("serving MCP over %s at http://%s:%d%s%s", config.transport, config.host, config.port, where,

@@ -84,28 +84,35 @@ async def run_request(
             wake = now + interval_s if timed_out else min(now + interval_s, deadline)
             await anyio.sleep(max(wake - time.monotonic(), 0.0))
 
+    error: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(heartbeat)
-            with stream_scope:
-                stream = aengine.stream(prompt_ids, params, request_id=request_id, logits_processors=processors)
-                async with aclosing(stream):
-                    async for out in stream:
-                        if out.new_token_ids and live.first_token_at is None:
-                            live.first_token_at = time.monotonic()
-                        live.token_ids = list(out.token_ids)
-                        cached = out.num_cached_tokens or 0
-                        if out.text_delta:
-                            texts.append(out.text_delta)
-                            if on_text is not None:
-                                on_text(out.text_delta)
-                        if out.finished:
-                            finish = out.finish_reason
-                            break
+            try:
+                with stream_scope:
+                    stream = aengine.stream(prompt_ids, params, request_id=request_id,
+                                            logits_processors=processors)
+                    async with aclosing(stream):
+                        async for out in stream:
+                            if out.new_token_ids and live.first_token_at is None:
+                                live.first_token_at = time.monotonic()
+                            live.token_ids = list(out.token_ids)
+                            cached = out.num_cached_tokens or 0
+                            if out.text_delta:
+                                texts.append(out.text_delta)
+                                if on_text is not None:
+                                    on_text(out.text_delta)
+                            if out.finished:
+                                finish = out.finish_reason
+                                break
+            except Exception as e:  # re-raised below as itself, not wrapped in the task group's ExceptionGroup
+                error = e
             tg.cancel_scope.cancel()
     finally:
         if finish is None:
             aengine.abort(request_id)  # cancelled caller, or an error: free the request's cache blocks now
+    if error is not None:
+        raise error
 
     if finish in ("stop", "length"):
         reason = finish  # also when it finished just as the time limit struck

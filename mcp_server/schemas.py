@@ -51,11 +51,18 @@ class ToolCallIn(_Strict):
         return value
 
 
+class TextPart(_Strict):
+    type: Literal["text"] = "text"
+    text: str
+
+
 class Message(_Strict):
     """One chat message. `content` may be null only on an assistant message that carries `tool_calls`."""
 
     role: Role = Field(description="system | user | assistant | tool")
-    content: str | None = Field(None, description="Message text (for role 'tool': the tool's output).")
+    content: str | list[TextPart] | None = Field(
+        None, description="Message text, or a list of {type: 'text', text} parts (for role 'tool': its output)."
+    )
     tool_calls: list[ToolCallIn] | None = Field(
         None, description="Only on role 'assistant': the tool calls it made ({id, name, arguments})."
     )
@@ -80,7 +87,10 @@ class GenerationInput(_Strict):
         description="A conversation: [{role: system|user|assistant|tool, content, tool_calls?}], ending with "
         "the turn to answer. Give this or `prompt`, not both.",
     )
-    system: str | None = Field(None, description="Optional system prompt, placed before the conversation.")
+    system: str | None = Field(
+        None, description="Optional system prompt, placed before the conversation (replaces a continued "
+        "conversation's system prompt)."
+    )
     max_tokens: Annotated[int, Field(gt=0)] | None = Field(
         None, description="Most tokens to generate (server default if omitted). Must fit in the context."
     )

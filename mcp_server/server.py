@@ -27,7 +27,7 @@ from mcp_server.schemas import (
     ToolCallInput,
     ToolCallOutput,
 )
-from mcp_server.service import ChatService, RequestError
+from mcp_server.service import ChatService, GenerationFailed, RequestError
 from mcp_server.transports import auth_kwargs
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ TOOL_CALL_DOC = ("Have the local DeepSeek-V3.1 model decide which of your `tools
                  "`tool_calls` [{id, name, arguments}] ready to execute (arguments checked against the schema), "
                  "`invalid_tool_calls` for calls that are not, and any `text`. To continue after running the "
                  "tools, pass the conversation_id with `messages` holding role 'tool' results." + _SHARED)
+UNCONSTRAINED_NOTE = (" Note: this server does not constrain decoding, so 'required' and {name} are asked of the "
+                      "model but not forced (check tool_calls); 'none' is enforced.")
 LIST_MODELS_DOC = ("Describe the loaded model: name, architecture, parameter count, dtype, device, kernels "
                    "(triton or torch), context and KV-cache capacity in tokens, defaults, and live engine "
                    "statistics. Answers at once, also while the model is still loading (status 'loading').")
@@ -85,7 +87,7 @@ def _tool(name: str, title: str, doc: str, input_model: type[BaseModel], output_
         request = input_model.model_validate(arguments)
         try:
             return _ok(await run(request, Progress(ctx.report_progress)))
-        except (RequestError, ModelUnavailable) as e:
+        except (RequestError, ModelUnavailable, GenerationFailed) as e:
             log.info("%s: %s", name, e)
             return _error(str(e))
 
@@ -105,7 +107,9 @@ def build_server(service: ChatService) -> MCPServer:
     tools = [
         _tool("chat", "Chat with DeepSeek-V3.1", CHAT_DOC, ChatInput, ChatOutput, service.chat),
         _tool("think", "Reason, then answer", THINK_DOC, ThinkInput, ThinkOutput, service.think),
-        _tool("tool_call", "Choose tool calls", TOOL_CALL_DOC, ToolCallInput, ToolCallOutput, service.tool_call),
+        _tool("tool_call", "Choose tool calls",
+              TOOL_CALL_DOC + (UNCONSTRAINED_NOTE if service.tool_call_processors is None else ""),
+              ToolCallInput, ToolCallOutput, service.tool_call),
         _tool("list_models", "Loaded model", LIST_MODELS_DOC, ListModelsInput, ListModelsOutput, list_models),
         _tool("reset_conversation", "Forget a conversation", RESET_DOC, ResetInput, ResetOutput, reset),
     ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,9 +45,15 @@ from mcp_server.schemas import (
 )
 from mcp_server.tool_specs import BadToolSpec, check_call, normalize_choice, normalize_tools
 
+log = logging.getLogger(__name__)
+
 
 class RequestError(ValueError):
     """Input the server cannot serve; the message says what to change."""
+
+
+class GenerationFailed(RuntimeError):
+    """The engine failed while generating (the cause is in the message); the server goes on serving."""
 
 
 @dataclass
@@ -241,9 +248,13 @@ class ChatService:
                    processors: Sequence[Any] = ()) -> tuple[RunResult, Any]:
         parser = StreamParser(thinking=thinking, tools=tools)
         limits = self.config.limits
-        run = await run_request(prep.aengine, prep.prompt_ids, prep.params, processors=processors,
-                                progress=progress, time_limit_s=limits.max_wall_time_s,
-                                interval_s=limits.progress_interval_s, on_text=parser.feed)
+        try:
+            run = await run_request(prep.aengine, prep.prompt_ids, prep.params, processors=processors,
+                                    progress=progress, time_limit_s=limits.max_wall_time_s,
+                                    interval_s=limits.progress_interval_s, on_text=parser.feed)
+        except Exception as e:
+            log.exception("generation failed")
+            raise GenerationFailed(f"generation failed: {type(e).__name__}: {e}") from e
         parser.finish()
         return run, parser.result()
 

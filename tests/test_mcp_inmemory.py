@@ -421,3 +421,30 @@ async def test_failed_load_is_reported_by_every_call(engine: Engine) -> None:
             assert "failed to load: FileNotFoundError: no safetensors files in /models/missing" in text
         info = (await client.call_tool("list_models", {})).structured_content["models"][0]
         assert info["status"] == "failed" and "no safetensors" in info["error"]
+
+
+async def test_text_parts_render_like_a_string(served: tuple[Client, ChatService], tools: dict[str, Tool],
+                                               engine: Engine) -> None:
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": " there"}]
+    out = (await call(served[0], tools, "chat", {"messages": [{"role": "user", "content": parts}],
+                                                 "max_tokens": 1})).structured_content
+    assert out["usage"]["prompt_tokens"] == len(render_ids([{"role": "user", "content": "Hi there"}],
+                                                           engine.tokenizer))
+
+
+class Explode:
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("processor exploded")
+
+
+async def test_engine_failure_is_an_error_result(served: tuple[Client, ChatService], tools: dict[str, Tool]) -> None:
+    client, service = served
+    service.tool_call_processors = lambda **_: [Explode()]
+    try:
+        res = await call(client, tools, "tool_call", {"prompt": "x", "tools": [WEATHER]})
+    finally:
+        service.tool_call_processors = None
+    assert "generation failed: RuntimeError: processor exploded" in error_text(res)
+    assert not (await call(client, tools, "chat", {"prompt": "still serving?", "max_tokens": 1})).is_error
+    stats = service.host.aengine.stats()
+    assert stats.running == 0 and stats.cache_usage == 0.0

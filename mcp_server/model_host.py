@@ -94,7 +94,7 @@ class ModelHost:
         def work() -> None:
             try:
                 future.set_result(self._loader())
-            except BaseException as e:  # noqa: BLE001 - reported to every caller as the load failure
+            except Exception as e:  # reported to every caller as the load failure
                 future.set_exception(e)
 
         threading.Thread(target=work, name="deepseek-mcp-load", daemon=True).start()
@@ -125,9 +125,7 @@ class ModelHost:
                 self.status = "ready"
                 log.info("model %s ready after %.1f s", self.name, self.load_seconds)
                 await anyio.sleep_forever()
-        except anyio.get_cancelled_exc_class():
-            raise
-        except BaseException as e:  # noqa: BLE001
+        except Exception as e:  # the load, or the AsyncEngine's start, failed
             self.error = f"{type(e).__name__}: {e}"
             self.status = "failed"
             log.error("model %s failed to load: %s", self.source, self.error)

@@ -239,11 +239,12 @@ async def test_tool_choice_none_bans_the_call_token(engine: Engine) -> None:
     assert BanTokens([3, 3, 1]).token_ids == [1, 3]
 
 
-async def test_list_models_tool_and_resource(served: tuple[Client, ChatService], tools: dict[str, Tool]) -> None:
+async def test_list_models_tool_and_resource(served: tuple[Client, ChatService], tools: dict[str, Tool],
+                                             engine: Engine) -> None:
     client, _ = served
     info = (await call(client, tools, "list_models", {})).structured_content["models"][0]
     assert info["model"] == DEMO and info["demo"] is True and info["status"] == "ready"
-    assert info["kernels"] in ("torch", "triton") and info["device"] == "cpu"
+    assert info["kernels"] == engine.backend in ("torch", "triton") and info["device"] == str(engine.device)
     assert info["architecture"]["num_layers"] == 4 and info["parameters"] > 10_000_000
     assert info["cache_capacity_tokens"] == 4096 and info["context_tokens"] == 4096
     assert {"running", "waiting", "cache_usage"} <= set(info["stats"])

@@ -89,7 +89,7 @@ def weight_dequant_kernel(
 @triton.jit
 def fp8_gemm_kernel(
     a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr,  # a [M, K] e4m3, a_s [M, Kb], b [N, K] e4m3, b_s [Nb, Kb], c [S, M, N]
-    M, N, K, M_BUCKET,  # M_BUCKET (next power of two of M) only keys the autotuner
+    M, N, K, M_BUCKET,  # M_BUCKET (m_bucket(M)) only keys the autotuner
     stride_am, stride_asm, stride_ask, stride_bn, stride_bsn, stride_bsk, stride_cs, stride_cm,
     SCALE_BLOCK: tl.constexpr,  # 128: rows/cols per scale; also the K step
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -149,21 +149,26 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, group_m: int = 8) -> triton.
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
 
 
-# M <= 64 (decode, small batches): weight-bandwidth bound, many narrow column tiles, optional split-K.
-SMALL_M_CONFIGS = [_cfg(bm, bn, w, s) for bm in (16, 32, 64) for bn in (32, 64, 128) for w, s in
-                   ((4, 3), (4, 5), (8, 4))]
-# M > 64: tensor-core bound; 128-wide tiles, deep pipelines (one 128-step stage of A and B is 2 x 16 KB at 128).
-LARGE_M_CONFIGS = [
-    _cfg(128, 128, 8, 4), _cfg(128, 128, 4, 4), _cfg(128, 256, 8, 3), _cfg(256, 128, 8, 3),
-    _cfg(64, 128, 4, 4), _cfg(128, 64, 4, 4), _cfg(64, 64, 4, 5),
-]
+# M <= 64 (decode, small batches): weight-bandwidth bound, narrow column tiles, split-K, many programs. Rows
+# below 64 compile to mma.sync (fp8 widened to fp16, HMMA); 64 rows to Hopper wgmma (QGMMA) at no extra bytes.
+SMALL_M_CONFIGS = [_cfg(16, 32, 4, 4), _cfg(16, 64, 4, 4), _cfg(16, 64, 4, 6), _cfg(16, 128, 4, 4),
+                   _cfg(32, 64, 4, 4), _cfg(32, 128, 8, 4), _cfg(64, 32, 4, 4), _cfg(64, 64, 4, 4),
+                   _cfg(64, 64, 4, 6), _cfg(64, 128, 8, 4)]
+# M > 64: tensor-core bound (QGMMA). The per-K-step scaling keeps a dot result beside the accumulator, so a
+# tile's fp32 values count twice: 128x128 on 8 warps is 224 registers; 128x256 or 256x128 spill (sm_90 ptxas).
+LARGE_M_CONFIGS = [_cfg(128, 128, 8, 4), _cfg(128, 128, 8, 3), _cfg(128, 128, 8, 5), _cfg(64, 256, 8, 4),
+                   _cfg(64, 128, 4, 4), _cfg(128, 64, 4, 4), _cfg(64, 64, 4, 5)]
 SMALL_M_MAX = 64
 
 
 def _prune_small(configs, named_args, **kwargs):
-    bucket = max(16, named_args["M_BUCKET"])
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bucket and (bucket >= 32 or c.kwargs["BLOCK_N"] <= 64)]
-    return kept or configs[:1]
+    bucket = named_args["M_BUCKET"]
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= bucket or c.kwargs["BLOCK_M"] == 64] or configs[:1]
+
+
+def m_bucket(m: int) -> int:
+    """Autotuner key for M: powers of two from 16 to 8192 (batch sizes that tune alike share one entry)."""
+    return min(max(16, next_pow2(m)), 8192)
 
 
 _gemm_small = triton.autotune(configs=SMALL_M_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"],
@@ -206,7 +211,7 @@ def launch_fp8_gemm(
     num_stages, GROUP_M instead of the autotuner (the interpreter uses a fixed small config)."""
     m, k = a.shape
     n = b.shape[0]
-    bucket = next_pow2(m)
+    bucket = m_bucket(m)
     if config is not None:
         cfg = dict(config)
         split = int(cfg.pop("SPLIT_K", 1))

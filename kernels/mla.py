@@ -51,6 +51,11 @@ def _check(q_latent, q_pe, cache, block_tables, seq_lens, out, query_start_loc=N
     return out
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[T, H, D] viewable as [T * H, D] rows with one stride (the prefill kernel indexes (token, head) rows)."""
+    return t if t.stride(0) == t.shape[1] * t.stride(1) and t.stride(2) == 1 else t.contiguous()
+
+
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
     """Positions 0..n-1 of one sequence -> [n, kv_lora + rope] fp32."""
     blocks = block_table[: cdiv(n, cache.shape[1])].long()
@@ -141,6 +146,8 @@ def mla_prefill(
     check_launchable(q_latent.device, "mla_prefill")
     if o.numel() == 0 or seq_lens.shape[0] == 0:
         return o
-    q, qpe = q_latent.to(cache.dtype), q_pe.to(cache.dtype)
+    if not o.is_contiguous():
+        raise ValueError("mla_prefill: out must be contiguous")
+    q, qpe = _rows(q_latent.to(cache.dtype)), _rows(q_pe.to(cache.dtype))
     _triton().launch_mla_prefill(q, qpe, cache, block_tables, seq_lens, query_start_loc, float(softmax_scale), o)
     return o

@@ -122,7 +122,7 @@ def mla_decode_reduce_kernel(
 def mla_prefill_kernel(
     q_ptr, qpe_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, o_ptr,
     B, H, T_BUCKET, sm_scale_log2,  # T_BUCKET only keys the autotuner
-    stride_qt, stride_qh, stride_pt, stride_ph, stride_cb, stride_ct, stride_btb, stride_ot, stride_oh,
+    stride_q, stride_p, stride_cb, stride_ct, stride_btb, stride_o,  # q, q_pe, out as [T * H, D] row strides
     KV_LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -147,18 +147,15 @@ def mla_prefill_kernel(
 
     r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < q_len * H
-    tok = r // H
-    head = r % H
-    q_pos = seq_len - q_len + tok  # [BLOCK_M] absolute position of each row's token
-    t64 = (q_start + tok).to(tl.int64)
+    q_pos = seq_len - q_len + r // H  # [BLOCK_M] absolute position of each row's token
+    row = (q_start * H + r).to(tl.int64)  # flattened (token, head) row, token-major
     offs_l = tl.arange(0, BLOCK_L)
     offs_r = tl.arange(0, BLOCK_R)
     lmask = offs_l < KV_LORA
     rmask = offs_r < ROPE
-    q = tl.load(q_ptr + t64[:, None] * stride_qt + head[:, None] * stride_qh + offs_l[None, :],
-                mask=row_ok[:, None] & lmask[None, :], other=0.0)
-    qpe = tl.load(qpe_ptr + t64[:, None] * stride_pt + head[:, None] * stride_ph + offs_r[None, :],
-                  mask=row_ok[:, None] & rmask[None, :], other=0.0)
+    q = tl.load(q_ptr + row[:, None] * stride_q + offs_l[None, :], mask=row_ok[:, None] & lmask[None, :], other=0.0)
+    qpe = tl.load(qpe_ptr + row[:, None] * stride_p + offs_r[None, :], mask=row_ok[:, None] & rmask[None, :],
+                  other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         qpe = qpe.to(tl.float32)
@@ -176,8 +173,7 @@ def mla_prefill_kernel(
         s, kv = _tile_scores(q, qpe, cache_ptr, rows, pmask, offs_l, offs_r, lmask, rmask, KV_LORA, UPCAST, PREC)
         visible = pmask[None, :] & (pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows only: keep them finite
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: position 0 is visible to every row
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -185,19 +181,21 @@ def mla_prefill_kernel(
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + t64[:, None] * stride_ot + head[:, None] * stride_oh + offs_l[None, :],
-             o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & lmask[None, :])
+    tl.store(o_ptr + row[:, None] * stride_o + offs_l[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & lmask[None, :])
 
 
 def _cfg(bm: int, bn: int, warps: int, stages: int, rows: str) -> triton.Config:
     return triton.Config({rows: bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# acc [rows, 512] fp32 lives in registers: 64 rows need 8 warps (128 regs/thread), 16-32 rows fit in 4.
-DECODE_CONFIGS = [_cfg(64, 32, 8, 2, "BLOCK_H"), _cfg(64, 16, 8, 3, "BLOCK_H"), _cfg(32, 32, 4, 2, "BLOCK_H"),
-                  _cfg(32, 64, 8, 2, "BLOCK_H"), _cfg(16, 32, 4, 3, "BLOCK_H"), _cfg(16, 64, 4, 2, "BLOCK_H")]
-PREFILL_CONFIGS = [_cfg(64, 32, 8, 2, "BLOCK_M"), _cfg(64, 64, 8, 2, "BLOCK_M"), _cfg(32, 64, 4, 2, "BLOCK_M"),
-                   _cfg(32, 32, 4, 3, "BLOCK_M"), _cfg(16, 64, 4, 2, "BLOCK_M")]
+# acc [rows, 512] fp32 lives in registers: 64 rows need 8 warps (255 registers, wgmma), 16-32 rows use mma.sync.
+# Checked with sm_90 ptxas (python -m kernels.aot --all-configs): none of the decode configs spill; the prefill
+# 64-row ones spill 136-268 bytes (its causal mask keeps a few more values live), the others none.
+DECODE_CONFIGS = [_cfg(64, 32, 8, 2, "BLOCK_H"), _cfg(64, 16, 8, 3, "BLOCK_H"), _cfg(32, 32, 8, 2, "BLOCK_H"),
+                  _cfg(32, 16, 4, 3, "BLOCK_H"), _cfg(16, 32, 4, 2, "BLOCK_H"), _cfg(16, 16, 4, 3, "BLOCK_H")]
+PREFILL_CONFIGS = [_cfg(64, 16, 8, 3, "BLOCK_M"), _cfg(64, 32, 8, 1, "BLOCK_M"), _cfg(64, 32, 8, 2, "BLOCK_M"),
+                   _cfg(32, 32, 8, 2, "BLOCK_M"), _cfg(16, 32, 4, 3, "BLOCK_M")]
 
 
 def _prune_decode(configs, named_args, **kwargs):
@@ -263,7 +261,7 @@ def launch_mla_prefill(
     q: torch.Tensor, qpe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor, scale: float, out: torch.Tensor, config: dict | None = None,
 ) -> None:
-    """q [T, H, L], qpe [T, H, R] (cache dtype), out [T, H, L]."""
+    """q [T, H, L], qpe [T, H, R] (cache dtype), out [T, H, L]; each with stride(0) == H * stride(1)."""
     tokens, heads, _ = q.shape
     bsz = seq_lens.shape[0]
     meta = _meta(q, cache, qpe.shape[-1])
@@ -279,6 +277,5 @@ def launch_mla_prefill(
 
     kernel[grid](q, qpe, cache, block_tables, seq_lens, query_start_loc, out,
                  bsz, heads, next_pow2(tokens), scale * LOG2E,
-                 q.stride(0), q.stride(1), qpe.stride(0), qpe.stride(1), cache.stride(0), cache.stride(1),
-                 block_tables.stride(0), out.stride(0), out.stride(1),
+                 q.stride(1), qpe.stride(1), cache.stride(0), cache.stride(1), block_tables.stride(0), out.stride(1),
                  BLOCK_B=max(16, next_pow2(bsz)), **meta, **cfg)

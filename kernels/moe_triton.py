@@ -92,16 +92,20 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# Decode: a few rows per expert, weight-bandwidth bound -> 16-row tiles, narrow columns, many programs.
-# Prefill: tens to hundreds of rows per expert -> 64/128-row tiles. SwiGLU doubles the accumulators.
+# Decode: a few rows per expert, weight-bandwidth bound -> 16-row tiles (mma.sync) or 64-row (wgmma), narrow
+# columns, many programs. Prefill: tens to hundreds of rows per expert -> 64/128-row tiles. SwiGLU keeps two
+# accumulators: FP8 SwiGLU at 128x128 spills on sm_90 and is pruned.
 CONFIGS = [_cfg(16, 64, 4, 4), _cfg(16, 128, 4, 4), _cfg(16, 32, 4, 5), _cfg(32, 64, 4, 4),
            _cfg(64, 64, 4, 4), _cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3)]
 
 
 def _prune(configs, named_args, **kwargs):
     rows_per_expert = max(1, named_args["M_BUCKET"] // max(1, named_args["E"]))
-    cap = max(16, next_pow2(rows_per_expert) * 2)
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= cap] or configs[:1]
+    cap = max(64, next_pow2(rows_per_expert) * 2)
+    heavy = kwargs.get("FP8") and kwargs.get("SWIGLU")
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap
+            and not (heavy and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 8192)]
+    return kept or configs[:1]
 
 
 _tuned = triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N_OUT", "K", "E", "FP8", "SWIGLU"],
@@ -129,7 +133,7 @@ def launch_moe_grouped_gemm(
     def grid(meta):
         return (min(cdiv(m, meta["BLOCK_M"]) + n_experts, m), cdiv(n_out, meta["BLOCK_N"]))
 
-    kernel[grid](x, xs, w, ws, expert_offsets, out, n_experts, n_out, k, next_pow2(m),
+    kernel[grid](x, xs, w, ws, expert_offsets, out, n_experts, n_out, k, min(max(16, next_pow2(m)), 1 << 16),
                  x.stride(0), xs.stride(0) if fp8 else 0, w.stride(0), w.stride(1), *ws_strides, out.stride(0),
                  FP8=fp8, SWIGLU=swiglu, SCALE_BLOCK=128, BLOCK_E=max(16, next_pow2(n_experts)),
                  BLOCK_K=128 if fp8 else 64, UPCAST=interpreting() and not fp8,

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from kernels.aot import run_family, toolchain_available  # noqa: E402
 from kernels.backend import triton_available  # noqa: E402
 from kernels.mla import mla_decode, mla_decode_torch, mla_prefill, mla_prefill_torch  # noqa: E402
 
@@ -193,3 +194,13 @@ def test_mla_rejects_bad_arguments():
         mla_prefill_torch(q, qpe, cache, bt, sl, torch.tensor([0, 1], dtype=torch.int32), 1.0)
     with pytest.raises(ValueError, match="seq_lens"):
         mla_decode_torch(q, qpe, cache, bt, sl.float(), 1.0)
+
+
+@pytest.mark.skipif(not toolchain_available(), reason="needs triton's NVIDIA backend with its bundled ptxas")
+def test_mla_kernels_compile_for_hopper_without_a_gpu():
+    """Ahead-of-time build for sm_90a: the 64-head decode tile uses bf16 wgmma (HGMMA) and does not spill."""
+    rows = {(r[0], r[1]): r for r in run_family("mla")}
+    assert not [r for r in rows.values() if r[2] == "FAILED:"], rows
+    decode = rows[("mla_decode_kernel", "H64 N32 w8 s2")]
+    assert decode[5] == "HGMMA" and decode[3] == "0", decode
+    assert ("mla_prefill_kernel", "M64 N16 w8 s3") in rows and ("mla_decode_reduce_kernel", "S8") in rows

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from kernels.aot import run_family, toolchain_available  # noqa: E402
 from kernels.backend import triton_available  # noqa: E402
 from kernels.fp8 import act_quant_torch, weight_dequant_torch  # noqa: E402
 from kernels.moe import moe_grouped_gemm, moe_grouped_gemm_torch  # noqa: E402
@@ -168,3 +169,12 @@ def test_moe_v3_shapes_cuda(tokens):
     w2, s2 = weights(e, k, inter, fp8=True)
     y = moe_grouped_gemm(h, offsets_for(counts), w2, s2, None, scale_fmt="ue8m0")
     assert_close(y, reference(h, counts, w2, s2, None, "ue8m0"), what="V3 down")
+
+
+@pytest.mark.skipif(not toolchain_available(), reason="needs triton's NVIDIA backend with its bundled ptxas")
+def test_moe_kernel_compiles_for_hopper_without_a_gpu():
+    """Ahead-of-time build for sm_90a of the FP8 / bf16, SwiGLU / plain variants; prefill tiles use wgmma."""
+    rows = {r[1]: r for r in run_family("moe")}
+    assert not [r for r in rows.values() if r[2] == "FAILED:"], rows
+    assert rows["fp8 128x128 w8 s3"][5] == "QGMMA" and rows["bf16 swiglu 128x128 w8 s3"][5] == "HGMMA"
+    assert all(r[3] == "0" for r in rows.values()), rows

@@ -1,0 +1,217 @@
+"""Compile every Triton kernel ahead of time for a GPU architecture, on a machine without a GPU.
+
+    python -m kernels.aot [--arch 90] [--all-configs] [--sass]
+
+Uses Triton's bundled ptxas: reports per kernel and config the registers, spilled bytes, static shared
+memory and which matrix instructions the SASS uses (HGMMA / QGMMA = Hopper wgmma for bf16 / fp8; HMMA = the
+older mma path). A kernel that would not compile on the GPU fails here. Needs TRITON_INTERPRET unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernels.util import interpreting
+
+_SCALARS = ("i32", "i64", "u32", "fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Build:
+    kernel: str
+    label: str
+    regs: int
+    spill_bytes: int
+    smem: int
+    mma: str
+
+
+def _signature(fn, spec: dict[str, object]) -> tuple[dict, dict, dict]:
+    """spec maps every argument name to a type ("*bf16:16", "i32:16", "fp32", ...) or a constexpr value."""
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        v = spec[name]
+        if isinstance(v, str) and (v.startswith("*") or v.split(":")[0] in _SCALARS):
+            ty, _, hint = v.partition(":")
+            sig[name] = ty
+            if hint == "16":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "constexpr"
+            consts[name] = v
+    return sig, consts, attrs
+
+
+def toolchain_available() -> bool:
+    """Triton with its NVIDIA backend and bundled ptxas (Linux x86_64 wheels) is importable here."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return Path(get_ptxas(90).path).is_file()
+    except Exception:  # no triton, no NVIDIA backend, or no ptxas: nothing to compile with
+        return False
+
+
+def run_family(family: str, sass: bool = True, timeout: float = 600) -> list[list[str]]:
+    """Compile one family in a fresh interpreter-free process -> rows [kernel, config, regs, spill, smem, mma]
+    (a failed build has "FAILED" in place of regs and the message after it)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    cmd = [sys.executable, "-m", "kernels.aot", "--family", family] + (["--sass"] if sass else [])
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=timeout)
+    rows = []
+    for line in done.stdout.splitlines()[1:]:
+        name, rest = line[:28].strip(), line[29:]
+        label, fields = rest[:32].strip(), rest[33:].split()
+        rows.append([name, label, *fields])
+    if done.returncode not in (0, 1) or not rows:
+        raise RuntimeError(f"kernels.aot failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-3000:]}")
+    return rows
+
+
+def compile_kernel(fn, spec: dict[str, object], num_warps: int, num_stages: int, arch: int, label: str,
+                   sass: bool = False) -> Build:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(fn, JITFunction):  # an Autotuner wraps the JITFunction
+        fn = fn.fn
+    sig, consts, attrs = _signature(fn, spec)
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+        regs = int(re.search(r"Used (\d+) registers", log).group(1))
+        spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+        mma = ""
+        if sass:
+            cuobjdump = Path(ptxas).with_name("cuobjdump")
+            text = subprocess.run([str(cuobjdump), "-sass", str(Path(tmp) / "k.cubin")], capture_output=True,
+                                  text=True, check=True).stdout
+            found = sorted({m for m in re.findall(r"\b([HQ]GMMA|HMMA|QMMA|IMMA)\b", text)})
+            mma = "+".join(found) or "none"
+    return Build(fn.__name__, label, regs, spill, compiled.metadata.shared, mma)
+
+
+def _fp8_builds(all_configs: bool):
+    from kernels import fp8_triton as k
+
+    ptr = {"a_ptr": "*fp8e4nv:16", "a_s_ptr": "*fp32:16", "b_ptr": "*fp8e4nv:16", "b_s_ptr": "*fp32:16"}
+    ints = {n: "i32:16" for n in ("M", "N", "K", "M_BUCKET", "stride_am", "stride_asm", "stride_bn", "stride_bsn",
+                                  "stride_cs", "stride_cm")}
+    ints |= {"stride_ask": 1, "stride_bsk": 1}
+    yield k.act_quant_kernel, {"x_ptr": "*bf16:16", "y_ptr": "*fp8e4nv:16", "s_ptr": "*fp32:16", "M": "i32",
+                               "K": "i32:16", "stride_xm": "i32:16", "stride_ym": "i32:16", "stride_sm": "i32",
+                               "GROUP": 128, "BLOCK_M": 16, "UE8M0": True}, 4, 1, "ue8m0"
+    yield k.weight_dequant_kernel, {"w_ptr": "*fp8e4nv:16", "s_ptr": "*fp32:16", "y_ptr": "*bf16:16", "N": "i32",
+                                    "K": "i32", "stride_wn": "i32:16", "stride_sn": "i32", "stride_sk": 1,
+                                    "stride_yn": "i32:16", "BLOCK": 128}, 8, 1, "128"
+    small = k.SMALL_M_CONFIGS if all_configs else k.SMALL_M_CONFIGS[1:2]
+    large = k.LARGE_M_CONFIGS if all_configs else k.LARGE_M_CONFIGS[:1]
+    for cfg, split, c_ty in [(c, 4, "*fp32:16") for c in small] + [(c, 1, "*bf16:16") for c in large]:
+        spec = {**ptr, **ints, "c_ptr": c_ty, "SCALE_BLOCK": 128, "SPLIT_K": split, **cfg.kwargs}
+        label = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages} split{split}"
+        yield k.fp8_gemm_kernel, spec, cfg.num_warps, cfg.num_stages, label
+    yield k.splitk_reduce_kernel, {"ws_ptr": "*fp32:16", "c_ptr": "*bf16:16", "MN": "i32", "SPLIT_K": 4,
+                                   "BLOCK": 1024}, 4, 1, "split4"
+
+
+def _mla_builds(all_configs: bool):
+    from kernels import mla_triton as k
+
+    dims = {"KV_LORA": 512, "ROPE": 64, "BLOCK_L": 512, "BLOCK_R": 64, "PAGE": 64, "UPCAST": False, "PREC": "tf32"}
+    common = {"q_ptr": "*bf16:16", "qpe_ptr": "*bf16:16", "cache_ptr": "*bf16:16", "bt_ptr": "*i32:16",
+              "seq_lens_ptr": "*i32:16", "o_ptr": "*fp32:16", "H": "i32", "sm_scale_log2": "fp32",
+              "stride_cb": "i32:16", "stride_ct": "i32:16", "stride_btb": "i32"}
+    dec = {**common, "lse_ptr": "*fp32:16", "B_BUCKET": "i32", "NUM_SPLITS": 8,
+           **{n: "i32:16" for n in ("stride_qb", "stride_qh", "stride_pb", "stride_ph", "stride_ob", "stride_oh",
+                                    "stride_os")}, "stride_lb": "i32:16", "stride_lh": "i32:16"}
+    for cfg in k.DECODE_CONFIGS if all_configs else k.DECODE_CONFIGS[:1]:
+        label = f"H{cfg.kwargs['BLOCK_H']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+        yield k.mla_decode_kernel, {**dec, **dims, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, label
+    yield k.mla_decode_reduce_kernel, {"o_part_ptr": "*fp32:16", "lse_ptr": "*fp32:16", "o_ptr": "*bf16:16",
+                                       **{n: "i32:16" for n in ("stride_pb", "stride_ph", "stride_ps", "stride_lb",
+                                                                "stride_lh", "stride_ob", "stride_oh")},
+                                       "KV_LORA": 512, "BLOCK_L": 512, "NUM_SPLITS": 8, "BLOCK_S": 8}, 4, 1, "S8"
+    pre = {**common, "qsl_ptr": "*i32:16", "o_ptr": "*bf16:16", "B": "i32", "T_BUCKET": "i32",
+           **{n: "i32:16" for n in ("stride_q", "stride_p", "stride_o")},
+           "BLOCK_B": 16}
+    for cfg in k.PREFILL_CONFIGS if all_configs else k.PREFILL_CONFIGS[:1]:
+        label = f"M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+        yield k.mla_prefill_kernel, {**pre, **dims, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, label
+
+
+def _moe_builds(all_configs: bool):
+    from kernels import moe_triton as k
+
+    for cfg in k.CONFIGS if all_configs else [k.CONFIGS[0], k.CONFIGS[-1]]:
+        for fp8, swiglu in ((True, True), (True, False), (False, True)):
+            if fp8 and swiglu and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] > 8192:
+                continue  # pruned at run time (spills)
+            spec = {"x_ptr": "*fp8e4nv:16" if fp8 else "*bf16:16", "xs_ptr": "*fp32:16" if fp8 else "*bf16:16",
+                    "w_ptr": "*fp8e4nv:16" if fp8 else "*bf16:16", "ws_ptr": "*fp32:16" if fp8 else "*bf16:16",
+                    "off_ptr": "*i32:16", "o_ptr": "*bf16:16", "E": "i32", "N_OUT": "i32:16", "K": "i32:16",
+                    "M_BUCKET": "i32", **{n: "i32:16" for n in ("stride_xm", "stride_xsm", "stride_we", "stride_wn",
+                                                                 "stride_wse", "stride_wsn", "stride_om")},
+                    "stride_wsk": 1, "FP8": fp8, "SWIGLU": swiglu, "SCALE_BLOCK": 128, "BLOCK_E": 256,
+                    "BLOCK_K": 128 if fp8 else 64, "UPCAST": False, "PREC": "tf32", **cfg.kwargs}
+            label = (f"{'fp8' if fp8 else 'bf16'}{' swiglu' if swiglu else ''} "
+                     f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}")
+            yield k.moe_grouped_gemm_kernel, spec, cfg.num_warps, cfg.num_stages, label
+
+
+FAMILIES = {"fp8": _fp8_builds, "mla": _mla_builds, "moe": _moe_builds}
+
+
+def all_builds(all_configs: bool = False, families: tuple[str, ...] = tuple(FAMILIES)):
+    for family in families:
+        yield from FAMILIES[family](all_configs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = Hopper)")
+    parser.add_argument("--all-configs", action="store_true", help="every autotune config, not one per kernel")
+    parser.add_argument("--sass", action="store_true", help="disassemble and report the matrix instructions")
+    parser.add_argument("--family", choices=tuple(FAMILIES), action="append", help="kernel family (repeatable)")
+    parser.add_argument("--only", help="kernel name substring")
+    args = parser.parse_args(argv)
+    if interpreting():
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter does not compile")
+    print(f"{'kernel':28} {'config':32} {'regs':>4} {'spill B':>7} {'smem B':>7} mma")
+    failed = 0
+    for fn, spec, warps, stages, label in all_builds(args.all_configs, tuple(args.family or FAMILIES)):
+        name = fn.__name__
+        if args.only and args.only not in name:
+            continue
+        try:
+            b = compile_kernel(fn, spec, warps, stages, args.arch, label, args.sass)
+        except Exception as exc:  # report and go on: one broken config should not hide the others
+            failed += 1
+            print(f"{name:28} {label:32} FAILED: {str(exc).splitlines()[0][:200]}")
+            continue
+        print(f"{b.kernel:28} {b.label:32} {b.regs:4} {b.spill_bytes:7} {b.smem:7} {b.mma}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

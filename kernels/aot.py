@@ -170,8 +170,9 @@ def _moe_builds(all_configs: bool):
             spec = {"x_ptr": "*fp8e4nv:16" if fp8 else "*bf16:16", "xs_ptr": "*fp32:16" if fp8 else "*bf16:16",
                     "w_ptr": "*fp8e4nv:16" if fp8 else "*bf16:16", "ws_ptr": "*fp32:16" if fp8 else "*bf16:16",
                     "off_ptr": "*i32:16", "o_ptr": "*bf16:16", "E": "i32", "N_OUT": "i32:16", "K": "i32:16",
-                    "M_BUCKET": "i32", **{n: "i32:16" for n in ("stride_xm", "stride_xsm", "stride_we", "stride_wn",
-                                                                 "stride_wse", "stride_wsn", "stride_om")},
+                    "M_BUCKET": "i32", "UP_SROW": "i32",
+                    **{n: "i32:16" for n in ("stride_xm", "stride_xsm", "stride_we", "stride_wn", "stride_wse",
+                                             "stride_wsn", "stride_om")},
                     "stride_wsk": 1, "FP8": fp8, "SWIGLU": swiglu, "SCALE_BLOCK": 128, "BLOCK_E": 256,
                     "BLOCK_K": 128 if fp8 else 64, "UPCAST": False, "PREC": "tf32", **cfg.kwargs}
             label = (f"{'fp8' if fp8 else 'bf16'}{' swiglu' if swiglu else ''} "

@@ -4,7 +4,9 @@ x [M, K] has its rows sorted by expert; expert e owns rows expert_offsets[e]:exp
 offsets[E] = M). Weights w [E, N, K] are e4m3 with w_scale [E, ceil(N/128), ceil(K/128)] (fp32 per 128x128
 block; x is then quantized per 1x128 group like act_quant) or bf16/fp16/fp32 with w_scale None.
 activation None -> x @ w[e]^T [M, N]; "swiglu" -> w is the fused [E, 2I, K] gate+up weight (gate rows first) and
-the result is silu(x @ gate^T) * (x @ up^T) [M, I].
+the result is silu(x @ gate^T) * (x @ up^T) [M, I]. Its FP8 scales are gate's blocks then up's blocks,
+[E, 2 * ceil(I/128), ceil(K/128)], i.e. torch.cat((gate_scale_inv, up_scale_inv), dim=1) of the checkpoint
+(the same as the fused matrix's own blocks when 128 divides I, as in DeepSeek-V3 with I = 2048).
 
 `moe_grouped_gemm` launches the Triton kernel (kernels/moe_triton.py, imported on first use);
 `moe_grouped_gemm_torch` is its twin (one matmul per expert that has rows).
@@ -36,20 +38,31 @@ def _check(x, expert_offsets, w, w_scale, activation, out) -> tuple[torch.Tensor
         raise ValueError(f"x [M, K] = {tuple(x.shape)} and w [E, N, K] = {tuple(w.shape)} disagree on K")
     check_tensor(expert_offsets, "expert_offsets", shape=(n_experts + 1,), dtypes=(torch.int32, torch.int64),
                  device=x.device)
-    if w.dtype == FP8_DTYPE:
-        if w_scale is None:
-            raise ValueError("w is float8_e4m3fn: w_scale [E, ceil(N/128), ceil(K/128)] fp32 is required")
-        check_tensor(w_scale, "w_scale", shape=(n_experts, cdiv(n, 128), cdiv(k, 128)), dtypes=(torch.float32,),
-                     device=x.device)
-    elif w_scale is not None:
-        raise ValueError(f"w_scale is only for float8_e4m3fn weights, w is {w.dtype}")
     if activation not in (None, "swiglu"):
         raise ValueError(f"activation must be None or 'swiglu', got {activation!r}")
     swiglu = activation == "swiglu"
     if swiglu and n % 2:
         raise ValueError(f"swiglu needs the fused [E, 2I, K] gate+up weight, got N = {n}")
     n_out = n // 2 if swiglu else n
+    if w.dtype == FP8_DTYPE:
+        if w_scale is None:
+            raise ValueError("w is float8_e4m3fn: w_scale [E, ceil(N/128), ceil(K/128)] fp32 is required")
+        rows = 2 * cdiv(n_out, 128) if swiglu else cdiv(n, 128)
+        check_tensor(w_scale, "w_scale", shape=(n_experts, rows, cdiv(k, 128)), dtypes=(torch.float32,),
+                     device=x.device)
+    elif w_scale is not None:
+        raise ValueError(f"w_scale is only for float8_e4m3fn weights, w is {w.dtype}")
     return out_or_new(out, (m, n_out), x.dtype, x.device), swiglu
+
+
+def _dequant(w: torch.Tensor, scale: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+    """One expert's [N, K] weight in fp32; with swiglu the gate and up halves carry their own scale blocks."""
+    if scale is None:
+        return w.float()
+    if not swiglu:
+        return weight_dequant_torch(w, scale)
+    half, srows = w.shape[0] // 2, scale.shape[0] // 2
+    return torch.cat((weight_dequant_torch(w[:half], scale[:srows]), weight_dequant_torch(w[half:], scale[srows:])))
 
 
 def moe_grouped_gemm_torch(
@@ -69,8 +82,7 @@ def moe_grouped_gemm_torch(
         r0, r1 = offsets[e], offsets[e + 1]
         if r1 <= r0:
             continue  # experts with no rows cost nothing
-        we = weight_dequant_torch(w[e], w_scale[e]) if fp8 else w[e].float()  # [N, K]
-        y = xf[r0:r1] @ we.T
+        y = xf[r0:r1] @ _dequant(w[e], w_scale[e] if fp8 else None, swiglu).T  # [rows, N]
         if swiglu:
             gate, up = y.chunk(2, dim=-1)
             y = F.silu(gate) * up

@@ -19,14 +19,15 @@ from kernels.util import cdiv, interpreting, next_pow2
 @triton.jit
 def moe_grouped_gemm_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, off_ptr, o_ptr,
-    E, N_OUT, K, M_BUCKET,  # M_BUCKET only keys the autotuner
+    E, N_OUT, K, M_BUCKET, UP_SROW,  # M_BUCKET only keys the autotuner; UP_SROW: first scale row of the up half
     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk, stride_om,
     FP8: tl.constexpr, SWIGLU: tl.constexpr, SCALE_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out[rows of e] = x[rows] @ w[e]^T, or with SWIGLU silu(x @ w[e, :N_OUT]^T) * (x @ w[e, N_OUT:]^T).
-    FP8: x and w are e4m3 with 1x128 (x) and 128x128 (w) scales applied per K step in the fp32 accumulators."""
+    FP8: x and w are e4m3 with 1x128 (x) and 128x128 (w) scales applied per K step in the fp32 accumulators;
+    with SWIGLU the gate and up halves have their own 128-row scale blocks (up's start at row UP_SROW)."""
     pid_m = tl.program_id(0)  # fastest: row tiles of one expert reuse the same weight columns from L2
     pid_n = tl.program_id(1)
     offs_e = tl.arange(0, BLOCK_E)
@@ -55,7 +56,7 @@ def moe_grouped_gemm_kernel(
     ws_e = ws_ptr + e.to(tl.int64) * stride_wse
     xs_ptrs = xs_ptr + rows64 * stride_xsm
     g_s_ptrs = ws_e + (cols // SCALE_BLOCK) * stride_wsn
-    u_s_ptrs = ws_e + ((cols + N_OUT) // SCALE_BLOCK) * stride_wsn
+    u_s_ptrs = ws_e + (UP_SROW + cols // SCALE_BLOCK) * stride_wsn  # gate's scale blocks, then up's
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -133,7 +134,8 @@ def launch_moe_grouped_gemm(
     def grid(meta):
         return (min(cdiv(m, meta["BLOCK_M"]) + n_experts, m), cdiv(n_out, meta["BLOCK_N"]))
 
-    kernel[grid](x, xs, w, ws, expert_offsets, out, n_experts, n_out, k, min(max(16, next_pow2(m)), 1 << 16),
+    up_srow = cdiv(n_out, 128) if swiglu else 0
+    kernel[grid](x, xs, w, ws, expert_offsets, out, n_experts, n_out, k, min(max(16, next_pow2(m)), 1 << 16), up_srow,
                  x.stride(0), xs.stride(0) if fp8 else 0, w.stride(0), w.stride(1), *ws_strides, out.stride(0),
                  FP8=fp8, SWIGLU=swiglu, SCALE_BLOCK=128, BLOCK_E=max(16, next_pow2(n_experts)),
                  BLOCK_K=128 if fp8 else 64, UPCAST=interpreting() and not fp8,

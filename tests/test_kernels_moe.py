@@ -20,7 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels.aot import run_family, toolchain_available  # noqa: E402
 from kernels.backend import triton_available  # noqa: E402
-from kernels.fp8 import act_quant_torch, weight_dequant_torch  # noqa: E402
+from kernels.fp8 import act_quant_torch  # noqa: E402
 from kernels.moe import moe_grouped_gemm, moe_grouped_gemm_torch  # noqa: E402
 from kernels.util import FP8_DTYPE  # noqa: E402
 
@@ -42,11 +42,27 @@ def offsets_for(counts: list[int], device=DEV) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
-def weights(e: int, n: int, k: int, fp8: bool, device=DEV):
+def weights(e: int, n: int, k: int, fp8: bool, device=DEV, swiglu: bool = False):
+    """[E, N, K] weight; FP8 scales per 128x128 block, or for swiglu gate's blocks then up's."""
     if not fp8:
         return (torch.randn(e, n, k, device=device) / k**0.5).to(torch.bfloat16), None
     w = (torch.randn(e, n, k, device=device) * 64).clamp(-448, 448).to(FP8_DTYPE)
-    return w, torch.rand(e, -(-n // 128), -(-k // 128), device=device) * 2e-3 + 1e-4
+    rows = 2 * -(-(n // 2) // 128) if swiglu else -(-n // 128)
+    return w, torch.rand(e, rows, -(-k // 128), device=device) * 2e-3 + 1e-4
+
+
+def dequant(w: torch.Tensor, s: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+    """float64 [N, K] of one expert, written from the block definition (independent of the twin)."""
+    if s is None:
+        return w.double()
+    n, k = w.shape
+    halves = [(0, n // 2, 0), (n // 2, n, s.shape[0] // 2)] if swiglu else [(0, n, 0)]
+    out = torch.empty(n, k, dtype=torch.float64, device=w.device)
+    for r0, r1, s0 in halves:
+        rows = torch.arange(r1 - r0, device=w.device) // 128 + s0
+        cols = torch.arange(k, device=w.device) // 128
+        out[r0:r1] = w[r0:r1].double() * s[rows][:, cols].double()
+    return out
 
 
 def reference(x, counts, w, w_scale, activation, scale_fmt=None):
@@ -61,7 +77,7 @@ def reference(x, counts, w, w_scale, activation, scale_fmt=None):
     r0 = 0
     for e, c in enumerate(counts):
         if c:
-            we = weight_dequant_torch(w[e], w_scale[e]).double() if w_scale is not None else w[e].double()
+            we = dequant(w[e], w_scale[e] if w_scale is not None else None, activation == "swiglu")
             y = xd[r0 : r0 + c] @ we.T
             if activation == "swiglu":
                 y = F.silu(y[:, :n_out]) * y[:, n_out:]
@@ -88,7 +104,7 @@ def test_moe_grouped_gemm(m, fp8, activation):
     e, k, n = (6, 200, 300) if not CUDA else (16, 1000, 600)  # swiglu: I = 150, up rows start in block 1
     counts = random_counts(m, e, empty=(0, 2, e - 1))
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    w, ws = weights(e, n, k, fp8)
+    w, ws = weights(e, n, k, fp8, swiglu=activation == "swiglu")
     n_out = n // 2 if activation == "swiglu" else n
     out = torch.full((m, n_out), float("nan"), dtype=torch.bfloat16, device=DEV)
     off = offsets_for(counts)
@@ -107,7 +123,7 @@ def test_moe_many_experts_few_rows_decode_like():
     for i in torch.randperm(e)[:8].tolist():
         counts[i] = 1
     x = torch.randn(8, k, device=DEV, dtype=torch.bfloat16)
-    w, ws = weights(e, n, k, fp8=True)
+    w, ws = weights(e, n, k, fp8=True, swiglu=True)
     out = torch.full((8, n // 2), float("nan"), dtype=torch.bfloat16, device=DEV)
     moe_grouped_gemm(x, offsets_for(counts), w, ws, "swiglu", out=out)
     assert_close(out, reference(x, counts, w, ws, "swiglu"), what="256 experts")
@@ -123,7 +139,7 @@ def test_moe_explicit_configs(cfg, fp8):
     counts = [40, 0, 70, 3]
     m, k, n = sum(counts), 260, 200
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    w, ws = weights(4, n, k, fp8)
+    w, ws = weights(4, n, k, fp8, swiglu=True)
     xq, xs = act_quant(x) if fp8 else (x, None)
     out = torch.full((m, n // 2), float("nan"), dtype=torch.bfloat16, device=DEV)
     launch_moe_grouped_gemm(xq, xs, w, ws, offsets_for(counts), out, swiglu=True, config=cfg)
@@ -141,6 +157,8 @@ def test_moe_twin_large_and_fp32():
 def test_moe_rejects_bad_arguments():
     x = torch.randn(4, 128)
     w, ws = weights(2, 64, 128, fp8=True, device="cpu")
+    with pytest.raises(ValueError, match="w_scale has shape"):
+        moe_grouped_gemm_torch(x, offsets_for([1, 3], "cpu"), w, ws, "swiglu")  # needs gate + up blocks
     off = offsets_for([1, 3], "cpu")
     with pytest.raises(ValueError, match="w_scale .* is required"):
         moe_grouped_gemm_torch(x, off, w, None)
@@ -163,7 +181,7 @@ def test_moe_v3_shapes_cuda(tokens):
     counts = torch.bincount(torch.randint(0, e, (tokens * 8,)), minlength=e).tolist()
     m = tokens * 8
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    w13, s13 = weights(e, 2 * inter, k, fp8=True)
+    w13, s13 = weights(e, 2 * inter, k, fp8=True, swiglu=True)
     h = moe_grouped_gemm(x, offsets_for(counts), w13, s13, "swiglu", scale_fmt="ue8m0")
     assert_close(h, reference(x, counts, w13, s13, "swiglu", "ue8m0"), what="V3 gate/up")
     w2, s2 = weights(e, k, inter, fp8=True)

@@ -1,0 +1,11 @@
+"""Triton kernels for DeepSeek-V3 inference, each with a pure-torch twin of the same signature.
+
+- kernels.fp8: act_quant, weight_dequant, fp8_gemm, fp8_linear (+ *_torch twins)
+- kernels.mla: mla_decode (split-KV), mla_prefill (+ *_torch twins)
+- kernels.moe: moe_grouped_gemm (+ moe_grouped_gemm_torch)
+- kernels.backend: select_backend, fp8_supported, fp8_unsupported_notice
+- kernels.aot: compile every kernel for sm_90a without a GPU (registers, spills, wgmma use)
+
+The *_triton modules hold the @triton.jit kernels and are imported only when a Triton wrapper runs, so the
+twins work where Triton is not installed.
+"""

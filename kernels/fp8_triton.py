@@ -173,16 +173,19 @@ def m_bucket(m: int) -> int:
 
 _gemm_small = triton.autotune(configs=SMALL_M_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"],
                               prune_configs_by={"early_config_prune": _prune_small})(fp8_gemm_kernel)
-_gemm_large = triton.autotune(configs=LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K"])(fp8_gemm_kernel)
+_gemm_large = triton.autotune(configs=LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"])(fp8_gemm_kernel)
 
 
 def split_k_for(m: int, n: int, k: int, sms: int, block: int = 128) -> int:
-    """Split K for small M until there are ~2 programs per SM, keeping >= 4 K steps per split."""
-    if m > SMALL_M_MAX:
-        return 1
-    tiles = cdiv(m, min(max(16, next_pow2(m)), 64)) * cdiv(n, 64)
+    """Split K while the output tiles (nominal 16-64 x 64 for small M, 128 x 128 above) leave SMs idle: up to
+    2 programs per SM for small M (bandwidth bound), 1 above; each split keeps >= 4 K steps. The fp32 partials
+    (split x M x N) are summed by splitk_reduce_kernel."""
+    if m <= SMALL_M_MAX:
+        tiles, target = cdiv(m, min(max(16, next_pow2(m)), 64)) * cdiv(n, 64), 2 * sms
+    else:
+        tiles, target = cdiv(m, 128) * cdiv(n, 128), sms
     k_steps, split = cdiv(k, block), 1
-    while tiles * split < 2 * sms and cdiv(k_steps, split * 2) >= 4:
+    while tiles * split < target and cdiv(k_steps, split * 2) >= 4:
         split *= 2
     return split
 

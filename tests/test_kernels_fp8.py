@@ -202,7 +202,8 @@ def test_split_k_heuristic():
 
     assert split_k_for(1, 24576, 1536, 132) == 1  # enough column tiles already
     assert split_k_for(1, 2112, 7168, 132) == 8  # 33 column tiles -> 264 programs, 7 K steps each
-    assert split_k_for(4096, 2112, 7168, 132) == 1  # large M never splits
+    assert split_k_for(4096, 2112, 7168, 132) == 1  # 544 tiles of 128 x 128 fill the GPU
+    assert split_k_for(128, 2112, 7168, 132) == 8  # 17 tiles -> 136 programs, 7 K steps each
     assert split_k_for(1, 64, 256, 132) == 1  # too few K steps to split
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import anyio
 import pytest
@@ -36,6 +37,15 @@ def rand_prompts(lengths: list[int], seed: int | None = None) -> list[list[int]]
     return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
+def generate_each(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]):
+    """The reference: each prompt alone through `Engine.generate`. Run on a worker thread like the async
+    engine's steps (on this 2-core machine torch's intra-op threads are far slower from the main thread)."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: [engine.generate([p], sp)[0] for p, sp in zip(prompts, plist, strict=True)]
+                           ).result()
+
+
 def check_no_leaks(aeng: AsyncEngine) -> None:
     """Every block free or cached with refcount 0; nothing queued."""
     assert not aeng.scheduler.running and not aeng.scheduler.waiting
@@ -60,10 +70,10 @@ def test_concurrent_greedy_matches_generate_then_prefix_hits(engine: Engine) -> 
     lengths, max_tokens = [3, 9, 17, 30, 5, 61, 12, 40], [5, 9, 13, 7, 11, 6, 10, 8]
     prompts = rand_prompts(lengths)
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens]
-    expected = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    expected = generate_each(engine, prompts, params)
     shared = rand_prompts([37])[0]
     prompts2 = [shared + p[:4] for p in prompts]  # second round: a long common prefix
-    expected2 = [engine.generate([p], sp)[0] for p, sp in zip(prompts2, params, strict=True)]
+    expected2 = generate_each(engine, prompts2, params)
 
     async def main() -> None:
         # small blocks and a small token budget: chunked prefill, many block boundaries
@@ -103,6 +113,43 @@ def test_concurrent_greedy_matches_generate_then_prefix_hits(engine: Engine) -> 
     run(main)
 
 
+def test_preemption_under_a_small_cache_keeps_outputs(engine: Engine) -> None:
+    prompts = rand_prompts([18, 22, 15, 25, 20])
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    expected = [o.token_ids for o in generate_each(engine, prompts, params)]
+
+    async def main() -> None:
+        # 24 blocks x 4 tokens; five requests of up to 41 tokens (11 blocks) cannot all stay resident
+        async with AsyncEngine(engine, max_num_seqs=5, max_num_batched_tokens=64, cache_tokens=96,
+                               block_size=4) as aeng:
+            results: dict[int, list[int]] = {}
+            peak = {"running": 0, "waiting": 0}
+
+            async def one(i: int) -> None:
+                results[i] = (await collect(aeng, prompts[i], params))[-1].token_ids
+
+            async def watch() -> None:
+                while True:
+                    s = aeng.stats()
+                    peak["running"] = max(peak["running"], s.running)
+                    peak["waiting"] = max(peak["waiting"], s.waiting)
+                    assert 0.0 <= s.cache_usage <= 1.0
+                    await anyio.sleep(0.001)
+
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(watch)
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(prompts)):
+                        tg.start_soon(one, i)
+                outer.cancel_scope.cancel()
+            assert aeng.stats().num_preemptions > 0
+            assert peak["running"] >= 2 and peak["waiting"] >= 1
+            assert [results[i] for i in range(len(prompts))] == expected
+            check_no_leaks(aeng)
+
+    run(main)
+
+
 def test_conversation_continuation_and_fully_cached_prompt(engine: Engine) -> None:
     prompt = rand_prompts([21])[0]
     params = SamplingParams(max_tokens=11, ignore_eos=True)
@@ -116,7 +163,7 @@ def test_conversation_continuation_and_fully_cached_prompt(engine: Engine) -> No
             turn2_prompt = history + rand_prompts([5])[0]
             turn2 = await collect(aeng, turn2_prompt, params)
             assert turn2[-1].num_cached_tokens == 28
-            assert turn2[-1].token_ids == engine.generate([turn2_prompt], params)[0].token_ids
+            assert turn2[-1].token_ids == generate_each(engine, [turn2_prompt], params)[0].token_ids
             check_no_leaks(aeng)
 
     run(main)
@@ -127,7 +174,7 @@ def test_abort_from_another_thread_frees_blocks_within_one_step(engine: Engine) 
         async with AsyncEngine(engine, max_num_seqs=4, cache_tokens=1024, block_size=4) as aeng:
             other = rand_prompts([10])[0]
             bystander_params = SamplingParams(max_tokens=30, ignore_eos=True)
-            expected = engine.generate([other], bystander_params)[0].token_ids
+            expected = generate_each(engine, [other], bystander_params)[0].token_ids
             bystander: list[RequestOutput] = []
 
             async def run_bystander() -> None:
@@ -197,7 +244,7 @@ def test_leaving_the_stream_or_cancelling_aborts(engine: Engine) -> None:
 def test_stop_strings_seeds_and_processors(engine: Engine) -> None:
     prompt = rand_prompts([15])[0]
     base = SamplingParams(max_tokens=24, ignore_eos=True)
-    ref = engine.generate([prompt], base)[0]
+    ref = generate_each(engine, [prompt], base)[0]
     text = ref.text
     stop = next(text[i : i + 2] for i in range(4, len(text) - 2) if text[i : i + 2].strip())
     cut = text.find(stop)

@@ -386,7 +386,7 @@ class AsyncEngine:
             prep = start_prepare(self._pool_for(sampling), [(s.logits_processors, s.output_ids) for s in sampling])
             logits = self.runner.run(out.scheduled)  # [B, V]
             if prep is not None:
-                prep.result()  # type: ignore[attr-defined]
+                prep.result()
             tokens: list[int] = []
             if sampling:
                 rows = logits[torch.tensor(out.sample_rows, device=logits.device)].float()  # [S, V]

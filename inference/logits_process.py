@@ -9,7 +9,7 @@ work (e.g. a grammar matcher) overlaps the model's compute.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -59,7 +59,7 @@ def prepare_all(rows: Sequence[tuple[Sequence[object], list[int]]]) -> None:
 
 def start_prepare(
     executor: Executor | None, rows: Sequence[tuple[Sequence[object], list[int]]]
-) -> object | None:
+) -> Future[None] | None:
     """Run `prepare_all` on `executor` (concurrently with the forward) or inline; returns a future or None."""
     rows = [r for r in rows if has_prepare(r[0])]
     if not rows:

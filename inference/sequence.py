@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from inference.sampling import SamplingParams, StopChecker, TextDecoder
 
@@ -59,7 +59,6 @@ class Sequence:
     decoder: TextDecoder | None = None
     eos_id: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
-    user_data: Any = None  # the owner's handle (the async engine keeps the output stream here)
 
     token_ids: list[int] = field(init=False)
     status: SequenceStatus = field(init=False, default=SequenceStatus.WAITING)

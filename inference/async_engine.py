@@ -378,26 +378,33 @@ class AsyncEngine:
         """One model step (worker thread): schedule, forward, process logits, sample, check stops."""
         result = _StepResult()
         try:
-            out = self.scheduler.schedule()
-            result.out = out
-            if out.is_empty:
-                return result
-            sampling = [out.seqs[r] for r in out.sample_rows]
-            prep = start_prepare(self._pool_for(sampling), [(s.logits_processors, s.output_ids) for s in sampling])
-            logits = self.runner.run(out.scheduled)  # [B, V]
-            if prep is not None:
-                prep.result()
-            tokens: list[int] = []
-            if sampling:
-                rows = logits[torch.tensor(out.sample_rows, device=logits.device)].float()  # [S, V]
-                if any(s.logits_processors for s in sampling):
-                    apply_logits_processors(rows, [s.logits_processors for s in sampling],
-                                            [s.output_ids for s in sampling])
-                tokens = sample(rows, [s.params for s in sampling], [s.generator for s in sampling]).tolist()
-            result.updates = self.scheduler.postprocess(out, tokens)
+            with torch.inference_mode():  # the logits are inference tensors; processors edit them in place
+                self._step_inner(result)
         except Exception as exc:  # noqa: BLE001  (the step's requests get the error; the engine goes on)
             result.error = exc
         return result
+
+    def _step_inner(self, result: _StepResult) -> None:
+        out = self.scheduler.schedule()
+        result.out = out
+        if out.is_empty:
+            return
+        sampling = [out.seqs[r] for r in out.sample_rows]
+        prep = start_prepare(self._pool_for(sampling),
+                             [(s.logits_processors, s.output_ids) for s in sampling if s.logits_processors])
+        logits = self.runner.run(out.scheduled)  # [B, V]
+        if prep is not None:
+            prep.result()
+        tokens: list[int] = []
+        if sampling:
+            rows = logits.float()  # [B, V]
+            if len(out.sample_rows) < len(out.seqs):  # rows that only computed a prefill chunk
+                rows = rows[torch.tensor(out.sample_rows, device=logits.device)]  # [S, V]
+            if any(s.logits_processors for s in sampling):
+                apply_logits_processors(rows, [s.logits_processors for s in sampling],
+                                        [s.output_ids for s in sampling])
+            tokens = sample(rows, [s.params for s in sampling], [s.generator for s in sampling]).tolist()
+        result.updates = self.scheduler.postprocess(out, tokens)
 
     def _pool_for(self, seqs: list[Seq]) -> ThreadPoolExecutor | None:
         if not any(has_prepare(s.logits_processors) for s in seqs):

@@ -1,0 +1,405 @@
+"""Schema-constrained decoding: logits processors that make tool calls and JSON responses always parse and
+validate, even when `max_tokens` runs out.
+
+    factory = ConstraintFactory(tokenizer)                       # once per server (vocab + grammar cache)
+    proc = factory.for_tools(tools, "required", max_tokens=256)  # one per request, before generation
+    proc = factory.for_response_format({"type": "json_schema", "schema": {...}}, max_tokens=256)
+
+Each processor follows the LogitsProcessor protocol (inference/logits_process.py): `prepare(output_ids)` syncs
+the grammar matcher and fills the token bitmask (the engine runs it during the forward), `__call__` applies it.
+
+Budget steering. A random model never closes a string on its own, so grammar masking alone does not finish an
+output within max_tokens. The `Planner` computes a short completion (token ids, ending with EOS) from the
+matcher state: a greedy walk over single-byte tokens guided by a JSON lexer (close the open string, close
+containers, take xgrammar's forced jump-forward text, pick the shortest value type by one-level lookahead),
+then re-tokenized with BPE and verified on a forked matcher. Invariant: the plan fits in the remaining budget
+R. While R > len(plan) + slack the model samples freely under the grammar; inside the zone only the plan's next
+token and the model's top-k allowed tokens whose own plan still fits (1 + len <= R) stay allowed, so the model
+writes until the last moment and the output is complete when the budget ends (`steered` = True). A single
+token can lengthen the plan by more than `slack` only by opening a large optional structure right at the zone
+edge; `over_budget` reports it (then the output may be cut).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from inference.grammar import (
+    OUTSIDE,
+    ConstraintError,
+    GrammarCache,
+    GrammarVocab,
+    Lex,
+    Planner,
+    check_schema,
+    marker_tail,
+    normalize_tools,
+)
+from inference.tokenizer import Tokenizer
+
+__all__ = ["ConstraintError", "ConstraintFactory", "GrammarProcessor", "Planner", "ToolBan"]
+
+_NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Processors
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Free text until `token`; then the grammar. `feed`: the token is the grammar's first token.
+    `optional`: the output may end without it (auto tool choice); else it is forced when the budget says so."""
+
+    token: int
+    feed: bool
+    optional: bool
+
+
+FREE, GRAMMAR, FAILED = "free", "grammar", "failed"
+
+
+class ToolBan:
+    """tool_choice "none": the tool-call control tokens, and their spelled-out text, never appear."""
+
+    def __init__(self, vocab: GrammarVocab) -> None:
+        self._vocab = vocab
+        self._ban = torch.tensor(vocab.tools.all_ids, dtype=torch.long)
+        self._tail = 0
+        self._seen = 0
+        self.steered = False
+        self.is_terminated = False
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        for t in output_ids[self._seen:]:
+            self._tail = marker_tail(self._tail, self._vocab.token_bytes[t])
+        self._seen = len(output_ids)
+        logits[self._ban.to(logits.device)] = _NEG_INF
+        _ban_marker(logits, self._vocab, self._tail)
+        return logits
+
+
+def _ban(logits: torch.Tensor, ids: torch.Tensor) -> None:
+    """Set logits[ids] to -inf, unless that would leave nothing to sample."""
+    if not ids.numel():
+        return
+    ids = ids.to(logits.device)
+    saved = logits[ids]  # [n] (a copy)
+    if not bool(torch.isfinite(saved).any()):
+        return  # already masked: the common case, no full-row check needed
+    logits[ids] = _NEG_INF
+    if float(logits.max()) == _NEG_INF:
+        logits[ids] = saved
+
+
+def _ban_marker(logits: torch.Tensor, vocab: GrammarVocab, tail: int) -> None:
+    """Forbid tokens that would spell `<｜` (the start of every control marker) as text."""
+    for k in {0, tail}:
+        _ban(logits, vocab.marker_ban[k])
+
+
+class GrammarProcessor:
+    """Enforces a compiled grammar on one request, steering to a complete output within `max_tokens`.
+
+    Public state: `steered` (the budget zone restricted sampling at least once), `is_terminated` (the grammar
+    is complete: only EOS can follow), `opened` (the grammar phase started; False in auto mode while the model
+    writes text), `error` (a token the grammar rejected: then only EOS is allowed), `over_budget`,
+    `min_tokens` (shortest complete output), and timing counters `mask_seconds` / `plan_seconds` / `steps`.
+    """
+
+    def __init__(self, vocab: GrammarVocab, planner: Planner, compiled: xgr.CompiledGrammar, *,
+                 max_tokens: int, gate: Gate | None = None, slack: int = 24, top_k: int = 8) -> None:
+        self._vocab = vocab
+        self._planner = planner
+        self._matcher = xgr.GrammarMatcher(compiled)
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab.vocab_size)  # [1, ceil(V/32)] int32
+        self._need_apply = True
+        self.max_tokens = max_tokens
+        self.gate = gate
+        self.slack = slack
+        self.top_k = top_k
+        self.phase = FREE if gate is not None else GRAMMAR
+        self.opened = gate is None
+        self.steered = False
+        self.over_budget = False
+        self.error: str | None = None
+        self.mask_seconds = 0.0
+        self.plan_seconds = 0.0
+        self.steps = 0
+        self._seen = 0
+        self._prepared_for = -1
+        self._lex = Lex()
+        self._tail = 0
+        self._cand_plans: dict[int, list[int]] = {}
+        self._stale: list[int] | None = None  # the last plan, to reuse while it still completes the grammar
+        plan = self._timed_plan()
+        if plan is None:
+            raise ConstraintError("the grammar has no complete output of reasonable length")
+        self._plan: list[int] | None = plan
+        self.min_tokens = len(plan) + (1 if gate is not None and not gate.feed else 0)
+        tools = vocab.tools
+        if gate is None:
+            ban: tuple[int, ...] = ()
+        elif gate.optional:  # auto: only the block opener, and only while a call still fits
+            ban = tuple(t for t in tools.all_ids if t != gate.token)
+        else:  # reasoning first: no tool tokens, no EOS before the gate
+            ban = (*tools.all_ids, vocab.eos_id)
+        self._free_ban = torch.tensor(ban, dtype=torch.long)
+
+    # -- protocol -------------------------------------------------------------------------------------
+
+    @property
+    def is_terminated(self) -> bool:
+        return self.phase == GRAMMAR and (self._matcher.is_terminated() or self._matcher.is_completed())
+
+    def update(self, output_ids: Sequence[int]) -> None:
+        """Sync with the final output (the engine does not call processors after the last token)."""
+        self._sync(output_ids)
+
+    def prepare(self, output_ids: Sequence[int]) -> None:
+        self._sync(output_ids)
+        n = len(output_ids)
+        if self._prepared_for == n:
+            return
+        self._prepared_for = n
+        if self.phase != GRAMMAR or self._matcher.is_terminated():
+            return
+        t0 = time.perf_counter()
+        self._need_apply = self._matcher.fill_next_token_bitmask(self._bitmask)
+        self.mask_seconds += time.perf_counter() - t0
+        self.steps += 1
+        if self._plan is None:
+            self._plan = self._reuse_plan(self.max_tokens - n) or self._timed_plan()
+            self._stale = None
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        self.prepare(output_ids)
+        remaining = self.max_tokens - len(output_ids)
+        if self.phase == FREE:
+            return self._free(logits, remaining)
+        if self.phase == FAILED or self._matcher.is_terminated():
+            return _force(logits, self._vocab.eos_id)
+        v = self._vocab.vocab_size
+        if logits.shape[-1] > v:
+            logits[v:] = _NEG_INF
+        if self._need_apply:
+            xgr.apply_token_bitmask_inplace(logits[:v].view(1, v), self._bitmask.to(logits.device))
+        if self._lex.mode != OUTSIDE:
+            # xgrammar's minLength/maxLength strings admit raw control bytes: not JSON, so ban them here
+            _ban(logits, self._vocab.control_ids)
+            _ban_marker(logits, self._vocab, self._tail)
+        plan = self._plan
+        if plan is not None and remaining <= len(plan) + self.slack:
+            self._steer(logits, plan, remaining)
+        return logits
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _reuse_plan(self, remaining: int) -> list[int] | None:
+        """Far from the budget, the previous plan is good enough if it still completes the grammar (it
+        usually does: the model wrote more text into an open string)."""
+        stale = self._stale
+        if not stale or remaining <= len(stale) + 2 * self.slack:
+            return None
+        t0 = time.perf_counter()
+        ok = _completes(self._matcher, stale)
+        self.plan_seconds += time.perf_counter() - t0
+        return stale if ok else None
+
+    def _timed_plan(self) -> list[int] | None:
+        t0 = time.perf_counter()
+        plan = self._planner.plan(self._matcher, self._lex)
+        self.plan_seconds += time.perf_counter() - t0
+        return plan
+
+    def _sync(self, output_ids: Sequence[int]) -> None:
+        for t in output_ids[self._seen:]:
+            self._advance(int(t))
+        self._seen = len(output_ids)
+
+    def _advance(self, token: int) -> None:
+        if self.phase == FREE:
+            assert self.gate is not None
+            if token == self.gate.token:
+                self.phase = GRAMMAR
+                self.opened = True
+                self._tail = 0
+                if self.gate.feed:
+                    self._accept(token)
+            else:
+                self._tail = marker_tail(self._tail, self._vocab.token_bytes[token])
+            return
+        if self.phase == GRAMMAR and not self._matcher.is_terminated():
+            self._accept(token)
+
+    def _accept(self, token: int) -> None:
+        if not self._matcher.accept_token(token):
+            self.phase = FAILED
+            self.error = f"token {token} was rejected by the grammar"
+            return
+        self._lex = self._planner.lex(self._lex, token)
+        self._tail = 0 if token in self._planner.specials else marker_tail(
+            self._tail, self._vocab.token_bytes[token])
+        plan = self._plan
+        if plan and plan[0] == token:
+            self._plan = plan[1:]
+        else:
+            self._plan = self._cand_plans.get(token)
+            self._stale = plan
+        self._cand_plans = {}
+
+    def _free(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
+        assert self.gate is not None
+        if self._free_ban.numel():
+            logits[self._free_ban.to(logits.device)] = _NEG_INF
+        _ban_marker(logits, self._vocab, self._tail)
+        if self.gate.optional:
+            if remaining < self.min_tokens:  # a call opened now could not be finished
+                logits[self.gate.token] = _NEG_INF
+        elif remaining <= self.min_tokens + self.slack:
+            self.steered = True
+            return _force(logits, self.gate.token)
+        return logits
+
+    def _steer(self, logits: torch.Tensor, plan: list[int], remaining: int) -> None:
+        """Keep plan[0] and the top-k allowed tokens whose own completion still fits the budget."""
+        t0 = time.perf_counter()
+        self.steered = True
+        keep: dict[int, list[int]] = {plan[0]: plan[1:]}
+        if len(plan) > remaining:
+            self.over_budget = True
+        elif len(plan) < remaining:
+            k = min(self.top_k, logits.shape[-1])
+            values, ids = torch.topk(logits, k)
+            for value, t in zip(values.tolist(), ids.tolist(), strict=True):
+                if value == _NEG_INF or t in keep:
+                    continue
+                f = self._matcher.fork()
+                if not f.accept_token(t):
+                    continue
+                p = plan if _completes(f, plan) else self._planner.plan(f, self._planner.lex(self._lex, t))
+                if p is not None and 1 + len(p) <= remaining:
+                    keep[t] = p
+        self._cand_plans = keep
+        ids = torch.tensor(list(keep), dtype=torch.long, device=logits.device)
+        kept = logits[ids].clone()
+        if not bool(torch.isfinite(kept).any()):
+            kept[0] = 0.0
+        logits.fill_(_NEG_INF)
+        logits[ids] = kept
+        self.plan_seconds += time.perf_counter() - t0
+
+
+def _completes(matcher: xgr.GrammarMatcher, tokens: list[int]) -> bool:
+    """Does `tokens` complete the grammar from `matcher`'s state (left unchanged)?"""
+    f = matcher.fork()
+    return all(f.accept_token(t) for t in tokens) and f.is_terminated()
+
+
+def _force(logits: torch.Tensor, token: int) -> torch.Tensor:
+    logits.fill_(_NEG_INF)
+    logits[token] = 0.0
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Factory
+
+
+def parse_tool_choice(choice: Any) -> tuple[str, str | None]:
+    """("auto" | "none" | "required" | "named", name) from a string, {"name"}, {"type", "function": {"name"}},
+    or an object with `.mode` / `.name` (mcp_server.tool_specs.ToolChoice)."""
+    if choice is None:
+        return "auto", None
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise ConstraintError(f"tool_choice must be 'auto', 'none', 'required' or {{'name': ...}}; got {choice!r}")
+        return choice, None
+    if isinstance(choice, Mapping):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, Mapping) else choice.get("name")
+    else:
+        name = getattr(choice, "name", None)
+        if name is None:
+            return parse_tool_choice(getattr(choice, "mode", None))
+    if not isinstance(name, str):
+        raise ConstraintError(f"tool_choice {choice!r} names no tool")
+    return "named", name
+
+
+class ConstraintFactory:
+    """Builds per-request processors. Holds the vocabulary (built once, ~0.5 s), the grammar compiler and an
+    LRU of compiled grammars. Thread-safe."""
+
+    def __init__(self, tokenizer: Tokenizer, *, vocab_size: int | None = None, cache_size: int = 64,
+                 slack: int = 24, top_k: int = 8) -> None:
+        self.vocab = GrammarVocab.build(tokenizer, vocab_size)
+        self.cache = GrammarCache(self.vocab, cache_size)
+        self.planner = Planner(self.vocab)
+        self.slack = slack
+        self.top_k = top_k
+
+    def for_tools(self, tools: Sequence[Any], tool_choice: Any = "auto", max_tokens: int = 256, *,
+                  parallel_tool_calls: bool = True, thinking: bool = False) -> GrammarProcessor | ToolBan:
+        """tool_choice "none" (or no tools with "auto"): a ToolBan. "auto": free text until the model opens a
+        tool-call block, then the grammar. "required" / {"name": ...}: the grammar from the first token (after
+        the reasoning when `thinking`). Raises ConstraintError for bad tools/schemas/choices or a max_tokens
+        below the shortest possible call."""
+        mode, name = parse_tool_choice(tool_choice)
+        if mode == "none" or (mode == "auto" and not tools):
+            return ToolBan(self.vocab)
+        defs = normalize_tools(tools)
+        if name is not None:
+            defs = [d for d in defs if d.name == name]
+            if not defs:
+                raise ConstraintError(f"tool_choice names {name!r}, which is not among the offered tools")
+        if not defs:
+            raise ConstraintError("tool_choice 'required' needs at least one tool")
+        compiled = self.cache.tools(defs, parallel_tool_calls)
+        if mode == "auto":
+            gate: Gate | None = Gate(self.vocab.tools.calls_begin, feed=True, optional=True)
+        else:
+            gate = Gate(self.vocab.think_end_id, feed=False, optional=False) if thinking else None
+        return self._processor(compiled, max_tokens, gate, strict=mode != "auto")
+
+    def for_response_format(self, response_format: Mapping[str, Any] | None, max_tokens: int = 256, *,
+                            thinking: bool = False) -> GrammarProcessor | None:
+        """{"type": "json_schema", "schema": {...}} (or OpenAI's {"type": "json_schema", "json_schema":
+        {"name", "schema"}}), {"type": "json_object"}, or {"type": "text"} / None (no constraint)."""
+        if response_format is None:
+            return None
+        if not isinstance(response_format, Mapping):
+            raise ConstraintError(f"response_format must be an object, got {type(response_format).__name__}")
+        kind = response_format.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            compiled = self.cache.json(None, "response_format")
+        elif kind == "json_schema":
+            holder = response_format.get("json_schema")
+            schema = holder.get("schema") if isinstance(holder, Mapping) else response_format.get("schema")
+            if schema is None:
+                raise ConstraintError("response_format json_schema needs a 'schema'")
+            schema = check_schema(schema, "response_format", want_object=False)
+            compiled = self.cache.json(schema, "response_format")
+        else:
+            raise ConstraintError(f"response_format type must be 'json_schema', 'json_object' or 'text'; got {kind!r}")
+        gate = Gate(self.vocab.think_end_id, feed=False, optional=False) if thinking else None
+        return self._processor(compiled, max_tokens, gate, strict=True)
+
+    def _processor(self, compiled: xgr.CompiledGrammar, max_tokens: int, gate: Gate | None,
+                   strict: bool) -> GrammarProcessor:
+        if max_tokens < 1:
+            raise ConstraintError(f"max_tokens must be >= 1, got {max_tokens}")
+        proc = GrammarProcessor(self.vocab, self.planner, compiled, max_tokens=max_tokens, gate=gate,
+                                slack=self.slack, top_k=self.top_k)
+        if strict and proc.min_tokens > max_tokens:
+            raise ConstraintError(f"max_tokens={max_tokens} is too small: the shortest valid output needs "
+                                  f"{proc.min_tokens} tokens")
+        return proc

@@ -32,6 +32,7 @@ import xgrammar as xgr
 
 from inference.grammar import (
     OUTSIDE,
+    Compiled,
     ConstraintError,
     GrammarCache,
     GrammarVocab,
@@ -113,16 +114,16 @@ class GrammarProcessor:
     `min_tokens` (shortest complete output), and timing counters `mask_seconds` / `plan_seconds` / `steps`.
     """
 
-    def __init__(self, vocab: GrammarVocab, planner: Planner, compiled: xgr.CompiledGrammar, *,
+    def __init__(self, vocab: GrammarVocab, planner: Planner, compiled: Compiled, *,
                  max_tokens: int, gate: Gate | None = None, slack: int = 24, top_k: int = 8) -> None:
         self._vocab = vocab
         self._planner = planner
-        self._matcher = xgr.GrammarMatcher(compiled)
+        self._matcher = xgr.GrammarMatcher(compiled.grammar)
         self._bitmask = xgr.allocate_token_bitmask(1, vocab.vocab_size)  # [1, ceil(V/32)] int32
         self._need_apply = True
         self.max_tokens = max_tokens
         self.gate = gate
-        self.slack = slack
+        self.slack = slack + compiled.jump
         self.top_k = top_k
         self.phase = FREE if gate is not None else GRAMMAR
         self.opened = gate is None
@@ -341,7 +342,7 @@ class ConstraintFactory:
                  slack: int = 24, top_k: int = 8) -> None:
         self.vocab = GrammarVocab.build(tokenizer, vocab_size)
         self.cache = GrammarCache(self.vocab, cache_size)
-        self.planner = Planner(self.vocab)
+        self.planner = self.cache.planner
         self.slack = slack
         self.top_k = top_k
 
@@ -393,7 +394,7 @@ class ConstraintFactory:
         gate = Gate(self.vocab.think_end_id, feed=False, optional=False) if thinking else None
         return self._processor(compiled, max_tokens, gate, strict=True)
 
-    def _processor(self, compiled: xgr.CompiledGrammar, max_tokens: int, gate: Gate | None,
+    def _processor(self, compiled: Compiled, max_tokens: int, gate: Gate | None,
                    strict: bool) -> GrammarProcessor:
         if max_tokens < 1:
             raise ConstraintError(f"max_tokens must be >= 1, got {max_tokens}")

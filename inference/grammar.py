@@ -173,7 +173,7 @@ _UNSUPPORTED = {
     "not": "'not'", "if": "'if'/'then'/'else'", "then": "'if'/'then'/'else'", "else": "'if'/'then'/'else'",
     "dependentRequired": "'dependentRequired'", "dependentSchemas": "'dependentSchemas'",
     "dependencies": "'dependencies'", "contains": "'contains'", "minContains": "'minContains'",
-    "maxContains": "'maxContains'", "propertyNames": "'propertyNames'", "multipleOf": "'multipleOf'",
+    "maxContains": "'maxContains'",
     "$dynamicRef": "'$dynamicRef'", "$recursiveRef": "'$recursiveRef'",
 }
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
@@ -202,7 +202,77 @@ def check_schema(schema: Any, where: str, *, want_object: bool) -> dict[str, Any
             raise ConstraintError(f"{where}: tool arguments must be a JSON object; the schema has type {kind!r}")
         schema.setdefault("type", "object")
     _walk(schema, where, "#")
-    return schema
+    return _tighten(schema)
+
+
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"  # days 29-31 left out: always a real date
+# Formats the grammar engine generates too loosely for a validator (leading zeros, Feb 30) or ignores: the
+# grammar gets a pattern or a format that yields a subset of the valid strings. Validation is unchanged.
+_FORMAT_SUBSETS: dict[str, dict[str, str]] = {
+    "ipv4": {"pattern": rf"^({_OCTET}[.]){{3}}{_OCTET}$"},
+    "date": {"pattern": f"^{_DATE}$"},
+    "date-time": {"pattern": rf"^{_DATE}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]([.][0-9]{{1,6}})?"
+                             r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"},
+    "idn-email": {"format": "email"},
+    "idn-hostname": {"format": "hostname"},
+    "iri": {"format": "uri"},
+    "iri-reference": {"format": "uri-reference"},
+    "regex": {"pattern": r"^[A-Za-z0-9 _-]*$"},  # literal text is a valid regex
+}
+
+
+def optional_groups(regex: str) -> str:
+    """Rewrite each optional group `(...)?` as `(...){0,1}`: xgrammar 0.2.8 turns `(a[0-9]*)?b` into a grammar
+    that also takes "5b" (the group's first element becomes optional on its own); `{0,1}` converts right."""
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            out.append(regex[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if regex[i + 1:i + 2] == "]":  # a leading ']' is a literal inside the class
+                out.append("[]")
+                i += 2
+                continue
+        elif c == ")" and regex[i + 1:i + 2] == "?":
+            out.append("){0,1}")
+            i += 3 if regex[i + 2:i + 3] in ("?", "+") else 2  # a lazy/possessive mark changes nothing here
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _tighten(node: Any) -> Any:
+    """Copy of a schema for the grammar: _FORMAT_SUBSETS applied, optional regex groups rewritten."""
+    if isinstance(node, list):
+        return [_tighten(n) for n in node]
+    if not isinstance(node, Mapping):
+        return node
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        if k in ("enum", "const", "default", "examples"):
+            out[k] = v
+        elif k == "pattern" and isinstance(v, str):
+            out[k] = optional_groups(v)
+        elif k == "patternProperties" and isinstance(v, Mapping):
+            out[k] = {optional_groups(p): _tighten(sub) for p, sub in v.items()}
+        else:
+            out[k] = _tighten(v)
+    fmt = out.get("format")
+    if isinstance(fmt, str) and fmt in _FORMAT_SUBSETS and "pattern" not in out:
+        del out["format"]
+        out.update(_FORMAT_SUBSETS[fmt])
+        if "pattern" in out:
+            out["pattern"] = optional_groups(out["pattern"])
+    return out
 
 
 def _walk(node: Any, where: str, path: str) -> None:
@@ -216,6 +286,12 @@ def _walk(node: Any, where: str, path: str) -> None:
         if key in node:
             raise ConstraintError(f"{where}: {what} at {path} is not supported by constrained decoding; "
                                   "rewrite the schema without it")
+    if "multipleOf" in node and not (node.get("type") == "integer" and isinstance(node["multipleOf"], int)):
+        raise ConstraintError(f"{where}: 'multipleOf' at {path} is only supported with an integer divisor on "
+                              "\"type\": \"integer\"")
+    names_schema = node.get("propertyNames")
+    if isinstance(names_schema, Mapping) and set(names_schema) - {"pattern", "type"}:
+        raise ConstraintError(f"{where}: 'propertyNames' at {path} supports only 'pattern'")
     if node.get("uniqueItems") is True:
         raise ConstraintError(f"{where}: 'uniqueItems' at {path} is not supported by constrained decoding")
     if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
@@ -326,14 +402,21 @@ def _first_line(e: BaseException) -> str:
     return re.sub(r"^\[[0-9:]+\] \S+: ", "", text)
 
 
+@dataclass(frozen=True)
+class Compiled:
+    grammar: xgr.CompiledGrammar
+    jump: int  # how many tokens one choice can add to the shortest completion (here: picking a longer tool)
+
+
 class GrammarCache:
     """LRU of compiled grammars keyed by (mode, canonical JSON of the schemas); thread-safe."""
 
     def __init__(self, vocab: GrammarVocab, capacity: int = 64, max_threads: int = 2) -> None:
         self.vocab = vocab
         self.capacity = capacity
+        self.planner = Planner(vocab)
         self._compiler = xgr.GrammarCompiler(vocab.info, max_threads=max_threads, cache_enabled=False)
-        self._items: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
+        self._items: OrderedDict[str, Compiled] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -341,16 +424,16 @@ class GrammarCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def tools(self, tools: Sequence[ToolDef], parallel: bool) -> xgr.CompiledGrammar:
+    def tools(self, tools: Sequence[ToolDef], parallel: bool) -> Compiled:
         key = canonical(["tools", parallel, [[t.name, t.schema] for t in tools]])
-        return self._get(key, lambda: self._compile_tag(tool_calls_tag(tools, self.vocab, parallel=parallel)))
+        return self._get(key, lambda: self._compile_tools(tools, parallel))
 
-    def json(self, schema: Mapping[str, Any] | None, where: str) -> xgr.CompiledGrammar:
+    def json(self, schema: Mapping[str, Any] | None, where: str) -> Compiled:
         """schema None: any JSON object."""
         key = canonical(["json", schema])
-        return self._get(key, lambda: self._compile_json(schema, where))
+        return self._get(key, lambda: Compiled(self._compile_json(schema, where), 0))
 
-    def _get(self, key: str, build: Any) -> xgr.CompiledGrammar:
+    def _get(self, key: str, build: Any) -> Compiled:
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
@@ -366,11 +449,26 @@ class GrammarCache:
                 self._items.popitem(last=False)
         return compiled
 
-    def _compile_tag(self, tag: st.StructuralTag) -> xgr.CompiledGrammar:
+    def _compile_tools(self, tools: Sequence[ToolDef], parallel: bool) -> Compiled:
+        tag = tool_calls_tag(tools, self.vocab, parallel=parallel)
         try:
-            return self._compiler.compile_structural_tag(tag)
+            grammar = self._compiler.compile_structural_tag(tag)
         except (RuntimeError, ValueError) as e:
             raise ConstraintError(f"the tool-call grammar does not compile: {_first_line(e)}") from None
+        # Shortest call of each tool: the spread is how far the plan can jump when the model picks a tool.
+        start = xgr.GrammarMatcher(grammar)
+        ids = self.vocab.tools
+        start.accept_token(ids.calls_begin)
+        start.accept_token(ids.call_begin)
+        lengths = []
+        for t in tools:
+            m = start.fork()
+            plan = self.planner.plan(m, Lex()) if m.accept_string(t.name) else None
+            if plan is None:
+                raise ConstraintError(f"tool {t.name!r}: constrained decoding finds no way to finish a call "
+                                      "(a pattern or format it cannot complete)")
+            lengths.append(len(self.vocab.tokenizer.encode(t.name)) + len(plan))
+        return Compiled(grammar, max(lengths) - min(lengths))
 
     def _compile_json(self, schema: Mapping[str, Any] | None, where: str) -> xgr.CompiledGrammar:
         if schema is None:  # json_object: any object (non-strict so any keys are allowed)
@@ -435,10 +533,11 @@ class _Walk:
         self.words = mask.numpy()[0]
         self.clock = 0
         self.used: dict[int, int] = {}
+        self.skip = 0  # bytes to write before searching for a way to close the string again
 
     def fork(self) -> _Walk:
         w = _Walk(self.ops, self.mask)
-        w.clock, w.used = self.clock, dict(self.used)
+        w.clock, w.used, w.skip = self.clock, dict(self.used), self.skip
         return w
 
     def allowed(self, m: xgr.GrammarMatcher, pool: np.ndarray) -> np.ndarray:
@@ -488,6 +587,8 @@ class Planner:
         self.outside = np.array(outside, dtype=np.int64)
         self.inside = np.array([*ids(inside + rest(inside, "\\")), *high], dtype=np.int64)
         self.escape = np.array(ids('n"\\/bfrtu'), dtype=np.int64)
+        self.reps = np.array(ids('"a0.-@:/A_'), dtype=np.int64)  # one byte per common class + separators
+        self.search_depth = 3
 
     def lex(self, lex: Lex, token: int) -> Lex:
         return Lex() if token in self.specials else lex_step(lex, self.vocab.token_bytes[token])
@@ -534,7 +635,7 @@ class Planner:
         for b in data:
             new = lex_step(lex, bytes((b,)))
             if lex.mode == OUTSIDE and new.mode == STRING:
-                walk.used = {}  # a new string: forget which bytes the last one used
+                walk.used, walk.skip = {}, 0  # a new string: forget which bytes the last one used
             elif new.mode == STRING:
                 walk.clock += 1
                 walk.used[b] = walk.clock
@@ -549,7 +650,7 @@ class Planner:
                 return self.quote
             few = self.inside[ok]
             if len(few) > self.lookahead or not lookahead:  # a character class: no real choice to weigh
-                return self._least_recent(few, walk)
+                return self._toward_quote(m, walk) or self._least_recent(few, walk)
             cands, to_close = few.tolist(), not lex.key  # a key decides the value that follows; a value not
         elif lex.mode == ESCAPE:
             ok = walk.allowed(m, self.escape)
@@ -572,6 +673,33 @@ class Planner:
             if rest is not None and len(rest) + 1 < best_len:
                 best, best_len = t, len(rest) + 1
         return best
+
+    def _toward_quote(self, m: xgr.GrammarMatcher, walk: _Walk) -> int | None:
+        """First byte of the shortest run of up to `search_depth` representative bytes after which the string
+        may close (iterative deepening); None if there is none (then skip the search for a few bytes)."""
+        if walk.skip > 0:
+            walk.skip -= 1
+            return None
+        for depth in range(1, self.search_depth + 1):
+            found = self._dfs(m, walk, depth)
+            if found is not None:
+                return found
+        walk.skip = self.search_depth - 1
+        return None
+
+    def _dfs(self, m: xgr.GrammarMatcher, walk: _Walk, depth: int) -> int | None:
+        ok = walk.allowed(m, self.reps)  # reps[0] is the quote
+        if ok[0]:
+            return self.quote
+        if depth == 0:
+            return None
+        for r in self.reps[1:][ok[1:]].tolist():
+            m.accept_token(r)
+            found = self._dfs(m, walk, depth - 1)
+            m.rollback(1)
+            if found is not None:
+                return r
+        return None
 
     def _least_recent(self, allowed: np.ndarray, walk: _Walk) -> int | None:
         best, best_at = None, walk.clock + 1

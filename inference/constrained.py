@@ -125,6 +125,7 @@ class GrammarProcessor:
         self.gate = gate
         self.slack = slack + compiled.jump
         self.top_k = top_k
+        self.fresh_plans = 3
         self.phase = FREE if gate is not None else GRAMMAR
         self.opened = gate is None
         self.steered = False
@@ -278,13 +279,20 @@ class GrammarProcessor:
         elif len(plan) < remaining:
             k = min(self.top_k, logits.shape[-1])
             values, ids = torch.topk(logits, k)
+            fresh = self.fresh_plans  # full plans are the expensive part: a few per step
             for value, t in zip(values.tolist(), ids.tolist(), strict=True):
                 if value == _NEG_INF or t in keep:
                     continue
                 f = self._matcher.fork()
                 if not f.accept_token(t):
                     continue
-                p = plan if _completes(f, plan) else self._planner.plan(f, self._planner.lex(self._lex, t))
+                if _completes(f, plan):  # e.g. more text in an open string: the same completion still works
+                    p: list[int] | None = plan
+                elif fresh > 0:
+                    fresh -= 1
+                    p = self._planner.plan(f, self._planner.lex(self._lex, t))
+                else:
+                    continue
                 if p is not None and 1 + len(p) <= remaining:
                     keep[t] = p
         self._cand_plans = keep

@@ -534,10 +534,11 @@ class _Walk:
         self.clock = 0
         self.used: dict[int, int] = {}
         self.skip = 0  # bytes to write before searching for a way to close the string again
+        self.start = 0  # clock when the open string started
 
     def fork(self) -> _Walk:
         w = _Walk(self.ops, self.mask)
-        w.clock, w.used, w.skip = self.clock, dict(self.used), self.skip
+        w.clock, w.used, w.skip, w.start = self.clock, dict(self.used), self.skip, self.start
         return w
 
     def allowed(self, m: xgr.GrammarMatcher, pool: np.ndarray) -> np.ndarray:
@@ -589,6 +590,7 @@ class Planner:
         self.escape = np.array(ids('n"\\/bfrtu'), dtype=np.int64)
         self.reps = np.array(ids('"a0.-@:/A_'), dtype=np.int64)  # one byte per common class + separators
         self.search_depth = 3
+        self.search_after = 12
 
     def lex(self, lex: Lex, token: int) -> Lex:
         return Lex() if token in self.specials else lex_step(lex, self.vocab.token_bytes[token])
@@ -635,7 +637,7 @@ class Planner:
         for b in data:
             new = lex_step(lex, bytes((b,)))
             if lex.mode == OUTSIDE and new.mode == STRING:
-                walk.used, walk.skip = {}, 0  # a new string: forget which bytes the last one used
+                walk.used, walk.skip, walk.start = {}, 0, walk.clock  # a new string: forget the last one
             elif new.mode == STRING:
                 walk.clock += 1
                 walk.used[b] = walk.clock
@@ -649,9 +651,11 @@ class Planner:
             if ok[0]:  # the closing quote
                 return self.quote
             few = self.inside[ok]
-            if len(few) > self.lookahead or not lookahead:  # a character class: no real choice to weigh
+            # A real choice to weigh: a key (it decides the value that follows) or the first byte of a value
+            # (an enum); otherwise a character class or a format's next digit: no lookahead.
+            if len(few) > self.lookahead or not lookahead or not (lex.key or walk.clock == walk.start):
                 return self._toward_quote(m, walk) or self._least_recent(few, walk)
-            cands, to_close = few.tolist(), not lex.key  # a key decides the value that follows; a value not
+            cands, to_close = few.tolist(), not lex.key
         elif lex.mode == ESCAPE:
             ok = walk.allowed(m, self.escape)
             return int(self.escape[ok][0]) if ok.any() else None
@@ -675,8 +679,11 @@ class Planner:
         return best
 
     def _toward_quote(self, m: xgr.GrammarMatcher, walk: _Walk) -> int | None:
-        """First byte of the shortest run of up to `search_depth` representative bytes after which the string
-        may close (iterative deepening); None if there is none (then skip the search for a few bytes)."""
+        """After `search_after` bytes of a string that still cannot close: the first byte of the shortest run of
+        up to `search_depth` representative bytes after which it may (iterative deepening); None if there is
+        none (then skip the search for a few bytes)."""
+        if walk.clock - walk.start < self.search_after:  # most strings close on their own by then (formats)
+            return None
         if walk.skip > 0:
             walk.skip -= 1
             return None

@@ -15,9 +15,10 @@ containers, take xgrammar's forced jump-forward text, pick the shortest value ty
 then re-tokenized with BPE and verified on a forked matcher. Invariant: the plan fits in the remaining budget
 R. While R > len(plan) + slack the model samples freely under the grammar; inside the zone only the plan's next
 token and the model's top-k allowed tokens whose own plan still fits (1 + len <= R) stay allowed, so the model
-writes until the last moment and the output is complete when the budget ends (`steered` = True). A single
-token can lengthen the plan by more than `slack` only by opening a large optional structure right at the zone
-edge; `over_budget` reports it (then the output may be cut).
+writes until the last moment and the output is complete when the budget ends (`steered` = True). The slack
+covers how much one token can lengthen the plan (opening an optional structure, picking a longer tool: that
+spread is measured per tool set; jumps seen during the request widen it too). A jump larger than the slack right
+at the zone edge is not prevented; `over_budget` reports it (then the output may be cut).
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ class GrammarProcessor:
     Public state: `steered` (the budget zone restricted sampling at least once), `is_terminated` (the grammar
     is complete: only EOS can follow), `opened` (the grammar phase started; False in auto mode while the model
     writes text), `error` (a token the grammar rejected: then only EOS is allowed), `over_budget`,
-    `min_tokens` (shortest complete output), and timing counters `mask_seconds` / `plan_seconds` / `steps`.
+    `min_tokens` (shortest complete output), `max_jump`, and timing counters `mask_seconds` / `plan_seconds` /
+    `steps`. The budget zone starts at `remaining <= len(plan) + slack + max_jump`, where slack includes the
+    spread of the offered tools' shortest calls (picking a long tool is the largest single jump).
     """
 
     def __init__(self, vocab: GrammarVocab, planner: Planner, compiled: Compiled, *,
@@ -124,8 +127,10 @@ class GrammarProcessor:
         self.max_tokens = max_tokens
         self.gate = gate
         self.slack = slack + compiled.jump
+        self.guard = 2 * compiled.commit  # a token may commit twice (e.g. `},{` opens an item and a key)
         self.top_k = top_k
         self.fresh_plans = 3
+        self.max_jump = 0  # largest growth of the completion seen after one token
         self.phase = FREE if gate is not None else GRAMMAR
         self.opened = gate is None
         self.steered = False
@@ -138,6 +143,7 @@ class GrammarProcessor:
         self._prepared_for = -1
         self._lex = Lex()
         self._tail = 0
+        self._in_name = False  # between <｜tool▁call▁begin｜> and <｜tool▁sep｜>: name tokens pick the tool
         self._cand_plans: dict[int, list[int]] = {}
         self._stale: list[int] | None = None  # the last plan, to reuse while it still completes the grammar
         plan = self._timed_plan()
@@ -177,7 +183,10 @@ class GrammarProcessor:
         self.mask_seconds += time.perf_counter() - t0
         self.steps += 1
         if self._plan is None:
+            stale = self._stale
             self._plan = self._reuse_plan(self.max_tokens - n) or self._timed_plan()
+            if self._plan is not None and stale:  # learn how far one token moved the completion
+                self.max_jump = max(self.max_jump, len(self._plan) + 1 - len(stale))
             self._stale = None
 
     def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -197,8 +206,14 @@ class GrammarProcessor:
             _ban(logits, self._vocab.control_ids)
             _ban_marker(logits, self._vocab, self._tail)
         plan = self._plan
-        if plan is not None and remaining <= len(plan) + self.slack:
-            self._steer(logits, plan, remaining)
+        if plan is None:
+            self.over_budget |= remaining <= self.slack  # no completion found: nothing to steer by
+            return logits
+        zone = len(plan) + self.slack + self.max_jump
+        if remaining <= zone or (remaining <= zone + self.guard and (self._lex.key or self._in_name)):
+            self._steer(logits, plan, remaining, None)
+        elif remaining <= zone + self.guard:
+            self._steer(logits, plan, remaining, self._vocab.structural_ids.to(logits.device))
         return logits
 
     # -- internals ------------------------------------------------------------------------------------
@@ -246,6 +261,8 @@ class GrammarProcessor:
             self.error = f"token {token} was rejected by the grammar"
             return
         self._lex = self._planner.lex(self._lex, token)
+        tools = self._vocab.tools
+        self._in_name = token == tools.call_begin or (self._in_name and token != tools.sep)
         self._tail = 0 if token in self._planner.specials else marker_tail(
             self._tail, self._vocab.token_bytes[token])
         plan = self._plan
@@ -269,16 +286,20 @@ class GrammarProcessor:
             return _force(logits, self.gate.token)
         return logits
 
-    def _steer(self, logits: torch.Tensor, plan: list[int], remaining: int) -> None:
-        """Keep plan[0] and the top-k allowed tokens whose own completion still fits the budget."""
+    def _steer(self, logits: torch.Tensor, plan: list[int], remaining: int, pool: torch.Tensor | None) -> None:
+        """Keep plan[0] and the top-k allowed tokens whose own completion still fits the budget. pool None: this
+        applies to every token (the zone); else only to `pool` (the structural tokens, in the guard band before
+        the zone: the only ones that can commit to more structure), the rest stay as the grammar allows."""
         t0 = time.perf_counter()
-        self.steered = True
+        if pool is None:
+            self.steered = True
         keep: dict[int, list[int]] = {plan[0]: plan[1:]}
         if len(plan) > remaining:
             self.over_budget = True
         elif len(plan) < remaining:
-            k = min(self.top_k, logits.shape[-1])
-            values, ids = torch.topk(logits, k)
+            row = logits if pool is None else logits[pool]
+            values, idx = torch.topk(row, min(self.top_k, row.shape[-1]))
+            ids = idx if pool is None else pool[idx]
             fresh = self.fresh_plans  # full plans are the expensive part: a few per step
             for value, t in zip(values.tolist(), ids.tolist(), strict=True):
                 if value == _NEG_INF or t in keep:
@@ -295,12 +316,17 @@ class GrammarProcessor:
                     continue
                 if p is not None and 1 + len(p) <= remaining:
                     keep[t] = p
+                else:
+                    self.steered = True  # a token refused for lack of budget
         self._cand_plans = keep
         ids = torch.tensor(list(keep), dtype=torch.long, device=logits.device)
         kept = logits[ids].clone()
         if not bool(torch.isfinite(kept).any()):
             kept[0] = 0.0
-        logits.fill_(_NEG_INF)
+        if pool is None:
+            logits.fill_(_NEG_INF)
+        else:
+            logits[pool] = _NEG_INF
         logits[ids] = kept
         self.plan_seconds += time.perf_counter() - t0
 

@@ -49,6 +49,7 @@ from inference.tokenizer import Tokenizer
 SEPARATORS = (",", ":")  # compact JSON: json.dumps(..., separators=(",", ":"))
 MARKER_PREFIX = "<｜".encode()  # every DeepSeek control marker starts with these bytes
 _TOOL_OUTPUTS = ("<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>")
+_STRUCTURAL = frozenset(b'"\\{}[],:')
 
 
 class ConstraintError(ValueError):
@@ -91,6 +92,7 @@ class GrammarVocab:
     byte_token: tuple[int, ...]  # [256] the single-byte token of each byte
     marker_ban: tuple[torch.Tensor, ...]  # [4] ids to ban after a tail matching MARKER_PREFIX[:k] (k=0..3)
     control_ids: torch.Tensor  # ids holding a raw control byte (< 0x20): never valid inside a JSON string
+    structural_ids: torch.Tensor  # ids that can open or close JSON structure (quote, brackets, , : \) + controls
 
     @staticmethod
     def build(tokenizer: Tokenizer, vocab_size: int | None = None) -> GrammarVocab:
@@ -133,8 +135,10 @@ class GrammarVocab:
         if min(byte_token) < 0:
             raise ConstraintError(f"{tokenizer} lacks single-byte tokens for some bytes")
         control = torch.tensor([i for i, b in enumerate(raw) if any(c < 0x20 for c in b)], dtype=torch.long)
+        structural = [i for i, b in enumerate(raw) if any(c in _STRUCTURAL for c in b)]
+        structural = torch.tensor(sorted({*structural, *tools.grammar_ids, eos}), dtype=torch.long)
         return GrammarVocab(info, tokenizer, size, eos, need(THINK_END), tools, tuple(raw), tuple(byte_token),
-                            _marker_ban(raw), control)
+                            _marker_ban(raw), control, structural)
 
 
 def _marker_ban(raw: Sequence[bytes]) -> tuple[torch.Tensor, ...]:
@@ -326,6 +330,109 @@ def _walk(node: Any, where: str, path: str) -> None:
                 _walk(s, where, f"{path}/{key}/{i}")
 
 
+# Shortest instance (bytes) of formats as our grammar writes them; patterns get a generous guess.
+_FORMAT_BYTES = {"date": 10, "date-time": 20, "time": 9, "email": 3, "idn-email": 3, "uuid": 36, "ipv4": 7,
+                 "ipv6": 2, "hostname": 1, "uri": 3, "uri-reference": 1, "duration": 4}
+_PATTERN_BYTES = 48
+_BIG = 1 << 20
+
+
+def commit_cost(schema: Mapping[str, Any]) -> int:
+    """Upper estimate (bytes, so also tokens) of how much one decision can add to the shortest completion:
+    adding an optional property or an array item, or taking a longer anyOf branch. The processor verifies
+    structural tokens against the budget while the remaining budget is within this distance of the plan."""
+    worst = 0
+
+    def visit(node: Any, depth: int) -> None:
+        nonlocal worst
+        if not isinstance(node, Mapping) or depth > 64:
+            return
+        props = node.get("properties") if isinstance(node.get("properties"), Mapping) else {}
+        required = set(node.get("required", ()))
+        for key, sub in props.items():
+            if key not in required:
+                worst = max(worst, len(json.dumps(key, ensure_ascii=False).encode()) + 2 + min_bytes(sub, schema))
+        for key in ("additionalProperties", "unevaluatedProperties"):
+            if isinstance(node.get(key), Mapping):
+                worst = max(worst, 4 + min_bytes(node[key], schema))
+        if isinstance(node.get("patternProperties"), Mapping):
+            for sub in node["patternProperties"].values():
+                worst = max(worst, _PATTERN_BYTES + 2 + min_bytes(sub, schema))
+        for key in ("items", "additionalItems"):
+            if isinstance(node.get(key), Mapping):
+                worst = max(worst, 1 + min_bytes(node[key], schema))
+        for key in ("prefixItems", "anyOf", "oneOf"):
+            for sub in node.get(key) or ():
+                worst = max(worst, 1 + min_bytes(sub, schema))
+        for key in _SUBSCHEMA_MAPS:
+            if isinstance(node.get(key), Mapping):
+                for sub in node[key].values():
+                    visit(sub, depth + 1)
+        for key in _SUBSCHEMA_ONE:
+            visit(node.get(key), depth + 1)
+        for key in _SUBSCHEMA_LISTS:
+            for sub in node.get(key) or ():
+                visit(sub, depth + 1)
+
+    visit(schema, 0)
+    return min(worst, 4096)
+
+
+def min_bytes(node: Any, root: Mapping[str, Any], seen: frozenset[str] = frozenset()) -> int:
+    """Rough size in bytes of the shortest compact instance of a schema (over- rather than under-estimated)."""
+    if node is True or not isinstance(node, Mapping):
+        return 1 if node is not False else _BIG
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        if ref in seen:
+            return _BIG
+        target: Any = root
+        for part in ref[2:].split("/") if ref != "#" else ():
+            target = target.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(target, Mapping) else {}
+        return min_bytes(target, root, seen | {ref})
+    if "const" in node:
+        return len(canonical(node["const"]).encode())
+    if isinstance(node.get("enum"), list) and node["enum"]:
+        return min(len(canonical(v).encode()) for v in node["enum"])
+    for key in ("anyOf", "oneOf"):
+        if isinstance(node.get(key), list) and node[key]:
+            return min(min_bytes(s, root, seen) for s in node[key])
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) == 1:
+        return min_bytes(node["allOf"][0], root, seen)
+    kinds = node.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    return min(_min_typed(k, node, root, seen) for k in kinds)
+
+
+def _min_typed(kind: Any, node: Mapping[str, Any], root: Mapping[str, Any], seen: frozenset[str]) -> int:
+    if kind == "string":
+        if "pattern" in node:
+            return 2 + _PATTERN_BYTES
+        if node.get("format") in _FORMAT_BYTES:
+            return 2 + _FORMAT_BYTES[node["format"]]
+        return 2 + 4 * int(node.get("minLength", 0))  # up to 4 bytes a character
+    if kind in ("integer", "number"):
+        bound = node.get("minimum", node.get("exclusiveMinimum", 0))
+        return 2 + len(str(abs(bound))) if isinstance(bound, (int, float)) else 24
+    if kind == "boolean":
+        return 5
+    if kind == "null":
+        return 4
+    if kind == "array":
+        items = node.get("items") if isinstance(node.get("items"), Mapping) else {}
+        prefix = node.get("prefixItems") or []
+        n = int(node.get("minItems", 0))
+        size = 2 + sum(1 + min_bytes(s, root, seen) for s in prefix[:n])
+        return size + max(0, n - len(prefix)) * (1 + min_bytes(items, root, seen))
+    if kind == "object" or kind is None and ("properties" in node or "required" in node):
+        props = node.get("properties") if isinstance(node.get("properties"), Mapping) else {}
+        size = 2 + sum(len(k.encode()) + 4 + min_bytes(props.get(k, {}), root, seen)
+                       for k in node.get("required", ()) if isinstance(k, str))
+        extra = max(0, int(node.get("minProperties", 0)) - len(node.get("required", ())))
+        return size + extra * (6 + min_bytes(node.get("additionalProperties", {}), root, seen))
+    return 1
+
+
 def normalize_tools(tools: Sequence[Any]) -> list[ToolDef]:
     """Tools in OpenAI ({type, function: {name, parameters}}), MCP ({name, inputSchema}), plain ({name,
     parameters}) or attribute (`.name` + `.parameters` / `.input_schema`) form."""
@@ -405,7 +512,8 @@ def _first_line(e: BaseException) -> str:
 @dataclass(frozen=True)
 class Compiled:
     grammar: xgr.CompiledGrammar
-    jump: int  # how many tokens one choice can add to the shortest completion (here: picking a longer tool)
+    jump: int  # tokens one choice can add to the shortest completion: a longer tool's call
+    commit: int  # commit_cost of the schemas: an optional property, an array item, an anyOf branch
 
 
 class GrammarCache:
@@ -431,7 +539,8 @@ class GrammarCache:
     def json(self, schema: Mapping[str, Any] | None, where: str) -> Compiled:
         """schema None: any JSON object."""
         key = canonical(["json", schema])
-        return self._get(key, lambda: Compiled(self._compile_json(schema, where), 0))
+        return self._get(key, lambda: Compiled(self._compile_json(schema, where), 0,
+                                                commit_cost(schema) if schema is not None else 8))
 
     def _get(self, key: str, build: Any) -> Compiled:
         with self._lock:
@@ -468,7 +577,7 @@ class GrammarCache:
                 raise ConstraintError(f"tool {t.name!r}: constrained decoding finds no way to finish a call "
                                       "(a pattern or format it cannot complete)")
             lengths.append(len(self.vocab.tokenizer.encode(t.name)) + len(plan))
-        return Compiled(grammar, max(lengths) - min(lengths))
+        return Compiled(grammar, max(lengths) - min(lengths), max(commit_cost(t.schema) for t in tools))
 
     def _compile_json(self, schema: Mapping[str, Any] | None, where: str) -> xgr.CompiledGrammar:
         if schema is None:  # json_object: any object (non-strict so any keys are allowed)

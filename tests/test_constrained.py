@@ -238,6 +238,36 @@ def test_required_call_always_valid_even_at_the_token_limit(factory: ConstraintF
         check_calls(tok.decode(out), {name: CORPUS[name]}, ctx)
 
 
+BIG = {"type": "object", "properties": {f"x{i}": {"type": "string", "format": "date"} for i in range(8)},
+       "required": [f"x{i}" for i in range(8)]}
+JUMPY = {"type": "object", "properties": {"a": {"type": "string"}, "b": BIG, "c": {"type": "array", "items": BIG},
+                                          "d": {"anyOf": [{"type": "null"}, BIG]}}, "required": ["a"]}
+
+
+def test_structural_choices_never_outrun_the_budget(factory: ConstraintFactory, tok: Tokenizer) -> None:
+    """Optional properties / array items / anyOf branches that each add ~100 tokens, and a model pushed towards
+    structural tokens (quotes, commas, brackets) from a random step on: every call still closes in budget."""
+    seed = fresh_seed()
+    model = RandomModel(factory.vocab.vocab_size, seed)
+    rng = random.Random(seed)
+    push = factory.vocab.structural_ids[:-6]  # not the control tokens / EOS
+    tools = [{"name": "jumpy", "parameters": JUMPY}]
+    for _ in range(12):
+        max_tokens, start = rng.randrange(16, 140), rng.randrange(0, 60)
+        proc = factory.for_tools(tools, "required", max_tokens)
+        out: list[int] = []
+        while len(out) < max_tokens and (not out or out[-1] != tok.eos_id):
+            proc.prepare(out)
+            logits = model.bank[model.rng.randrange(len(model.bank))].clone()
+            if len(out) >= start:
+                logits[push] += 12.0
+            out.append(int(torch.argmax(proc(out, logits))))
+        proc.update(out)
+        ctx = f"seed={seed} max_tokens={max_tokens} push from {start}"
+        assert not proc.over_budget and proc.is_terminated, ctx
+        check_calls(tok.decode(out), {"jumpy": JUMPY}, ctx)
+
+
 def test_required_among_many_tools_and_named_choice(factory: ConstraintFactory, tok: Tokenizer) -> None:
     seed = fresh_seed()
     model = RandomModel(factory.vocab.vocab_size, seed)

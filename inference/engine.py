@@ -83,7 +83,7 @@ class Engine:
         dt = parse_dtype(dtype, config.torch_dtype)
         fp8 = checkpoint_is_fp8(files, config)
         kernel_backend = select_backend(dev, backend)
-        if fp8 and kernel_backend == "triton":
+        if fp8 and kernel_backend == "triton" and dev.type == "cuda":  # the CPU interpreter emulates FP8
             from kernels.backend import fp8_supported, fp8_unsupported_notice
 
             if not fp8_supported(dev):
@@ -99,6 +99,7 @@ class Engine:
         if fp8 and dequantize_fp8:
             model.dequantize_fp8_()
             fp8 = False
+        model.prepare_for_kernels_()
         model.eval()
         tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else None)
         name = DEMO_NAME if path_or_repo_id is None else str(path_or_repo_id)

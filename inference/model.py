@@ -213,7 +213,8 @@ class MLA(nn.Module):
             from kernels.mla import mla_decode, mla_prefill
 
             if meta.is_decode:
-                o = mla_decode(q_latent, q_pe, cache, meta.block_tables, meta.seq_lens, cfg.softmax_scale)
+                o = mla_decode(q_latent, q_pe, cache, meta.block_tables, meta.seq_lens, cfg.softmax_scale,
+                               max_seq_len=meta.max_seq_len)
             else:
                 o = mla_prefill(q_latent, q_pe, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                 cfg.softmax_scale)
@@ -292,16 +293,35 @@ class Experts(nn.Module):
             return w if w.dtype == dtype else w.to(dtype)
         return dequant_fp8(w, scale[experts], self.rt.fp8_block, dtype)
 
+    def fuse_gate_up_(self) -> None:
+        """For the grouped-GEMM kernel: gate and up stacked as one [E, 2I, D] weight (scales: gate's blocks, then
+        up's), built once after loading; the separate copies are dropped."""
+        self.gate_up_proj = _frozen(torch.cat((self.gate_proj, self.up_proj), dim=1))
+        if self.gate_proj_scale_inv is not None:
+            self.gate_up_proj_scale_inv = _frozen(torch.cat((self.gate_proj_scale_inv, self.up_proj_scale_inv), 1))
+        else:
+            self.gate_up_proj_scale_inv = None
+        self.gate_proj = self.up_proj = self.gate_proj_scale_inv = self.up_proj_scale_inv = None
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights/idx [T, k] -> [T, D]: rows sorted by expert; only experts with rows do work."""
         t, k = idx.shape
         flat = idx.flatten()  # [T*k]
         order = flat.argsort(stable=True)
         token_of = order // k  # [T*k] source token of each sorted row
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])  # [E]
+        counts = torch.bincount(flat, minlength=self.down_proj.shape[0])  # [E]
+        xs = x[token_of]  # [T*k, D]
+        if self.rt.backend == "triton":  # one launch per projection for all experts, no host sync
+            from kernels.moe import moe_grouped_gemm
+
+            offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=x.device)
+            offsets[1:] = counts.cumsum(0)
+            h = moe_grouped_gemm(xs, offsets, self.gate_up_proj, self.gate_up_proj_scale_inv, "swiglu",
+                                 scale_fmt=self.rt.scale_fmt)  # [T*k, I]
+            ys = moe_grouped_gemm(h, offsets, self.down_proj, self.down_proj_scale_inv, scale_fmt=self.rt.scale_fmt)
+            return self._combine(ys, weights, order, token_of, t)
         active = counts.nonzero().flatten()  # [A]
         sizes = counts[active].tolist()
-        xs = x[token_of]  # [T*k, D]
         w_gate = self._weights("gate_proj", active, x.dtype)  # [A, I, D]
         w_up = self._weights("up_proj", active, x.dtype)  # [A, I, D]
         w_down = self._weights("down_proj", active, x.dtype)  # [A, D, I]
@@ -317,8 +337,16 @@ class Experts(nn.Module):
                 h = F.silu(F.linear(seg, w_gate[j])) * F.linear(seg, w_up[j])
                 ys[start : start + n] = F.linear(h, w_down[j])
                 start += n
+        return self._combine(ys, weights, order, token_of, t)
+
+    @staticmethod
+    def _combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_of: torch.Tensor,
+                 t: int) -> torch.Tensor:
+        """Weighted scatter-add of the sorted expert outputs [T*k, D] back to their tokens -> [T, D]."""
+        dtype = ys.dtype
         ys = ys.float() * weights.flatten()[order, None]
-        return torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token_of, ys).to(x.dtype)
+        out = torch.zeros(t, ys.shape[1], dtype=torch.float32, device=ys.device)
+        return out.index_add_(0, token_of, ys).to(dtype)
 
 
 class MoE(nn.Module):
@@ -382,6 +410,13 @@ class Transformer(nn.Module):
         h = self.model.norm(x[meta.logits_indices])  # [N, D]
         return self.lm_head(h).float()
 
+    def prepare_for_kernels_(self) -> None:
+        """After loading, lay weights out as the Triton kernels read them (fused expert gate+up)."""
+        if self.rt.backend == "triton":
+            for module in self.modules():
+                if isinstance(module, Experts) and module.gate_proj is not None:
+                    module.fuse_gate_up_()
+
     def dequantize_fp8_(self) -> None:
         """Replace every FP8 weight by its dequantized copy in the activation dtype (frees the FP8 data)."""
         for module in self.modules():
@@ -389,7 +424,7 @@ class Transformer(nn.Module):
                 module.weight = _frozen(module.dense_weight(self.rt.dtype))
                 module.weight_scale_inv = None
             elif isinstance(module, Experts):
-                for name in ("gate_proj", "up_proj", "down_proj"):
+                for name in ("gate_proj", "up_proj", "down_proj"):  # before prepare_for_kernels_ fuses them
                     scale = getattr(module, name + "_scale_inv")
                     if scale is None:
                         continue

@@ -20,9 +20,7 @@ from inference.model import route
 from inference.runner import CacheMemoryError, cache_bytes_per_token
 from inference.sampling import SamplingParams
 from kernels.fp8 import weight_dequant_torch
-from tests.hf_checkpoints import tiny_hf_model
-
-FP8_SKIP = ("norm", "embed_tokens", "lm_head", "mlp.gate.")
+from tests.hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model
 
 
 def _rand_ids(n: int, seed: int, vocab: int = 256) -> list[int]:
@@ -31,30 +29,7 @@ def _rand_ids(n: int, seed: int, vocab: int = 256) -> list[int]:
 
 @pytest.fixture(scope="module")
 def fp8_pair(tmp_path_factory):
-    """The same tiny model as an FP8 checkpoint and as its exact fp32 dequantization."""
-    base = tmp_path_factory.mktemp("hf")
-    tiny_hf_model(base, hidden=192, seed=7)  # 192 = one full 128 block + a 64-wide edge block
-    tensors = load_file(str(base / "model.safetensors"))
-    fp8, deq = {}, {}
-    for name, t in tensors.items():
-        if name.endswith(".weight") and t.dim() == 2 and not any(s in name for s in FP8_SKIP):
-            q, s = quantize_fp8_blockwise(t)
-            fp8[name], fp8[name + "_scale_inv"] = q, s
-            deq[name] = weight_dequant_torch(q, s)
-        else:
-            fp8[name] = deq[name] = t
-    cfg = json.loads((base / "config.json").read_text())
-    dirs = {}
-    for kind, ts in (("fp8", fp8), ("deq", deq)):
-        d = tmp_path_factory.mktemp(kind)
-        save_file(ts, str(d / "model.safetensors"))
-        c = dict(cfg)
-        if kind == "fp8":
-            c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
-                                        "activation_scheme": "dynamic", "scale_fmt": "ue8m0"}
-        (d / "config.json").write_text(json.dumps(c))
-        dirs[kind] = d
-    return dirs
+    return fp8_checkpoint_pair(tmp_path_factory.mktemp("fp8pair"))
 
 
 def test_fp8_checkpoint_matches_its_dequantization(fp8_pair):

@@ -9,16 +9,18 @@ Each processor follows the LogitsProcessor protocol (inference/logits_process.py
 the grammar matcher and fills the token bitmask (the engine runs it during the forward), `__call__` applies it.
 
 Budget steering. A random model never closes a string on its own, so grammar masking alone does not finish an
-output within max_tokens. The `Planner` computes a short completion (token ids, ending with EOS) from the
-matcher state: a greedy walk over single-byte tokens guided by a JSON lexer (close the open string, close
-containers, take xgrammar's forced jump-forward text, pick the shortest value type by one-level lookahead),
-then re-tokenized with BPE and verified on a forked matcher. Invariant: the plan fits in the remaining budget
-R. While R > len(plan) + slack the model samples freely under the grammar; inside the zone only the plan's next
-token and the model's top-k allowed tokens whose own plan still fits (1 + len <= R) stay allowed, so the model
-writes until the last moment and the output is complete when the budget ends (`steered` = True). The slack
-covers how much one token can lengthen the plan (opening an optional structure, picking a longer tool: that
-spread is measured per tool set; jumps seen during the request widen it too). A jump larger than the slack right
-at the zone edge is not prevented; `over_budget` reports it (then the output may be cut).
+output within max_tokens. The `Planner` (inference/grammar.py) computes a short completion (token ids ending
+with EOS) of the matcher state. Invariant: that plan fits in the remaining budget R. Three bands:
+  - far (R > len(plan) + slack + guard): the model samples freely under the grammar;
+  - guard (R <= len(plan) + slack + guard): structural tokens (quotes, brackets, commas, colons, control
+    tokens; every token inside a key or a tool name) are the only ones that can commit to more structure (an
+    optional property, an array item, an anyOf branch, a longer tool). Only plan[0] and the model's top-k
+    structural tokens whose own completion still fits stay allowed; text tokens stay free. `guard` is twice the
+    schemas' static commit cost (grammar.commit_cost);
+  - zone (R <= len(plan) + slack): the same check for every token (top-k), so the model writes until the last
+    moment and the output is complete when the budget ends (`steered`). slack also covers the spread of the
+    offered tools' shortest calls and the largest jump seen so far.
+`over_budget` reports a plan that no longer fits (then the output may be cut); the tests never see one.
 """
 
 from __future__ import annotations

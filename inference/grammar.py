@@ -836,11 +836,7 @@ class Planner:
                 run.append(t)
                 continue
             if run:
-                data = b"".join(self.vocab.token_bytes[r] for r in run)
-                try:
-                    out.extend(self.vocab.tokenizer.encode(data.decode("utf-8")))
-                except UnicodeDecodeError:
-                    out.extend(run)
+                out.extend(self._encode_run(run))
                 run = []
             if t >= 0:
                 out.append(t)
@@ -850,3 +846,16 @@ class Planner:
         if all(f.accept_token(t) for t in out) and f.is_terminated():
             return out
         return raw
+
+    def _encode_run(self, run: list[int]) -> list[int]:
+        """BPE of a run of single-byte tokens. The run may start inside a character (the model wrote its lead
+        byte) or end inside one: those bytes stay single-byte tokens, the valid UTF-8 between them is encoded."""
+        data = b"".join(self.vocab.token_bytes[r] for r in run)
+        for head in range(min(4, len(data)) + 1):
+            for tail in range(min(4, len(data) - head) + 1):
+                try:
+                    text = data[head:len(data) - tail].decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                return [*run[:head], *self.vocab.tokenizer.encode(text), *run[len(run) - tail:]]
+        return run

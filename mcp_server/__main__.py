@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--kernels", choices=["auto", "triton", "torch"], help="kernel backend (default auto)")
     m.add_argument("--cache-tokens", type=int, help="KV cache capacity in tokens")
     m.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default 16)")
+    m.add_argument("--no-constrained-decoding", dest="constrained_decoding", action="store_const", const=False,
+                   help="sample tool calls and response_format output without the grammar (default: constrained)")
     s = p.add_argument_group("defaults and limits")
     s.add_argument("--temperature", type=float, help="default temperature (default 0.6; 0 = greedy)")
     s.add_argument("--top-p", type=float, help="default top_p (default 0.95)")
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Flags given on the command line, shaped like the configuration file."""
     flat = {"model": args.model, "device": args.device, "dtype": args.dtype, "kernels": args.kernels,
-            "cache_tokens": args.cache_tokens, "max_num_seqs": args.max_num_seqs, "transport": args.transport,
+            "cache_tokens": args.cache_tokens, "max_num_seqs": args.max_num_seqs,
+            "constrained_decoding": args.constrained_decoding, "transport": args.transport,
             "host": args.host, "port": args.port, "path": args.path, "token": args.token,
             "allowed_hosts": args.allowed_host, "allowed_origins": args.allowed_origin, "log_level": args.log_level}
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}

@@ -52,6 +52,9 @@ class ServerConfig(_Section):
     kernels: Literal["auto", "triton", "torch"] = Field("auto", description="Kernel backend.")
     cache_tokens: int | None = Field(None, gt=0, description="KV cache capacity in tokens (null = engine default).")
     max_num_seqs: int = Field(16, gt=0, description="Most requests decoded together.")
+    constrained_decoding: bool = Field(
+        True, description="Grammar-constrained tool calls and response_format (needs xgrammar: Linux, macOS)."
+    )
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     limits: Limits = Field(default_factory=Limits)
     transport: Literal["stdio", "http", "sse"] = "stdio"

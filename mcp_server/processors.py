@@ -1,8 +1,10 @@
 """Logits processors the tools attach to a request, and the hook through which constrained decoding plugs in.
 
-`ToolCallProcessors` is the seam for grammar-constrained tool calls: given the offered tools and the tool_choice,
-it returns per-request processors (see inference/logits_process.py). Without one, `tool_call` parses whatever
-the model produced; only tool_choice "none" is enforced here, by banning the token that opens a tool-call block.
+`ToolCallProcessors` is the seam for grammar-constrained tool calls: given the offered tools, the tool_choice and
+the token budget, it returns per-request processors (see inference/logits_process.py). The server plugs in
+mcp_server.constraints.GrammarConstraints; without one (no xgrammar on this platform, or `constrained_decoding`
+off), `tool_call` parses whatever the model produced and only tool_choice "none" is enforced, by banning the
+tokens that open a tool-call block.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ TOOL_CALL_OPENERS = ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜
 
 
 class ToolCallProcessors(Protocol):
-    def __call__(self, *, tokenizer: Any, tools: Sequence[ToolSpec], choice: ToolChoice) -> Sequence[Any]: ...
+    def __call__(self, *, tokenizer: Any, tools: Sequence[ToolSpec], choice: ToolChoice, max_tokens: int,
+                 vocab_size: int | None = None) -> Sequence[Any]: ...
 
 
 class BanTokens:

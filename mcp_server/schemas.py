@@ -107,9 +107,54 @@ class GenerationInput(_Strict):
     )
 
 
+class JsonSchemaSpec(_Strict):
+    """OpenAI's nesting: {"name", "schema", "strict"?, "description"?}."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(_Strict):
+    """{"type": "json_schema", "schema": {...}}, OpenAI's {"type": "json_schema", "json_schema": {"name",
+    "schema"}}, {"type": "json_object"} (any JSON object) or {"type": "text"} (no constraint)."""
+
+    type: Literal["json_schema", "json_object", "text"]
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON Schema (type json_schema).")
+    json_schema: JsonSchemaSpec | None = Field(None, description="OpenAI-style holder of the schema.")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ResponseFormat:
+        given = (self.schema_ is not None) + (self.json_schema is not None)
+        if self.type == "json_schema" and given != 1:
+            raise ValueError("response_format type 'json_schema' needs exactly one of `schema` (the JSON Schema) "
+                             "or `json_schema` ({name, schema})")
+        if self.type != "json_schema" and given:
+            raise ValueError(f"response_format type {self.type!r} takes no schema; use type 'json_schema'")
+        return self
+
+    def schema_or_none(self) -> dict[str, Any] | None:
+        if self.json_schema is not None:
+            return self.json_schema.schema_
+        return self.schema_
+
+    def as_request(self) -> dict[str, Any]:
+        """The shape inference.constrained expects."""
+        schema = self.schema_or_none()
+        return {"type": self.type} if schema is None else {"type": self.type, "schema": schema}
+
+
 class ChatInput(GenerationInput):
-    # `response_format` (JSON schema constrained output) slots in here once constrained decoding exists.
-    pass
+    response_format: ResponseFormat | None = Field(
+        None,
+        description="Constrain the reply to JSON: {\"type\": \"json_schema\", \"schema\": {...}} (valid JSON "
+        "matching the schema, returned parsed in `parsed`) or {\"type\": \"json_object\"} (any JSON object).",
+    )
 
 
 class ThinkInput(GenerationInput):
@@ -199,7 +244,9 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class ChatOutput(BaseModel):
+class GenerationOutput(BaseModel):
+    """Fields every generating tool returns."""
+
     text: str = Field(description="The reply.")
     finish_reason: FinishReason = Field(
         description="stop: finished; length: hit max_tokens; time: hit the server's time limit; cancelled."
@@ -207,9 +254,20 @@ class ChatOutput(BaseModel):
     usage: Usage
     conversation_id: str = Field(description="Pass back to continue this conversation.")
     model: str
+    steered: bool = Field(
+        False, description="Constrained output only: true when the token budget ran low and decoding was steered "
+        "to the shortest valid completion (the output is complete, possibly terser)."
+    )
 
 
-class ThinkOutput(ChatOutput):
+class ChatOutput(GenerationOutput):
+    parsed: Any = Field(None, description="With response_format json_*: the reply parsed as JSON (null when it "
+                        "is not, see parse_error).")
+    parse_error: str | None = Field(None, description="With response_format: why the reply is not valid JSON for "
+                                    "the schema (e.g. finish_reason 'time' cut it).")
+
+
+class ThinkOutput(GenerationOutput):
     reasoning: str = Field(description="The model's reasoning (between <think> and </think>).")
     answer: str = Field(description="The answer after the reasoning (same as text).")
     reasoning_tokens: int = Field(description="Tokens spent on reasoning.")
@@ -228,7 +286,7 @@ class InvalidToolCall(BaseModel):
     error: str = Field(description="Why the call is unusable (unknown tool, bad JSON, schema mismatch).")
 
 
-class ToolCallOutput(ChatOutput):
+class ToolCallOutput(GenerationOutput):
     tool_calls: list[ToolCallOut] = Field(description="Valid calls, arguments checked against the tool schema.")
     invalid_tool_calls: list[InvalidToolCall] = Field(description="Calls the model produced that are unusable.")
 

@@ -48,15 +48,17 @@ not both. Optional: `system`, `max_tokens`, `temperature` (0 = greedy), `top_p`,
 `conversation_id` (continue a conversation from an earlier result). Returns `finish_reason` (stop | length | \
 time | cancelled), token `usage`, `conversation_id` and `model`."""
 
-CHAT_DOC = ("Ask the local DeepSeek-V3.1 model and get its reply in `text` (non-thinking mode: fast, direct)."
-            + _SHARED)
+CHAT_DOC = ("Ask the local DeepSeek-V3.1 model and get its reply in `text` (non-thinking mode: fast, direct). "
+            "`response_format` {type: 'json_schema', schema} or {type: 'json_object'} makes the reply JSON "
+            "(constrained decoding), returned parsed in `parsed`." + _SHARED)
 THINK_DOC = ("Ask the local DeepSeek-V3.1 model to reason before answering (thinking mode). Returns the "
              "`reasoning` and the final `answer` (also in `text`). `thinking_budget` caps reasoning tokens: at "
              "the cap the reasoning is closed and the answer follows, so keep it below `max_tokens`." + _SHARED)
 TOOL_CALL_DOC = ("Have the local DeepSeek-V3.1 model decide which of your `tools` to call. `tools`: MCP-style "
                  "{name, description, inputSchema} or OpenAI-style {type: 'function', function: {name, "
                  "description, parameters}}; `tool_choice`: 'auto' | 'required' | 'none' | {name}. Returns "
-                 "`tool_calls` [{id, name, arguments}] ready to execute (arguments checked against the schema), "
+                 "`tool_calls` [{id, name, arguments}] ready to execute (arguments checked against the schema; "
+                 "with 'required' or {name} decoding follows the schemas, so the calls always parse and validate), "
                  "`invalid_tool_calls` for calls that are not, and any `text`. To continue after running the "
                  "tools, pass the conversation_id with `messages` holding role 'tool' results." + _SHARED)
 UNCONSTRAINED_NOTE = (" Note: this server does not constrain decoding, so 'required' and {name} are asked of the "

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from inference.parse import StreamParser
 from inference.sampling import SamplingParams
 from inference.template import THINK_END, render_ids
 from mcp_server.config import ServerConfig
+from mcp_server.constraints import GrammarConstraints, grammar_available, steered
 from mcp_server.conversations import Conversation, ConversationStore, UnknownConversation
 from mcp_server.generate import RunResult, run_request
 from mcp_server.model_host import ModelHost
@@ -43,7 +44,7 @@ from mcp_server.schemas import (
     ToolCallOutput,
     Usage,
 )
-from mcp_server.tool_specs import BadToolSpec, check_call, normalize_choice, normalize_tools
+from mcp_server.tool_specs import BadToolSpec, check_call, check_json, normalize_choice, normalize_tools
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +68,40 @@ class _Prepared:
 
 
 class ChatService:
+    """`constraints` (grammar-constrained decoding) is on when the configuration asks for it and xgrammar is
+    installed; `tool_call_processors` is the hook tool_call takes its processors from (the constraints unless
+    one is given)."""
+
     def __init__(self, host: ModelHost, config: ServerConfig, *,
                  tool_call_processors: ToolCallProcessors | None = None) -> None:
         self.host = host
         self.config = config
         self.conversations = ConversationStore(config.limits.max_conversations)
-        self.tool_call_processors = tool_call_processors
+        self.constraints = GrammarConstraints() if config.constrained_decoding and grammar_available() else None
+        self.tool_call_processors = tool_call_processors or self.constraints
         self._num_parameters: int | None = None
 
     # -- tools ----------------------------------------------------------------------------------------
 
     async def chat(self, req: ChatInput, progress: Progress) -> ChatOutput:
+        fmt = req.response_format if req.response_format is not None and req.response_format.type != "text" else None
+        if fmt is not None and self.constraints is None:
+            raise RequestError("response_format needs constrained decoding, which this server runs without "
+                               "(constrained_decoding is off, or xgrammar is not installed on this platform); "
+                               "omit response_format or enable it")
         prep = await self._prepare(req, progress, thinking=False)
-        run, parsed = await self._run(prep, progress, thinking=False)
+        processors: list[Any] = []
+        if fmt is not None:
+            assert self.constraints is not None
+            processors = await self._constrain(functools.partial(
+                self.constraints.response_format, tokenizer=prep.tokenizer, response_format=fmt.as_request(),
+                max_tokens=prep.params.max_tokens, vocab_size=self._vocab_size()))
+        run, parsed = await self._run(prep, progress, thinking=False, processors=processors)
+        value, error = check_json(parsed.content, fmt.schema_or_none()) if fmt is not None else (None, None)
         self._remember(prep, {"role": "assistant", "content": parsed.content})
         return ChatOutput(text=parsed.content, finish_reason=run.finish_reason, usage=_usage(run),
-                          conversation_id=prep.conv.id, model=self.host.name)
+                          conversation_id=prep.conv.id, model=self.host.name, steered=steered(processors),
+                          parsed=value, parse_error=error)
 
     async def think(self, req: ThinkInput, progress: Progress) -> ThinkOutput:
         prep = await self._prepare(req, progress, thinking=True)
@@ -113,10 +132,12 @@ class ChatService:
             raise RequestError(str(e)) from None
         prep = await self._prepare(req, progress, thinking=False, tools=[s.as_openai() for s in specs])
         processors: list[Any] = []
+        if self.tool_call_processors is not None:
+            processors.extend(await self._constrain(functools.partial(
+                self.tool_call_processors, tokenizer=prep.tokenizer, tools=specs, choice=choice,
+                max_tokens=prep.params.max_tokens, vocab_size=self._vocab_size())))
         if choice.mode == "none":
             processors.append(ban_tool_calls(prep.tokenizer))
-        elif self.tool_call_processors is not None:
-            processors.extend(self.tool_call_processors(tokenizer=prep.tokenizer, tools=specs, choice=choice))
         run, parsed = await self._run(prep, progress, thinking=False, tools=[s.name for s in specs],
                                       processors=processors)
         by_name = {s.name: s for s in specs}
@@ -138,7 +159,7 @@ class ChatService:
         self._remember(prep, reply)
         return ToolCallOutput(text=parsed.content, tool_calls=calls, invalid_tool_calls=invalid,
                               finish_reason=run.finish_reason, usage=_usage(run), conversation_id=prep.conv.id,
-                              model=self.host.name)
+                              model=self.host.name, steered=steered(processors))
 
     def reset_conversation(self, req: ResetInput) -> ResetOutput:
         try:
@@ -257,6 +278,19 @@ class ChatService:
             raise GenerationFailed(f"generation failed: {type(e).__name__}: {e}") from e
         parser.finish()
         return run, parser.result()
+
+    def _vocab_size(self) -> int | None:
+        engine = self.host.engine
+        return None if engine is None else engine.config.vocab_size
+
+    async def _constrain(self, build: Callable[[], Sequence[Any]]) -> list[Any]:
+        """Build a request's processors off the event loop (a new schema compiles; the first call builds the
+        grammar vocabulary). A schema the grammar engine cannot express, or a max_tokens below the shortest
+        valid output, is the caller's to fix."""
+        try:
+            return list(await anyio.to_thread.run_sync(build))
+        except ValueError as e:  # ConstraintError
+            raise RequestError(str(e)) from None
 
     def _remember(self, prep: _Prepared, reply: dict[str, Any]) -> None:
         conv = prep.conv

@@ -99,10 +99,30 @@ def check_call(name: str | None, arguments: Any, specs: dict[str, ToolSpec]) -> 
             return None, f"arguments are not valid JSON ({e.msg} at position {e.pos})"
     if not isinstance(arguments, dict):
         return None, f"arguments must be a JSON object, got {type(arguments).__name__}"
-    schema = specs[name].parameters
-    cls = validator_for(schema, default=jsonschema.Draft202012Validator)
-    error = jsonschema.exceptions.best_match(cls(schema).iter_errors(arguments))
-    if error is not None:
-        path = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        return None, f"arguments do not match the tool's schema at {path}: {error.message}"
+    error = _schema_error(arguments, specs[name].parameters)
+    if error:
+        return None, f"arguments do not match the tool's schema at {error}"
     return arguments, ""
+
+
+def check_json(text: str, schema: dict[str, Any] | None) -> tuple[Any, str | None]:
+    """A response_format reply: (the parsed value, None), or (None, why it is not JSON matching `schema`);
+    no schema means any JSON object (json_object)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"the reply is not valid JSON ({e.msg} at position {e.pos})"
+    if schema is None:
+        return (value, None) if isinstance(value, dict) else (None, "the reply is JSON but not an object")
+    error = _schema_error(value, schema)
+    return (None, f"the reply does not match the schema at {error}") if error else (value, None)
+
+
+def _schema_error(value: Any, schema: dict[str, Any]) -> str:
+    """'' when `value` matches `schema`, else 'path: message' of the most relevant error."""
+    cls = validator_for(schema, default=jsonschema.Draft202012Validator)
+    error = jsonschema.exceptions.best_match(cls(schema).iter_errors(value))
+    if error is None:
+        return ""
+    path = "/".join(str(p) for p in error.absolute_path) or "(root)"
+    return f"{path}: {error.message}"

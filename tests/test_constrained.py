@@ -238,6 +238,30 @@ def test_required_call_always_valid_even_at_the_token_limit(factory: ConstraintF
         check_calls(tok.decode(out), {name: CORPUS[name]}, ctx)
 
 
+def test_plan_after_a_partial_character_stays_short(factory: ConstraintFactory, tok: Tokenizer) -> None:
+    """The model may write a character's lead byte as its own token: the plan must finish that character and
+    still be BPE-compressed (a byte-per-token plan once made the budget jump by ~30 tokens and cut the call)."""
+    planner = factory.planner
+    tools = [{"name": "create_event", "inputSchema": CORPUS["create_event"]}]  # dates follow: long plans
+    prefix = [CB, B, *tok.encode("create_event"), SEP, *tok.encode('{"title":"Z')]
+    for ch in "é東😀":
+        lead = factory.vocab.byte_token[ch.encode()[0]]
+        lengths = []
+        for ids in (prefix, [*prefix, lead]):
+            proc = factory.for_tools(tools, "required", 4096)
+            proc.update(ids)
+            matcher = proc._matcher
+            lex = Lex()
+            for t in ids:
+                lex = planner.lex(lex, t)
+            plan = planner.plan(matcher, lex)
+            assert plan is not None and plan[-1] == tok.eos_id
+            f = matcher.fork()
+            assert all(f.accept_token(t) for t in plan) and f.is_terminated()
+            lengths.append(len(plan))
+        assert lengths[1] <= lengths[0] + 4, (ch, lengths)  # 3 continuation bytes + one token boundary
+
+
 BIG = {"type": "object", "properties": {f"x{i}": {"type": "string", "format": "date"} for i in range(8)},
        "required": [f"x{i}" for i in range(8)]}
 JUMPY = {"type": "object", "properties": {"a": {"type": "string"}, "b": BIG, "c": {"type": "array", "items": BIG},

@@ -6,6 +6,7 @@ One demo Engine is loaded per module; each scenario runs its own ModelHost (and 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -106,7 +107,7 @@ class ForceTokens:
 def forcing(engine: Engine, text: str, delay_s: float = 0.0) -> Any:
     ids = engine.tokenizer.encode(text)
 
-    def factory(*, tokenizer: Any, tools: Any, choice: Any) -> list[Any]:
+    def factory(**_: Any) -> list[Any]:
         return [ForceTokens(ids, engine.tokenizer.eos_id, delay_s)]
 
     return factory
@@ -226,7 +227,7 @@ async def test_tool_call_parses_valid_and_invalid_calls(served: tuple[Client, Ch
         assert bad["get_weather"]["raw"] == '{"town": 3}'
         assert "launch" in bad and "unknown" in bad["launch"]["error"]
     finally:
-        service.tool_call_processors = None
+        service.tool_call_processors = service.constraints
 
 
 async def test_tool_choice_none_bans_the_call_token(engine: Engine) -> None:
@@ -312,7 +313,7 @@ async def test_progress_at_least_every_second(served: tuple[Client, ChatService]
                           progress_callback=on_progress)).structured_content
         end = time.monotonic()
     finally:
-        service.tool_call_processors = None
+        service.tool_call_processors = service.constraints
     assert out["text"] == "one two three four five six"
     assert len(events) >= 4
     values = [p for _, p, _, _ in events]
@@ -444,8 +445,129 @@ async def test_engine_failure_is_an_error_result(served: tuple[Client, ChatServi
     try:
         res = await call(client, tools, "tool_call", {"prompt": "x", "tools": [WEATHER]})
     finally:
-        service.tool_call_processors = None
+        service.tool_call_processors = service.constraints
     assert "generation failed: RuntimeError: processor exploded" in error_text(res)
     assert not (await call(client, tools, "chat", {"prompt": "still serving?", "max_tokens": 1})).is_error
     stats = service.host.aengine.stats()
     assert stats.running == 0 and stats.cache_usage == 0.0
+
+
+# ------------------------------------------------------------------------ constrained decoding via the tools
+
+ORDER = {"type": "object", "properties": {
+    "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"},
+    "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+    "when": {"type": "string", "format": "date"},
+    "gift": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+    "tags": {"type": "array", "items": {"type": "string", "enum": ["fast", "cheap"]}, "maxItems": 2}},
+    "required": ["sku", "qty", "when"]}
+SEARCH = {"name": "search", "description": "Search the web",
+          "inputSchema": {"type": "object", "properties": {
+              "query": {"type": "string", "minLength": 2},
+              "limit": {"type": "integer", "minimum": 1, "maximum": 10}}, "required": ["query", "limit"]}}
+
+
+async def test_tool_call_required_always_returns_valid_calls(served: tuple[Client, ChatService],
+                                                             tools: dict[str, Tool]) -> None:
+    """Random weights at temperature 1: every required / named call parses and validates, within max_tokens."""
+    client, service = served
+    assert service.tool_call_processors is service.constraints is not None
+    assert "not constrain" not in tools["tool_call"].description
+    order_tool = {"name": "place_order", "inputSchema": ORDER}
+    schemas = {"get_weather": WEATHER["inputSchema"], "search": SEARCH["inputSchema"], "place_order": ORDER}
+    seed = int.from_bytes(os.urandom(4), "little")
+    for i, (choice, max_tokens) in enumerate([("required", 40), ("required", 90), ({"name": "place_order"}, 60),
+                                              ({"name": "search"}, 24)]):
+        args = {"prompt": "Do it.", "tools": [WEATHER, SEARCH, order_tool], "tool_choice": choice,
+                "max_tokens": max_tokens, "temperature": 1.0, "seed": seed + i}
+        out = (await call(client, tools, "tool_call", args)).structured_content
+        ctx = f"choice={choice} max_tokens={max_tokens} seed={seed + i}: {out}"
+        assert out["invalid_tool_calls"] == [] and out["tool_calls"], ctx
+        assert out["finish_reason"] == "stop" and out["usage"]["completion_tokens"] <= max_tokens, ctx
+        for c in out["tool_calls"]:
+            jsonschema.validate(c["arguments"], schemas[c["name"]])
+        if isinstance(choice, dict):
+            assert {c["name"] for c in out["tool_calls"]} == {choice["name"]}, ctx
+
+
+async def test_chat_response_format_validates(served: tuple[Client, ChatService], tools: dict[str, Tool]) -> None:
+    client = served[0]
+    seed = int.from_bytes(os.urandom(4), "little")
+    fmt = {"type": "json_schema", "schema": ORDER}
+    out = (await call(client, tools, "chat", {"prompt": "An order.", "response_format": fmt, "max_tokens": 48,
+                                              "temperature": 1.0, "seed": seed})).structured_content
+    assert out["parse_error"] is None and out["finish_reason"] == "stop", (seed, out)
+    jsonschema.validate(out["parsed"], ORDER)
+    assert json.loads(out["text"]) == out["parsed"]
+    openai_style = {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER, "strict": True}}
+    out = (await call(client, tools, "chat", {"prompt": "An order.", "response_format": openai_style,
+                                              "max_tokens": 30, "temperature": 1.0, "seed": seed + 1})
+           ).structured_content
+    jsonschema.validate(out["parsed"], ORDER)
+    out = (await call(client, tools, "chat", {"prompt": "Any object.", "response_format": {"type": "json_object"},
+                                              "max_tokens": 16, "temperature": 1.0, "seed": seed + 2})
+           ).structured_content
+    assert isinstance(out["parsed"], dict) and out["parse_error"] is None, (seed, out)
+    plain = (await call(client, tools, "chat", {"prompt": "hi", "response_format": {"type": "text"},
+                                                "max_tokens": 2})).structured_content
+    assert plain["parsed"] is None and plain["parse_error"] is None and plain["steered"] is False
+
+
+async def test_tool_choice_none_never_calls_even_when_pushed(served: tuple[Client, ChatService],
+                                                             tools: dict[str, Tool], engine: Engine) -> None:
+    """A model that wants nothing but the tool-call tokens still writes no call with tool_choice 'none'."""
+    client, service = served
+    tok = engine.tokenizer
+    openers = [tok.token_to_id(t) for t in ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>")]
+    pushed = [tok.token_to_id(t) for t in ("<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>")]
+
+    class Push:
+        def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+            logits[openers + pushed] += 1000.0
+            return logits
+
+    constraints = service.constraints
+
+    def pushing(**kw: Any) -> list[Any]:
+        return [Push(), *constraints(**kw)]  # the push first: the ban must hold against it
+
+    service.tool_call_processors = pushing
+    try:
+        out = (await call(client, tools, "tool_call", {"prompt": "x", "tools": [WEATHER], "tool_choice": "none",
+                                                       "max_tokens": 12, "temperature": 1.0})).structured_content
+    finally:
+        service.tool_call_processors = constraints
+    assert out["tool_calls"] == [] and out["invalid_tool_calls"] == [] and out["usage"]["completion_tokens"] > 0
+    assert "tool▁call" not in out["text"]
+
+
+CONSTRAINT_ERRORS = [
+    ("tool_call", {"prompt": "x", "tools": [WEATHER], "tool_choice": "required", "max_tokens": 3}, "too small"),
+    ("tool_call", {"prompt": "x", "tools": [{"name": "f", "inputSchema": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}], "tool_choice": "required"},
+     "tool 'f': the grammar engine cannot compile the schema"),
+    ("chat", {"prompt": "x", "response_format": {"type": "json_schema", "schema": {"type": "nope"}}},
+     "response_format"),
+    ("chat", {"prompt": "x", "response_format": {"type": "json_schema"}}, "needs exactly one of `schema`"),
+    ("chat", {"prompt": "x", "response_format": {"type": "json_object", "schema": {}}}, "takes no schema"),
+]
+
+
+@pytest.mark.parametrize(("tool", "args", "needle"), CONSTRAINT_ERRORS,
+                         ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(CONSTRAINT_ERRORS)])
+async def test_constraint_errors_come_before_generation(served: tuple[Client, ChatService], tools: dict[str, Tool],
+                                                        tool: str, args: dict[str, Any], needle: str) -> None:
+    before = served[1].host.aengine.stats()
+    assert needle in error_text(await call(served[0], tools, tool, args))
+    after = served[1].host.aengine.stats()
+    assert (after.num_steps, after.prefix_query_tokens) == (before.num_steps, before.prefix_query_tokens)
+
+
+async def test_response_format_without_constraints_is_refused(engine: Engine) -> None:
+    config = make_config().model_copy(update={"constrained_decoding": False})
+    async with serving(engine, config) as (client, service):
+        assert service.constraints is None and service.tool_call_processors is None
+        listed = {t.name: t for t in (await client.list_tools()).tools}
+        assert "not constrain" in listed["tool_call"].description
+        res = await client.call_tool("chat", {"prompt": "x", "response_format": {"type": "json_object"}})
+        assert "response_format needs constrained decoding" in error_text(res)

@@ -2,9 +2,10 @@
 
 `tool_call` with tool_choice "required" or {name}: the output is a tool-call block whose calls name an offered
 tool and whose arguments match its schema; "auto": free text until the model opens a block, then the same;
-"none": the tool-call tokens (and their spelled-out text) never appear. `chat` with `response_format`: the text
-is JSON matching the schema. Near the end of max_tokens the processors steer toward the shortest valid
-completion, so an output cut by the token budget is still complete; the wall-time limit can still cut one.
+"none": the tool-call tokens (and their spelled-out text) never appear. `chat` / `think` with `response_format`:
+the reply (after the reasoning) is JSON matching the schema. Near the end of max_tokens the processors steer
+toward the shortest valid completion, so an output cut by the token budget is still complete; the wall-time limit
+can still cut one.
 
 One `ConstraintFactory` per (tokenizer, vocab size), built on first use (~0.5 s for the 129k vocabulary); it
 keeps an LRU of compiled grammars, so a repeated tool set or schema compiles once.
@@ -56,9 +57,11 @@ class GrammarConstraints:
         return [factory.for_tools([s.as_openai() for s in tools], tool_choice, max_tokens)]
 
     def response_format(self, *, tokenizer: Any, response_format: Mapping[str, Any], max_tokens: int,
-                        vocab_size: int | None = None) -> list[Any]:
-        """Processors for `chat` with a response_format (none for {"type": "text"})."""
-        proc = self.factory(tokenizer, vocab_size).for_response_format(response_format, max_tokens)
+                        vocab_size: int | None = None, thinking: bool = False) -> list[Any]:
+        """Processors for `chat` / `think` with a response_format (none for {"type": "text"}); `thinking`: the
+        JSON starts after `</think>`, and the reasoning is closed in time for it to fit."""
+        proc = self.factory(tokenizer, vocab_size).for_response_format(response_format, max_tokens,
+                                                                       thinking=thinking)
         return [] if proc is None else [proc]
 
 

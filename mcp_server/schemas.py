@@ -157,7 +157,7 @@ class ChatInput(GenerationInput):
     )
 
 
-class ThinkInput(GenerationInput):
+class ThinkInput(ChatInput):
     thinking_budget: Annotated[int, Field(gt=0)] | None = Field(
         None,
         description="Most reasoning tokens; when reached the reasoning is closed and the answer follows. Must "
@@ -261,13 +261,13 @@ class GenerationOutput(BaseModel):
 
 
 class ChatOutput(GenerationOutput):
-    parsed: Any = Field(None, description="With response_format json_*: the reply parsed as JSON (null when it "
-                        "is not, see parse_error).")
+    parsed: Any = Field(None, description="With response_format json_*: the reply (the answer, after any "
+                        "reasoning) parsed as JSON (null when it is not, see parse_error).")
     parse_error: str | None = Field(None, description="With response_format: why the reply is not valid JSON for "
                                     "the schema (e.g. finish_reason 'time' cut it).")
 
 
-class ThinkOutput(GenerationOutput):
+class ThinkOutput(ChatOutput):
     reasoning: str = Field(description="The model's reasoning (between <think> and </think>).")
     answer: str = Field(description="The answer after the reasoning (same as text).")
     reasoning_tokens: int = Field(description="Tokens spent on reasoning.")

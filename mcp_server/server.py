@@ -53,7 +53,8 @@ CHAT_DOC = ("Ask the local DeepSeek-V3.1 model and get its reply in `text` (non-
             "(constrained decoding), returned parsed in `parsed`." + _SHARED)
 THINK_DOC = ("Ask the local DeepSeek-V3.1 model to reason before answering (thinking mode). Returns the "
              "`reasoning` and the final `answer` (also in `text`). `thinking_budget` caps reasoning tokens: at "
-             "the cap the reasoning is closed and the answer follows, so keep it below `max_tokens`." + _SHARED)
+             "the cap the reasoning is closed and the answer follows, so keep it below `max_tokens`. `response_format` "
+             "works as in `chat`: the answer after the reasoning is JSON, parsed in `parsed`." + _SHARED)
 TOOL_CALL_DOC = ("Have the local DeepSeek-V3.1 model decide which of your `tools` to call. `tools`: MCP-style "
                  "{name, description, inputSchema} or OpenAI-style {type: 'function', function: {name, "
                  "description, parameters}}; `tool_choice`: 'auto' | 'required' | 'none' | {name}. Returns "

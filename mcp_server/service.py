@@ -37,6 +37,7 @@ from mcp_server.schemas import (
     ModelInfo,
     ResetInput,
     ResetOutput,
+    ResponseFormat,
     ThinkInput,
     ThinkOutput,
     ToolCallInput,
@@ -84,18 +85,9 @@ class ChatService:
     # -- tools ----------------------------------------------------------------------------------------
 
     async def chat(self, req: ChatInput, progress: Progress) -> ChatOutput:
-        fmt = req.response_format if req.response_format is not None and req.response_format.type != "text" else None
-        if fmt is not None and self.constraints is None:
-            raise RequestError("response_format needs constrained decoding, which this server runs without "
-                               "(constrained_decoding is off, or xgrammar is not installed on this platform); "
-                               "omit response_format or enable it")
+        fmt = self._response_format(req)
         prep = await self._prepare(req, progress, thinking=False)
-        processors: list[Any] = []
-        if fmt is not None:
-            assert self.constraints is not None
-            processors = await self._constrain(functools.partial(
-                self.constraints.response_format, tokenizer=prep.tokenizer, response_format=fmt.as_request(),
-                max_tokens=prep.params.max_tokens, vocab_size=self._vocab_size()))
+        processors = await self._format_processors(prep, fmt, thinking=False)
         run, parsed = await self._run(prep, progress, thinking=False, processors=processors)
         value, error = check_json(parsed.content, fmt.schema_or_none()) if fmt is not None else (None, None)
         self._remember(prep, {"role": "assistant", "content": parsed.content})
@@ -104,6 +96,7 @@ class ChatService:
                           parsed=value, parse_error=error)
 
     async def think(self, req: ThinkInput, progress: Progress) -> ThinkOutput:
+        fmt = self._response_format(req)
         prep = await self._prepare(req, progress, thinking=True)
         max_tokens = prep.params.max_tokens
         if req.thinking_budget is not None:
@@ -114,15 +107,17 @@ class ChatService:
         else:
             budget = min(self.config.limits.thinking_budget or max_tokens // 2, max_tokens - 1)
         think_end_id = prep.tokenizer.token_to_id(THINK_END)
+        grammar = await self._format_processors(prep, fmt, thinking=True)
         run, parsed = await self._run(prep, progress, thinking=True,
-                                      processors=[ThinkingBudget(budget, think_end_id)])
+                                      processors=[ThinkingBudget(budget, think_end_id), *grammar])
         closed = think_end_id in run.token_ids
         reasoning_tokens = run.token_ids.index(think_end_id) + 1 if closed else len(run.token_ids)
+        value, error = check_json(parsed.content, fmt.schema_or_none()) if fmt is not None else (None, None)
         self._remember(prep, {"role": "assistant", "content": parsed.content})
         return ThinkOutput(text=parsed.content, answer=parsed.content, reasoning=parsed.reasoning,
                            reasoning_tokens=reasoning_tokens, reasoning_complete=closed,
                            finish_reason=run.finish_reason, usage=_usage(run), conversation_id=prep.conv.id,
-                           model=self.host.name)
+                           model=self.host.name, steered=steered(grammar), parsed=value, parse_error=error)
 
     async def tool_call(self, req: ToolCallInput, progress: Progress) -> ToolCallOutput:
         try:
@@ -278,6 +273,23 @@ class ChatService:
             raise GenerationFailed(f"generation failed: {type(e).__name__}: {e}") from e
         parser.finish()
         return run, parser.result()
+
+    def _response_format(self, req: ChatInput) -> ResponseFormat | None:
+        fmt = req.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if self.constraints is None:
+            raise RequestError("response_format needs constrained decoding, which this server runs without "
+                               "(constrained_decoding is off, or xgrammar is not installed on this platform); "
+                               "omit response_format or enable it")
+        return fmt
+
+    async def _format_processors(self, prep: _Prepared, fmt: ResponseFormat | None, *, thinking: bool) -> list[Any]:
+        if fmt is None or self.constraints is None:
+            return []
+        return await self._constrain(functools.partial(
+            self.constraints.response_format, tokenizer=prep.tokenizer, response_format=fmt.as_request(),
+            max_tokens=prep.params.max_tokens, vocab_size=self._vocab_size(), thinking=thinking))
 
     def _vocab_size(self) -> int | None:
         engine = self.host.engine

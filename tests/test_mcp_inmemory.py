@@ -513,6 +513,24 @@ async def test_chat_response_format_validates(served: tuple[Client, ChatService]
     assert plain["parsed"] is None and plain["parse_error"] is None and plain["steered"] is False
 
 
+async def test_think_then_json_answer(served: tuple[Client, ChatService], tools: dict[str, Tool]) -> None:
+    """Reasoning is free text; the answer after </think> is JSON for the schema, also when the reasoning would
+    use up the budget (the grammar closes it in time)."""
+    client = served[0]
+    seed = int.from_bytes(os.urandom(4), "little")
+    for budget, max_tokens in ((6, 60), (59, 60)):
+        args = {"prompt": "Order?", "response_format": {"type": "json_schema", "schema": ORDER},
+                "thinking_budget": budget, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed}
+        out = (await call(client, tools, "think", args)).structured_content
+        ctx = f"budget={budget} seed={seed}: {out}"
+        assert out["reasoning_complete"] and out["parse_error"] is None and out["finish_reason"] == "stop", ctx
+        assert out["reasoning_tokens"] <= budget + 1, ctx  # the reasoning plus its </think>
+        assert out["usage"]["completion_tokens"] <= max_tokens, ctx
+        jsonschema.validate(out["parsed"], ORDER)
+        assert json.loads(out["answer"]) == out["parsed"]
+    assert (budget, out["steered"]) == (59, True)
+
+
 async def test_tool_choice_none_never_calls_even_when_pushed(served: tuple[Client, ChatService],
                                                              tools: dict[str, Tool], engine: Engine) -> None:
     """A model that wants nothing but the tool-call tokens still writes no call with tool_choice 'none'."""

@@ -42,6 +42,7 @@ from inference.grammar import (
     Lex,
     Planner,
     check_schema,
+    completes,
     marker_tail,
     normalize_tools,
 )
@@ -227,7 +228,7 @@ class GrammarProcessor:
         if not stale or remaining <= len(stale) + 2 * self.slack:
             return None
         t0 = time.perf_counter()
-        ok = _completes(self._matcher, stale)
+        ok = completes(self._matcher, stale)
         self.plan_seconds += time.perf_counter() - t0
         return stale if ok else None
 
@@ -309,7 +310,7 @@ class GrammarProcessor:
                 f = self._matcher.fork()
                 if not f.accept_token(t):
                     continue
-                if _completes(f, plan):  # e.g. more text in an open string: the same completion still works
+                if completes(f, plan):  # e.g. more text in an open string: the same completion still works
                     p: list[int] | None = plan
                 elif fresh > 0:
                     fresh -= 1
@@ -331,12 +332,6 @@ class GrammarProcessor:
             logits[pool] = _NEG_INF
         logits[ids] = kept
         self.plan_seconds += time.perf_counter() - t0
-
-
-def _completes(matcher: xgr.GrammarMatcher, tokens: list[int]) -> bool:
-    """Does `tokens` complete the grammar from `matcher`'s state (left unchanged)?"""
-    f = matcher.fork()
-    return all(f.accept_token(t) for t in tokens) and f.is_terminated()
 
 
 def _force(logits: torch.Tensor, token: int) -> torch.Tensor:

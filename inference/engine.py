@@ -19,6 +19,7 @@ from inference.model import Runtime, Transformer
 from inference.runner import ModelRunner
 from inference.sampling import SamplingParams, StopChecker, make_generator, sample
 from inference.tokenizer import Tokenizer
+from kernels.backend import select_backend
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +43,6 @@ def resolve_device(device: torch.device | str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use device 'cpu' or 'auto'")
     return dev
-
-
-def select_backend(device: torch.device, backend: str) -> str:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"kernel backend {backend!r} is not one of auto, torch, triton")
-    if backend == "auto":
-        try:
-            from kernels.backend import select_backend as kernel_select
-        except ImportError:
-            return "torch"
-        return kernel_select(device, None)
-    return backend
 
 
 @dataclass
@@ -82,7 +71,7 @@ class Engine:
         dev = resolve_device(device)
         dt = parse_dtype(dtype, config.torch_dtype)
         fp8 = checkpoint_is_fp8(files, config)
-        kernel_backend = select_backend(dev, backend)
+        kernel_backend = select_backend(dev, backend)  # fails at load where a forced 'triton' cannot run
         if fp8 and kernel_backend == "triton" and dev.type == "cuda":  # the CPU interpreter emulates FP8
             from kernels.backend import fp8_supported, fp8_unsupported_notice
 

@@ -280,11 +280,7 @@ def _tighten(node: Any) -> Any:
 
 
 def _walk(node: Any, where: str, path: str) -> None:
-    if isinstance(node, bool):
-        if node is False and path != "#":
-            return  # `false` sub-schemas (e.g. "items": false) only forbid; xgrammar handles them
-        return
-    if not isinstance(node, Mapping):
+    if not isinstance(node, Mapping):  # incl. boolean sub-schemas ("items": false only forbids; xgrammar has it)
         return
     for key, what in _UNSUPPORTED.items():
         if key in node:
@@ -657,6 +653,12 @@ class _Walk:
         return ((self.words[pool >> 5] >> (pool & 31)) & 1).astype(bool)
 
 
+def completes(matcher: xgr.GrammarMatcher, tokens: list[int]) -> bool:
+    """Does `tokens` complete the grammar from `matcher`'s state (left unchanged)?"""
+    f = matcher.fork()
+    return all(f.accept_token(t) for t in tokens) and f.is_terminated()
+
+
 class Planner:
     """Short valid completions of a grammar-matcher state, as token ids ending with EOS. Stateless, shared.
 
@@ -842,10 +844,7 @@ class Planner:
                 out.append(t)
         if len(out) >= len(raw):
             return raw
-        f = matcher.fork()
-        if all(f.accept_token(t) for t in out) and f.is_terminated():
-            return out
-        return raw
+        return out if completes(matcher, out) else raw
 
     def _encode_run(self, run: list[int]) -> list[int]:
         """BPE of a run of single-byte tokens. The run may start inside a character (the model wrote its lead

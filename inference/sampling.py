@@ -88,16 +88,19 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
 # Sampling
 
 
-def _top_candidates(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n best entries of each row, ordered by (value desc, id asc): (values [B, n], ids [B, n]).
-
-    Ranks an int64 key (order-preserving int image of the float32 value, then the inverted id) so there are
-    no ties: `topk` and a full sort agree exactly, whatever n the rest of the batch asks for.
-    """
+def _rank_keys(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B, V] int64 keys ordered by (value desc, id asc): the order-preserving int image of the float32
+    value, then the inverted id. No ties, so `topk` and a full sort agree exactly, whatever n the rest of the
+    batch asks for."""
     vocab = logits.shape[1]
     bits = logits.float().contiguous().view(torch.int32)  # [B, V]
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()  # [B, V] monotone in the float value
-    keys = (ordered << 32) | (vocab - 1 - torch.arange(vocab, device=logits.device))  # [B, V] unique per row
+    return (ordered << 32) | (vocab - 1 - torch.arange(vocab, device=logits.device))  # [B, V] unique per row
+
+
+def _top_candidates(logits: torch.Tensor, keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n best entries of each row by `keys` (from _rank_keys): (values [B, n], ids [B, n])."""
+    vocab = logits.shape[1]
     top = keys.topk(n, dim=-1).values if n < vocab else keys.sort(dim=-1, descending=True).values  # [B, n]
     ids = (vocab - 1) - (top & 0xFFFFFFFF)  # [B, n]
     return logits.gather(1, ids), ids
@@ -119,18 +122,18 @@ def _candidates(
     k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)  # [B]
     has_k = k < vocab  # [B]
     use_p = top_p < 1.0  # [B]
-    scaled = logits if temperature is None else logits / temperature[:, None]  # [B, V]
     row_lse: torch.Tensor | None = None  # [B] whole-row normalizer, for top-p rows without top-k
     if not num_rows or bool(has_k.all()):
         sizes = [int(k.max()) if num_rows else vocab]
     else:
-        row_lse = scaled.logsumexp(dim=-1)
+        row_lse = (logits if temperature is None else logits / temperature[:, None]).logsumexp(dim=-1)
         sizes = [vocab]
         if not bool((~has_k & ~use_p).any()):  # every row without top-k has a nucleus: try short lists
             longest_k = int(k.masked_fill(~has_k, 0).max())
             sizes = [n for n in _NUCLEUS_CANDIDATES if longest_k <= n < vocab] + [vocab]
+    keys = _rank_keys(logits)  # [B, V]
     for n in sizes:
-        values, ids = _top_candidates(logits, n)  # [B, n] each
+        values, ids = _top_candidates(logits, keys, n)  # [B, n] each
         if temperature is not None:
             values = values / temperature[:, None]
         ranks = torch.arange(n, device=device)  # [n]

@@ -96,7 +96,7 @@ async def run_request(
                         async for out in stream:
                             if out.new_token_ids and live.first_token_at is None:
                                 live.first_token_at = time.monotonic()
-                            live.token_ids = list(out.token_ids)
+                            live.token_ids = out.token_ids  # a fresh list per update (a slice)
                             cached = out.num_cached_tokens or 0
                             if out.text_delta:
                                 texts.append(out.text_delta)

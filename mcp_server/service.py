@@ -127,12 +127,12 @@ class ChatService:
             raise RequestError(str(e)) from None
         prep = await self._prepare(req, progress, thinking=False, tools=[s.as_openai() for s in specs])
         processors: list[Any] = []
-        if self.tool_call_processors is not None:
-            processors.extend(await self._constrain(functools.partial(
+        if self.tool_call_processors is not None:  # GrammarConstraints bans the calls itself for "none"
+            processors = await self._constrain(functools.partial(
                 self.tool_call_processors, tokenizer=prep.tokenizer, tools=specs, choice=choice,
-                max_tokens=prep.params.max_tokens, vocab_size=self._vocab_size())))
-        if choice.mode == "none":
-            processors.append(ban_tool_calls(prep.tokenizer))
+                max_tokens=prep.params.max_tokens, vocab_size=self._vocab_size()))
+        elif choice.mode == "none":
+            processors = [ban_tool_calls(prep.tokenizer)]
         run, parsed = await self._run(prep, progress, thinking=False, tools=[s.name for s in specs],
                                       processors=processors)
         by_name = {s.name: s for s in specs}

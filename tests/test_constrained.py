@@ -170,8 +170,9 @@ def test_vocab_as_xgrammar_sees_it(factory: ConstraintFactory, tok: Tokenizer) -
     assert vocab.vocab_size == tok.vocab_size == 129280
     decoded = vocab.info.decoded_vocab
     rng = random.Random(fresh_seed())
-    for tid in rng.sample(range(128000), 2000):
+    for tid in rng.sample(range(3, 128000), 2000):  # ids 0-2 are BOS / EOS / pad: special, below
         assert decoded[tid] == tok.piece_bytes(tid) == vocab.token_bytes[tid]
+    assert [decoded[t] for t in (0, 1, 2)] == [vocab.token_bytes[t] for t in (0, 1, 2)] == [b"", b"", b""]
     special = set(vocab.info.special_token_ids)
     assert {0, 2, 128798, 128799, 128803, 128804, 128000, 129279} <= special  # never allowed as text
     assert not special & {CB, CE, B, E, SEP}  # the grammar can demand these ids ...

@@ -130,8 +130,10 @@ async def test_sdk_client_over_stdio() -> None:
         assert events[-1][2] == 24
         think = await ok("think", {"prompt": "2+2?", "max_tokens": 3, "thinking_budget": 1})
         assert think["reasoning_complete"] is True
-        calls = await ok("tool_call", {"prompt": "Weather?", "tools": [WEATHER]})
-        assert calls["tool_calls"] == [] or calls["tool_calls"][0]["name"] == "get_weather"
+        calls = await ok("tool_call", {"prompt": "Weather?", "tools": [WEATHER], "tool_choice": "required",
+                                       "max_tokens": 40})
+        assert calls["tool_calls"] and {c["name"] for c in calls["tool_calls"]} == {"get_weather"}
+        assert calls["invalid_tool_calls"] == [] and all("city" in c["arguments"] for c in calls["tool_calls"])
         reset = await ok("reset_conversation", {"conversation_id": chat["conversation_id"]})
         assert reset["removed_messages"] == 2
 

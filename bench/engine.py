@@ -74,10 +74,10 @@ def _timed(fn, repeats: int = 3) -> float:
 
 
 def run_ours(path: Path, dtype: str, prompt_len: int, decode_tokens: int) -> dict:
-    from inference.batch import ScheduledSeq
-    from inference.engine import Engine
-    from inference.runner import cache_bytes_per_token
-    from inference.sampling import SamplingParams
+    from inference.engine.batch import ScheduledSeq
+    from inference.engine.engine import Engine
+    from inference.engine.runner import cache_bytes_per_token
+    from inference.engine.sampling import SamplingParams
 
     eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch")
     (prompt,) = _prompts(1, prompt_len)
@@ -167,7 +167,7 @@ def main() -> None:
         child(args)
         return
 
-    from inference.demo import default_cache_dir, demo_checkpoint_path
+    from inference.model.demo import default_cache_dir, demo_checkpoint_path
 
     demo = demo_checkpoint_path()
     deq = dequantized_copy(demo, default_cache_dir() / f"demo-dequantized-{args.dtype}", getattr(torch, args.dtype))

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference.async_engine import AsyncEngine  # noqa: E402
-from inference.engine import Engine  # noqa: E402
-from inference.sampling import SamplingParams  # noqa: E402
+from inference.engine.async_engine import AsyncEngine  # noqa: E402
+from inference.engine.engine import Engine  # noqa: E402
+from inference.engine.sampling import SamplingParams  # noqa: E402
 
 
 def cpu_model() -> str:

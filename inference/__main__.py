@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
-    from inference.engine import Engine
-    from inference.sampling import SamplingParams
+    from inference.engine.engine import Engine
+    from inference.engine.sampling import SamplingParams
 
     try:
         t0 = time.perf_counter()
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.raw:
             ids = engine.tokenizer.encode(args.prompt)
         else:
-            from inference.template import render_ids
+            from inference.text.template import render_ids
 
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             messages.append({"role": "user", "content": args.prompt})

@@ -38,7 +38,7 @@ class GrammarConstraints:
         self._factories: dict[tuple[int, int | None], Any] = {}
 
     def factory(self, tokenizer: Any, vocab_size: int | None) -> Any:
-        from inference.constrained import ConstraintFactory
+        from inference.constrained.factory import ConstraintFactory
 
         key = (id(tokenizer), vocab_size)
         with self._lock:

@@ -24,7 +24,7 @@ from mcp_server.progress import Progress
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "failed"]
-DEMO_NAME = "deepseek-v3.1-demo (random weights)"  # what inference.demo names its checkpoint
+DEMO_NAME = "deepseek-v3.1-demo (random weights)"  # what inference.model.demo names its checkpoint
 
 
 class ModelUnavailable(RuntimeError):
@@ -40,7 +40,7 @@ def display_name(model: str | None) -> str:
 
 def default_loader(config: ServerConfig) -> Callable[[], Any]:
     def load() -> Any:
-        from inference.engine import Engine
+        from inference.engine.engine import Engine
 
         return Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
                                       backend=config.kernels)
@@ -50,7 +50,7 @@ def default_loader(config: ServerConfig) -> Callable[[], Any]:
 
 def default_async_engine(config: ServerConfig) -> Callable[[Any], Any]:
     def make(engine: Any) -> Any:
-        from inference.async_engine import AsyncEngine
+        from inference.engine.async_engine import AsyncEngine
 
         return AsyncEngine(engine, max_num_seqs=config.max_num_seqs, cache_tokens=config.cache_tokens)
 

@@ -144,7 +144,7 @@ class ResponseFormat(_Strict):
         return self.schema_
 
     def as_request(self) -> dict[str, Any]:
-        """The shape inference.constrained expects."""
+        """The shape inference.constrained.factory expects."""
         schema = self.schema_or_none()
         return {"type": self.type} if schema is None else {"type": self.type, "schema": schema}
 

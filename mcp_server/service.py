@@ -16,10 +16,10 @@ from typing import Any
 
 import anyio
 
-from inference.logits_process import ThinkingBudget
-from inference.parse import StreamParser
-from inference.sampling import SamplingParams
-from inference.template import THINK_END, render_ids
+from inference.engine.logits_process import ThinkingBudget
+from inference.engine.sampling import SamplingParams
+from inference.text.parse import StreamParser
+from inference.text.template import THINK_END, render_ids
 from mcp_server.config import ServerConfig
 from mcp_server.constraints import GrammarConstraints, grammar_available, steered
 from mcp_server.conversations import Conversation, ConversationStore, UnknownConversation

@@ -13,11 +13,11 @@ import anyio
 import pytest
 import torch
 
-from inference.async_engine import AsyncEngine, EngineClosedError, RequestOutput
-from inference.engine import Engine
-from inference.logits_process import ThinkingBudget
-from inference.runner import CacheMemoryError
-from inference.sampling import SamplingParams
+from inference.engine.async_engine import AsyncEngine, EngineClosedError, RequestOutput
+from inference.engine.engine import Engine
+from inference.engine.logits_process import ThinkingBudget
+from inference.engine.runner import CacheMemoryError
+from inference.engine.sampling import SamplingParams
 from tests.hf_checkpoints import tiny_hf_model
 
 pytest.importorskip("transformers")

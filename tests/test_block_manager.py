@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from inference.cache import BlockManager, block_hash, chain_block_hashes
+from inference.engine.block_manager import BlockManager, block_hash, chain_block_hashes
 
 
 def test_allocate_free_refcounts() -> None:

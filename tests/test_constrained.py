@@ -15,10 +15,14 @@ import pytest
 import torch
 import xgrammar as xgr
 
-from inference.constrained import ConstraintError, ConstraintFactory, GrammarProcessor, ToolBan
-from inference.grammar import OUTSIDE, Lex, lex_step, marker_tail, normalize_tools
-from inference.parse import StreamParser
-from inference.tokenizer import Tokenizer
+from inference.constrained.errors import ConstraintError
+from inference.constrained.factory import ConstraintFactory
+from inference.constrained.lexer import OUTSIDE, Lex, lex_step
+from inference.constrained.processors import GrammarProcessor, ToolBan
+from inference.constrained.schema import normalize_tools
+from inference.constrained.vocab import marker_tail
+from inference.text.parse import StreamParser
+from inference.text.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TEMPLATE = FIXTURES / "deepseek_v31_chat_template.jinja"
@@ -523,9 +527,9 @@ def test_grammar_cache_is_an_lru_on_canonical_schemas(tok: Tokenizer) -> None:
 
 def test_demo_model_end_to_end(factory: ConstraintFactory) -> None:
     anyio = pytest.importorskip("anyio")
-    from inference.async_engine import AsyncEngine
-    from inference.engine import Engine
-    from inference.sampling import SamplingParams
+    from inference.engine.async_engine import AsyncEngine
+    from inference.engine.engine import Engine
+    from inference.engine.sampling import SamplingParams
 
     engine = Engine.from_pretrained(None, device="cpu")
     tok = engine.tokenizer

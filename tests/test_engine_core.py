@@ -11,14 +11,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from inference.batch import ScheduledSeq
-from inference.checkpoint import CheckpointError
-from inference.config import ConfigError, ModelConfig
-from inference.demo import DEMO_CONFIG, quantize_fp8_blockwise, write_demo_checkpoint
-from inference.engine import Engine
-from inference.model import route
-from inference.runner import CacheMemoryError, cache_bytes_per_token
-from inference.sampling import SamplingParams
+from inference.engine.batch import ScheduledSeq
+from inference.engine.engine import Engine
+from inference.engine.runner import CacheMemoryError, cache_bytes_per_token
+from inference.engine.sampling import SamplingParams
+from inference.model.checkpoint import CheckpointError
+from inference.model.config import ConfigError, ModelConfig
+from inference.model.demo import DEMO_CONFIG, quantize_fp8_blockwise, write_demo_checkpoint
+from inference.model.transformer import route
 from kernels.fp8 import weight_dequant_torch
 from tests.hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model
 

@@ -16,8 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from inference.engine import Engine  # noqa: E402
-from inference.sampling import SamplingParams  # noqa: E402
+from inference.engine.engine import Engine  # noqa: E402
+from inference.engine.sampling import SamplingParams  # noqa: E402
 from tests.hf_checkpoints import fp8_checkpoint_pair  # noqa: E402
 
 pytest.importorskip("triton")

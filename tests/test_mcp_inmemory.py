@@ -20,10 +20,10 @@ import torch
 from mcp import Client
 from mcp.types import CallToolResult, Tool
 
-from inference.engine import Engine
-from inference.parse import parse
-from inference.sampling import SamplingParams
-from inference.template import render_ids
+from inference.engine.engine import Engine
+from inference.engine.sampling import SamplingParams
+from inference.text.parse import parse
+from inference.text.template import render_ids
 from mcp_server.config import Limits, SamplingDefaults, ServerConfig
 from mcp_server.model_host import ModelHost
 from mcp_server.processors import BanTokens, ban_tool_calls

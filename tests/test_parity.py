@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.engine import Engine
-from inference.sampling import SamplingParams
+from inference.engine.engine import Engine
+from inference.engine.sampling import SamplingParams
 from tests.hf_checkpoints import hf_greedy, hf_logits, tiny_hf_model
 
 pytest.importorskip("transformers")

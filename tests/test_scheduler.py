@@ -14,12 +14,12 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from inference.batch import ScheduledSeq
-from inference.cache import BlockManager, chain_block_hashes
-from inference.sampling import SamplingParams
-from inference.scheduler import Scheduler, SchedulerOutput
-from inference.sequence import Sequence as Seq
-from inference.sequence import SeqUpdate
+from inference.engine.batch import ScheduledSeq
+from inference.engine.block_manager import BlockManager, chain_block_hashes
+from inference.engine.sampling import SamplingParams
+from inference.engine.scheduler import Scheduler, SchedulerOutput
+from inference.engine.sequence import Sequence as Seq
+from inference.engine.sequence import SeqUpdate
 
 VOCAB = 50
 EOS = 0

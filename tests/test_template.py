@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inference.template import (
+from inference.text.template import (
     BOS,
     TOOL_FORMAT_RULES,
     ChatTemplate,
@@ -379,9 +379,9 @@ def test_invalid_input_raises_value_error(messages, tools, message) -> None:
 @pytest.fixture(scope="module")
 def tokenizer():
     try:
-        from inference.tokenizer import Tokenizer
+        from inference.text.tokenizer import Tokenizer
     except ImportError as e:  # pragma: no cover - the tokenizer module is part of the project
-        pytest.skip(f"inference.tokenizer not importable: {e}")
+        pytest.skip(f"inference.text.tokenizer not importable: {e}")
     try:
         return Tokenizer.default()
     except FileNotFoundError as e:

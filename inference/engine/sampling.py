@@ -275,7 +275,7 @@ def check_stop(
 
 
 class TextDecoder(Protocol):
-    """What StopChecker needs from a streaming detokenizer (inference.tokenizer.IncrementalDecoder)."""
+    """What StopChecker needs from a streaming detokenizer (inference.text.tokenizer.IncrementalDecoder)."""
 
     def step(self, token_id: int) -> str: ...
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from inference.config import ModelConfig
-from inference.model import FP8_DTYPE, Transformer
+from inference.model.config import ModelConfig
+from inference.model.transformer import FP8_DTYPE, Transformer
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from inference.batch import ScheduledSeq
-from inference.cache import BlockManager, chain_block_hashes
-from inference.sequence import Sequence, SequenceStatus, SeqUpdate
+from inference.engine.batch import ScheduledSeq
+from inference.engine.block_manager import BlockManager, chain_block_hashes
+from inference.engine.sequence import Sequence, SequenceStatus, SeqUpdate
 
 
 @dataclass(frozen=True)

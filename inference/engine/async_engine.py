@@ -20,9 +20,8 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -30,21 +29,13 @@ import anyio.lowlevel
 import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from inference.batch import ScheduledSeq
-from inference.cache import BlockManager
-from inference.logits_process import LogitsProcessor, apply_logits_processors, has_prepare, start_prepare
-from inference.runner import CacheMemoryError, available_memory, cache_bytes_per_token, check_cache_fits
-from inference.sampling import SamplingParams, make_generator, sample
-from inference.scheduler import Scheduler, SchedulerOutput
-from inference.sequence import Sequence as Seq
-from inference.sequence import SeqUpdate
-
-DEFAULT_TOKENS_PER_SEQ = 8192  # default cache size: this many tokens per concurrent sequence ...
-DEFAULT_MEMORY_FRACTION = 0.5  # ... if that much of the available memory allows
-
-
-class Runner(Protocol):
-    def run(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor: ...
+from inference.engine.block_manager import BlockManager
+from inference.engine.core import DEFAULT_MEMORY_FRACTION, EngineCore, Runner, StepResult
+from inference.engine.logits_process import LogitsProcessor
+from inference.engine.sampling import SamplingParams, make_generator
+from inference.engine.scheduler import Scheduler
+from inference.engine.sequence import Sequence as Seq
+from inference.engine.sequence import SeqUpdate
 
 
 @dataclass(frozen=True)
@@ -97,48 +88,6 @@ class _Request:
     serial: int = 0  # submission order (an abort applies to requests submitted before it)
 
 
-@dataclass
-class _StepResult:
-    out: SchedulerOutput | None = None
-    updates: list[SeqUpdate] = field(default_factory=list)
-    error: BaseException | None = None
-
-
-def plan_cache_blocks(
-    engine: Any,
-    *,
-    block_size: int,
-    cache_tokens: int | None,
-    max_num_seqs: int,
-    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
-) -> int:
-    """Number of cache blocks, checked against the device's available memory before anything is allocated.
-
-    With `cache_tokens` the pool holds that many tokens (rounded up to whole blocks) or the call fails naming
-    the setting; without it, `DEFAULT_TOKENS_PER_SEQ` tokens per sequence (capped by the model's context),
-    within `memory_fraction` of the available memory.
-    """
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    device = torch.device(engine.device)
-    if cache_tokens is not None:
-        if cache_tokens < block_size:
-            raise ValueError(f"cache_tokens ({cache_tokens}) must hold at least one block of {block_size} tokens")
-        num_blocks = -(-cache_tokens // block_size)
-        check_cache_fits(engine.config, num_blocks, block_size, engine.dtype, device, "cache_tokens")
-        return num_blocks
-    per_token = cache_bytes_per_token(engine.config, engine.dtype)
-    budget_tokens = int(available_memory(device) * memory_fraction) // per_token
-    want = max_num_seqs * min(engine.max_context, DEFAULT_TOKENS_PER_SEQ)
-    num_blocks = min(budget_tokens, want) // block_size
-    if num_blocks < 1:
-        raise CacheMemoryError(
-            f"not enough free memory on {device} for one cache block ({block_size * per_token} bytes); "
-            "free memory or set `cache_tokens`"
-        )
-    return num_blocks
-
-
 class AsyncEngine:
     def __init__(
         self,
@@ -151,22 +100,14 @@ class AsyncEngine:
         memory_fraction: float = DEFAULT_MEMORY_FRACTION,
         runner: Runner | None = None,
     ) -> None:
-        """`engine`: an `inference.engine.Engine` (model, config, tokenizer, device, dtype, make_runner).
+        """`engine`: an `inference.engine.engine.Engine` (model, config, tokenizer, device, dtype, make_runner).
         `runner` replaces the engine's model runner (tests); its `num_blocks` then sizes the pool."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.device = torch.device(engine.device)
-        if runner is None:
-            num_blocks = plan_cache_blocks(engine, block_size=block_size, cache_tokens=cache_tokens,
-                                           max_num_seqs=max_num_seqs, memory_fraction=memory_fraction)
-            runner = engine.make_runner(num_blocks, block_size, "cache_tokens")
-        else:
-            num_blocks = int(runner.num_blocks)  # type: ignore[attr-defined]
-        self.runner = runner
-        self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens,
-                                   max_model_len=engine.max_context)
+        self.core = EngineCore(engine, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                               cache_tokens=cache_tokens, block_size=block_size, memory_fraction=memory_fraction,
+                               runner=runner)
         self._requests: dict[str, _Request] = {}  # touched by the loop's thread only
         self._inbox: list[tuple[str, Any]] = []  # ("add", _Request) | ("abort", request_id), any thread
         self._inbox_lock = threading.Lock()
@@ -178,9 +119,20 @@ class AsyncEngine:
         self._closing = False
         self._closed = False
         self._failure: BaseException | None = None
-        self._prepare_pool: ThreadPoolExecutor | None = None
         self.num_steps = 0
         self.generated_tokens = 0
+
+    @property
+    def runner(self) -> Runner:
+        return self.core.runner
+
+    @property
+    def block_manager(self) -> BlockManager:
+        return self.core.block_manager
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -205,8 +157,7 @@ class AsyncEngine:
             await tg.__aexit__(None, None, None)
         finally:
             self._closed = True
-            if self._prepare_pool is not None:
-                self._prepare_pool.shutdown(wait=False)
+            self.core.close()
 
     async def __aenter__(self) -> AsyncEngine:
         await self.start()
@@ -362,7 +313,7 @@ class AsyncEngine:
                     continue
                 self._in_step = True
                 try:
-                    result = await anyio.to_thread.run_sync(self._step)
+                    result = await anyio.to_thread.run_sync(self.core.step)
                 finally:
                     self._in_step = False
                 self._apply(result)
@@ -374,46 +325,7 @@ class AsyncEngine:
         finally:
             self._shutdown_requests()
 
-    def _step(self) -> _StepResult:
-        """One model step (worker thread): schedule, forward, process logits, sample, check stops."""
-        result = _StepResult()
-        try:
-            with torch.inference_mode():  # the logits are inference tensors; processors edit them in place
-                self._step_inner(result)
-        except Exception as exc:  # noqa: BLE001  (the step's requests get the error; the engine goes on)
-            result.error = exc
-        return result
-
-    def _step_inner(self, result: _StepResult) -> None:
-        out = self.scheduler.schedule()
-        result.out = out
-        if out.is_empty:
-            return
-        sampling = [out.seqs[r] for r in out.sample_rows]
-        prep = start_prepare(self._pool_for(sampling),
-                             [(s.logits_processors, s.output_ids) for s in sampling if s.logits_processors])
-        logits = self.runner.run(out.scheduled)  # [B, V]
-        if prep is not None:
-            prep.result()
-        tokens: list[int] = []
-        if sampling:
-            rows = logits.float()  # [B, V]
-            if len(out.sample_rows) < len(out.seqs):  # rows that only computed a prefill chunk
-                rows = rows[torch.tensor(out.sample_rows, device=logits.device)]  # [S, V]
-            if any(s.logits_processors for s in sampling):
-                apply_logits_processors(rows, [s.logits_processors for s in sampling],
-                                        [s.output_ids for s in sampling])
-            tokens = sample(rows, [s.params for s in sampling], [s.generator for s in sampling]).tolist()
-        result.updates = self.scheduler.postprocess(out, tokens)
-
-    def _pool_for(self, seqs: list[Seq]) -> ThreadPoolExecutor | None:
-        if not any(has_prepare(s.logits_processors) for s in seqs):
-            return None
-        if self._prepare_pool is None:
-            self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logits-prepare")
-        return self._prepare_pool
-
-    def _apply(self, result: _StepResult) -> None:
+    def _apply(self, result: StepResult) -> None:
         self.num_steps += 1
         if result.error is not None:
             failed = result.out.seqs if result.out is not None else list(self.scheduler.running)

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from inference.sampling import SamplingParams, StopChecker, TextDecoder
+from inference.engine.sampling import SamplingParams, StopChecker, TextDecoder
 
 if TYPE_CHECKING:
     import torch
 
-    from inference.logits_process import LogitsProcessor
+    from inference.engine.logits_process import LogitsProcessor
 
 
 class SequenceStatus(enum.Enum):

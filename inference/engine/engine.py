@@ -1,5 +1,5 @@
-"""Synchronous engine: load a checkpoint, compute logits, generate batches (the async server drives the same
-model through `ModelRunner`)."""
+"""Synchronous engine: load a checkpoint, compute logits, generate batches. `generate` drives the same step as
+the async server (`EngineCore`), to completion."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ from pathlib import Path
 
 import torch
 
-from inference.batch import ScheduledSeq
-from inference.checkpoint import checkpoint_is_fp8, find_checkpoint_files, load_weights, resolve_model_path
-from inference.config import ModelConfig
-from inference.demo import DEMO_NAME, demo_checkpoint_path
-from inference.model import Runtime, Transformer
-from inference.runner import ModelRunner
-from inference.sampling import SamplingParams, StopChecker, make_generator, sample
-from inference.tokenizer import Tokenizer
+from inference.engine.batch import ScheduledSeq
+from inference.engine.core import EngineCore
+from inference.engine.runner import ModelRunner
+from inference.engine.sampling import SamplingParams, make_generator
+from inference.engine.sequence import Sequence as Seq
+from inference.model.checkpoint import checkpoint_is_fp8, find_checkpoint_files, load_weights, resolve_model_path
+from inference.model.config import ModelConfig
+from inference.model.demo import DEMO_NAME, demo_checkpoint_path
+from inference.model.transformer import Runtime, Transformer
+from inference.text.tokenizer import Tokenizer
 from kernels.backend import select_backend
 
 log = logging.getLogger(__name__)
@@ -126,34 +128,31 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  block_size: int = 16) -> list[GenerationOutput]:
-        """Batched generation: one prefill step for all prompts, then one decode step per token."""
+        """Batched generation through the server's step (`EngineCore`: scheduler, paged cache, processors,
+        sampling): a cache sized for every prompt plus its max_tokens, so all are admitted at once, prefill
+        in one step and decode one token per step, never preempted."""
         prompts = [list(p) for p in prompts]
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        if not prompts:
+            return []
         for p, sp in zip(prompts, plist):
             self.check_prompt(p, sp.max_tokens)
-        tables: list[list[int]] = []
-        next_block = 0
-        for p, sp in zip(prompts, plist):
-            n = -(-(len(p) + sp.max_tokens) // block_size)
-            tables.append(list(range(next_block, next_block + n)))
-            next_block += n
-        runner = self.make_runner(next_block, block_size)
-        gens = [make_generator(sp, self.device) for sp in plist]
-        checkers = [StopChecker(sp, self.tokenizer.eos_id, self.tokenizer.incremental_decoder()) for sp in plist]
-        lengths = [len(p) for p in prompts]
-        active = list(range(len(prompts)))
-        step = [ScheduledSeq(p, 0, t) for p, t in zip(prompts, tables)]
-        while active:
-            logits = runner.run(step)  # [B, V]
-            tokens = sample(logits, [plist[i] for i in active], [gens[i] for i in active]).tolist()
-            still, step = [], []
-            for i, tok in zip(active, tokens):
-                if not checkers[i].step(tok).finished:
-                    still.append(i)
-                    step.append(ScheduledSeq([tok], lengths[i], tables[i]))
-                lengths[i] += 1
-            active = still
-        return [GenerationOutput(c.token_ids, c.text, c.finish_reason or "length", len(p))
-                for c, p in zip(checkers, prompts)]
+        num_blocks = sum(-(-(len(p) + sp.max_tokens) // block_size) for p, sp in zip(prompts, plist))
+        core = EngineCore(self, max_num_seqs=len(prompts), max_num_batched_tokens=sum(map(len, prompts)),
+                          cache_tokens=num_blocks * block_size, block_size=block_size)
+        seqs = [Seq(str(i), p, sp, generator=make_generator(sp, self.device),
+                    decoder=self.tokenizer.incremental_decoder(), eos_id=self.tokenizer.eos_id)
+                for i, (p, sp) in enumerate(zip(prompts, plist))]
+        for seq in seqs:
+            core.scheduler.add(seq)
+        try:
+            while core.scheduler.has_work():
+                result = core.step()
+                if result.error is not None:
+                    raise result.error
+        finally:
+            core.close()
+        return [GenerationOutput(s.output_ids, s.text, s.finish_reason or "length", s.num_prompt_tokens)
+                for s in seqs]

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.batch import AttentionMetadata
-from inference.config import ModelConfig, RopeConfig, yarn_mscale
+from inference.engine.batch import AttentionMetadata
+from inference.model.config import ModelConfig, RopeConfig, yarn_mscale
 
 FP8_DTYPE = torch.float8_e4m3fn
 

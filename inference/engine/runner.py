@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from inference.batch import ScheduledSeq, build_batch
-from inference.config import ModelConfig
-from inference.model import Transformer
+from inference.engine.batch import ScheduledSeq, build_batch
+from inference.model.config import ModelConfig
+from inference.model.transformer import Transformer
 
 
 class CacheMemoryError(MemoryError):

@@ -91,7 +91,7 @@ class ToolSpec:
 
 
 class TokenEncoder(Protocol):
-    """The part of `inference.tokenizer.Tokenizer` that `render_ids` needs."""
+    """The part of `inference.text.tokenizer.Tokenizer` that `render_ids` needs."""
 
     @property
     def bos_id(self) -> int | None: ...

@@ -1,0 +1,1 @@
+"""Schema-constrained decoding on xgrammar: vocabulary, schema checks, grammars, planner, processors."""

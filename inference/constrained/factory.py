@@ -1,0 +1,111 @@
+"""Builds per-request constrained-decoding processors from tools, tool_choice or a response_format.
+
+    factory = ConstraintFactory(tokenizer)                       # once per server (vocab + grammar cache)
+    proc = factory.for_tools(tools, "required", max_tokens=256)  # one per request, before generation
+    proc = factory.for_response_format({"type": "json_schema", "schema": {...}}, max_tokens=256)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from inference.constrained.errors import ConstraintError
+from inference.constrained.grammars import Compiled, GrammarCache
+from inference.constrained.processors import Gate, GrammarProcessor, ToolBan
+from inference.constrained.schema import check_schema, normalize_tools
+from inference.constrained.vocab import GrammarVocab
+from inference.text.tokenizer import Tokenizer
+
+
+def parse_tool_choice(choice: Any) -> tuple[str, str | None]:
+    """("auto" | "none" | "required" | "named", name) from a string, {"name"}, {"type", "function": {"name"}},
+    or an object with `.mode` / `.name` (mcp_server.tool_specs.ToolChoice)."""
+    if choice is None:
+        return "auto", None
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise ConstraintError(f"tool_choice must be 'auto', 'none', 'required' or {{'name': ...}}; got {choice!r}")
+        return choice, None
+    if isinstance(choice, Mapping):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, Mapping) else choice.get("name")
+    else:
+        name = getattr(choice, "name", None)
+        if name is None:
+            return parse_tool_choice(getattr(choice, "mode", None))
+    if not isinstance(name, str):
+        raise ConstraintError(f"tool_choice {choice!r} names no tool")
+    return "named", name
+
+
+class ConstraintFactory:
+    """Builds per-request processors. Holds the vocabulary (built once, ~0.5 s), the grammar compiler and an
+    LRU of compiled grammars. Thread-safe."""
+
+    def __init__(self, tokenizer: Tokenizer, *, vocab_size: int | None = None, cache_size: int = 64,
+                 slack: int = 24, top_k: int = 8) -> None:
+        self.vocab = GrammarVocab.build(tokenizer, vocab_size)
+        self.cache = GrammarCache(self.vocab, cache_size)
+        self.planner = self.cache.planner
+        self.slack = slack
+        self.top_k = top_k
+
+    def for_tools(self, tools: Sequence[Any], tool_choice: Any = "auto", max_tokens: int = 256, *,
+                  parallel_tool_calls: bool = True, thinking: bool = False) -> GrammarProcessor | ToolBan:
+        """tool_choice "none" (or no tools with "auto"): a ToolBan. "auto": free text until the model opens a
+        tool-call block, then the grammar. "required" / {"name": ...}: the grammar from the first token (after
+        the reasoning when `thinking`). Raises ConstraintError for bad tools/schemas/choices or a max_tokens
+        below the shortest possible call."""
+        mode, name = parse_tool_choice(tool_choice)
+        if mode == "none" or (mode == "auto" and not tools):
+            return ToolBan(self.vocab)
+        defs = normalize_tools(tools)
+        if name is not None:
+            defs = [d for d in defs if d.name == name]
+            if not defs:
+                raise ConstraintError(f"tool_choice names {name!r}, which is not among the offered tools")
+        if not defs:
+            raise ConstraintError("tool_choice 'required' needs at least one tool")
+        compiled = self.cache.tools(defs, parallel_tool_calls)
+        if mode == "auto":
+            gate: Gate | None = Gate(self.vocab.tools.calls_begin, feed=True, optional=True)
+        else:
+            gate = Gate(self.vocab.think_end_id, feed=False, optional=False) if thinking else None
+        return self._processor(compiled, max_tokens, gate, strict=mode != "auto")
+
+    def for_response_format(self, response_format: Mapping[str, Any] | None, max_tokens: int = 256, *,
+                            thinking: bool = False) -> GrammarProcessor | None:
+        """{"type": "json_schema", "schema": {...}} (or OpenAI's {"type": "json_schema", "json_schema":
+        {"name", "schema"}}), {"type": "json_object"}, or {"type": "text"} / None (no constraint)."""
+        if response_format is None:
+            return None
+        if not isinstance(response_format, Mapping):
+            raise ConstraintError(f"response_format must be an object, got {type(response_format).__name__}")
+        kind = response_format.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            compiled = self.cache.json(None, "response_format")
+        elif kind == "json_schema":
+            holder = response_format.get("json_schema")
+            schema = holder.get("schema") if isinstance(holder, Mapping) else response_format.get("schema")
+            if schema is None:
+                raise ConstraintError("response_format json_schema needs a 'schema'")
+            schema = check_schema(schema, "response_format", want_object=False)
+            compiled = self.cache.json(schema, "response_format")
+        else:
+            raise ConstraintError(f"response_format type must be 'json_schema', 'json_object' or 'text'; got {kind!r}")
+        gate = Gate(self.vocab.think_end_id, feed=False, optional=False) if thinking else None
+        return self._processor(compiled, max_tokens, gate, strict=True)
+
+    def _processor(self, compiled: Compiled, max_tokens: int, gate: Gate | None,
+                   strict: bool) -> GrammarProcessor:
+        if max_tokens < 1:
+            raise ConstraintError(f"max_tokens must be >= 1, got {max_tokens}")
+        proc = GrammarProcessor(self.vocab, self.planner, compiled, max_tokens=max_tokens, gate=gate,
+                                slack=self.slack, top_k=self.top_k)
+        if strict and proc.min_tokens > max_tokens:
+            raise ConstraintError(f"max_tokens={max_tokens} is too small: the shortest valid output needs "
+                                  f"{proc.min_tokens} tokens")
+        return proc

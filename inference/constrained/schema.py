@@ -1,0 +1,322 @@
+"""JSON-Schema checks for constrained decoding: refuse what the grammar cannot enforce, tighten formats
+into patterns, and size the shortest instance of a schema (for the token budget)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
+
+from inference.constrained.errors import ConstraintError
+
+SEPARATORS = (",", ":")  # compact JSON: json.dumps(..., separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class ToolDef:
+    name: str
+    schema: dict[str, Any]
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
+# Keywords the grammar engine ignores (its output would then fail validation), so we refuse them up front.
+_UNSUPPORTED = {
+    "not": "'not'", "if": "'if'/'then'/'else'", "then": "'if'/'then'/'else'", "else": "'if'/'then'/'else'",
+    "dependentRequired": "'dependentRequired'", "dependentSchemas": "'dependentSchemas'",
+    "dependencies": "'dependencies'", "contains": "'contains'", "minContains": "'minContains'",
+    "maxContains": "'maxContains'",
+    "$dynamicRef": "'$dynamicRef'", "$recursiveRef": "'$recursiveRef'",
+}
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "additionalItems", "unevaluatedProperties",
+                  "unevaluatedItems", "not", "if", "then", "else", "contains", "propertyNames")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_REGEX_UNSUPPORTED = re.compile(r"\(\?[=!<]|\\[1-9]|\\k<")
+
+
+def check_schema(schema: Any, where: str, *, want_object: bool) -> dict[str, Any]:
+    """Validate a JSON Schema and refuse what the grammar cannot enforce. Returns the schema to compile."""
+    if schema is True or schema is None:
+        schema = {}
+    if not isinstance(schema, Mapping):
+        raise ConstraintError(f"{where}: the schema must be a JSON object, got {type(schema).__name__}")
+    schema = dict(schema)
+    cls = validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except SchemaError as e:
+        path = "/".join(str(p) for p in e.path) or "(root)"
+        raise ConstraintError(f"{where}: not a valid JSON Schema at {path}: {e.message}") from None
+    if want_object:
+        kind = schema.get("type", "object")
+        if kind != "object" and not (isinstance(kind, list) and kind == ["object"]):
+            raise ConstraintError(f"{where}: tool arguments must be a JSON object; the schema has type {kind!r}")
+        schema.setdefault("type", "object")
+    _walk(schema, where, "#")
+    return _tighten(schema)
+
+
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"  # days 29-31 left out: always a real date
+# Formats the grammar engine generates too loosely for a validator (leading zeros, Feb 30) or ignores: the
+# grammar gets a pattern or a format that yields a subset of the valid strings. Validation is unchanged.
+_FORMAT_SUBSETS: dict[str, dict[str, str]] = {
+    "ipv4": {"pattern": rf"^({_OCTET}[.]){{3}}{_OCTET}$"},
+    "date": {"pattern": f"^{_DATE}$"},
+    "date-time": {"pattern": rf"^{_DATE}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]([.][0-9]{{1,6}})?"
+                             r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"},
+    "idn-email": {"format": "email"},
+    "idn-hostname": {"format": "hostname"},
+    "iri": {"format": "uri"},
+    "iri-reference": {"format": "uri-reference"},
+    "regex": {"pattern": r"^[A-Za-z0-9 _-]*$"},  # literal text is a valid regex
+}
+
+
+def optional_groups(regex: str) -> str:
+    """Rewrite each optional group `(...)?` as `(...){0,1}`: xgrammar 0.2.8 turns `(a[0-9]*)?b` into a grammar
+    that also takes "5b" (the group's first element becomes optional on its own); `{0,1}` converts right."""
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            out.append(regex[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if regex[i + 1:i + 2] == "]":  # a leading ']' is a literal inside the class
+                out.append("[]")
+                i += 2
+                continue
+        elif c == ")" and regex[i + 1:i + 2] == "?":
+            out.append("){0,1}")
+            i += 3 if regex[i + 2:i + 3] in ("?", "+") else 2  # a lazy/possessive mark changes nothing here
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _tighten(node: Any) -> Any:
+    """Copy of a schema for the grammar: _FORMAT_SUBSETS applied, optional regex groups rewritten."""
+    if isinstance(node, list):
+        return [_tighten(n) for n in node]
+    if not isinstance(node, Mapping):
+        return node
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        if k in ("enum", "const", "default", "examples"):
+            out[k] = v
+        elif k == "pattern" and isinstance(v, str):
+            out[k] = optional_groups(v)
+        elif k == "patternProperties" and isinstance(v, Mapping):
+            out[k] = {optional_groups(p): _tighten(sub) for p, sub in v.items()}
+        else:
+            out[k] = _tighten(v)
+    fmt = out.get("format")
+    if isinstance(fmt, str) and fmt in _FORMAT_SUBSETS and "pattern" not in out:
+        del out["format"]
+        out.update(_FORMAT_SUBSETS[fmt])
+        if "pattern" in out:
+            out["pattern"] = optional_groups(out["pattern"])
+    return out
+
+
+def _walk(node: Any, where: str, path: str) -> None:
+    if not isinstance(node, Mapping):  # incl. boolean sub-schemas ("items": false only forbids; xgrammar has it)
+        return
+    for key, what in _UNSUPPORTED.items():
+        if key in node:
+            raise ConstraintError(f"{where}: {what} at {path} is not supported by constrained decoding; "
+                                  "rewrite the schema without it")
+    if "multipleOf" in node and not (node.get("type") == "integer" and isinstance(node["multipleOf"], int)):
+        raise ConstraintError(f"{where}: 'multipleOf' at {path} is only supported with an integer divisor on "
+                              "\"type\": \"integer\"")
+    names_schema = node.get("propertyNames")
+    if isinstance(names_schema, Mapping) and set(names_schema) - {"pattern", "type"}:
+        raise ConstraintError(f"{where}: 'propertyNames' at {path} supports only 'pattern'")
+    if node.get("uniqueItems") is True:
+        raise ConstraintError(f"{where}: 'uniqueItems' at {path} is not supported by constrained decoding")
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+        raise ConstraintError(f"{where}: 'allOf' with several schemas at {path} is not supported by "
+                              "constrained decoding; merge them into one schema")
+    ref = node.get("$ref")
+    if isinstance(ref, str) and not (ref == "#" or ref.startswith("#/")):
+        raise ConstraintError(f"{where}: $ref {ref!r} at {path} is not a local reference (#/...)")
+    props = node.get("properties")
+    names = props if isinstance(props, Mapping) else {}
+    missing = [k for k in node.get("required", ()) if isinstance(k, str) and k not in names]
+    if missing and node.get("type", "object") == "object":
+        raise ConstraintError(f"{where}: required propert{'ies' if len(missing) > 1 else 'y'} "
+                              f"{', '.join(map(repr, missing))} at {path} not defined in 'properties'; "
+                              "constrained decoding only generates declared properties")
+    pattern = node.get("pattern")
+    if isinstance(pattern, str) and _REGEX_UNSUPPORTED.search(pattern):
+        raise ConstraintError(f"{where}: pattern {pattern!r} at {path} uses lookaround or backreferences, "
+                              "which constrained decoding cannot enforce")
+    for key in _SUBSCHEMA_MAPS:
+        sub = node.get(key)
+        if isinstance(sub, Mapping):
+            for name, s in sub.items():
+                _walk(s, where, f"{path}/{key}/{name}")
+    for key in _SUBSCHEMA_ONE:
+        if key in node:
+            _walk(node[key], where, f"{path}/{key}")
+    for key in _SUBSCHEMA_LISTS:
+        sub = node.get(key)
+        if isinstance(sub, list):
+            for i, s in enumerate(sub):
+                _walk(s, where, f"{path}/{key}/{i}")
+
+
+# Shortest instance (bytes) of formats as our grammar writes them; patterns get a generous guess.
+_FORMAT_BYTES = {"date": 10, "date-time": 20, "time": 9, "email": 3, "idn-email": 3, "uuid": 36, "ipv4": 7,
+                 "ipv6": 2, "hostname": 1, "uri": 3, "uri-reference": 1, "duration": 4}
+_PATTERN_BYTES = 48
+_BIG = 1 << 20
+
+
+def commit_cost(schema: Mapping[str, Any]) -> int:
+    """Upper estimate (bytes, so also tokens) of how much one decision can add to the shortest completion:
+    adding an optional property or an array item, or taking a longer anyOf branch. The processor verifies
+    structural tokens against the budget while the remaining budget is within this distance of the plan."""
+    worst = 0
+
+    def visit(node: Any, depth: int) -> None:
+        nonlocal worst
+        if not isinstance(node, Mapping) or depth > 64:
+            return
+        props = node.get("properties") if isinstance(node.get("properties"), Mapping) else {}
+        required = set(node.get("required", ()))
+        for key, sub in props.items():
+            if key not in required:
+                worst = max(worst, len(json.dumps(key, ensure_ascii=False).encode()) + 2 + min_bytes(sub, schema))
+        for key in ("additionalProperties", "unevaluatedProperties"):
+            if isinstance(node.get(key), Mapping):
+                worst = max(worst, 4 + min_bytes(node[key], schema))
+        if isinstance(node.get("patternProperties"), Mapping):
+            for sub in node["patternProperties"].values():
+                worst = max(worst, _PATTERN_BYTES + 2 + min_bytes(sub, schema))
+        for key in ("items", "additionalItems"):
+            if isinstance(node.get(key), Mapping):
+                worst = max(worst, 1 + min_bytes(node[key], schema))
+        for key in ("prefixItems", "anyOf", "oneOf"):
+            for sub in node.get(key) or ():
+                worst = max(worst, 1 + min_bytes(sub, schema))
+        for key in _SUBSCHEMA_MAPS:
+            if isinstance(node.get(key), Mapping):
+                for sub in node[key].values():
+                    visit(sub, depth + 1)
+        for key in _SUBSCHEMA_ONE:
+            visit(node.get(key), depth + 1)
+        for key in _SUBSCHEMA_LISTS:
+            for sub in node.get(key) or ():
+                visit(sub, depth + 1)
+
+    visit(schema, 0)
+    return min(worst, 4096)
+
+
+def min_bytes(node: Any, root: Mapping[str, Any], seen: frozenset[str] = frozenset()) -> int:
+    """Rough size in bytes of the shortest compact instance of a schema (over- rather than under-estimated)."""
+    if node is True or not isinstance(node, Mapping):
+        return 1 if node is not False else _BIG
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        if ref in seen:
+            return _BIG
+        target: Any = root
+        for part in ref[2:].split("/") if ref != "#" else ():
+            target = target.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(target, Mapping) else {}
+        return min_bytes(target, root, seen | {ref})
+    if "const" in node:
+        return len(canonical(node["const"]).encode())
+    if isinstance(node.get("enum"), list) and node["enum"]:
+        return min(len(canonical(v).encode()) for v in node["enum"])
+    for key in ("anyOf", "oneOf"):
+        if isinstance(node.get(key), list) and node[key]:
+            return min(min_bytes(s, root, seen) for s in node[key])
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) == 1:
+        return min_bytes(node["allOf"][0], root, seen)
+    kinds = node.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    return min(_min_typed(k, node, root, seen) for k in kinds)
+
+
+def _min_typed(kind: Any, node: Mapping[str, Any], root: Mapping[str, Any], seen: frozenset[str]) -> int:
+    if kind == "string":
+        if "pattern" in node:
+            return 2 + _PATTERN_BYTES
+        if node.get("format") in _FORMAT_BYTES:
+            return 2 + _FORMAT_BYTES[node["format"]]
+        return 2 + 4 * int(node.get("minLength", 0))  # up to 4 bytes a character
+    if kind in ("integer", "number"):
+        bound = node.get("minimum", node.get("exclusiveMinimum", 0))
+        return 2 + len(str(abs(bound))) if isinstance(bound, (int, float)) else 24
+    if kind == "boolean":
+        return 5
+    if kind == "null":
+        return 4
+    if kind == "array":
+        items = node.get("items") if isinstance(node.get("items"), Mapping) else {}
+        prefix = node.get("prefixItems") or []
+        n = int(node.get("minItems", 0))
+        size = 2 + sum(1 + min_bytes(s, root, seen) for s in prefix[:n])
+        return size + max(0, n - len(prefix)) * (1 + min_bytes(items, root, seen))
+    if kind == "object" or kind is None and ("properties" in node or "required" in node):
+        props = node.get("properties") if isinstance(node.get("properties"), Mapping) else {}
+        size = 2 + sum(len(k.encode()) + 4 + min_bytes(props.get(k, {}), root, seen)
+                       for k in node.get("required", ()) if isinstance(k, str))
+        extra = max(0, int(node.get("minProperties", 0)) - len(node.get("required", ())))
+        return size + extra * (6 + min_bytes(node.get("additionalProperties", {}), root, seen))
+    return 1
+
+
+def normalize_tools(tools: Sequence[Any]) -> list[ToolDef]:
+    """Tools in OpenAI ({type, function: {name, parameters}}), MCP ({name, inputSchema}), plain ({name,
+    parameters}) or attribute (`.name` + `.parameters` / `.input_schema`) form."""
+    out: list[ToolDef] = []
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        name, schema = _tool_fields(tool)
+        where = f"tool {name!r}" if isinstance(name, str) else f"tools[{i}]"
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConstraintError(f"{where}: a tool name must be 1-128 letters, digits or _ . : / - "
+                                  "(starting with a letter, digit or _)")
+        if name in seen:
+            raise ConstraintError(f"{where}: duplicate tool name")
+        seen.add(name)
+        out.append(ToolDef(name, check_schema(schema, where, want_object=True)))
+    return out
+
+
+def _tool_fields(tool: Any) -> tuple[Any, Any]:
+    if isinstance(tool, Mapping):
+        fn = tool.get("function")
+        if isinstance(fn, Mapping):
+            return fn.get("name"), fn.get("parameters")
+        for key in ("inputSchema", "input_schema", "parameters"):
+            if key in tool:
+                return tool.get("name"), tool[key]
+        return tool.get("name"), None
+    fn = getattr(tool, "function", None)
+    if fn is not None:
+        return getattr(fn, "name", None), getattr(fn, "parameters", None)
+    for key in ("parameters", "input_schema", "inputSchema"):
+        if hasattr(tool, key):
+            return getattr(tool, "name", None), getattr(tool, key)
+    return getattr(tool, "name", None), None
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=SEPARATORS, ensure_ascii=False)

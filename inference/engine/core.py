@@ -1,0 +1,147 @@
+"""The one generation step of the project: schedule, forward, logits processors, sample, stop checks.
+
+`EngineCore` owns the block manager, the scheduler and the model runner of one cache pool. Both engines drive
+it: `AsyncEngine` calls `step()` in a worker thread between admitting and aborting requests on its event loop;
+the synchronous `Engine.generate` calls it in a loop until every sequence has finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from inference.engine.batch import ScheduledSeq
+from inference.engine.block_manager import BlockManager
+from inference.engine.logits_process import apply_logits_processors, has_prepare, start_prepare
+from inference.engine.runner import CacheMemoryError, available_memory, cache_bytes_per_token, check_cache_fits
+from inference.engine.sampling import sample
+from inference.engine.scheduler import Scheduler, SchedulerOutput
+from inference.engine.sequence import Sequence as Seq
+from inference.engine.sequence import SeqUpdate
+
+DEFAULT_TOKENS_PER_SEQ = 8192  # default cache size: this many tokens per concurrent sequence ...
+DEFAULT_MEMORY_FRACTION = 0.5  # ... if that much of the available memory allows
+
+
+class Runner(Protocol):
+    num_blocks: int
+
+    def run(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor: ...
+
+
+@dataclass
+class StepResult:
+    out: SchedulerOutput | None = None
+    updates: list[SeqUpdate] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+def plan_cache_blocks(
+    engine: Any,
+    *,
+    block_size: int,
+    cache_tokens: int | None,
+    max_num_seqs: int,
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+) -> int:
+    """Number of cache blocks, checked against the device's available memory before anything is allocated.
+
+    With `cache_tokens` the pool holds that many tokens (rounded up to whole blocks) or the call fails naming
+    the setting; without it, `DEFAULT_TOKENS_PER_SEQ` tokens per sequence (capped by the model's context),
+    within `memory_fraction` of the available memory.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    device = torch.device(engine.device)
+    if cache_tokens is not None:
+        if cache_tokens < block_size:
+            raise ValueError(f"cache_tokens ({cache_tokens}) must hold at least one block of {block_size} tokens")
+        num_blocks = -(-cache_tokens // block_size)
+        check_cache_fits(engine.config, num_blocks, block_size, engine.dtype, device, "cache_tokens")
+        return num_blocks
+    per_token = cache_bytes_per_token(engine.config, engine.dtype)
+    budget_tokens = int(available_memory(device) * memory_fraction) // per_token
+    want = max_num_seqs * min(engine.max_context, DEFAULT_TOKENS_PER_SEQ)
+    num_blocks = min(budget_tokens, want) // block_size
+    if num_blocks < 1:
+        raise CacheMemoryError(
+            f"not enough free memory on {device} for one cache block ({block_size * per_token} bytes); "
+            "free memory or set `cache_tokens`"
+        )
+    return num_blocks
+
+
+class EngineCore:
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        max_num_seqs: int = 16,
+        max_num_batched_tokens: int = 512,
+        cache_tokens: int | None = None,
+        block_size: int = 16,
+        memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+        runner: Runner | None = None,
+    ) -> None:
+        """`engine`: an `inference.engine.engine.Engine` (config, device, dtype, max_context, make_runner).
+        `runner` replaces the engine's model runner (tests); its `num_blocks` then sizes the pool."""
+        if runner is None:
+            num_blocks = plan_cache_blocks(engine, block_size=block_size, cache_tokens=cache_tokens,
+                                           max_num_seqs=max_num_seqs, memory_fraction=memory_fraction)
+            runner = engine.make_runner(num_blocks, block_size, "cache_tokens")
+        else:
+            num_blocks = int(runner.num_blocks)
+        self.runner = runner
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens,
+                                   max_model_len=engine.max_context)
+        self._prepare_pool: ThreadPoolExecutor | None = None
+
+    def step(self) -> StepResult:
+        """One model step: schedule, forward, process logits, sample, check stops. An exception in the model
+        is returned in `error` (the step's requests get it; the engine goes on)."""
+        result = StepResult()
+        try:
+            with torch.inference_mode():  # the logits are inference tensors; processors edit them in place
+                self._step(result)
+        except Exception as exc:  # noqa: BLE001
+            result.error = exc
+        return result
+
+    def close(self) -> None:
+        if self._prepare_pool is not None:
+            self._prepare_pool.shutdown(wait=False)
+
+    def _step(self, result: StepResult) -> None:
+        out = self.scheduler.schedule()
+        result.out = out
+        if out.is_empty:
+            return
+        sampling = [out.seqs[r] for r in out.sample_rows]
+        prep = start_prepare(self._pool_for(sampling),
+                             [(s.logits_processors, s.output_ids) for s in sampling if s.logits_processors])
+        logits = self.runner.run(out.scheduled)  # [B, V]
+        if prep is not None:
+            prep.result()
+        tokens: list[int] = []
+        if sampling:
+            rows = logits.float()  # [B, V]
+            if len(out.sample_rows) < len(out.seqs):  # rows that only computed a prefill chunk
+                rows = rows[torch.tensor(out.sample_rows, device=logits.device)]  # [S, V]
+            if any(s.logits_processors for s in sampling):
+                apply_logits_processors(rows, [s.logits_processors for s in sampling],
+                                        [s.output_ids for s in sampling])
+            tokens = sample(rows, [s.params for s in sampling], [s.generator for s in sampling]).tolist()
+        result.updates = self.scheduler.postprocess(out, tokens)
+
+    def _pool_for(self, seqs: list[Seq]) -> ThreadPoolExecutor | None:
+        if not any(has_prepare(s.logits_processors) for s in seqs):
+            return None
+        if self._prepare_pool is None:
+            self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logits-prepare")
+        return self._prepare_pool

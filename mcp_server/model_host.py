@@ -18,13 +18,13 @@ from typing import Any, Literal
 
 import anyio
 
+from inference.model.demo import DEMO_NAME
 from mcp_server.config import ServerConfig
 from mcp_server.progress import Progress
 
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "failed"]
-DEMO_NAME = "deepseek-v3.1-demo (random weights)"  # what inference.model.demo names its checkpoint
 
 
 class ModelUnavailable(RuntimeError):

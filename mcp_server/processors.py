@@ -3,36 +3,18 @@
 `ToolCallProcessors` is the seam for grammar-constrained tool calls: given the offered tools, the tool_choice and
 the token budget, it returns per-request processors (see inference/logits_process.py). The server plugs in
 mcp_server.constraints.GrammarConstraints; without one (no xgrammar on this platform, or `constrained_decoding`
-off), `tool_call` parses whatever the model produced and only tool_choice "none" is enforced, by banning the
-tokens that open a tool-call block.
+off), `tool_call` parses whatever the model produced and only tool_choice "none" is enforced, by the one
+tool-call ban (inference/constrained/tool_ban.py) over the control tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from mcp_server.tool_specs import ToolChoice, ToolSpec
-
-TOOL_CALL_OPENERS = ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>")
 
 
 class ToolCallProcessors(Protocol):
     def __call__(self, *, tokenizer: Any, tools: Sequence[ToolSpec], choice: ToolChoice, max_tokens: int,
                  vocab_size: int | None = None) -> Sequence[Any]: ...
-
-
-class BanTokens:
-    """Never sample the given token ids."""
-
-    def __init__(self, token_ids: Iterable[int]) -> None:
-        self.token_ids = sorted(set(token_ids))
-
-    def __call__(self, output_ids: list[int], logits: Any) -> Any:
-        logits[self.token_ids] = float("-inf")  # logits: [V]
-        return logits
-
-
-def ban_tool_calls(tokenizer: Any) -> BanTokens:
-    ids = [tokenizer.token_to_id(t) for t in TOOL_CALL_OPENERS]
-    return BanTokens(i for i in ids if i is not None)

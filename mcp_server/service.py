@@ -16,16 +16,18 @@ from typing import Any
 
 import anyio
 
+from inference.constrained.tool_ban import ToolBan
 from inference.engine.logits_process import ThinkingBudget
 from inference.engine.sampling import SamplingParams
+from inference.text.control import THINK_END
 from inference.text.parse import StreamParser
-from inference.text.template import THINK_END, render_ids
+from inference.text.template import render_ids
 from mcp_server.config import ServerConfig
 from mcp_server.constraints import GrammarConstraints, grammar_available, steered
 from mcp_server.conversations import Conversation, ConversationStore, UnknownConversation
 from mcp_server.generate import RunResult, run_request
 from mcp_server.model_host import ModelHost
-from mcp_server.processors import ToolCallProcessors, ban_tool_calls
+from mcp_server.processors import ToolCallProcessors
 from mcp_server.progress import Progress
 from mcp_server.schemas import (
     Architecture,
@@ -132,7 +134,7 @@ class ChatService:
                 self.tool_call_processors, tokenizer=prep.tokenizer, tools=specs, choice=choice,
                 max_tokens=prep.params.max_tokens, vocab_size=self._vocab_size()))
         elif choice.mode == "none":
-            processors = [ban_tool_calls(prep.tokenizer)]
+            processors = [ToolBan.for_tokenizer(prep.tokenizer)]
         run, parsed = await self._run(prep, progress, thinking=False, tools=[s.name for s in specs],
                                       processors=processors)
         by_name = {s.name: s for s in specs}

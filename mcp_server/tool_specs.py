@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
-from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
+from inference.text.tools import BadToolSpec, ToolSpec
+from inference.text.tools import normalize_tools as _normalize_tools
 from mcp_server.schemas import McpTool, NamedToolChoice, OpenAITool, ToolChoiceMode
 
-# A name the chat template can carry verbatim between <｜tool▁call▁begin｜> and <｜tool▁sep｜>.
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
-
-
-class BadToolSpec(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    name: str
-    description: str
-    parameters: dict[str, Any]  # JSON Schema of the arguments object
-
-    def as_openai(self) -> dict[str, Any]:
-        return {
-            "type": "function",
-            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
-        }
+__all__ = ["BadToolSpec", "ToolChoice", "ToolSpec", "check_call", "check_json", "normalize_choice", "normalize_tools"]
 
 
 @dataclass(frozen=True)
@@ -45,37 +27,8 @@ class ToolChoice:
 
 
 def normalize_tools(tools: list[McpTool | OpenAITool]) -> list[ToolSpec]:
-    specs: list[ToolSpec] = []
-    seen: set[str] = set()
-    for i, tool in enumerate(tools):
-        if isinstance(tool, OpenAITool):
-            name, desc, schema = tool.function.name, tool.function.description, tool.function.parameters
-        else:
-            name, desc, schema = tool.name, tool.description, tool.input_schema
-        where = f"tools[{i}] ({name!r})"
-        if not _NAME.match(name):
-            raise BadToolSpec(
-                f"{where}: tool names must be 1-128 characters of letters, digits, '_', '-', '.', ':' or '/', "
-                "starting with a letter, digit or '_'; rename the tool"
-            )
-        if name in seen:
-            raise BadToolSpec(f"{where}: duplicate tool name; give each tool a unique name")
-        seen.add(name)
-        check_schema(schema, where)
-        specs.append(ToolSpec(name=name, description=desc or "", parameters=schema))
-    return specs
-
-
-def check_schema(schema: dict[str, Any], where: str) -> None:
-    if schema.get("type", "object") != "object":
-        raise BadToolSpec(f"{where}: the input schema must describe an object (\"type\": \"object\"), "
-                          f"got type {schema.get('type')!r}")
-    cls = validator_for(schema, default=jsonschema.Draft202012Validator)
-    try:
-        cls.check_schema(schema)
-    except SchemaError as e:
-        path = "/".join(str(p) for p in e.path) or "(root)"
-        raise BadToolSpec(f"{where}: the input schema is not valid JSON Schema at {path}: {e.message}") from None
+    """The tools a client sent (MCP or OpenAI shape), names and schemas checked."""
+    return _normalize_tools(tools, check_names=True, check_schemas=True)
 
 
 def normalize_choice(choice: ToolChoiceMode | NamedToolChoice, specs: list[ToolSpec]) -> ToolChoice:

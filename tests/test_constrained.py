@@ -18,9 +18,9 @@ import xgrammar as xgr
 from inference.constrained.errors import ConstraintError
 from inference.constrained.factory import ConstraintFactory
 from inference.constrained.lexer import OUTSIDE, Lex, lex_step
-from inference.constrained.processors import GrammarProcessor, ToolBan
-from inference.constrained.schema import normalize_tools
-from inference.constrained.vocab import marker_tail
+from inference.constrained.processors import GrammarProcessor
+from inference.constrained.schema import constrained_tools
+from inference.constrained.tool_ban import ToolBan, marker_tail
 from inference.text.parse import StreamParser
 from inference.text.tokenizer import Tokenizer
 
@@ -204,7 +204,7 @@ def test_tool_grammar_matches_official_template_and_builtin_tag(factory: Constra
     body = text.split("<｜Assistant｜></think>", 1)[1]
     ids = tok.encode(body)
     assert ids[0] == CB and ids[-2:] == [CE, tok.eos_id]
-    ours = xgr.GrammarMatcher(factory.cache.tools(normalize_tools(tools), True).grammar)
+    ours = xgr.GrammarMatcher(factory.cache.tools(constrained_tools(tools), True).grammar)
     assert all(ours.accept_token(t) for t in ids) and ours.is_terminated()
     # xgrammar's builtin deepseek_v3_1 tag describes the same text, but spells control tokens as strings and
     # lets JSON have free whitespace: it accepts the text, not our token ids; we build our own tag instead.
@@ -216,7 +216,7 @@ def test_tool_grammar_matches_official_template_and_builtin_tag(factory: Constra
     assert not xgr.GrammarMatcher(compiled).accept_token(CB)
     spaced = body.replace('{"city":"Paris"', '{ "city" : "Paris"')
     assert xgr.GrammarMatcher(compiled).accept_string(spaced.removesuffix("<｜end▁of▁sentence｜>"))
-    m = xgr.GrammarMatcher(factory.cache.tools(normalize_tools(tools), True).grammar)
+    m = xgr.GrammarMatcher(factory.cache.tools(constrained_tools(tools), True).grammar)
     assert not all(m.accept_token(t) for t in tok.encode(spaced))
 
 

@@ -31,21 +31,14 @@ from kernels.fp8 import (  # noqa: E402
     weight_dequant_torch,
 )
 from kernels.util import FP8_DTYPE  # noqa: E402
+from tests.helpers import assert_close
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 needs_triton = pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-RTOL = 1e-2
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = RTOL, what: str = "") -> None:
-    """|out - ref| <= rtol * |ref| + 1e-4 * max|ref| elementwise, no NaN (poison must be overwritten)."""
-    out, ref = out.double().cpu(), ref.double().cpu()
-    assert not torch.isnan(out).any(), f"{what}: NaN left in output (unwritten poison?)"
-    atol = 1e-4 * ref.abs().max().item() + 1e-30
-    excess = (out - ref).abs() - rtol * ref.abs() - atol
-    assert excess.max().item() <= 0, f"{what}: max excess {excess.max().item():.3e} over tolerance"
 
 
 def nan_like(shape, dtype, device=DEV) -> torch.Tensor:

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 from kernels.aot import run_family, toolchain_available  # noqa: E402
 from kernels.backend import triton_available  # noqa: E402
 from kernels.mla import mla_decode, mla_decode_torch, mla_prefill, mla_prefill_torch  # noqa: E402
+from tests.helpers import assert_close
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -29,12 +30,6 @@ SMALL = dict(kv_lora=48, rope=16, block_size=16)
 V3 = dict(kv_lora=512, rope=64, block_size=64)
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-2, what: str = "") -> None:
-    out, ref = out.double(), ref.double().to(out.device)
-    assert not torch.isnan(out).any(), f"{what}: NaN left in output (unwritten poison?)"
-    atol = 1e-4 * ref.abs().max().item() + 1e-30
-    excess = (out - ref).abs() - rtol * ref.abs() - atol
-    assert excess.max().item() <= 0, f"{what}: max excess {excess.max().item():.3e} over tolerance"
 
 
 def make_cache(seq_lens: list[int], kv_lora: int, rope: int, block_size: int, dtype=torch.bfloat16, device=DEV):

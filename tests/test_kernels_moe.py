@@ -23,6 +23,7 @@ from kernels.backend import triton_available  # noqa: E402
 from kernels.fp8 import act_quant_torch  # noqa: E402
 from kernels.moe import moe_grouped_gemm, moe_grouped_gemm_torch  # noqa: E402
 from kernels.util import FP8_DTYPE  # noqa: E402
+from tests.helpers import assert_close
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -30,12 +31,6 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-2, what: str = "") -> None:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    assert not torch.isnan(out).any(), f"{what}: NaN left in output (unwritten poison?)"
-    atol = 1e-4 * ref.abs().max().item() + 1e-30
-    excess = (out - ref).abs() - rtol * ref.abs() - atol
-    assert excess.max().item() <= 0, f"{what}: max excess {excess.max().item():.3e} over tolerance"
 
 
 def offsets_for(counts: list[int], device=DEV) -> torch.Tensor:

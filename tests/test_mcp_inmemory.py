@@ -20,13 +20,13 @@ import torch
 from mcp import Client
 from mcp.types import CallToolResult, Tool
 
+from inference.constrained.tool_ban import ToolBan
 from inference.engine.engine import Engine
 from inference.engine.sampling import SamplingParams
 from inference.text.parse import parse
 from inference.text.template import render_ids
 from mcp_server.config import Limits, SamplingDefaults, ServerConfig
 from mcp_server.model_host import ModelHost
-from mcp_server.processors import BanTokens, ban_tool_calls
 from mcp_server.server import MODELS_URI, build_server
 from mcp_server.service import ChatService
 
@@ -231,13 +231,13 @@ async def test_tool_call_parses_valid_and_invalid_calls(served: tuple[Client, Ch
 
 
 async def test_tool_choice_none_bans_the_call_token(engine: Engine) -> None:
-    ban = ban_tool_calls(engine.tokenizer)
+    ban = ToolBan.for_tokenizer(engine.tokenizer)
     opener = engine.tokenizer.token_to_id("<｜tool▁calls▁begin｜>")
     assert opener in ban.token_ids
     logits = torch.randn(engine.config.vocab_size)
     logits[opener] = 100.0
     assert int(ban([], logits).argmax()) != opener and logits[opener] == float("-inf")
-    assert BanTokens([3, 3, 1]).token_ids == [1, 3]
+    assert ToolBan([3, 3, 1]).token_ids == [1, 3]
 
 
 async def test_list_models_tool_and_resource(served: tuple[Client, ChatService], tools: dict[str, Tool],

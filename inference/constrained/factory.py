@@ -12,8 +12,9 @@ from typing import Any
 
 from inference.constrained.errors import ConstraintError
 from inference.constrained.grammars import Compiled, GrammarCache
-from inference.constrained.processors import Gate, GrammarProcessor, ToolBan
-from inference.constrained.schema import check_schema, normalize_tools
+from inference.constrained.processors import Gate, GrammarProcessor
+from inference.constrained.schema import check_schema, constrained_tools
+from inference.constrained.tool_ban import ToolBan
 from inference.constrained.vocab import GrammarVocab
 from inference.text.tokenizer import Tokenizer
 
@@ -59,8 +60,9 @@ class ConstraintFactory:
         below the shortest possible call."""
         mode, name = parse_tool_choice(tool_choice)
         if mode == "none" or (mode == "auto" and not tools):
-            return ToolBan(self.vocab)
-        defs = normalize_tools(tools)
+            v = self.vocab
+            return ToolBan(v.tools.all_ids, v.token_bytes, v.marker_ban)
+        defs = constrained_tools(tools)
         if name is not None:
             defs = [d for d in defs if d.name == name]
             if not defs:

@@ -19,8 +19,9 @@ from xgrammar import structural_tag as st
 from inference.constrained.errors import ConstraintError, first_line
 from inference.constrained.lexer import Lex
 from inference.constrained.planner import Planner
-from inference.constrained.schema import SEPARATORS, ToolDef, canonical, commit_cost
+from inference.constrained.schema import SEPARATORS, canonical, commit_cost
 from inference.constrained.vocab import GrammarVocab
+from inference.text.tools import ToolSpec
 
 
 def json_ebnf(schema: Mapping[str, Any], where: str) -> str:
@@ -33,13 +34,13 @@ def json_ebnf(schema: Mapping[str, Any], where: str) -> str:
     return str(grammar)
 
 
-def tool_calls_tag(tools: Sequence[ToolDef], vocab: GrammarVocab, *, parallel: bool) -> st.StructuralTag:
+def tool_calls_tag(tools: Sequence[ToolSpec], vocab: GrammarVocab, *, parallel: bool) -> st.StructuralTag:
     """Structural tag for one tool-call block: calls begin, one call (or more when `parallel`), calls end."""
     ids = vocab.tools
     calls = [
         st.SequenceFormat(elements=[
             st.TokenFormat(token=ids.call_begin), st.ConstStringFormat(value=t.name), st.TokenFormat(token=ids.sep),
-            st.GrammarFormat(grammar=json_ebnf(t.schema, f"tool {t.name!r}")), st.TokenFormat(token=ids.call_end),
+            st.GrammarFormat(grammar=json_ebnf(t.parameters, f"tool {t.name!r}")), st.TokenFormat(token=ids.call_end),
         ])
         for t in tools
     ]
@@ -73,8 +74,8 @@ class GrammarCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def tools(self, tools: Sequence[ToolDef], parallel: bool) -> Compiled:
-        key = canonical(["tools", parallel, [[t.name, t.schema] for t in tools]])
+    def tools(self, tools: Sequence[ToolSpec], parallel: bool) -> Compiled:
+        key = canonical(["tools", parallel, [[t.name, t.parameters] for t in tools]])
         return self._get(key, lambda: self._compile_tools(tools, parallel))
 
     def json(self, schema: Mapping[str, Any] | None, where: str) -> Compiled:
@@ -99,7 +100,7 @@ class GrammarCache:
                 self._items.popitem(last=False)
         return compiled
 
-    def _compile_tools(self, tools: Sequence[ToolDef], parallel: bool) -> Compiled:
+    def _compile_tools(self, tools: Sequence[ToolSpec], parallel: bool) -> Compiled:
         tag = tool_calls_tag(tools, self.vocab, parallel=parallel)
         try:
             grammar = self._compiler.compile_structural_tag(tag)
@@ -118,7 +119,7 @@ class GrammarCache:
                 raise ConstraintError(f"tool {t.name!r}: constrained decoding finds no way to finish a call "
                                       "(a pattern or format it cannot complete)")
             lengths.append(len(self.vocab.tokenizer.encode(t.name)) + len(plan))
-        return Compiled(grammar, max(lengths) - min(lengths), max(commit_cost(t.schema) for t in tools))
+        return Compiled(grammar, max(lengths) - min(lengths), max(commit_cost(t.parameters) for t in tools))
 
     def _compile_json(self, schema: Mapping[str, Any] | None, where: str) -> xgr.CompiledGrammar:
         if schema is None:  # json_object: any object (non-strict so any keys are allowed)

@@ -36,7 +36,8 @@ from inference.constrained.errors import ConstraintError
 from inference.constrained.grammars import Compiled
 from inference.constrained.lexer import OUTSIDE, Lex
 from inference.constrained.planner import Planner, completes
-from inference.constrained.vocab import GrammarVocab, marker_tail
+from inference.constrained.tool_ban import ban_ids, ban_marker, marker_tail
+from inference.constrained.vocab import GrammarVocab
 
 _NEG_INF = float("-inf")
 
@@ -53,45 +54,6 @@ class Gate:
 
 
 FREE, GRAMMAR, FAILED = "free", "grammar", "failed"
-
-
-class ToolBan:
-    """tool_choice "none": the tool-call control tokens, and their spelled-out text, never appear."""
-
-    def __init__(self, vocab: GrammarVocab) -> None:
-        self._vocab = vocab
-        self._ban = torch.tensor(vocab.tools.all_ids, dtype=torch.long)
-        self._tail = 0
-        self._seen = 0
-        self.steered = False
-        self.is_terminated = False
-
-    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        for t in output_ids[self._seen:]:
-            self._tail = marker_tail(self._tail, self._vocab.token_bytes[t])
-        self._seen = len(output_ids)
-        logits[self._ban.to(logits.device)] = _NEG_INF
-        _ban_marker(logits, self._vocab, self._tail)
-        return logits
-
-
-def _ban(logits: torch.Tensor, ids: torch.Tensor) -> None:
-    """Set logits[ids] to -inf, unless that would leave nothing to sample."""
-    if not ids.numel():
-        return
-    ids = ids.to(logits.device)
-    saved = logits[ids]  # [n] (a copy)
-    if not bool(torch.isfinite(saved).any()):
-        return  # already masked: the common case, no full-row check needed
-    logits[ids] = _NEG_INF
-    if float(logits.max()) == _NEG_INF:
-        logits[ids] = saved
-
-
-def _ban_marker(logits: torch.Tensor, vocab: GrammarVocab, tail: int) -> None:
-    """Forbid tokens that would spell `<｜` (the start of every control marker) as text."""
-    for k in {0, tail}:
-        _ban(logits, vocab.marker_ban[k])
 
 
 class GrammarProcessor:
@@ -191,8 +153,8 @@ class GrammarProcessor:
             xgr.apply_token_bitmask_inplace(logits[:v].view(1, v), self._bitmask.to(logits.device))
         if self._lex.mode != OUTSIDE:
             # xgrammar's minLength/maxLength strings admit raw control bytes: not JSON, so ban them here
-            _ban(logits, self._vocab.control_ids)
-            _ban_marker(logits, self._vocab, self._tail)
+            ban_ids(logits, self._vocab.control_ids)
+            ban_marker(logits, self._vocab.marker_ban, self._tail)
         plan = self._plan
         if plan is None:
             self.over_budget |= remaining <= self.slack  # no completion found: nothing to steer by
@@ -265,7 +227,7 @@ class GrammarProcessor:
         assert self.gate is not None
         if self._free_ban.numel():
             logits[self._free_ban.to(logits.device)] = _NEG_INF
-        _ban_marker(logits, self._vocab, self._tail)
+        ban_marker(logits, self._vocab.marker_ban, self._tail)
         if self.gate.optional:
             if remaining < self.min_tokens:  # a call opened now could not be finished
                 logits[self.gate.token] = _NEG_INF

@@ -6,25 +6,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
-import jsonschema
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
-
 from inference.constrained.errors import ConstraintError
+from inference.text.tools import BadToolSpec, ToolSpec, normalize_tools, schema_error
 
 SEPARATORS = (",", ":")  # compact JSON: json.dumps(..., separators=(",", ":"))
 
 
-@dataclass(frozen=True)
-class ToolDef:
-    name: str
-    schema: dict[str, Any]
-
-
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
 # Keywords the grammar engine ignores (its output would then fail validation), so we refuse them up front.
 _UNSUPPORTED = {
     "not": "'not'", "if": "'if'/'then'/'else'", "then": "'if'/'then'/'else'", "else": "'if'/'then'/'else'",
@@ -47,12 +37,9 @@ def check_schema(schema: Any, where: str, *, want_object: bool) -> dict[str, Any
     if not isinstance(schema, Mapping):
         raise ConstraintError(f"{where}: the schema must be a JSON object, got {type(schema).__name__}")
     schema = dict(schema)
-    cls = validator_for(schema, default=jsonschema.Draft202012Validator)
-    try:
-        cls.check_schema(schema)
-    except SchemaError as e:
-        path = "/".join(str(p) for p in e.path) or "(root)"
-        raise ConstraintError(f"{where}: not a valid JSON Schema at {path}: {e.message}") from None
+    error = schema_error(schema)
+    if error:
+        raise ConstraintError(f"{where}: not a valid JSON Schema at {error}")
     if want_object:
         kind = schema.get("type", "object")
         if kind != "object" and not (isinstance(kind, list) and kind == ["object"]):
@@ -282,40 +269,14 @@ def _min_typed(kind: Any, node: Mapping[str, Any], root: Mapping[str, Any], seen
     return 1
 
 
-def normalize_tools(tools: Sequence[Any]) -> list[ToolDef]:
-    """Tools in OpenAI ({type, function: {name, parameters}}), MCP ({name, inputSchema}), plain ({name,
-    parameters}) or attribute (`.name` + `.parameters` / `.input_schema`) form."""
-    out: list[ToolDef] = []
-    seen: set[str] = set()
-    for i, tool in enumerate(tools):
-        name, schema = _tool_fields(tool)
-        where = f"tool {name!r}" if isinstance(name, str) else f"tools[{i}]"
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ConstraintError(f"{where}: a tool name must be 1-128 letters, digits or _ . : / - "
-                                  "(starting with a letter, digit or _)")
-        if name in seen:
-            raise ConstraintError(f"{where}: duplicate tool name")
-        seen.add(name)
-        out.append(ToolDef(name, check_schema(schema, where, want_object=True)))
-    return out
-
-
-def _tool_fields(tool: Any) -> tuple[Any, Any]:
-    if isinstance(tool, Mapping):
-        fn = tool.get("function")
-        if isinstance(fn, Mapping):
-            return fn.get("name"), fn.get("parameters")
-        for key in ("inputSchema", "input_schema", "parameters"):
-            if key in tool:
-                return tool.get("name"), tool[key]
-        return tool.get("name"), None
-    fn = getattr(tool, "function", None)
-    if fn is not None:
-        return getattr(fn, "name", None), getattr(fn, "parameters", None)
-    for key in ("parameters", "input_schema", "inputSchema"):
-        if hasattr(tool, key):
-            return getattr(tool, "name", None), getattr(tool, key)
-    return getattr(tool, "name", None), None
+def constrained_tools(tools: Sequence[Any]) -> list[ToolSpec]:
+    """The tools (any shape `normalize_tools` takes) with their parameters checked and tightened for the
+    grammar. Raises ConstraintError naming the tool."""
+    try:
+        specs = normalize_tools(tools, check_names=True)
+    except BadToolSpec as e:
+        raise ConstraintError(str(e)) from None
+    return [replace(s, parameters=check_schema(s.parameters, f"tool {s.name!r}", want_object=True)) for s in specs]
 
 
 def canonical(value: Any) -> str:

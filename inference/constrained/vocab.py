@@ -12,27 +12,24 @@ byte. No JSON string and no grammar literal can hold a NUL, so these tokens are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import xgrammar as xgr
 
 from inference.constrained.errors import ConstraintError
-from inference.text.template import (
+from inference.constrained.tool_ban import marker_ban
+from inference.text.control import (
     THINK_END,
     TOOL_CALL_BEGIN,
     TOOL_CALL_END,
     TOOL_CALLS_BEGIN,
     TOOL_CALLS_END,
-    TOOL_OUTPUT_BEGIN,
-    TOOL_OUTPUT_END,
+    TOOL_OUTPUT_MARKERS,
     TOOL_SEP,
 )
 from inference.text.tokenizer import Tokenizer
 
-MARKER_PREFIX = "<｜".encode()  # every DeepSeek control marker starts with these bytes
-_TOOL_OUTPUTS = ("<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>")
 _STRUCTURAL = frozenset(b'"\\{}[],:')
 
 
@@ -88,7 +85,7 @@ class GrammarVocab:
 
         tools = ToolTokens(need(TOOL_CALLS_BEGIN), need(TOOL_CALLS_END), need(TOOL_CALL_BEGIN),
                            need(TOOL_CALL_END), need(TOOL_SEP),
-                           tuple(need(t) for t in (*_TOOL_OUTPUTS, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END)))
+                           tuple(need(t) for t in TOOL_OUTPUT_MARKERS))
         added = set(backend.get_added_tokens_decoder())
         encoded: list[str] = [""] * size
         raw: list[bytes] = [b""] * size
@@ -114,25 +111,4 @@ class GrammarVocab:
         structural = [i for i, b in enumerate(raw) if any(c in _STRUCTURAL for c in b)]
         structural = torch.tensor(sorted({*structural, *tools.grammar_ids, eos}), dtype=torch.long)
         return GrammarVocab(info, tokenizer, size, eos, need(THINK_END), tools, tuple(raw), tuple(byte_token),
-                            _marker_ban(raw), control, structural)
-
-
-def _marker_ban(raw: Sequence[bytes]) -> tuple[torch.Tensor, ...]:
-    """ban[k]: ids whose bytes, appended to text ending in MARKER_PREFIX[:k], would spell the marker prefix.
-    ban[0] holds the ids that contain it whole."""
-    m = MARKER_PREFIX
-    out = [[i for i, b in enumerate(raw) if m in b]]
-    for k in range(1, len(m)):
-        rest = m[k:]
-        out.append([i for i, b in enumerate(raw) if b.startswith(rest) or (b and rest.startswith(b))])
-    return tuple(torch.tensor(ids, dtype=torch.long) for ids in out)
-
-
-def marker_tail(tail: int, data: bytes) -> int:
-    """How much of MARKER_PREFIX the text ends with (0..3) after appending `data` to text ending in `tail`."""
-    buf = MARKER_PREFIX[:tail] + data
-    for k in range(len(MARKER_PREFIX) - 1, 0, -1):
-        if buf.endswith(MARKER_PREFIX[:k]):
-            return k
-    return 0
-
+                            marker_ban(raw), control, structural)

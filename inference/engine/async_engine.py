@@ -30,7 +30,7 @@ import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from inference.engine.block_manager import BlockManager
-from inference.engine.core import DEFAULT_MEMORY_FRACTION, EngineCore, Runner, StepResult
+from inference.engine.core import EngineCore, Runner, StepResult
 from inference.engine.logits_process import LogitsProcessor
 from inference.engine.sampling import SamplingParams, make_generator
 from inference.engine.scheduler import Scheduler
@@ -89,25 +89,15 @@ class _Request:
 
 
 class AsyncEngine:
-    def __init__(
-        self,
-        engine: Any,
-        *,
-        max_num_seqs: int = 16,
-        max_num_batched_tokens: int = 512,
-        cache_tokens: int | None = None,
-        block_size: int = 16,
-        memory_fraction: float = DEFAULT_MEMORY_FRACTION,
-        runner: Runner | None = None,
-    ) -> None:
+    def __init__(self, engine: Any, **options: Any) -> None:
         """`engine`: an `inference.engine.engine.Engine` (model, config, tokenizer, device, dtype, make_runner).
-        `runner` replaces the engine's model runner (tests); its `num_blocks` then sizes the pool."""
+        `options` size the cache and the batch, as `EngineCore` takes them: `max_num_seqs`,
+        `max_num_batched_tokens`, `cache_tokens`, `block_size`, `memory_fraction`, and `runner`, which replaces
+        the engine's model runner (tests; its `num_blocks` then sizes the pool)."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.device = torch.device(engine.device)
-        self.core = EngineCore(engine, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                               cache_tokens=cache_tokens, block_size=block_size, memory_fraction=memory_fraction,
-                               runner=runner)
+        self.core = EngineCore(engine, **options)
         self._requests: dict[str, _Request] = {}  # touched by the loop's thread only
         self._inbox: list[tuple[str, Any]] = []  # ("add", _Request) | ("abort", request_id), any thread
         self._inbox_lock = threading.Lock()

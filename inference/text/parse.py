@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from inference.text.template import (
+from inference.text.control import (
     EOS,
     SEARCH_BEGIN,
     SEARCH_END,

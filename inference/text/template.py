@@ -31,21 +31,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-THINK_BEGIN = "<think>"
-THINK_END = "</think>"
-TOOL_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
-TOOL_CALLS_END = "<｜tool▁calls▁end｜>"
-TOOL_CALL_BEGIN = "<｜tool▁call▁begin｜>"
-TOOL_CALL_END = "<｜tool▁call▁end｜>"
-TOOL_SEP = "<｜tool▁sep｜>"
-TOOL_OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
-TOOL_OUTPUT_END = "<｜tool▁output▁end｜>"
-SEARCH_BEGIN = "<｜search▁begin｜>"
-SEARCH_END = "<｜search▁end｜>"
+from inference.text.control import (
+    ASSISTANT,
+    BOS,
+    EOS,
+    THINK_BEGIN,
+    THINK_END,
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_OUTPUT_BEGIN,
+    TOOL_OUTPUT_END,
+    TOOL_SEP,
+    USER,
+)
+from inference.text.tools import normalize_tools
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -62,7 +63,6 @@ TOOL_FORMAT_RULES = (
     "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema\n"
     "- For multiple tool calls, chain them directly without separators or spaces\n"
 )
-EMPTY_PARAMETERS: Mapping[str, Any] = {"type": "object", "properties": {}}
 
 
 @dataclass(frozen=True)
@@ -81,13 +81,6 @@ class Message:
     content: str
     tool_calls: tuple[ToolCallRecord, ...] | None = None
     prefix: bool = False
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    name: str
-    description: str
-    parameters: Any
 
 
 class TokenEncoder(Protocol):
@@ -173,49 +166,6 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
             records = tuple(_tool_call(i, j, c) for j, c in enumerate(calls)) or None
         out.append(Message(role, content, records, bool(msg.get("prefix")) if role == "assistant" else False))
     return out
-
-
-def _tool_spec(index: int, tool: Any) -> ToolSpec:
-    if hasattr(tool, "model_dump") and not isinstance(tool, Mapping):
-        tool = tool.model_dump(by_alias=True, exclude_none=True)  # e.g. mcp.types.Tool
-    if not isinstance(tool, Mapping):
-        raise ValueError(f"tools[{index}]: expected an object, got {type(tool).__name__}")
-    if "function" in tool:  # OpenAI: {"type": "function", "function": {name, description, parameters}}
-        if tool.get("type", "function") != "function":
-            raise ValueError(f"tools[{index}]: unsupported tool type {tool.get('type')!r}; expected 'function'")
-        spec = tool["function"]
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"tools[{index}]: 'function' must be an object with 'name', 'parameters'")
-        schema_keys = ("parameters",)
-    else:  # MCP: {name, description, inputSchema}
-        spec = tool
-        schema_keys = ("inputSchema", "input_schema", "parameters")
-    name = spec.get("name")
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"tools[{index}]: missing 'name'; give {{'name', 'description', 'inputSchema'}} "
-                         "(MCP) or {'type': 'function', 'function': {'name', 'description', 'parameters'}}")
-    description = spec.get("description") or ""
-    if not isinstance(description, str):
-        raise ValueError(f"tools[{index}] ({name}): description must be a string")
-    params: Any = next((spec[k] for k in schema_keys if spec.get(k) is not None), EMPTY_PARAMETERS)
-    if not isinstance(params, Mapping):
-        raise ValueError(f"tools[{index}] ({name}): parameters must be a JSON-schema object")
-    return ToolSpec(name, description, params)
-
-
-def normalize_tools(tools: Sequence[Any] | None) -> list[ToolSpec]:
-    """MCP-style or OpenAI-style tool specs -> `ToolSpec`s (None or [] -> no tools). Duplicate names raise."""
-    if tools is None:
-        return []
-    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
-        raise ValueError(f"tools must be a list of tool specs, got {type(tools).__name__}")
-    specs = [_tool_spec(i, t) for i, t in enumerate(tools)]
-    seen: set[str] = set()
-    for i, s in enumerate(specs):
-        if s.name in seen:
-            raise ValueError(f"tools[{i}]: duplicate tool name {s.name!r}; tool names must be unique")
-        seen.add(s.name)
-    return specs
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,36 +27,12 @@ from typing import Any
 
 import tokenizers
 
-DEEPSEEK_V31_VOCAB_SIZE = 129280  # the model's embedding rows; the tokenizer itself ends at id 128814
-BOS_TOKEN = "<｜begin▁of▁sentence｜>"
-EOS_TOKEN = "<｜end▁of▁sentence｜>"
-PAD_TOKEN = "<｜▁pad▁｜>"
+from inference.text.control import BOS as BOS_TOKEN
+from inference.text.control import EOS as EOS_TOKEN
+from inference.text.control import PAD as PAD_TOKEN
+from inference.text.control import V31_SPECIAL_TOKENS
 
-# Every V3.1 control token and its id (fullwidth ｜ U+FF5C, ▁ U+2581).
-V31_SPECIAL_TOKENS: Mapping[int, str] = MappingProxyType({
-    0: BOS_TOKEN,
-    1: EOS_TOKEN,
-    2: PAD_TOKEN,
-    128796: "<｜search▁begin｜>",
-    128797: "<｜search▁end｜>",
-    128798: "<think>",
-    128799: "</think>",
-    128800: "<｜fim▁hole｜>",
-    128801: "<｜fim▁begin｜>",
-    128802: "<｜fim▁end｜>",
-    128803: "<｜User｜>",
-    128804: "<｜Assistant｜>",
-    128805: "<|EOT|>",
-    128806: "<｜tool▁calls▁begin｜>",
-    128807: "<｜tool▁calls▁end｜>",
-    128808: "<｜tool▁call▁begin｜>",
-    128809: "<｜tool▁call▁end｜>",
-    128810: "<｜tool▁outputs▁begin｜>",
-    128811: "<｜tool▁outputs▁end｜>",
-    128812: "<｜tool▁output▁begin｜>",
-    128813: "<｜tool▁output▁end｜>",
-    128814: "<｜tool▁sep｜>",
-})
+DEEPSEEK_V31_VOCAB_SIZE = 129280  # the model's embedding rows; the tokenizer itself ends at id 128814
 # The ids that V3 ships as placeholders and V3.1 renames.
 V31_RENAMED_IDS: tuple[int, ...] = (128796, 128797)
 _SKIPPED_IDS = frozenset({0, 1, 2, 128805})

@@ -1,0 +1,14 @@
+"""Helpers shared by the kernel tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-2, what: str = "") -> None:
+    """|out - ref| <= rtol * |ref| + 1e-4 * max|ref| elementwise, no NaN (poison must be overwritten)."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert not torch.isnan(out).any(), f"{what}: NaN left in output (unwritten poison?)"
+    atol = 1e-4 * ref.abs().max().item() + 1e-30
+    excess = (out - ref).abs() - rtol * ref.abs() - atol
+    assert excess.max().item() <= 0, f"{what}: max excess {excess.max().item():.3e} over tolerance"

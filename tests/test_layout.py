@@ -1,0 +1,102 @@
+"""The project's layout promises: one generation loop (the sync `Engine.generate` drives the same `EngineCore`
+step as the server's `AsyncEngine`), imports that work from anywhere, names re-exported at the top, and no
+source file past the size we keep them under."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+
+from inference.engine.async_engine import AsyncEngine
+from inference.engine.core import EngineCore
+from inference.engine.engine import Engine
+from inference.engine.sampling import SamplingParams
+from tests.hf_checkpoints import tiny_hf_model
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    path = tmp_path_factory.mktemp("tiny_layout")
+    tiny_hf_model(path, seed=5)
+    return Engine.from_pretrained(path, device="cpu", dtype="float32")
+
+
+def test_generate_runs_through_engine_core_steps(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps: list[int] = []
+    real = EngineCore.step
+
+    def counted(self: EngineCore):
+        result = real(self)
+        steps.append(len(result.out.seqs) if result.out is not None else 0)
+        return result
+
+    monkeypatch.setattr(EngineCore, "step", counted)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (5, 17, 9)]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    # one step prefills every prompt and samples each one's first token, then one decode step per token
+    assert steps == [3] * 6
+    assert [len(o.token_ids) for o in outs] == [6, 6, 6]
+    assert [o.prompt_tokens for o in outs] == [5, 17, 9]
+
+
+def test_generate_equals_the_async_engine(engine: Engine) -> None:
+    seed = int(torch.randint(0, 2**31, ()).item())
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (3, 30, 12, 1)]
+    params = [SamplingParams(max_tokens=10, ignore_eos=True),
+              SamplingParams(max_tokens=7, temperature=1.0, seed=seed),
+              SamplingParams(max_tokens=12, temperature=0.7, top_p=0.9, seed=seed + 1),
+              SamplingParams(max_tokens=5, stop_token_ids=[int(prompts[0][0])])]
+    sync = engine.generate(prompts, params)
+
+    async def run() -> list[list[int]]:
+        async with AsyncEngine(engine, max_num_seqs=4, cache_tokens=512, block_size=4) as aeng:
+            results: list[list[int]] = [[] for _ in prompts]
+
+            async def one(i: int) -> None:
+                async for out in aeng.stream(prompts[i], params[i]):
+                    results[i] = out.token_ids
+            async with anyio.create_task_group() as tg:
+                for i in range(len(prompts)):
+                    tg.start_soon(one, i)
+            return results
+
+    assert anyio.run(run) == [o.token_ids for o in sync], f"seed={seed}"
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_imports_work_from_anywhere(tmp_path: Path) -> None:
+    script = tmp_path / "elsewhere" / "use_engine.py"
+    script.parent.mkdir()
+    script.write_text("from inference import AsyncEngine, Engine, SamplingParams, StreamParser\n"
+                      "import inference.constrained.tool_ban, mcp_server.server, kernels.fp8\n"
+                      "print(Engine.__module__, SamplingParams().max_tokens > 0, AsyncEngine.__name__)\n")
+    out = _run([sys.executable, str(script)], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["inference.engine.engine", "True", "AsyncEngine"]
+    for module in ("inference", "mcp_server"):
+        out = _run([sys.executable, "-m", module, "--help"], cwd=tmp_path)
+        assert out.returncode == 0 and "usage" in out.stdout, out.stderr
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        import inference
+
+        _ = inference.Nope
+
+
+def test_no_source_file_over_450_lines() -> None:
+    long = {str(p.relative_to(ROOT)): n for folder in ("inference", "kernels", "mcp_server")
+            for p in (ROOT / folder).rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, f"split these files: {long}"

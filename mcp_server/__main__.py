@@ -104,6 +104,9 @@ def setup_logging(level: str) -> None:
 
 
 async def serve(config: ServerConfig) -> None:
+    import anyio
+
+    from mcp_server.api.app import ApiApp, serve_api
     from mcp_server.model_host import ModelHost
     from mcp_server.server import build_server
     from mcp_server.service import ChatService
@@ -112,11 +115,15 @@ async def serve(config: ServerConfig) -> None:
     host = ModelHost(config)
     service = ChatService(host, config)
     mcp = build_server(service)
-    async with host.running():
+    api = ApiApp(service)
+    async with host.running(), anyio.create_task_group() as tg:
+        if config.api_port is not None and (config.transport == "stdio" or config.api_port != config.port):
+            tg.start_soon(serve_api, api, config.api_port)
         if config.transport == "stdio":
             await serve_stdio(mcp)
         else:
-            await serve_http(mcp, config)
+            await serve_http(mcp, config, wrap=api.mount)
+        tg.cancel_scope.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,6 +153,9 @@ def load_config(
 
 def check_serving_security(config: ServerConfig) -> None:
     """Refuse an HTTP/SSE bind beyond loopback without a bearer token."""
+    if config.api_port is not None and not config.bind_is_loopback() and not config.token:
+        raise ConfigError(f"refusing to serve the API on {config.host}: a non-loopback bind address needs a bearer "
+                          f"token. Set \"token\", pass --token, or export {TOKEN_ENV}; or bind to 127.0.0.1.")
     if config.transport == "stdio":
         return
     if not config.bind_is_loopback() and not config.token:

@@ -36,3 +36,20 @@ class BanTokens:
 def ban_tool_calls(tokenizer: Any) -> BanTokens:
     ids = [tokenizer.token_to_id(t) for t in TOOL_CALL_OPENERS]
     return BanTokens(i for i in ids if i is not None)
+
+
+class Penalties:
+    """OpenAI's presence and frequency penalties over the request's own output so far:
+    logit[t] -= presence * (count[t] > 0) + frequency * count[t]."""
+
+    def __init__(self, presence: float = 0.0, frequency: float = 0.0) -> None:
+        self.presence, self.frequency = presence, frequency
+
+    def __call__(self, output_ids: list[int], logits: Any) -> Any:
+        if not output_ids:
+            return logits
+        import torch
+
+        ids, counts = torch.tensor(output_ids, device=logits.device).unique(return_counts=True)  # [U], [U]
+        logits[ids] -= self.presence + self.frequency * counts.to(logits.dtype)
+        return logits

@@ -1,0 +1,60 @@
+"""A server-sent-events response driven by a producer coroutine (not a generator, so the producer may run its
+own task groups). A client that disconnects cancels the producer, which aborts its engine requests (their
+cache blocks are free before the next step)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import anyio
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+Write = Callable[[bytes], Awaitable[None]]
+Producer = Callable[[Write], Awaitable[None]]
+
+
+def sse(data: str, event: str | None = None) -> bytes:
+    return (f"event: {event}\ndata: {data}\n\n" if event else f"data: {data}\n\n").encode()
+
+
+class EventStreamResponse(Response):
+    media_type = "text/event-stream"
+
+    def __init__(self, produce: Producer, headers: dict[str, str] | None = None) -> None:
+        super().__init__(content=None, status_code=200,
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+        self.produce = produce
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lock = anyio.Lock()
+
+        async def write(data: bytes) -> None:
+            async with lock:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        disconnected = False
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                nonlocal disconnected
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        disconnected = True
+                        log.info("client disconnected mid-stream; its requests are aborted")
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch)
+            try:
+                await self.produce(write)
+            except OSError:  # the connection broke while writing
+                disconnected = True
+            tg.cancel_scope.cancel()
+        if not disconnected:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -25,8 +25,10 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, produce: Producer, headers: dict[str, str] | None = None) -> None:
-        super().__init__(content=None, status_code=200,
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+        # no `body`: init_headers then writes no Content-Length (the stream is chunked)
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self.produce = produce
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

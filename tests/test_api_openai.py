@@ -362,3 +362,29 @@ def test_16_api_calls_with_mcp_calls(server: LiveServer) -> None:
         else:
             assert r.choices[0].message.content
     assert all(not r.is_error and r.structured_content["text"] for r in mcp_results)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/messages"])
+def test_failure_mid_stream_ends_with_an_error_event(server: LiveServer, monkeypatch: pytest.MonkeyPatch,
+                                                     route: str) -> None:
+    from inference.text.parse import ContentDelta
+    from mcp_server.service import GenerationFailed
+
+    async def failing_run(*args: Any, on_events: Any = None, **kw: Any) -> Any:
+        on_events("partial", [ContentDelta("partial")])
+        raise GenerationFailed("generation failed: the engine broke (test)")
+
+    assert server.service is not None
+    monkeypatch.setattr(server.service, "run", failing_run)
+    body = {"model": "deepseek-chat", "messages": HELLO[1:], "max_tokens": 8, "stream": True}
+    with httpx.Client(base_url=server.url, headers={"x-api-key": TOKEN}) as http, \
+            http.stream("POST", route, json=body) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert "partial" in "".join(lines)
+    last = json.loads(lines[-1].removeprefix("data: "))
+    if route == "/v1/messages":
+        assert lines[-2] == "event: error" and last["type"] == "error"
+        assert last["error"]["type"] == "api_error" and "engine broke" in last["error"]["message"]
+    else:
+        assert "[DONE]" not in lines[-1] and last["error"]["code"] == "generation_failed"

@@ -207,6 +207,11 @@ def test_n_penalties_and_json_object(client: OpenAI) -> None:
     assert sorted(c.index for c in r.choices) == [0, 1, 2]
     assert len({c.message.content for c in r.choices}) > 1
     assert r.usage.completion_tokens == sum(6 for _ in r.choices)
+    chunks = list(client.chat.completions.create(model="deepseek-chat", messages=HELLO, n=3, temperature=1.0,
+                                                 seed=1, max_tokens=6, stream=True))
+    streamed = joined(chunks)
+    assert sorted(streamed) == [0, 1, 2] and all(streamed[i]["finish"] == "length" for i in streamed)
+    assert [streamed[c.index]["content"] for c in r.choices] == [c.message.content for c in r.choices]
     plain = client.chat.completions.create(model="deepseek-chat", messages=HELLO, max_tokens=24).choices[0]
     penalized = client.chat.completions.create(model="deepseek-chat", messages=HELLO, max_tokens=24,
                                                frequency_penalty=-2.0, presence_penalty=-2.0).choices[0]
@@ -269,10 +274,17 @@ def test_errors_by_status_and_shape(client: OpenAI, server: LiveServer) -> None:
 
 
 def test_queue_full_and_loading(engine: Engine) -> None:
-    with live_server(config(max_waiting=0), lambda: engine) as s:
+    with live_server(config(max_waiting=0), lambda: engine) as s:  # a bound of 0: every request is refused
         c = OpenAI(api_key=TOKEN, base_url=s.url + "/v1", max_retries=0)
-        status, body = status_of(lambda: c.chat.completions.create(model="deepseek-chat", messages=HELLO))
-        assert status == 429 and body["code"] == "queue_full"
+        try:
+            c.chat.completions.create(model="deepseek-chat", messages=HELLO)
+            raise AssertionError("no error")
+        except openai.RateLimitError as e:
+            assert e.status_code == 429 and e.body["code"] == "queue_full" and e.response.headers["retry-after"]
+        r = httpx.post(s.url + "/v1/messages", headers={"x-api-key": TOKEN}, json={
+            "model": "deepseek-chat", "max_tokens": 4, "messages": HELLO[1:]})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert mcp_chat(s, {"prompt": "hi"}).is_error  # the MCP tools get a clear error result too
     release = threading.Event()
 
     def slow_load() -> Engine:
@@ -298,6 +310,36 @@ def test_queue_full_and_loading(engine: Engine) -> None:
                                                        "error": "RuntimeError: checkpoint is corrupt (test)"}
 
 
+def mcp_chat(server: LiveServer, args: dict[str, Any]) -> Any:
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    async def main() -> Any:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http, \
+                Client(streamable_http_client(server.url + "/mcp", http_client=http)) as mcp:
+            return await mcp.call_tool("chat", args)
+
+    result = anyio.run(main)
+    if result.is_error:
+        assert "queue is full" in result.content[0].text
+    return result
+
+
+def wait_idle(aengine: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (aengine.stats().running or aengine.block_manager.usage) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert aengine.stats().running == 0 and aengine.block_manager.usage == 0
+
+
+def test_disconnect_non_stream_aborts(server: LiveServer) -> None:
+    aengine = server.aengine
+    body = {"model": "deepseek-chat", "messages": HELLO, "max_tokens": 3000}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, headers={"x-api-key": TOKEN}, timeout=1.0)
+    wait_idle(aengine)
+
+
 def test_disconnect_mid_stream_frees_cache(server: LiveServer) -> None:
     aengine = server.aengine
     body = {"model": "deepseek-chat", "messages": HELLO, "max_tokens": 2000, "stream": True}
@@ -308,10 +350,7 @@ def test_disconnect_mid_stream_frees_cache(server: LiveServer) -> None:
                 next(lines)
             assert aengine.stats().running == 1 and aengine.block_manager.usage > 0
             steps_at_close = aengine.num_steps
-    deadline = time.monotonic() + 5
-    while (aengine.stats().running or aengine.block_manager.usage) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert aengine.stats().running == 0 and aengine.block_manager.usage == 0
+    wait_idle(aengine)
     freed_after = aengine.num_steps - steps_at_close
     print(f"cache freed {freed_after} steps after the client closed")
     assert freed_after <= 3

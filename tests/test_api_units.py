@@ -186,3 +186,12 @@ def test_penalties_processor() -> None:
     logits = torch.zeros(6)
     out = Penalties(presence=0.5, frequency=0.25)([2, 2, 4], logits)
     assert out.tolist() == [0.0, 0.0, -1.0, 0.0, -0.75, 0.0]
+
+
+def test_api_port_beyond_loopback_needs_a_token() -> None:
+    from mcp_server.config import ConfigError, check_serving_security, load_config
+
+    config = load_config(None, {"host": "0.0.0.0", "api_port": 8001}, environ={})
+    with pytest.raises(ConfigError, match="API on 0.0.0.0"):
+        check_serving_security(config)
+    check_serving_security(load_config(None, {"host": "0.0.0.0", "api_port": 8001, "token": "t" * 20}, environ={}))

@@ -315,7 +315,7 @@ def mcp_chat(server: LiveServer, args: dict[str, Any]) -> Any:
     from mcp.client.streamable_http import streamable_http_client
 
     async def main() -> Any:
-        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http, \
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http, \
                 Client(streamable_http_client(server.url + "/mcp", http_client=http)) as mcp:
             return await mcp.call_tool("chat", args)
 
@@ -379,7 +379,7 @@ def test_16_api_calls_with_mcp_calls(server: LiveServer) -> None:
 
 
         headers = {"Authorization": f"Bearer {TOKEN}"}
-        async with httpx.AsyncClient(headers=headers) as http, \
+        async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30, read=300)) as http, \
                 Client(streamable_http_client(server.url + "/mcp", http_client=http)) as mcp:
 
             async def mcp_call(i: int) -> None:

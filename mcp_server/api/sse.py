@@ -57,6 +57,8 @@ class EventStreamResponse(Response):
                 await self.produce(write)
             except OSError:  # the connection broke while writing
                 disconnected = True
+            except Exception:  # a bug: the log has it; the client sees the stream end
+                log.exception("event stream failed")
             tg.cancel_scope.cancel()
         if not disconnected:
             await send({"type": "http.response.body", "body": b"", "more_body": False})

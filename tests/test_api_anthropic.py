@@ -42,6 +42,10 @@ def client(server: LiveServer) -> anthropic.Anthropic:
     return anthropic.Anthropic(api_key=TOKEN, base_url=server.url, max_retries=0)
 
 
+def test_models_in_anthropic_shape(client: anthropic.Anthropic) -> None:
+    assert [m.id for m in client.models.list().data] == ["deepseek-v3.1-demo", "deepseek-chat", "deepseek-reasoner"]
+
+
 def test_message_shape_and_thinking_budget(client: anthropic.Anthropic) -> None:
     m = client.messages.create(model="deepseek-chat", max_tokens=16, messages=HI, system="Be brief.")
     assert m.type == "message" and m.role == "assistant" and m.model == "deepseek-chat"

@@ -186,6 +186,17 @@ def test_tools_auto_validated_and_single_call(client: OpenAI) -> None:
     assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason != "tool_calls"
 
 
+def test_tools_after_reasoning(client: OpenAI) -> None:
+    r = client.chat.completions.create(model="deepseek-chat", messages=HELLO, tools=TOOLS, tool_choice="required",
+                                       max_tokens=60, extra_body={"thinking": {"type": "enabled"},
+                                                                  "thinking_budget": 6})
+    msg = r.choices[0].message
+    assert reasoning(msg) and r.usage.completion_tokens_details.reasoning_tokens == 6
+    assert msg.tool_calls and r.choices[0].finish_reason == "tool_calls"
+    for c in msg.tool_calls:
+        jsonschema.validate(json.loads(c.function.arguments), SCHEMAS[c.function.name])
+
+
 def test_tool_round_trip(client: OpenAI) -> None:
     messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
     r = client.chat.completions.create(model="deepseek-chat", messages=messages, tools=TOOLS, tool_choice="required",

@@ -166,11 +166,10 @@ class ApiApp:
         check_queue(prep)
         rid = "chatcmpl-" + secrets.token_hex(12)
         if not req.stream:
-            choices = await _until_disconnect(request, lambda: run_all(self.service, prep))
-            self._log("chat.completions", model, choices)
+            choices = await self._complete(request, prep, "chat.completions", model)
             if choices is None:
                 return Response(status_code=499)
-            return JSONResponse(openai_chat.completion_response(plan, choices or [], model, rid))
+            return JSONResponse(openai_chat.completion_response(plan, choices, model, rid))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def produce(write: Write) -> None:
@@ -190,11 +189,10 @@ class ApiApp:
         check_queue(prep)
         rid = "cmpl-" + secrets.token_hex(12)
         if not req.stream:
-            choices = await _until_disconnect(request, lambda: run_all(self.service, prep))
-            self._log("completions", model, choices)
+            choices = await self._complete(request, prep, "completions", model)
             if choices is None:
                 return Response(status_code=499)
-            return JSONResponse(completions.completion_response(choices or [], model, rid))
+            return JSONResponse(completions.completion_response(choices, model, rid))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def produce(write: Write) -> None:
@@ -212,8 +210,7 @@ class ApiApp:
         check_queue(prep)
         mid = "msg_" + secrets.token_hex(12)
         if not req.stream:
-            choices = await _until_disconnect(request, lambda: run_all(self.service, prep))
-            self._log("messages", model, choices)
+            choices = await self._complete(request, prep, "messages", model)
             if choices is None:
                 return Response(status_code=499)
             return JSONResponse(anthropic_messages.message_response(plan, choices[0], model, mid))
@@ -240,6 +237,12 @@ class ApiApp:
         return JSONResponse({"input_tokens": len(ids)})
 
     # -- helpers --------------------------------------------------------------------------------------
+
+    async def _complete(self, request: Request, prep: Prepared, route: str, model: str) -> list[Choice] | None:
+        """Every choice, or None when the client went away first (its requests are aborted)."""
+        choices = await _until_disconnect(request, lambda: run_all(self.service, prep))
+        self._log(route, model, choices)
+        return choices
 
     async def _stream(self, prep: Prepared, on_item: Any, write: Write, flavor: Flavor, route: str,
                       model: str) -> bool:

@@ -21,10 +21,6 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
 class ThinkingSwitch(_Lenient):
     """DeepSeek's `thinking: {"type": "enabled" | "disabled"}` (and Anthropic's, with `budget_tokens`)."""
 

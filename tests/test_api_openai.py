@@ -233,6 +233,20 @@ def test_n_penalties_and_json_object(client: OpenAI) -> None:
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
+def test_logprobs(client: OpenAI) -> None:
+    r = client.chat.completions.create(model="deepseek-chat", messages=HELLO, max_tokens=6, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:  # greedy: the sampled token is the most likely one
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob) and t.logprob <= 0
+        assert bytes(t.bytes).decode() == t.token
+    plain = client.chat.completions.create(model="deepseek-chat", messages=HELLO, max_tokens=6)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
 def test_completions_and_fim(client: OpenAI) -> None:
     r = client.completions.create(model="deepseek-v3.1-demo", prompt="def add(a, b):", max_tokens=5)
     assert r.object == "text_completion" and r.choices[0].text and r.usage.completion_tokens == 5
@@ -259,10 +273,12 @@ def test_errors_by_status_and_shape(client: OpenAI, server: LiveServer) -> None:
 
     status, body = status_of(chat(temperature=5))
     assert status == 400 and body["param"] == "temperature" and body["type"] == "invalid_request_error"
-    status, body = status_of(chat(logprobs=True))
-    assert status == 400 and body["param"] == "logprobs"
+    status, body = status_of(chat(logprobs=True, stream=True))
+    assert status == 400 and body["param"] == "logprobs" and body["code"] == "unsupported"
     status, body = status_of(chat(top_logprobs=2))
     assert status == 400 and body["param"] == "top_logprobs"
+    status, body = status_of(chat(logit_bias={"5": 10}))
+    assert status == 400 and body["param"] == "logit_bias"
     status, body = status_of(chat(model="gpt-4o"))
     assert status == 404 and body["code"] == "model_not_found" and "deepseek-chat" in body["message"]
     status, body = status_of(chat(max_tokens=10**6))

@@ -169,7 +169,7 @@ class ApiApp:
             choices = await self._complete(request, prep, "chat.completions", model)
             if choices is None:
                 return Response(status_code=499)
-            return JSONResponse(openai_chat.completion_response(plan, choices, model, rid))
+            return JSONResponse(openai_chat.completion_response(plan, choices, model, rid, prep.tokenizer))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def produce(write: Write) -> None:

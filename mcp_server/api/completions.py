@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from mcp_server.api.errors import invalid
+from mcp_server.api.errors import invalid, unsupported
 from mcp_server.api.generation import Choice, Plan, raw_prompt_ids
 from mcp_server.api.openai_chat import refuse_unsupported
 from mcp_server.api.sse import Write, sse
@@ -15,6 +15,9 @@ from mcp_server.api.sse import Write, sse
 
 def completion_plan(req: Any, tokenizer: Any) -> Plan:
     refuse_unsupported(req)
+    if req.logprobs or req.top_logprobs:
+        raise unsupported("logprobs", "/v1/completions returns no log-probabilities; use /v1/chat/completions "
+                                      "with logprobs: true")
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         if len(prompt) != 1:

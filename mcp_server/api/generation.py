@@ -19,7 +19,7 @@ from inference.text.parse import Event, ParseResult, ToolCall
 from inference.text.template import BOS, THINK_END
 from mcp_server.api.errors import ApiError
 from mcp_server.generate import RunResult
-from mcp_server.processors import Penalties
+from mcp_server.processors import LogprobRecorder, Penalties
 from mcp_server.progress import Progress
 from mcp_server.schemas import ResponseFormat
 from mcp_server.service import ChatService, RequestError
@@ -49,6 +49,7 @@ class Plan:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     n: int = 1
+    logprobs: int | None = None  # None: off; else how many top alternatives per token (0-20)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Choice:
     reasoning_tokens: int
     finish: str  # stop | length | tool_calls
     stop_sequence: str | None  # the stop string that ended the output, if one did
+    logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None  # per generated token
 
 
 def call_limit(plan: Plan) -> int:
@@ -145,7 +147,7 @@ def raw_prompt_ids(tokenizer: Any, prompt: str, suffix: str | None) -> list[int]
 async def processors(service: ChatService, prep: Prepared) -> list[Any]:
     """A fresh set per engine request (processors are stateful)."""
     plan, max_tokens = prep.plan, prep.params.max_tokens
-    out: list[Any] = []
+    out: list[Any] = [LogprobRecorder(plan.logprobs)] if plan.logprobs is not None else []
     if plan.presence_penalty or plan.frequency_penalty:
         out.append(Penalties(plan.presence_penalty, plan.frequency_penalty))
     if prep.budget is not None:
@@ -182,8 +184,9 @@ async def run_choice(service: ChatService, prep: Prepared, index: int, progress:
     else:
         finish = "tool_calls" if calls else "stop"
     stop_sequence = _stop_sequence(prep, run) if finish == "stop" else None
+    recorder = next((p for p in procs if isinstance(p, LogprobRecorder)), None)
     return Choice(index, run, parsed, calls, [new_call_id() for _ in calls], reasoning_tokens, finish,
-                  stop_sequence)
+                  stop_sequence, None if recorder is None else recorder.entries(run.token_ids))
 
 
 def _stop_sequence(prep: Prepared, run: RunResult) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mcp_server.api.errors import ApiError, invalid, unsupported
-from mcp_server.api.generation import Choice, Plan, call_limit
+from mcp_server.api.generation import Choice, Plan
 from mcp_server.schemas import NamedToolChoice
 from mcp_server.tool_specs import BadToolSpec, ToolChoice, normalize_choice, normalize_tools
 
@@ -25,9 +25,6 @@ REASONER_ALIAS = "deepseek-reasoner"
 
 def refuse_unsupported(req: Any) -> None:
     """Fields we cannot honour: a 400 naming each, never silently ignored."""
-    if req.logprobs or req.top_logprobs:
-        name = "logprobs" if req.logprobs else "top_logprobs"
-        raise unsupported(name, "the engine does not return token log-probabilities; omit logprobs/top_logprobs")
     if req.logit_bias:
         raise unsupported("logit_bias", "omit it")
     for name in ("functions", "function_call", "audio", "prediction", "web_search_options"):
@@ -114,6 +111,22 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def logprobs_of(req: Any) -> int | None:
+    """`logprobs: true` (+ `top_logprobs` 0-20): per-token log-probabilities in the non-streamed response."""
+    if req.logprobs not in (None, False, True):
+        raise invalid("logprobs must be true or false", "logprobs")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+    if not req.logprobs:
+        return None
+    if req.stream:
+        raise unsupported("logprobs", "log-probabilities come only in non-streamed responses; omit stream")
+    top = req.top_logprobs or 0
+    if not 0 <= top <= 20:
+        raise invalid("top_logprobs must be between 0 and 20", "top_logprobs")
+    return top
+
+
 def chat_plan(req: Any, model: str) -> Plan:
     refuse_unsupported(req)
     if req.max_tokens is not None and req.max_completion_tokens is not None \
@@ -129,7 +142,8 @@ def chat_plan(req: Any, model: str) -> Plan:
                 thinking_budget=req.thinking_budget, thinking_fraction=fraction, response_format=fmt,
                 max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
                 top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop_list(),
-                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, n=req.n)
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, n=req.n,
+                logprobs=logprobs_of(req))
 
 
 def usage(choices: list[Choice]) -> dict[str, Any]:
@@ -155,13 +169,25 @@ def message(c: Choice, thinking: bool) -> dict[str, Any]:
     return msg
 
 
-def completion_response(plan: Plan, choices: list[Choice], model: str, response_id: str) -> dict[str, Any]:
-    assert all(len(c.calls) <= call_limit(plan) for c in choices)
+def logprobs_json(c: Choice, tokenizer: Any) -> dict[str, Any] | None:
+    if c.logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]} for t, lp, top in c.logprobs],
+            "refusal": None}
+
+
+def completion_response(plan: Plan, choices: list[Choice], model: str, response_id: str,
+                        tokenizer: Any = None) -> dict[str, Any]:
     return {
         "id": response_id, "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": "deepseek-mcp",
         "choices": [{"index": c.index, "message": message(c, plan.thinking), "finish_reason": c.finish,
-                     "logprobs": None} for c in choices],
+                     "logprobs": logprobs_json(c, tokenizer)} for c in choices],
         "usage": usage(choices),
     }
 

@@ -9,6 +9,7 @@ are a 400.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -175,6 +176,8 @@ def logprobs_json(c: Choice, tokenizer: Any) -> dict[str, Any] | None:
 
     def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
         text = tokenizer.decode([token_id])
+        if logprob is None or not math.isfinite(logprob):
+            logprob = -9999.0  # OpenAI's value for "as good as impossible"; JSON has no -inf
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]} for t, lp, top in c.logprobs],

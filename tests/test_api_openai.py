@@ -367,11 +367,12 @@ def test_disconnect_non_stream_aborts(server: LiveServer) -> None:
     wait_idle(aengine)
 
 
-def test_disconnect_mid_stream_frees_cache(server: LiveServer) -> None:
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/messages"])
+def test_disconnect_mid_stream_frees_cache(server: LiveServer, route: str, caplog: pytest.LogCaptureFixture) -> None:
     aengine = server.aengine
-    body = {"model": "deepseek-chat", "messages": HELLO, "max_tokens": 2000, "stream": True}
+    body = {"model": "deepseek-chat", "messages": HELLO[1:], "max_tokens": 2000, "stream": True}
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        with http.stream("POST", route, json=body) as r:
             lines = r.iter_lines()
             for _ in range(8):
                 next(lines)
@@ -379,8 +380,9 @@ def test_disconnect_mid_stream_frees_cache(server: LiveServer) -> None:
             steps_at_close = aengine.num_steps
     wait_idle(aengine)
     freed_after = aengine.num_steps - steps_at_close
-    print(f"cache freed {freed_after} steps after the client closed")
+    print(f"{route}: cache freed {freed_after} steps after the client closed")
     assert freed_after <= 3
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 def test_16_api_calls_with_mcp_calls(server: LiveServer) -> None:

@@ -248,7 +248,11 @@ async def run_streaming(service: ChatService, prep: Prepared, on_item: OnItem,
                 if isinstance(item, Exception):
                     error = item
                     break
-                await on_item(i, item)
+                try:
+                    await on_item(i, item)
+                except Exception as e:  # e.g. the client went away mid-write: raised below as itself
+                    error = e
+                    break
                 if isinstance(item, Choice):
                     done += 1
                     if done == prep.plan.n:

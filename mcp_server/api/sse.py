@@ -55,10 +55,18 @@ class EventStreamResponse(Response):
             tg.start_soon(watch)
             try:
                 await self.produce(write)
-            except OSError:  # the connection broke while writing
+            except Exception as e:
+                if not _connection_lost(e):  # a bug: the log has it; the client sees the stream end
+                    log.exception("event stream failed")
                 disconnected = True
-            except Exception:  # a bug: the log has it; the client sees the stream end
-                log.exception("event stream failed")
             tg.cancel_scope.cancel()
         if not disconnected:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """An OSError from writing to a closed connection, possibly inside task groups' ExceptionGroups."""
+    group = getattr(exc, "exceptions", None)  # an (exceptiongroup's, before 3.11) ExceptionGroup
+    if isinstance(group, tuple) and group:
+        return all(_connection_lost(e) for e in group)
+    return isinstance(exc, OSError)

@@ -134,7 +134,7 @@ async def prepare(service: ChatService, plan: Plan, progress: Progress | None = 
 
 def raw_prompt_ids(tokenizer: Any, prompt: str, suffix: str | None) -> list[int]:
     """BOS + prompt, or fill-in-the-middle: BOS <｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜>."""
-    bos = tokenizer.token_to_id(BOS)
+    bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.token_to_id(BOS)
     if suffix is None:
         return [bos, *tokenizer.encode(prompt)]
     ids = [tokenizer.token_to_id(t) for t in ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")]

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--load-wait", type=float, metavar="SECONDS",
                    help="how long a call waits for a model still loading (default 600)")
     s.add_argument("--max-conversations", type=int, help="stored conversations kept (default 256)")
+    s.add_argument("--max-waiting", type=int, help="requests that may queue for a batch slot; more are refused "
+                                                   "at once (HTTP 429) (default 256)")
     t = p.add_argument_group("transport")
     t.add_argument("--transport", choices=["stdio", "http", "sse"], help="default stdio")
     t.add_argument("--host", help="HTTP/SSE bind address (default 127.0.0.1)")
@@ -62,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra accepted Host header (repeatable; 'name:*' for any port)")
     t.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
                    help="extra accepted Origin header, e.g. https://app.example (repeatable)")
+    a = p.add_argument_group("OpenAI / Anthropic API")
+    a.add_argument("--api-port", type=int, metavar="PORT",
+                   help="serve /v1/* on this port too (e.g. beside a stdio MCP server); with --transport http "
+                        "the API is always on --port")
+    a.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="model names the API answers to (default: the checkpoint's name, plus the aliases "
+                        "deepseek-chat and deepseek-reasoner)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
     return p
 
@@ -72,11 +81,12 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
             "cache_tokens": args.cache_tokens, "max_num_seqs": args.max_num_seqs,
             "constrained_decoding": args.constrained_decoding, "transport": args.transport,
             "host": args.host, "port": args.port, "path": args.path, "token": args.token,
-            "allowed_hosts": args.allowed_host, "allowed_origins": args.allowed_origin, "log_level": args.log_level}
+            "allowed_hosts": args.allowed_host, "allowed_origins": args.allowed_origin, "log_level": args.log_level,
+            "api_port": args.api_port, "served_model_names": args.served_model_name}
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     limits = {"max_tokens": args.max_tokens, "thinking_budget": args.thinking_budget,
               "max_wall_time_s": args.max_wall_time, "load_wait_s": args.load_wait,
-              "max_conversations": args.max_conversations}
+              "max_conversations": args.max_conversations, "max_waiting": args.max_waiting}
     out: dict[str, Any] = {k: v for k, v in flat.items() if v is not None}
     for key, section in (("sampling", sampling), ("limits", limits)):
         given = {k: v for k, v in section.items() if v is not None}
@@ -94,6 +104,9 @@ def setup_logging(level: str) -> None:
 
 
 async def serve(config: ServerConfig) -> None:
+    import anyio
+
+    from mcp_server.api.app import ApiApp, serve_api
     from mcp_server.model_host import ModelHost
     from mcp_server.server import build_server
     from mcp_server.service import ChatService
@@ -102,11 +115,15 @@ async def serve(config: ServerConfig) -> None:
     host = ModelHost(config)
     service = ChatService(host, config)
     mcp = build_server(service)
-    async with host.running():
+    api = ApiApp(service)
+    async with host.running(), anyio.create_task_group() as tg:
+        if config.api_port is not None and (config.transport == "stdio" or config.api_port != config.port):
+            tg.start_soon(serve_api, api, config.api_port)
         if config.transport == "stdio":
             await serve_stdio(mcp)
         else:
-            await serve_http(mcp, config)
+            await serve_http(mcp, config, wrap=api.mount)
+        tg.cancel_scope.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

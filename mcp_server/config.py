@@ -43,6 +43,9 @@ class Limits(_Section):
     load_wait_s: float = Field(600.0, gt=0, description="How long a call waits for a model still loading.")
     max_conversations: int = Field(256, gt=0, description="Stored conversations kept (least recently used go).")
     progress_interval_s: float = Field(0.5, gt=0, le=1.0, description="Seconds between progress notifications.")
+    max_waiting: int = Field(
+        256, ge=0, description="Requests that may wait for a batch slot; one more is refused at once (HTTP 429)."
+    )
 
 
 class ServerConfig(_Section):
@@ -67,6 +70,13 @@ class ServerConfig(_Section):
     )
     allowed_origins: list[str] = Field(
         default_factory=list, description="Extra Origin values accepted over HTTP ('https://app.example')."
+    )
+    api_port: int | None = Field(
+        None, ge=0, le=65535, description="Also serve the OpenAI/Anthropic API on this port (any transport)."
+    )
+    served_model_names: list[str] = Field(
+        default_factory=list, description="Model names the API answers to (empty = the checkpoint's name, plus "
+        "the aliases deepseek-chat and deepseek-reasoner)."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -143,6 +153,9 @@ def load_config(
 
 def check_serving_security(config: ServerConfig) -> None:
     """Refuse an HTTP/SSE bind beyond loopback without a bearer token."""
+    if config.api_port is not None and not config.bind_is_loopback() and not config.token:
+        raise ConfigError(f"refusing to serve the API on {config.host}: a non-loopback bind address needs a bearer "
+                          f"token. Set \"token\", pass --token, or export {TOKEN_ENV}; or bind to 127.0.0.1.")
     if config.transport == "stdio":
         return
     if not config.bind_is_loopback() and not config.token:

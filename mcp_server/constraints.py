@@ -49,12 +49,15 @@ class GrammarConstraints:
             return made[1]
 
     def __call__(self, *, tokenizer: Any, tools: Sequence[ToolSpec], choice: ToolChoice, max_tokens: int,
-                 vocab_size: int | None = None) -> list[Any]:
+                 vocab_size: int | None = None, parallel_tool_calls: bool = True,
+                 thinking: bool = False) -> list[Any]:
         """Processors for `tool_call` (the ToolCallProcessors hook). Raises ConstraintError for a schema the
-        grammar engine cannot express or a max_tokens below the shortest valid call."""
+        grammar engine cannot express or a max_tokens below the shortest valid call. `parallel_tool_calls`
+        False: at most one call; `thinking`: the calls come after `</think>`."""
         tool_choice: Any = {"name": choice.name} if choice.name is not None else choice.mode
         factory = self.factory(tokenizer, vocab_size)
-        return [factory.for_tools([s.as_openai() for s in tools], tool_choice, max_tokens)]
+        return [factory.for_tools([s.as_openai() for s in tools], tool_choice, max_tokens,
+                                  parallel_tool_calls=parallel_tool_calls, thinking=thinking)]
 
     def response_format(self, *, tokenizer: Any, response_format: Mapping[str, Any], max_tokens: int,
                         vocab_size: int | None = None, thinking: bool = False) -> list[Any]:

@@ -52,7 +52,8 @@ def default_async_engine(config: ServerConfig) -> Callable[[Any], Any]:
     def make(engine: Any) -> Any:
         from inference.engine.async_engine import AsyncEngine
 
-        return AsyncEngine(engine, max_num_seqs=config.max_num_seqs, cache_tokens=config.cache_tokens)
+        return AsyncEngine(engine, max_num_seqs=config.max_num_seqs, cache_tokens=config.cache_tokens,
+                           max_waiting=config.limits.max_waiting)
 
     return make
 

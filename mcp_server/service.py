@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 
 from inference.constrained.tool_ban import ToolBan
+from inference.engine.async_engine import QueueFullError
 from inference.engine.logits_process import ThinkingBudget
 from inference.engine.sampling import SamplingParams
 from inference.text.control import THINK_END
@@ -47,7 +48,15 @@ from mcp_server.schemas import (
     ToolCallOutput,
     Usage,
 )
-from mcp_server.tool_specs import BadToolSpec, check_call, check_json, normalize_choice, normalize_tools
+from mcp_server.tool_specs import (
+    BadToolSpec,
+    ToolChoice,
+    ToolSpec,
+    check_call,
+    check_json,
+    normalize_choice,
+    normalize_tools,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,10 @@ class RequestError(ValueError):
 
 class GenerationFailed(RuntimeError):
     """The engine failed while generating (the cause is in the message); the server goes on serving."""
+
+
+class ServerBusy(GenerationFailed):
+    """The engine's request queue is full; nothing was queued. Retry in a little while."""
 
 
 @dataclass
@@ -100,14 +113,7 @@ class ChatService:
     async def think(self, req: ThinkInput, progress: Progress) -> ThinkOutput:
         fmt = self._response_format(req)
         prep = await self._prepare(req, progress, thinking=True)
-        max_tokens = prep.params.max_tokens
-        if req.thinking_budget is not None:
-            budget = req.thinking_budget
-            if budget >= max_tokens:
-                raise RequestError(f"thinking_budget {budget} leaves no room for the answer within max_tokens "
-                                   f"{max_tokens}; lower thinking_budget or raise max_tokens above it")
-        else:
-            budget = min(self.config.limits.thinking_budget or max_tokens // 2, max_tokens - 1)
+        budget = self.thinking_budget(req.thinking_budget, prep.params.max_tokens)
         think_end_id = prep.tokenizer.token_to_id(THINK_END)
         grammar = await self._format_processors(prep, fmt, thinking=True)
         run, parsed = await self._run(prep, progress, thinking=True,
@@ -128,13 +134,7 @@ class ChatService:
         except BadToolSpec as e:
             raise RequestError(str(e)) from None
         prep = await self._prepare(req, progress, thinking=False, tools=[s.as_openai() for s in specs])
-        processors: list[Any] = []
-        if self.tool_call_processors is not None:  # GrammarConstraints bans the calls itself for "none"
-            processors = await self._constrain(functools.partial(
-                self.tool_call_processors, tokenizer=prep.tokenizer, tools=specs, choice=choice,
-                max_tokens=prep.params.max_tokens, vocab_size=self._vocab_size()))
-        elif choice.mode == "none":
-            processors = [ToolBan.for_tokenizer(prep.tokenizer)]
+        processors = await self.tool_processors(prep.tokenizer, specs, choice, prep.params.max_tokens)
         run, parsed = await self._run(prep, progress, thinking=False, tools=[s.name for s in specs],
                                       processors=processors)
         by_name = {s.name: s for s in specs}
@@ -229,6 +229,16 @@ class ChatService:
                                "to answer: a 'user' message, or 'tool' results after the assistant's tool calls")
         history = ([{"role": "system", "content": conv.system}] if conv.system else []) + conv.messages + new
 
+        aengine, tokenizer, prompt_ids = await self.render(history, progress, thinking=thinking, tools=tools)
+        params = self.sampling(len(prompt_ids), max_tokens=req.max_tokens, temperature=req.temperature,
+                               top_p=req.top_p, seed=req.seed, stop=req.stop)
+        return _Prepared(conv, new, prompt_ids, params, aengine, tokenizer)
+
+    # -- steps shared with the HTTP APIs (mcp_server/api), which keep no conversation state ------------
+
+    async def render(self, history: list[dict[str, Any]], progress: Progress, *, thinking: bool,
+                     tools: list[dict[str, Any]] | None = None) -> tuple[Any, Any, list[int]]:
+        """(AsyncEngine, tokenizer, prompt ids) for a whole conversation, once the model is ready."""
         aengine = await self.host.wait_ready(progress)
         tokenizer = self.host.engine.tokenizer
         render = functools.partial(render_ids, history, tokenizer, tools=tools, thinking=thinking)
@@ -236,48 +246,89 @@ class ChatService:
             prompt_ids = await anyio.to_thread.run_sync(render)
         except ValueError as e:
             raise RequestError(str(e)) from None
-        params = self._sampling(req, len(prompt_ids))
-        return _Prepared(conv, new, prompt_ids, params, aengine, tokenizer)
+        return aengine, tokenizer, prompt_ids
 
-    def _sampling(self, req: GenerationInput, num_prompt_tokens: int) -> SamplingParams:
+    def sampling(self, num_prompt_tokens: int, *, max_tokens: int | None, temperature: float | None,
+                 top_p: float | None, seed: int | None, stop: Sequence[str] | None,
+                 top_k: int | None = None) -> SamplingParams:
+        """Sampling parameters with the server's defaults for what is None; max_tokens must fit the context."""
         context = self.host.context_tokens()
         room = context - num_prompt_tokens
         if room < 1:
             raise RequestError(f"the prompt is {num_prompt_tokens} tokens but the context holds {context}; "
                                "shorten the prompt or messages, or start a new conversation (omit conversation_id)")
-        if req.max_tokens is None:
+        if max_tokens is None:
             max_tokens = min(self.config.limits.max_tokens, room)
-        elif req.max_tokens > room:
-            raise RequestError(f"max_tokens {req.max_tokens} does not fit: the prompt takes {num_prompt_tokens} "
+        elif max_tokens > room:
+            raise RequestError(f"max_tokens {max_tokens} does not fit: the prompt takes {num_prompt_tokens} "
                                f"of the {context}-token context; use max_tokens <= {room}")
-        else:
-            max_tokens = req.max_tokens
         defaults = self.config.sampling
         try:
             return SamplingParams(
-                temperature=defaults.temperature if req.temperature is None else req.temperature,
-                top_p=defaults.top_p if req.top_p is None else req.top_p,
-                top_k=defaults.top_k, seed=req.seed, max_tokens=max_tokens, stop=tuple(req.stop or ()),
+                temperature=defaults.temperature if temperature is None else temperature,
+                top_p=defaults.top_p if top_p is None else top_p,
+                top_k=defaults.top_k if top_k is None else top_k, seed=seed, max_tokens=max_tokens,
+                stop=tuple(stop or ()),
             )
         except (TypeError, ValueError) as e:
             raise RequestError(str(e)) from None
 
-    async def _run(self, prep: _Prepared, progress: Progress, *, thinking: bool, tools: list[str] | None = None,
-                   processors: Sequence[Any] = ()) -> tuple[RunResult, Any]:
+    def thinking_budget(self, requested: int | None, max_tokens: int) -> int:
+        """Reasoning tokens allowed before `</think>` is forced: the request's, else the server's default."""
+        if requested is not None:
+            if requested >= max_tokens:
+                raise RequestError(f"thinking_budget {requested} leaves no room for the answer within max_tokens "
+                                   f"{max_tokens}; lower thinking_budget or raise max_tokens above it")
+            return requested
+        return min(self.config.limits.thinking_budget or max_tokens // 2, max_tokens - 1)
+
+    async def tool_processors(self, tokenizer: Any, specs: list[ToolSpec], choice: ToolChoice, max_tokens: int,
+                              *, parallel_tool_calls: bool = True, thinking: bool = False) -> list[Any]:
+        """Constrained tool calls (or, unconstrained, only "none" enforced by banning the call tokens)."""
+        if self.tool_call_processors is not None:  # GrammarConstraints bans the calls itself for "none"
+            options = {} if parallel_tool_calls and not thinking else {
+                "parallel_tool_calls": parallel_tool_calls, "thinking": thinking}
+            return await self._constrain(functools.partial(
+                self.tool_call_processors, tokenizer=tokenizer, tools=specs, choice=choice,
+                max_tokens=max_tokens, vocab_size=self._vocab_size(), **options))
+        return [ToolBan.for_tokenizer(tokenizer)] if choice.mode == "none" else []
+
+    async def run(self, aengine: Any, prompt_ids: list[int], params: SamplingParams, progress: Progress, *,
+                  thinking: bool, tools: list[str] | None = None, processors: Sequence[Any] = (),
+                  on_events: Callable[[str, list[Any]], None] | None = None) -> tuple[RunResult, Any]:
+        """Generate and parse; `on_events(text delta, parser events)` as the text decodes (and at the end)."""
         parser = StreamParser(thinking=thinking, tools=tools)
+
+        def feed(delta: str) -> None:
+            events = parser.feed(delta)
+            if on_events is not None:
+                on_events(delta, events)
+
         limits = self.config.limits
         try:
-            run = await run_request(prep.aengine, prep.prompt_ids, prep.params, processors=processors,
+            run = await run_request(aengine, prompt_ids, params, processors=processors,
                                     progress=progress, time_limit_s=limits.max_wall_time_s,
-                                    interval_s=limits.progress_interval_s, on_text=parser.feed)
+                                    interval_s=limits.progress_interval_s, on_text=feed)
+        except QueueFullError as e:
+            raise ServerBusy(f"{e}; retry in a little while") from None
         except Exception as e:
             log.exception("generation failed")
             raise GenerationFailed(f"generation failed: {type(e).__name__}: {e}") from e
-        parser.finish()
+        events = parser.finish()
+        if on_events is not None and events:
+            on_events("", events)
         return run, parser.result()
 
+    async def _run(self, prep: _Prepared, progress: Progress, *, thinking: bool, tools: list[str] | None = None,
+                   processors: Sequence[Any] = ()) -> tuple[RunResult, Any]:
+        return await self.run(prep.aengine, prep.prompt_ids, prep.params, progress, thinking=thinking,
+                              tools=tools, processors=processors)
+
     def _response_format(self, req: ChatInput) -> ResponseFormat | None:
-        fmt = req.response_format
+        return self.check_response_format(req.response_format)
+
+    def check_response_format(self, fmt: ResponseFormat | None) -> ResponseFormat | None:
+        """None for no constraint ({"type": "text"} too); refused when the server runs unconstrained."""
         if fmt is None or fmt.type == "text":
             return None
         if self.constraints is None:
@@ -287,11 +338,15 @@ class ChatService:
         return fmt
 
     async def _format_processors(self, prep: _Prepared, fmt: ResponseFormat | None, *, thinking: bool) -> list[Any]:
+        return await self.format_processors(prep.tokenizer, fmt, prep.params.max_tokens, thinking=thinking)
+
+    async def format_processors(self, tokenizer: Any, fmt: ResponseFormat | None, max_tokens: int, *,
+                                thinking: bool) -> list[Any]:
         if fmt is None or self.constraints is None:
             return []
         return await self._constrain(functools.partial(
-            self.constraints.response_format, tokenizer=prep.tokenizer, response_format=fmt.as_request(),
-            max_tokens=prep.params.max_tokens, vocab_size=self._vocab_size(), thinking=thinking))
+            self.constraints.response_format, tokenizer=tokenizer, response_format=fmt.as_request(),
+            max_tokens=max_tokens, vocab_size=self._vocab_size(), thinking=thinking))
 
     def _vocab_size(self) -> int | None:
         engine = self.host.engine

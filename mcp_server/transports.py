@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -105,10 +106,13 @@ def http_app(mcp: MCPServer, config: ServerConfig) -> Any:
     return mcp.streamable_http_app(streamable_http_path=config.path, transport_security=security, host=config.host)
 
 
-async def serve_http(mcp: MCPServer, config: ServerConfig) -> None:
+async def serve_http(mcp: MCPServer, config: ServerConfig, wrap: Callable[[Any], Any] | None = None) -> None:
+    """`wrap`: puts more routes beside the MCP endpoint (the OpenAI/Anthropic API)."""
     import uvicorn
 
     app = http_app(mcp, config)
+    if wrap is not None:
+        app = wrap(app)
     # log_config=None: uvicorn logs through our stderr handler (its default sends access lines to stdout)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
                                            log_level=config.log_level.lower(), lifespan="on"))

@@ -331,3 +331,27 @@ def test_errors_and_memory_check(engine: Engine) -> None:
         check_no_leaks(aeng)
 
     run(main)
+
+
+def test_bounded_waiting_queue_refuses_at_once(engine: Engine) -> None:
+    from inference.engine.async_engine import QueueFullError
+
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+
+    async def main() -> None:
+        async with AsyncEngine(engine, max_num_seqs=1, cache_tokens=1024, block_size=4, max_waiting=1) as aeng:
+            async with anyio.create_task_group() as tg:
+                first, second = rand_prompts([6, 7])
+                tg.start_soon(collect, aeng, first, params)
+                await wait_until(lambda: aeng.stats().running == 1)
+                tg.start_soon(collect, aeng, second, params)  # waits: one running is the most
+                await wait_until(lambda: aeng.num_waiting() == 1)
+                started = time.monotonic()
+                with pytest.raises(QueueFullError, match="bound is 1"):
+                    aeng.stream(rand_prompts([5])[0], params)
+                assert time.monotonic() - started < 0.1
+                tg.cancel_scope.cancel()
+            await wait_until(lambda: aeng.num_waiting() == 0 and aeng.stats().running == 0)
+            check_no_leaks(aeng)
+
+    run(main)

@@ -79,6 +79,10 @@ class EngineClosedError(RuntimeError):
     pass
 
 
+class QueueFullError(RuntimeError):
+    """The waiting queue holds `max_waiting` requests already; nothing was queued. Retry later."""
+
+
 @dataclass(eq=False)
 class _Request:
     seq: Seq
@@ -89,11 +93,15 @@ class _Request:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Any, **options: Any) -> None:
+    def __init__(self, engine: Any, *, max_waiting: int | None = None, **options: Any) -> None:
         """`engine`: an `inference.engine.engine.Engine` (model, config, tokenizer, device, dtype, make_runner).
+        `max_waiting`: most requests submitted but not running; one more raises QueueFullError (None: no bound).
         `options` size the cache and the batch, as `EngineCore` takes them: `max_num_seqs`,
         `max_num_batched_tokens`, `cache_tokens`, `block_size`, `memory_fraction`, and `runner`, which replaces
         the engine's model runner (tests; its `num_blocks` then sizes the pool)."""
+        if max_waiting is not None and max_waiting < 0:
+            raise ValueError(f"max_waiting must be None or >= 0, got {max_waiting}")
+        self.max_waiting = max_waiting
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.device = torch.device(engine.device)
@@ -178,6 +186,9 @@ class AsyncEngine:
         rid = request_id if request_id is not None else uuid.uuid4().hex
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
+        if self.max_waiting is not None and self.num_waiting() >= self.max_waiting:
+            raise QueueFullError(f"the request queue is full ({self.num_waiting()} requests wait for "
+                                 f"{len(self.scheduler.running)} running ones; the bound is {self.max_waiting})")
         send, recv = anyio.create_memory_object_stream[RequestOutput | BaseException](math.inf)
         seq = Seq(rid, prompt_ids, params, tuple(logits_processors),
                   generator=make_generator(params, self.device),
@@ -240,6 +251,10 @@ class AsyncEngine:
             raise EngineClosedError(f"the engine loop failed: {self._failure!r}") from self._failure
         if self._closing or self._closed or self._task_group is None:
             raise EngineClosedError("the AsyncEngine is not running (use `async with AsyncEngine(...)`)")
+
+    def num_waiting(self) -> int:
+        """Requests submitted and not finished that are not running (queued, or preempted)."""
+        return max(len(self._requests) - len(self.scheduler.running), 0)
 
     def _num_queued(self) -> int:
         with self._inbox_lock:

@@ -1,0 +1,312 @@
+"""The API routes as a Starlette app, and how it shares a port with the MCP endpoint.
+
+Same rules as /mcp: Host/Origin validated against DNS rebinding (the SDK's TransportSecurityMiddleware with our
+settings), and with a token configured every /v1 route needs it, as `Authorization: Bearer <token>` (OpenAI) or
+`x-api-key: <token>` (Anthropic; either works on every route). `GET /health` needs no token. Without a token
+any key is accepted (clients insist on sending one).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+from mcp.server.transport_security import TransportSecurityMiddleware
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mcp_server.api import anthropic_messages, completions, openai_chat
+from mcp_server.api.anthropic_stream import MessageStream
+from mcp_server.api.errors import ApiError, Flavor, from_exception, from_validation, invalid
+from mcp_server.api.generation import Choice, Prepared, check_queue, check_ready, prepare, run_all, run_streaming
+from mcp_server.api.openai_stream import ChunkStream
+from mcp_server.api.requests import ChatCompletionRequest, CompletionRequest, CountTokensRequest, MessagesRequest
+from mcp_server.api.sse import EventStreamResponse, Write
+from mcp_server.model_host import DEMO_NAME
+from mcp_server.progress import Progress
+from mcp_server.service import ChatService
+from mcp_server.transports import security_settings
+
+log = logging.getLogger(__name__)
+
+ALIASES = ("deepseek-chat", "deepseek-reasoner")
+M = TypeVar("M", bound=BaseModel)
+
+
+def served_model_names(service: ChatService) -> list[str]:
+    """`served_model_names`, else the checkpoint's name (`deepseek-v3.1-demo` for the demo) and the aliases
+    deepseek-chat / deepseek-reasoner, so clients written for DeepSeek's API run unchanged."""
+    if service.config.served_model_names:
+        return list(service.config.served_model_names)
+    base = "deepseek-v3.1-demo" if service.host.name == DEMO_NAME else service.host.name
+    return [base, *(a for a in ALIASES if a != base)]
+
+
+class ApiApp:
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+        self.config = service.config
+        self.names = served_model_names(service)
+        self.security = TransportSecurityMiddleware(security_settings(self.config))
+        self._token = self.config.token.encode() if self.config.token else None
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/v1/models", self.guarded(self.models, None), methods=["GET"]),
+            Route("/v1/chat/completions", self.guarded(self.chat, "openai"), methods=["POST"]),
+            Route("/v1/completions", self.guarded(self.completions, "openai"), methods=["POST"]),
+            Route("/v1/messages", self.guarded(self.messages, "anthropic"), methods=["POST"]),
+            Route("/v1/messages/count_tokens", self.guarded(self.count_tokens, "anthropic"), methods=["POST"]),
+            Route("/v1/{rest:path}", self.guarded(self.unknown, None), methods=["GET", "POST", "PUT", "DELETE"]),
+        ]
+        self.app = Starlette(routes=routes)
+
+    # -- composition ----------------------------------------------------------------------------------
+
+    def mount(self, mcp_app: ASGIApp) -> ASGIApp:
+        """One ASGI app: /health and /v1/* here, everything else (and the lifespan) to the MCP app."""
+        api = self.app
+        log.info("serving the OpenAI/Anthropic API at /v1 (models %s)", ", ".join(self.names))
+
+        async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+            path = scope.get("path", "") if scope["type"] in ("http", "websocket") else ""
+            ours = path == "/health" or path == "/v1" or path.startswith("/v1/")
+            await (api if ours else mcp_app)(scope, receive, send)
+
+        return dispatch
+
+    # -- guards ---------------------------------------------------------------------------------------
+
+    def guarded(self, handler: Callable[[Request, Flavor], Awaitable[Response]],
+                flavor: Flavor | None) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            shape: Flavor = flavor or ("anthropic" if "anthropic-version" in request.headers else "openai")
+            refused = await self.security.validate_request(request, is_post=False)
+            if refused is not None:
+                return refused
+            try:
+                self._check_token(request)
+                return await handler(request, shape)
+            except Exception as e:  # every failure in the API's own shape; tracebacks only in the log
+                err = from_exception(e)
+                log.info("%s %s: %d %s", request.method, request.url.path, err.status, err.message)
+                return err.response(shape)
+
+        return endpoint
+
+    def _check_token(self, request: Request) -> None:
+        if self._token is None:
+            return
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        if not given or not hmac.compare_digest(given.encode(), self._token):
+            raise ApiError(401, "missing or wrong API key: send the server's token as 'Authorization: Bearer "
+                                "<token>' or 'x-api-key: <token>'", code="invalid_api_key")
+
+    async def _body(self, request: Request, model: type[M]) -> M:
+        try:
+            data = json.loads(await request.body() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise invalid(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise invalid("the request body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise from_validation(e) from None
+
+    def _model(self, name: str) -> str:
+        if name not in self.names:
+            raise openai_chat.model_error(name, self.names)
+        return name
+
+    # -- routes ---------------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        refused = await self.security.validate_request(request, is_post=False)
+        if refused is not None:
+            return refused
+        host = self.service.host
+        status = {"ready": "ok"}.get(host.status, host.status)
+        body = {"status": status, "model": self.names[0], "error": host.error}
+        headers = {"Retry-After": "5"} if status == "loading" else {}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503, headers=headers)
+
+    async def models(self, request: Request, flavor: Flavor) -> Response:
+        created = int(time.time())
+        if flavor == "anthropic":
+            data = [{"type": "model", "id": n, "display_name": n, "created_at": "1970-01-01T00:00:00Z"}
+                    for n in self.names]
+            return JSONResponse({"data": data, "has_more": False, "first_id": self.names[0],
+                                 "last_id": self.names[-1]})
+        return JSONResponse({"object": "list", "data": [
+            {"id": n, "object": "model", "created": created, "owned_by": "deepseek-mcp"} for n in self.names]})
+
+    async def unknown(self, request: Request, flavor: Flavor) -> Response:
+        raise ApiError(404, f"no route {request.method} {request.url.path}; this server has /v1/models, "
+                            "/v1/chat/completions, /v1/completions, /v1/messages, /v1/messages/count_tokens",
+                       code="not_found")
+
+    async def chat(self, request: Request, flavor: Flavor) -> Response:
+        req = await self._body(request, ChatCompletionRequest)
+        model = self._model(req.model)
+        plan = openai_chat.chat_plan(req, model)
+        prep = await prepare(self.service, plan)
+        check_queue(prep)
+        rid = "chatcmpl-" + secrets.token_hex(12)
+        if not req.stream:
+            choices = await self._complete(request, prep, "chat.completions", model)
+            if choices is None:
+                return Response(status_code=499)
+            return JSONResponse(openai_chat.completion_response(plan, choices, model, rid, prep.tokenizer))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def produce(write: Write) -> None:
+            stream = ChunkStream(plan, model, rid, write, include_usage)
+            await stream.begin()
+            if await self._stream(prep, stream.on_item, write, "openai", "chat.completions", model):
+                await stream.end()
+
+        return EventStreamResponse(produce)
+
+    async def completions(self, request: Request, flavor: Flavor) -> Response:
+        req = await self._body(request, CompletionRequest)
+        model = self._model(req.model)
+        check_ready(self.service)
+        plan = completions.completion_plan(req, self.service.host.engine.tokenizer)
+        prep = await prepare(self.service, plan)
+        check_queue(prep)
+        rid = "cmpl-" + secrets.token_hex(12)
+        if not req.stream:
+            choices = await self._complete(request, prep, "completions", model)
+            if choices is None:
+                return Response(status_code=499)
+            return JSONResponse(completions.completion_response(choices, model, rid))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def produce(write: Write) -> None:
+            stream = completions.TextStream(model, rid, write, include_usage)
+            if await self._stream(prep, stream.on_item, write, "openai", "completions", model):
+                await stream.end()
+
+        return EventStreamResponse(produce)
+
+    async def messages(self, request: Request, flavor: Flavor) -> Response:
+        req = await self._body(request, MessagesRequest)
+        model = self._model(req.model)
+        plan = anthropic_messages.messages_plan(req)
+        prep = await prepare(self.service, plan)
+        check_queue(prep)
+        mid = "msg_" + secrets.token_hex(12)
+        if not req.stream:
+            choices = await self._complete(request, prep, "messages", model)
+            if choices is None:
+                return Response(status_code=499)
+            return JSONResponse(anthropic_messages.message_response(plan, choices[0], model, mid))
+
+        async def produce(write: Write) -> None:
+            stream = MessageStream(plan, model, mid, write, len(prep.prompt_ids))
+            await stream.begin()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stream.pings)
+                await self._stream(prep, stream.on_item, write, "anthropic", "messages", model)
+                stream.decoding = True
+                tg.cancel_scope.cancel()
+
+        return EventStreamResponse(produce)
+
+    async def count_tokens(self, request: Request, flavor: Flavor) -> Response:
+        req = await self._body(request, CountTokensRequest)
+        self._model(req.model)
+        specs, _, _ = anthropic_messages.tool_plan(req)
+        thinking = req.thinking is not None and req.thinking.type != "disabled"
+        check_ready(self.service)
+        _, _, ids = await self.service.render(anthropic_messages.template_messages(req), Progress(),
+                                              thinking=thinking, tools=[s.as_openai() for s in specs] or None)
+        return JSONResponse({"input_tokens": len(ids)})
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    async def _complete(self, request: Request, prep: Prepared, route: str, model: str) -> list[Choice] | None:
+        """Every choice, or None when the client went away first (its requests are aborted)."""
+        choices = await _until_disconnect(request, lambda: run_all(self.service, prep))
+        self._log(route, model, choices)
+        return choices
+
+    async def _stream(self, prep: Prepared, on_item: Any, write: Write, flavor: Flavor, route: str,
+                      model: str) -> bool:
+        """Run the choices into the stream; a failure ends the stream with an error event (False)."""
+        choices: list[Choice] = []
+
+        async def collect(index: int, item: Any) -> None:
+            if isinstance(item, Choice):
+                choices.append(item)
+            await on_item(index, item)
+
+        try:
+            await run_streaming(self.service, prep, collect)
+        except Exception as e:  # headers are sent: the error becomes the stream's last event
+            err = from_exception(e)
+            log.info("%s stream failed: %d %s", route, err.status, err.message)
+            await write(err.sse(flavor))
+            return False
+        self._log(route, model, choices)
+        return True
+
+    def _log(self, route: str, model: str, choices: list[Choice] | None) -> None:
+        if not choices:
+            log.info("%s (%s): client went away; its requests were aborted", route, model)
+            return
+        run = choices[0].run
+        log.info("%s (%s): n=%d prompt=%d cached=%d completion=%d %.2f s finish=%s", route, model, len(choices),
+                 run.prompt_tokens, run.cached_tokens, sum(len(c.run.token_ids) for c in choices), run.elapsed_s,
+                 ",".join(c.finish for c in choices))
+
+
+async def _until_disconnect(request: Request, work: Callable[[], Awaitable[list[Choice]]]) -> list[Choice] | None:
+    """Run `work` unless the client disconnects first (then its requests are aborted: None)."""
+    result: list[Choice] | None = None
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        async def run() -> None:
+            nonlocal result, error
+            try:
+                result = await work()
+            except Exception as e:  # raised below as itself, not inside an ExceptionGroup
+                error = e
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        tg.start_soon(run)
+    if error is not None:
+        raise error
+    return result
+
+
+async def serve_api(api: ApiApp, port: int) -> None:
+    """The API alone on its own port (beside a stdio MCP server): same host, token and Host/Origin rules."""
+    import uvicorn
+
+    config = api.config
+    server = uvicorn.Server(uvicorn.Config(api.app, host=config.host, port=port, log_config=None,
+                                           log_level=config.log_level.lower(), lifespan="off"))
+    log.info("serving the OpenAI/Anthropic API at http://%s:%d/v1%s", config.host, port,
+             " (token required)" if config.token else "")
+    await server.serve()

@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 _ABORT_GRACE_S = 5.0
 
 
+def new_request_id() -> str:
+    """The id a request carries in the engine, the logs and error messages."""
+    return f"mcp-{uuid.uuid4().hex[:16]}"
+
+
 @dataclass
 class RunResult:
     token_ids: list[int]
@@ -58,10 +63,11 @@ async def run_request(
     time_limit_s: float,
     interval_s: float = 0.5,
     on_text: Callable[[str], None] | None = None,
+    request_id: str | None = None,
 ) -> RunResult:
     """Stream one request to the end. A cancelled caller aborts it (freeing its cache) before unwinding."""
     progress = progress or Progress()
-    request_id = f"mcp-{uuid.uuid4().hex[:16]}"
+    request_id = request_id or new_request_id()
     live = _Live(started=time.monotonic(), max_tokens=params.max_tokens, prompt_tokens=len(prompt_ids))
     texts: list[str] = []
     finish: str | None = None

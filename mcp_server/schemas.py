@@ -59,52 +59,34 @@ class TextPart(_Strict):
 class Message(_Strict):
     """One chat message. `content` may be null only on an assistant message that carries `tool_calls`."""
 
-    role: Role = Field(description="system | user | assistant | tool")
-    content: str | list[TextPart] | None = Field(
-        None, description="Message text, or a list of {type: 'text', text} parts (for role 'tool': its output)."
-    )
-    tool_calls: list[ToolCallIn] | None = Field(
-        None, description="Only on role 'assistant': the tool calls it made ({id, name, arguments})."
-    )
-    tool_call_id: str | None = Field(None, description="Only on role 'tool': id of the call this answers.")
-    name: str | None = Field(None, description="Optional: the tool's name on a role 'tool' message.")
+    role: Role
+    content: str | list[TextPart] | None = Field(None, description="Text, or [{type: 'text', text}].")
+    tool_calls: list[ToolCallIn] | None = Field(None, description="Role assistant only: [{id, name, arguments}].")
+    tool_call_id: str | None = Field(None, description="Role tool only: the call answered.")
+    name: str | None = None  # the tool's name on a role 'tool' message
 
     @model_validator(mode="after")
     def _check_shape(self) -> Message:
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError(f"tool_calls is only allowed on role 'assistant' messages, not '{self.role}'")
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"content is required on a '{self.role}' message")
+            raise ValueError(f"content is required on a message with role '{self.role}'")
         return self
 
 
 class GenerationInput(_Strict):
     """Inputs shared by chat, think and tool_call. Give exactly one of `prompt` or `messages`."""
 
-    prompt: str | None = Field(None, description="A single user message. Give this or `messages`, not both.")
-    messages: list[Message] | None = Field(
-        None,
-        description="A conversation: [{role: system|user|assistant|tool, content, tool_calls?}], ending with "
-        "the turn to answer. Give this or `prompt`, not both.",
-    )
-    system: str | None = Field(
-        None, description="Optional system prompt, placed before the conversation (replaces a continued "
-        "conversation's system prompt)."
-    )
-    max_tokens: Annotated[int, Field(gt=0)] | None = Field(
-        None, description="Most tokens to generate (server default if omitted). Must fit in the context."
-    )
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(
-        None, description="Sampling temperature; 0 is greedy. Server default if omitted."
-    )
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(None, description="Nucleus sampling mass.")
-    seed: int | None = Field(None, description="Seed for reproducible sampling.")
-    stop: list[str] | None = Field(None, max_length=16, description="Strings that end generation when produced.")
-    conversation_id: str | None = Field(
-        None,
-        description="Continue a conversation this server stored (from an earlier result's conversation_id); "
-        "the new prompt/messages are appended to it.",
-    )
+    prompt: str | None = Field(None, description="One user message (or give messages).")
+    messages: list[Message] | None = Field(None, description="[{role: system|user|assistant|tool, content, "
+                                           "tool_calls?, tool_call_id?}], ending with the turn to answer.")
+    system: str | None = Field(None, description="System prompt (replaces a continued conversation's).")
+    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(None, description="0 = greedy.")
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    seed: int | None = None
+    stop: list[str] | None = Field(None, max_length=16)
+    conversation_id: str | None = Field(None, description="From a result: continue that conversation.")
 
 
 class JsonSchemaSpec(_Strict):
@@ -151,17 +133,13 @@ class ResponseFormat(_Strict):
 
 class ChatInput(GenerationInput):
     response_format: ResponseFormat | None = Field(
-        None,
-        description="Constrain the reply to JSON: {\"type\": \"json_schema\", \"schema\": {...}} (valid JSON "
-        "matching the schema, returned parsed in `parsed`) or {\"type\": \"json_object\"} (any JSON object).",
+        None, description="{type: 'json_schema', schema} or {type: 'json_object'}: JSON output, in `parsed`."
     )
 
 
 class ThinkInput(ChatInput):
     thinking_budget: Annotated[int, Field(gt=0)] | None = Field(
-        None,
-        description="Most reasoning tokens; when reached the reasoning is closed and the answer follows. Must "
-        "be smaller than max_tokens. Server default if omitted.",
+        None, description="Most reasoning tokens, then the answer follows; below max_tokens."
     )
 
 
@@ -216,19 +194,13 @@ class NamedToolChoice(_Strict):
 
 class ToolCallInput(GenerationInput):
     tools: list[McpTool | OpenAITool] = Field(
-        min_length=1,
-        description="Tools the model may call: MCP-style {name, description, inputSchema} or OpenAI-style "
-        "{type: 'function', function: {name, description, parameters}}. Schemas must be valid JSON Schema.",
+        min_length=1, description="MCP {name, description, inputSchema} or OpenAI {type: 'function', function}."
     )
-    tool_choice: ToolChoiceMode | NamedToolChoice = Field(
-        "auto",
-        description="'auto' (model decides), 'required' (must call a tool), 'none' (must not), or "
-        "{\"name\": tool} to call that tool.",
-    )
+    tool_choice: ToolChoiceMode | NamedToolChoice = Field("auto", description="auto | required | none | {name}")
 
 
 class ResetInput(_Strict):
-    conversation_id: str = Field(description="The conversation to forget.")
+    conversation_id: str
 
 
 class ListModelsInput(_Strict):

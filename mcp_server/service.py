@@ -25,7 +25,7 @@ from inference.text.template import render_ids
 from mcp_server.config import ServerConfig
 from mcp_server.constraints import GrammarConstraints, grammar_available, steered
 from mcp_server.conversations import Conversation, ConversationStore, UnknownConversation
-from mcp_server.generate import RunResult, run_request
+from mcp_server.generate import RunResult, new_request_id, run_request
 from mcp_server.model_host import ModelHost
 from mcp_server.processors import ToolCallProcessors
 from mcp_server.progress import Progress
@@ -225,7 +225,7 @@ class ChatService:
         if not new:
             raise RequestError("messages is empty; give at least one message ending with the user's turn")
         if new[-1]["role"] not in ("user", "tool"):
-            raise RequestError(f"the last message is a '{new[-1]['role']}' message; end `messages` with the turn "
+            raise RequestError(f"the last message has role '{new[-1]['role']}'; end `messages` with the turn "
                                "to answer: a 'user' message, or 'tool' results after the assistant's tool calls")
         history = ([{"role": "system", "content": conv.system}] if conv.system else []) + conv.messages + new
 
@@ -266,13 +266,17 @@ class ChatService:
                    processors: Sequence[Any] = ()) -> tuple[RunResult, Any]:
         parser = StreamParser(thinking=thinking, tools=tools)
         limits = self.config.limits
+        request_id = new_request_id()
         try:
             run = await run_request(prep.aengine, prep.prompt_ids, prep.params, processors=processors,
                                     progress=progress, time_limit_s=limits.max_wall_time_s,
-                                    interval_s=limits.progress_interval_s, on_text=parser.feed)
-        except Exception as e:
-            log.exception("generation failed")
-            raise GenerationFailed(f"generation failed: {type(e).__name__}: {e}") from e
+                                    interval_s=limits.progress_interval_s, on_text=parser.feed,
+                                    request_id=request_id)
+        except Exception as e:  # the details (and traceback) stay in the server's log, under the request id
+            log.exception("request %s: generation failed", request_id)
+            raise GenerationFailed(f"generation failed (request {request_id}); the server "
+                                   "log on stderr has the details under that id. The server goes on serving: "
+                                   "retry, or change the input") from e
         parser.finish()
         return run, parser.result()
 

@@ -1,0 +1,162 @@
+"""Issue 11 hardening, items 4-10: conversations, Ctrl-C, remote Host headers, progress and the wall-time limit,
+the tool list, readable errors, CLI and logs. Tests that need no model build the server around a host that never
+loads; the rest share one demo Engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+from pydantic import ValidationError
+
+from mcp_server.config import ServerConfig
+from mcp_server.errors import readable_errors
+from mcp_server.model_host import ModelHost
+from mcp_server.schemas import ChatInput, ToolCallInput
+from mcp_server.server import build_server
+from mcp_server.service import ChatService
+
+
+def _never_loads() -> Any:
+    raise RuntimeError("no model in this test")
+
+
+def _offline_service(**config: Any) -> ChatService:
+    cfg = ServerConfig(**config)
+    return ChatService(ModelHost(cfg, loader=_never_loads), cfg)
+
+
+async def _listed(service: ChatService) -> tuple[int, dict[str, Any]]:
+    async with Client(build_server(service)) as client:
+        result = await client.list_tools()
+    return len(result.model_dump_json(by_alias=True, exclude_none=True)), {t.name: t for t in result.tools}
+
+
+def _keys(node: Any) -> list[str]:
+    """Every schema keyword in `node` (property names excluded)."""
+    if isinstance(node, list):
+        return [k for v in node for k in _keys(v)]
+    if not isinstance(node, dict):
+        return []
+    out: list[str] = []
+    for key, value in node.items():
+        out.append(key)
+        out.extend(k for sub in value.values() for k in _keys(sub)) if key == "properties" else out.extend(
+            _keys(value))
+    return out
+
+
+# ------------------------------------------------------------------------------------ item 8: the tool list
+
+
+def test_tool_list_is_lean_and_annotated_truthfully() -> None:
+    size, tools = anyio.run(_listed, _offline_service())
+    assert size < 8 * 1024, size  # was 32 KB
+    for tool in tools.values():
+        for schema in (tool.input_schema, tool.output_schema):
+            keys = _keys(schema)
+            assert "title" not in keys and "$ref" not in keys
+        assert {"type": "null"} not in json.loads(json.dumps(tool.input_schema)).get("anyOf", [])
+        assert '{"type": "null"}' not in json.dumps(tool.input_schema)
+        assert tool.input_schema["additionalProperties"] is False
+    reset = tools["reset_conversation"].annotations
+    assert reset.destructive_hint is True and reset.read_only_hint is False
+    assert tools["list_models"].annotations.read_only_hint is True
+    for name in ("chat", "think", "tool_call"):  # they store the conversation
+        ann = tools[name].annotations
+        assert ann.read_only_hint is False and ann.destructive_hint is False and ann.open_world_hint is False
+    assert "always parse" in tools["tool_call"].description
+    assert "response_format" in tools["chat"].input_schema["properties"]
+
+
+def test_descriptions_promise_nothing_that_is_off() -> None:
+    _, tools = anyio.run(_listed, _offline_service(constrained_decoding=False))
+    assert "always parse" not in tools["tool_call"].description
+    assert "not constrain" in tools["tool_call"].description
+    for name in ("chat", "think"):
+        assert "response_format" not in tools[name].description
+        assert "response_format" not in tools[name].input_schema["properties"]
+
+
+def test_validation_stays_strict() -> None:
+    for bad in ({"prompt": "a", "max_tokens": 0}, {"prompt": "a", "bogus": 1},
+                {"messages": [{"role": "robot", "content": "x"}]},
+                {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
+                {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+                {"prompt": "a", "response_format": {"type": "json_schema"}}):
+        with pytest.raises(ValidationError):
+            ChatInput.model_validate(bad)
+
+
+# ------------------------------------------------------------------------------------ item 9: readable errors
+
+
+def _readable(model: Any, data: dict[str, Any]) -> str:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(data)
+    return readable_errors(info.value, data, model, "arguments for chat")
+
+
+def test_validation_errors_are_one_line_per_problem() -> None:
+    text = _readable(ChatInput, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]})
+    lines = text.splitlines()
+    assert lines[0] == "invalid arguments for chat (1 problem):"
+    assert len(lines) == 2 and lines[1].startswith("- messages[0].content[0].type: Input should be 'text'")
+    assert "'image_url'" in lines[1]
+    text = _readable(ChatInput, {"prompt": "a", "max_token": 3, "temperature": 9})
+    assert "pydantic" not in text and "validation error for" not in text and "chatArguments" not in text
+    assert "- max_token: Extra inputs are not permitted" in text and "did you mean 'max_tokens'" in text
+    assert "- temperature: Input should be less than or equal to 2; got 9" in text
+    text = _readable(ToolCallInput, {"prompt": "a", "tools": [{"type": "function", "function": {"nam": "f"}}]})
+    assert "tools[0].function" in text and "tools[0].name" not in text  # the OpenAI shape it was meant as
+    text = _readable(ChatInput, {"messages": [{"role": "assistant"}]})
+    assert "with role 'assistant'" in text and "a 'assistant'" not in text
+
+
+async def _call(service: ChatService, name: str, args: dict[str, Any]) -> Any:
+    async with Client(build_server(service)) as client:
+        return await client.call_tool(name, args)
+
+
+def test_bad_arguments_reach_the_client_readably() -> None:
+    result = anyio.run(_call, _offline_service(), "chat",
+                       {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    assert result.is_error
+    text = result.content[0].text
+    assert text.startswith("invalid arguments for chat (1 problem):") and "errors.pydantic.dev" not in text
+    assert "Error executing tool" not in text
+
+
+def test_generation_failure_is_logged_with_its_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    from mcp_server.service import GenerationFailed
+
+    class Broken:
+        def stream(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("secret internals /home/me/model")
+
+        def abort(self, request_id: str) -> None:
+            pass
+
+    service = _offline_service()
+
+    async def run() -> str:
+        from inference.engine.sampling import SamplingParams
+        from mcp_server.progress import Progress
+        from mcp_server.service import _Prepared
+
+        prep = _Prepared(None, [], [1, 2], SamplingParams(max_tokens=2), Broken(), None)  # type: ignore[arg-type]
+        with pytest.raises(GenerationFailed) as info:
+            await service._run(prep, Progress(), thinking=False)
+        return str(info.value)
+
+    with caplog.at_level(logging.ERROR):
+        message = anyio.run(run)
+    assert "secret internals" not in message and "generation failed (request mcp-" in message
+    request_id = message.split("request ")[1].split(")")[0]
+    record = next(r for r in caplog.records if request_id in r.getMessage())
+    assert record.exc_info is not None and "secret internals" in str(record.exc_info[1])

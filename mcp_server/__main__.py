@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--load-wait", type=float, metavar="SECONDS",
                    help="how long a call waits for a model still loading (default 600)")
     s.add_argument("--max-conversations", type=int, help="stored conversations kept (default 256)")
+    s.add_argument("--max-conversation-tokens", type=int, metavar="TOKENS",
+                   help="tokens all stored conversations hold together; least recently used go (default 1000000)")
     t = p.add_argument_group("transport")
     t.add_argument("--transport", choices=["stdio", "http", "sse"], help="default stdio")
     t.add_argument("--host", help="HTTP/SSE bind address (default 127.0.0.1)")
@@ -76,7 +78,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     limits = {"max_tokens": args.max_tokens, "thinking_budget": args.thinking_budget,
               "max_wall_time_s": args.max_wall_time, "load_wait_s": args.load_wait,
-              "max_conversations": args.max_conversations}
+              "max_conversations": args.max_conversations,
+              "max_conversation_tokens": args.max_conversation_tokens}
     out: dict[str, Any] = {k: v for k, v in flat.items() if v is not None}
     for key, section in (("sampling", sampling), ("limits", limits)):
         given = {k: v for k, v in section.items() if v is not None}

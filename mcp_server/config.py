@@ -42,6 +42,9 @@ class Limits(_Section):
     )
     load_wait_s: float = Field(600.0, gt=0, description="How long a call waits for a model still loading.")
     max_conversations: int = Field(256, gt=0, description="Stored conversations kept (least recently used go).")
+    max_conversation_tokens: int = Field(
+        1_000_000, gt=0, description="Tokens all stored conversations may hold together (least recently used go)."
+    )
     progress_interval_s: float = Field(0.5, gt=0, le=1.0, description="Seconds between progress notifications.")
 
 

@@ -10,9 +10,10 @@ import dataclasses
 import functools
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -24,7 +25,7 @@ from inference.text.parse import StreamParser
 from inference.text.template import render_ids
 from mcp_server.config import ServerConfig
 from mcp_server.constraints import GrammarConstraints, grammar_available, steered
-from mcp_server.conversations import Conversation, ConversationStore, UnknownConversation
+from mcp_server.conversations import Conversation, ConversationStore, TurnLocks, UnknownConversation
 from mcp_server.generate import RunResult, new_request_id, run_request
 from mcp_server.model_host import ModelHost
 from mcp_server.processors import ToolCallProcessors
@@ -60,6 +61,23 @@ class GenerationFailed(RuntimeError):
     """The engine failed while generating (the cause is in the message); the server goes on serving."""
 
 
+_Req = TypeVar("_Req", bound=GenerationInput)
+_Out = TypeVar("_Out")
+
+
+def _one_turn_at_a_time(
+    method: Callable[[ChatService, _Req, Progress], Awaitable[_Out]],
+) -> Callable[[ChatService, _Req, Progress], Awaitable[_Out]]:
+    """Calls that continue one conversation run one after another, in arrival order, so no turn is lost."""
+
+    @functools.wraps(method)
+    async def wrapper(self: ChatService, req: _Req, progress: Progress) -> _Out:
+        async with self._turn(req.conversation_id, progress):
+            return await method(self, req, progress)
+
+    return wrapper
+
+
 @dataclass
 class _Prepared:
     conv: Conversation
@@ -79,24 +97,28 @@ class ChatService:
                  tool_call_processors: ToolCallProcessors | None = None) -> None:
         self.host = host
         self.config = config
-        self.conversations = ConversationStore(config.limits.max_conversations)
+        self.conversations = ConversationStore(config.limits.max_conversations,
+                                               config.limits.max_conversation_tokens)
+        self.turns = TurnLocks()
         self.constraints = GrammarConstraints() if config.constrained_decoding and grammar_available() else None
         self.tool_call_processors = tool_call_processors or self.constraints
         self._num_parameters: int | None = None
 
     # -- tools ----------------------------------------------------------------------------------------
 
+    @_one_turn_at_a_time
     async def chat(self, req: ChatInput, progress: Progress) -> ChatOutput:
         fmt = self._response_format(req)
         prep = await self._prepare(req, progress, thinking=False)
         processors = await self._format_processors(prep, fmt, thinking=False)
         run, parsed = await self._run(prep, progress, thinking=False, processors=processors)
         value, error = check_json(parsed.content, fmt.schema_or_none()) if fmt is not None else (None, None)
-        self._remember(prep, {"role": "assistant", "content": parsed.content})
+        self._remember(prep, {"role": "assistant", "content": parsed.content}, run)
         return ChatOutput(text=parsed.content, finish_reason=run.finish_reason, usage=_usage(run),
                           conversation_id=prep.conv.id, model=self.host.name, steered=steered(processors),
                           parsed=value, parse_error=error)
 
+    @_one_turn_at_a_time
     async def think(self, req: ThinkInput, progress: Progress) -> ThinkOutput:
         fmt = self._response_format(req)
         prep = await self._prepare(req, progress, thinking=True)
@@ -115,12 +137,13 @@ class ChatService:
         closed = think_end_id in run.token_ids
         reasoning_tokens = run.token_ids.index(think_end_id) + 1 if closed else len(run.token_ids)
         value, error = check_json(parsed.content, fmt.schema_or_none()) if fmt is not None else (None, None)
-        self._remember(prep, {"role": "assistant", "content": parsed.content})
+        self._remember(prep, {"role": "assistant", "content": parsed.content}, run)
         return ThinkOutput(text=parsed.content, answer=parsed.content, reasoning=parsed.reasoning,
                            reasoning_tokens=reasoning_tokens, reasoning_complete=closed,
                            finish_reason=run.finish_reason, usage=_usage(run), conversation_id=prep.conv.id,
                            model=self.host.name, steered=steered(grammar), parsed=value, parse_error=error)
 
+    @_one_turn_at_a_time
     async def tool_call(self, req: ToolCallInput, progress: Progress) -> ToolCallOutput:
         try:
             specs = normalize_tools(req.tools)
@@ -153,7 +176,7 @@ class ChatService:
         reply: dict[str, Any] = {"role": "assistant", "content": parsed.content}
         if calls:
             reply["tool_calls"] = [c.model_dump() for c in calls]
-        self._remember(prep, reply)
+        self._remember(prep, reply, run)
         return ToolCallOutput(text=parsed.content, tool_calls=calls, invalid_tool_calls=invalid,
                               finish_reason=run.finish_reason, usage=_usage(run), conversation_id=prep.conv.id,
                               model=self.host.name, steered=steered(processors))
@@ -310,10 +333,18 @@ class ChatService:
         except ValueError as e:  # ConstraintError
             raise RequestError(str(e)) from None
 
-    def _remember(self, prep: _Prepared, reply: dict[str, Any]) -> None:
+    def _remember(self, prep: _Prepared, reply: dict[str, Any], run: RunResult) -> None:
         conv = prep.conv
         conv.messages = conv.messages + prep.new_messages + [reply]
+        conv.num_tokens = len(prep.prompt_ids) + len(run.token_ids)
         self.conversations.put(conv)
+
+    @asynccontextmanager
+    async def _turn(self, conversation_id: str | None, progress: Progress) -> AsyncIterator[None]:
+        if conversation_id is not None and self.turns.busy(conversation_id):
+            await progress.update(0, None, f"waiting for the previous call on {conversation_id} to finish")
+        async with self.turns.hold(conversation_id):
+            yield
 
 
 def _usage(run: RunResult) -> Usage:
@@ -323,8 +354,8 @@ def _usage(run: RunResult) -> Usage:
 
 def _unknown_conversation(conversation_id: str, capacity: int) -> str:
     return (f"unknown conversation_id {conversation_id!r}: it was never issued by this server, was reset, or was "
-            f"evicted (the server keeps the {capacity} most recent). Omit conversation_id to start a new conversation "
-            "and send the full history in `messages`")
+            f"evicted (the server keeps the {capacity} most recent, within max_conversation_tokens). Omit "
+            "conversation_id to start a new conversation and send the full history in `messages`")
 
 
 def _jsonable(stats: Any) -> dict[str, Any]:

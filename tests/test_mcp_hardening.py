@@ -160,3 +160,67 @@ def test_generation_failure_is_logged_with_its_request_id(caplog: pytest.LogCapt
     request_id = message.split("request ")[1].split(")")[0]
     record = next(r for r in caplog.records if request_id in r.getMessage())
     assert record.exc_info is not None and "secret internals" in str(record.exc_info[1])
+
+
+# ------------------------------------------------------------------------- item 4: conversations keep every turn
+
+
+def test_conversation_store_is_bounded_by_tokens() -> None:
+    from mcp_server.conversations import Conversation, ConversationStore, UnknownConversation
+
+    store = ConversationStore(capacity=10, max_tokens=100)
+    store.put(Conversation("a", num_tokens=40))
+    store.put(Conversation("b", num_tokens=40))
+    store.get("a")  # b is now least recent
+    store.put(Conversation("c", num_tokens=30))
+    with pytest.raises(UnknownConversation):
+        store.get("b")
+    assert store.total_tokens == 70 and len(store) == 2
+    store.put(Conversation("a", num_tokens=90))  # a grew: c goes, a (newest) stays
+    assert store.total_tokens == 90 and len(store) == 1
+    store.put(Conversation("d", num_tokens=500))  # alone over the bound: kept, the rest go
+    assert len(store) == 1 and store.get("d").num_tokens == 500
+    assert store.remove("d") == 0 and store.total_tokens == 0
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    from inference.engine.engine import Engine
+
+    return Engine.from_pretrained(None)
+
+
+def _demo_config(**limits: Any) -> ServerConfig:
+    from mcp_server.config import Limits, SamplingDefaults
+
+    return ServerConfig(cache_tokens=4096, sampling=SamplingDefaults(temperature=0.0),
+                        limits=Limits(**{"max_tokens": 2, "progress_interval_s": 0.2, **limits}))
+
+
+def test_concurrent_turns_on_one_conversation_are_all_kept(engine: Any) -> None:
+    async def run() -> tuple[int, int]:
+        config = _demo_config()
+        host = ModelHost(config, loader=lambda: engine)
+        service = ChatService(host, config)
+        async with host.running(), Client(build_server(service)) as client:
+            first = await client.call_tool("chat", {"prompt": "one", "max_tokens": 2})
+            cid = first.structured_content["conversation_id"]
+            results: list[Any] = []
+
+            async def turn(text: str) -> None:
+                results.append(await client.call_tool("chat", {"prompt": text, "conversation_id": cid,
+                                                                "max_tokens": 2}))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(turn, "two")
+                tg.start_soon(turn, "three")
+            assert not any(r.is_error for r in results), results
+            await client.call_tool("chat", {"prompt": "four", "conversation_id": cid, "max_tokens": 2})
+            conv = service.conversations.get(cid)
+            users = [m["content"] for m in conv.messages if m["role"] == "user"]
+            assert users[0] == "one" and users[-1] == "four" and sorted(users[1:3]) == ["three", "two"]
+            return len(conv.messages), conv.num_tokens
+
+    num_messages, num_tokens = anyio.run(run)
+    assert num_messages == 8  # main kept 6: the later of the two concurrent turns overwrote the other
+    assert num_tokens > 0

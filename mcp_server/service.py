@@ -300,6 +300,12 @@ class ChatService:
             raise GenerationFailed(f"generation failed (request {request_id}); the server "
                                    "log on stderr has the details under that id. The server goes on serving: "
                                    "retry, or change the input") from e
+        if run.finish_reason == "time" and not run.token_ids:
+            raise RequestError(
+                f"the {limits.max_wall_time_s:g} s wall-time limit (--max-wall-time, limits.max_wall_time_s; "
+                f"counted from admission, after {run.queued_s:.1f} s queued) ran out before the first output token: "
+                f"prefilling the {len(prep.prompt_ids)}-token prompt took all of it. Shorten the prompt or raise "
+                "--max-wall-time")
         parser.finish()
         return run, parser.result()
 

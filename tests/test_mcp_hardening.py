@@ -224,3 +224,110 @@ def test_concurrent_turns_on_one_conversation_are_all_kept(engine: Any) -> None:
     num_messages, num_tokens = anyio.run(run)
     assert num_messages == 8  # main kept 6: the later of the two concurrent turns overwrote the other
     assert num_tokens > 0
+
+
+# --------------------------------------------------------------- item 7: queueing, prefill chunks, the time limit
+
+
+class _FakeScheduler:
+    def __init__(self, chunk_tokens: int) -> None:
+        self.max_num_batched_tokens = chunk_tokens
+        self.waiting: list[Any] = []
+        self.seqs: dict[str, Any] = {}
+
+    def get(self, request_id: str) -> Any:
+        return self.seqs.get(request_id)
+
+
+class SlowEngine:
+    """Stands in for AsyncEngine: a request waits `queue_s` for admission, prefills its prompt in chunks of
+    `chunk_tokens` taking `chunk_s` each, then decodes `words` one per `token_s`."""
+
+    def __init__(self, *, queue_s: float, chunk_s: float, words: list[str], token_s: float,
+                 chunk_tokens: int = 64) -> None:
+        self.scheduler = _FakeScheduler(chunk_tokens)
+        self.queue_s, self.chunk_s, self.words, self.token_s = queue_s, chunk_s, words, token_s
+        self.max_model_len = 1 << 20
+        self.aborted: set[str] = set()
+
+    async def __aenter__(self) -> SlowEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.add(request_id)
+
+    async def stream(self, prompt_ids: list[int], params: Any, *, request_id: str, **_: Any) -> Any:
+        from types import SimpleNamespace
+
+        from inference.engine.sequence import SequenceStatus
+
+        def out(ids: list[int], delta: str, reason: str | None) -> Any:
+            return SimpleNamespace(new_token_ids=ids[-1:] if delta else [], token_ids=list(ids), text_delta=delta,
+                                   num_cached_tokens=0, finished=reason is not None, finish_reason=reason)
+
+        seq = SimpleNamespace(status=SequenceStatus.WAITING, num_computed_tokens=0,
+                              num_prompt_tokens=len(prompt_ids))
+        self.scheduler.seqs[request_id] = seq
+        self.scheduler.waiting.append(seq)
+        await anyio.sleep(self.queue_s)
+        self.scheduler.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        while seq.num_computed_tokens < len(prompt_ids):
+            await anyio.sleep(self.chunk_s)
+            if request_id in self.aborted:
+                yield out([], "", "abort")
+                return
+            seq.num_computed_tokens = min(seq.num_computed_tokens + self.scheduler.max_num_batched_tokens,
+                                          len(prompt_ids))
+        ids: list[int] = []
+        for i, word in enumerate(self.words):
+            await anyio.sleep(self.token_s)
+            if request_id in self.aborted:
+                yield out(ids, "", "abort")
+                return
+            ids.append(i + 1)
+            yield out(ids, word, "stop" if i == len(self.words) - 1 else None)
+
+
+def test_progress_says_queued_prefill_chunks_and_text_and_the_limit_starts_at_admission() -> None:
+    from inference.engine.sampling import SamplingParams
+    from mcp_server.generate import run_request
+    from mcp_server.progress import Progress
+
+    messages: list[str] = []
+
+    async def send(value: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
+    words = ["alpha ", "beta ", "gamma"]
+    fake = SlowEngine(queue_s=1.0, chunk_s=0.3, words=words, token_s=0.15)
+    run = anyio.run(lambda: run_request(fake, list(range(192)), SamplingParams(max_tokens=8),
+                                        progress=Progress(send), time_limit_s=1.8, interval_s=0.1))
+    # 1.0 s queued + 0.9 s prefill > 1.8 s: a limit counted from submission would cut it before any token
+    assert run.finish_reason == "stop" and run.text == "alpha beta gamma", (run, messages)
+    assert run.queued_s >= 0.9
+    assert any(m.startswith("queued: waiting for a free slot") for m in messages), messages
+    assert not any("prefill" in m for m in messages[:5]), messages  # queued requests do not claim to prefill
+    assert any("prefilling the prompt: chunk 1/3 done (64/192 tokens" in m for m in messages), messages
+    assert any("chunk 2/3 done" in m for m in messages), messages
+    assert any(m.startswith("generated ") and m.endswith("alpha beta") for m in messages), messages
+
+
+def test_a_result_cut_before_its_first_token_is_an_error(engine: Any) -> None:
+    fake = SlowEngine(queue_s=0.0, chunk_s=0.3, words=["x"], token_s=0.1, chunk_tokens=4)
+
+    async def run() -> Any:
+        config = _demo_config(max_wall_time_s=0.5, progress_interval_s=0.1)
+        host = ModelHost(config, loader=lambda: engine, make_async_engine=lambda _: fake)
+        service = ChatService(host, config)
+        async with host.running(), Client(build_server(service)) as client:
+            return await client.call_tool("chat", {"prompt": "a long prompt " * 20, "max_tokens": 2})
+
+    result = anyio.run(run)
+    assert result.is_error, result
+    text = result.content[0].text
+    assert "0.5 s wall-time limit" in text and "--max-wall-time" in text and "before the first output token" in text
+    assert "counted from admission" in text

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
+import signal
 import sys
 from typing import Any
+
+import anyio
+import anyio.abc
 
 from mcp_server.config import CONFIG_ENV, TOKEN_ENV, ConfigError, ServerConfig, check_serving_security, load_config
 
@@ -21,6 +27,12 @@ Examples:
   deepseek-mcp --transport http --port 8000       streamable HTTP at http://127.0.0.1:8000/mcp
   deepseek-mcp --transport http --host 0.0.0.0 --token SECRET   beyond loopback (token required)
 """
+
+
+STDIO_ON_A_TERMINAL = """\
+deepseek-mcp: serving MCP over stdio. It now waits for an MCP client on stdin: this is not an interactive
+prompt. Let your MCP client start this command (client configuration: "Use from MCP clients" in README.md),
+or serve HTTP with --transport http. Ctrl-C stops it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +108,29 @@ def setup_logging(level: str) -> None:
     root.setLevel(level)
 
 
-async def serve(config: ServerConfig) -> None:
+# After SIGINT/SIGTERM: how long the transport gets to stop on its own before it is cancelled.
+_STOP_GRACE_S = 1.5
+
+
+async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received: list[int], grace_s: float, *,
+                          task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """On SIGINT or SIGTERM: set `stop` (HTTP closes its connections), then cancel `scope` after `grace_s`.
+    A second signal cancels at once."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            received.append(signum)
+            log.info("%s received: stopping the server and freeing the model", signal.Signals(signum).name)
+            stop.set()
+            with anyio.move_on_after(grace_s):
+                async for _ in signals:
+                    break
+            break
+    scope.cancel()
+
+
+async def serve(config: ServerConfig) -> int:
+    """Serve until the transport ends (stdin closes) or a signal arrives; the exit status (128 + signal)."""
     from mcp_server.model_host import ModelHost
     from mcp_server.server import build_server
     from mcp_server.service import ChatService
@@ -105,11 +139,20 @@ async def serve(config: ServerConfig) -> None:
     host = ModelHost(config)
     service = ChatService(host, config)
     mcp = build_server(service)
-    async with host.running():
-        if config.transport == "stdio":
-            await serve_stdio(mcp)
-        else:
-            await serve_http(mcp, config)
+    received: list[int] = []
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        grace = 0.0 if config.transport == "stdio" else _STOP_GRACE_S
+        await tg.start(functools.partial(_stop_on_signal, stop, tg.cancel_scope, received, grace))
+        async with host.running():  # leaving it stops the engine and frees the model
+            if config.transport == "stdio":
+                await serve_stdio(mcp)
+            else:
+                await serve_http(mcp, config, stop)
+        tg.cancel_scope.cancel()
+    if received:
+        log.info("stopped")
+    return 128 + received[0] if received else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,16 +168,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(config.log_level)
     try:
-        import anyio
         import torch  # noqa: F401 - load the heavy native libraries before the event loop starts serving
 
-        anyio.run(serve, config)
-    except KeyboardInterrupt:
-        return 130
+        if config.transport == "stdio" and sys.stdin.isatty():
+            print(STDIO_ON_A_TERMINAL, file=sys.stderr)
+        code = anyio.run(serve, config)
+    except KeyboardInterrupt:  # before the signal handler is installed
+        _exit_now(130)
     except Exception:
         log.exception("deepseek-mcp stopped on an unexpected error")
         return 1
-    return 0
+    if code >= 128:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """After a signal stop (serving ended, the engine closed): exit without the interpreter's teardown, which
+    would wait on a model still loading in its thread (or abort in native code) and spend seconds freeing
+    tensors the OS frees at once."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

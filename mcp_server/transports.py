@@ -8,9 +8,12 @@ checked by the SDK's bearer-auth middleware whenever one is configured (required
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
+import os
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -105,19 +108,38 @@ def http_app(mcp: MCPServer, config: ServerConfig) -> Any:
     return mcp.streamable_http_app(streamable_http_path=config.path, transport_security=security, host=config.host)
 
 
-async def serve_http(mcp: MCPServer, config: ServerConfig) -> None:
+# After a stop request, how long open HTTP connections get to finish before the server closes them.
+_HTTP_GRACE_S = 1.0
+
+
+async def serve_http(mcp: MCPServer, config: ServerConfig, stop: anyio.Event | None = None) -> None:
+    """Serve until `stop` is set (the process's SIGINT/SIGTERM handler sets it; uvicorn's own is off)."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # the caller owns the signals
+            yield
 
     app = http_app(mcp, config)
     # log_config=None: uvicorn logs through our stderr handler (its default sends access lines to stdout)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
-                                           log_level=config.log_level.lower(), lifespan="on"))
+    server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
+                                   log_level=config.log_level.lower(), lifespan="on",
+                                   timeout_graceful_shutdown=_HTTP_GRACE_S))
     where = config.path if config.transport == "http" else "/sse"
     log.info("serving MCP over %s at http://%s:%d%s%s", config.transport, config.host, config.port, where,
              " (bearer token required)" if config.token else "")
     if not is_loopback(config.host):
         log.warning("listening beyond loopback on %s: every request needs the bearer token", config.host)
-    await server.serve()
+    async with anyio.create_task_group() as tg:
+        if stop is not None:
+            async def exit_on_stop() -> None:
+                await stop.wait()
+                server.should_exit = True
+
+            tg.start_soon(exit_on_stop)
+        await server.serve()
+        tg.cancel_scope.cancel()
 
 
 def _jsonrpc_error(exc: Exception) -> SessionMessage:
@@ -137,9 +159,70 @@ def _jsonrpc_error(exc: Exception) -> SessionMessage:
     return SessionMessage(error)
 
 
+class StdinLines:
+    """Lines of stdin for the SDK's stdio transport, read so that stopping the server (Ctrl-C) never waits on a
+    blocked read (the SDK's reader thread would hold the process until stdin closed). On POSIX the event loop
+    waits for the descriptor to be readable, then takes what is there; where it cannot watch the descriptor (a
+    regular file; Windows) the read runs in a worker thread the server may abandon. Reads are `os.read` on a
+    private duplicate of fd 0, so an abandoned thread holds no Python buffer lock at exit."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = b""
+        self._eof = False
+        self._poll = os.name == "posix"
+
+    def __aiter__(self) -> StdinLines:
+        return self
+
+    async def __anext__(self) -> str:
+        while b"\n" not in self._buffer:
+            if self._eof:
+                if not self._buffer:
+                    raise StopAsyncIteration
+                line, self._buffer = self._buffer, b""
+                return line.decode("utf-8", errors="replace")
+            chunk = await self._read()
+            self._eof = not chunk
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return (line + b"\n").decode("utf-8", errors="replace")
+
+    async def _read(self) -> bytes:
+        if self._poll:
+            try:
+                await anyio.wait_readable(self._fd)
+            except (OSError, ValueError, NotImplementedError):  # epoll refuses regular files
+                self._poll = False
+            else:
+                return os.read(self._fd, 1 << 16)
+        return await anyio.to_thread.run_sync(os.read, self._fd, 1 << 16, abandon_on_cancel=True)
+
+
+@contextlib.contextmanager
+def _claim_stdin() -> Iterator[int]:
+    """A private duplicate of fd 0 for the protocol, with fd 0 pointed at the null device meanwhile (as the SDK
+    does), so nothing else in the process reads the client's messages."""
+    private = os.dup(0)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    try:
+        yield private
+    finally:
+        os.dup2(private, 0)
+        os.close(private)
+
+
 async def serve_stdio(mcp: MCPServer) -> None:
     lowlevel = mcp._lowlevel_server  # noqa: SLF001 - the SDK's own run_stdio_async does the same
-    async with stdio_server() as (read_stream, write_stream):
+    log.info("serving MCP over stdio (SIGINT or SIGTERM stops the server)")
+    with _claim_stdin() as stdin_fd:
+        await _serve_stdio(lowlevel, StdinLines(stdin_fd))
+
+
+async def _serve_stdio(lowlevel: Any, stdin: Any) -> None:
+    async with stdio_server(stdin=stdin) as (read_stream, write_stream):
         inner_send, inner_read = anyio.create_memory_object_stream[Any](0)
 
         async def pump() -> None:

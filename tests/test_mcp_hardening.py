@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,6 +25,8 @@ from mcp_server.model_host import ModelHost
 from mcp_server.schemas import ChatInput, ToolCallInput
 from mcp_server.server import build_server
 from mcp_server.service import ChatService
+
+SCRIPT = Path(sys.executable).parent / "deepseek-mcp"
 
 
 def _never_loads() -> Any:
@@ -331,3 +339,61 @@ def test_a_result_cut_before_its_first_token_is_an_error(engine: Any) -> None:
     text = result.content[0].text
     assert "0.5 s wall-time limit" in text and "--max-wall-time" in text and "before the first output token" in text
     assert "counted from admission" in text
+
+
+# ---------------------------------------------------------------------------- item 5: SIGINT/SIGTERM stop it
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+@pytest.mark.skipif(not SCRIPT.exists() or sys.platform != "linux", reason="needs the console script, Linux")
+@pytest.mark.parametrize(("transport", "signum"), [("stdio", signal.SIGINT), ("tty", signal.SIGINT),
+                                                   ("http", signal.SIGTERM)])
+def test_signals_stop_the_server_within_two_seconds(transport: str, signum: int) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DEEPSEEK_MCP_TOKEN", "DEEPSEEK_MCP_CONFIG")}
+    args = [str(SCRIPT)] + (["--transport", "http", "--port", "0"] if transport == "http" else [])
+    master = slave = None
+    if transport == "tty":
+        import pty
+
+        master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=slave if slave is not None else subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            lines.append(line)
+            if not line or "transports: serving MCP over" in line:
+                break
+        assert "transports: serving MCP over" in lines[-1], "".join(lines)
+        children = _children(proc.pid)
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        code = proc.wait(timeout=10)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for fd in (master, slave):
+            if fd is not None:
+                os.close(fd)
+    err = "".join(lines) + proc.stderr.read()  # type: ignore[union-attr]
+    assert took < 2.0, (took, err)
+    assert code == 128 + signum, err
+    assert "received: stopping the server" in err and "Traceback" not in err
+    assert not any(os.path.exists(f"/proc/{c}") for c in children)
+    on_terminal = "waits for an MCP client on stdin" in err and "README.md" in err
+    assert on_terminal == (transport == "tty"), err

@@ -12,7 +12,6 @@ import contextlib
 import hmac
 import logging
 import os
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,11 +27,9 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from mcp_server.config import ServerConfig, is_loopback
+from mcp_server.hosts import LOOPBACK_HOSTS, HostGate, allowed_hosts
 
 log = logging.getLogger(__name__)
-
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-
 
 class StaticTokenVerifier:
     """Accepts exactly one bearer token (compared in constant time)."""
@@ -56,31 +53,14 @@ def auth_kwargs(config: ServerConfig) -> dict[str, Any]:
             "auth": AuthSettings(issuer_url=base, resource_server_url=None)}
 
 
-def _local_names(bind: str) -> list[str]:
-    names = set(_LOOPBACK_HOSTS)
-    if bind not in ("0.0.0.0", "::", ""):
-        names.add(f"[{bind}]" if ":" in bind else bind)
-        return sorted(names)
-    for name in (socket.gethostname(), socket.getfqdn()):
-        names.add(name)
-        try:
-            for info in socket.getaddrinfo(name, None):
-                addr = str(info[4][0])
-                names.add(f"[{addr}]" if ":" in addr else addr)
-        except OSError:
-            pass
-    return sorted(names)
-
-
 def security_settings(config: ServerConfig) -> TransportSecuritySettings:
-    """Accepted Host and Origin headers: loopback names (plus, beyond loopback, this machine's names and
-    addresses) on any port, and whatever the configuration adds."""
-    names = list(_LOOPBACK_HOSTS) if config.bind_is_loopback() else _local_names(config.host)
-    hosts = [*names, *(f"{n}:*" for n in names), *config.allowed_hosts]
-    origins = [*(f"http://{n}:*" for n in _LOOPBACK_HOSTS), *(f"http://{n}" for n in _LOOPBACK_HOSTS),
+    """Accepted Host and Origin headers: loopback names on any port, beyond loopback this machine's names and
+    addresses on the bound port (mcp_server/hosts.py), and whatever the configuration adds."""
+    hosts = allowed_hosts(config.host, config.port, config.bind_is_loopback(), config.allowed_hosts)
+    origins = [*(f"http://{n}:*" for n in LOOPBACK_HOSTS), *(f"http://{n}" for n in LOOPBACK_HOSTS),
                *config.allowed_origins]
     if not config.bind_is_loopback():
-        log.info("accepting Host headers %s; add others with allowed_hosts", ", ".join(hosts))
+        log.info("accepting Host headers %s; add others with --allowed-host", ", ".join(hosts))
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
                                      allowed_origins=origins)
 
@@ -104,8 +84,11 @@ class _CheckSseOrigin:
 def http_app(mcp: MCPServer, config: ServerConfig) -> Any:
     security = security_settings(config)
     if config.transport == "sse":
-        return _CheckSseOrigin(mcp.sse_app(transport_security=security, host=config.host), security, "/sse")
-    return mcp.streamable_http_app(streamable_http_path=config.path, transport_security=security, host=config.host)
+        app = _CheckSseOrigin(mcp.sse_app(transport_security=security, host=config.host), security, "/sse")
+    else:
+        app = mcp.streamable_http_app(streamable_http_path=config.path, transport_security=security,
+                                      host=config.host)
+    return HostGate(app, security.allowed_hosts)
 
 
 # After a stop request, how long open HTTP connections get to finish before the server closes them.

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -397,3 +398,74 @@ def test_signals_stop_the_server_within_two_seconds(transport: str, signum: int)
     assert not any(os.path.exists(f"/proc/{c}") for c in children)
     on_terminal = "waits for an MCP client on stdin" in err and "README.md" in err
     assert on_terminal == (transport == "tty"), err
+
+
+# ------------------------------------------------------------------------------ item 6: remote HTTP by address
+
+
+def test_non_loopback_bind_admits_this_machines_addresses_on_the_bound_port() -> None:
+    from mcp_server.hosts import interface_addresses
+    from mcp_server.transports import security_settings
+
+    config = ServerConfig(transport="http", host="0.0.0.0", port=8123, token="t" * 20,
+                          allowed_hosts=["mcp.example:443"])
+    allowed = security_settings(config).allowed_hosts
+    addresses = [a for a in interface_addresses(ipv6=False) if not a.startswith("127.")]
+    resolved = {str(i[4][0]) for i in socket.getaddrinfo(socket.gethostname(), None) if ":" not in str(i[4][0])}
+    for address in addresses + sorted(resolved - {"127.0.0.1"}):
+        assert f"{address}:8123" in allowed, (address, allowed)
+        assert f"{address}:*" not in allowed  # the bound port only
+    assert f"{socket.gethostname()}:8123" in allowed and "mcp.example:443" in allowed
+    assert "127.0.0.1:*" in allowed and "localhost:*" in allowed
+    loopback = security_settings(ServerConfig(transport="http")).allowed_hosts
+    assert not any(a.startswith(tuple(addresses)) for a in loopback if addresses)
+
+
+def test_421_names_the_host_and_the_flag() -> None:
+    from mcp_server.hosts import host_admitted, refusal
+
+    body = refusal("10.1.2.3:8000").body.decode()
+    assert "'10.1.2.3:8000'" in body and "--allowed-host 10.1.2.3:8000" in body
+    assert host_admitted("a:5", ["a:*"]) and not host_admitted("ab:5", ["a:*"]) and not host_admitted(None, ["a"])
+
+
+def test_a_request_by_interface_address_is_admitted() -> None:
+    """A loopback connection carrying a Host header of this machine's interface address, to an app configured
+    for a 0.0.0.0 bind (the socket itself listens on 127.0.0.1 only)."""
+    import httpx2
+    import uvicorn
+
+    from mcp_server.hosts import interface_addresses
+    from mcp_server.transports import http_app
+
+    address = next((a for a in interface_addresses(ipv6=False) if not a.startswith("127.")), None)
+    if address is None:
+        pytest.skip("no non-loopback IPv4 interface")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    token = "a-token-of-twenty-chars"
+    service = _offline_service(transport="http", host="0.0.0.0", port=port, token=token)
+    app = http_app(build_server(service), service.config)
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
+               "Authorization": f"Bearer {token}"}
+
+    async def run() -> tuple[Any, Any]:
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                               lifespan="on"))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve)
+            while not server.started:
+                await anyio.sleep(0.05)
+            url = f"http://127.0.0.1:{port}/mcp"
+            async with httpx2.AsyncClient(timeout=10) as http:
+                ok = await http.post(url, json=init, headers={**headers, "Host": f"{address}:{port}"})
+                refused = await http.post(url, json=init, headers={**headers, "Host": f"{address}:{port + 1}"})
+            server.should_exit = True
+        return ok, refused
+
+    ok, refused = anyio.run(run)
+    assert ok.status_code == 200, ok.text  # main: 421 Invalid Host header
+    assert refused.status_code == 421 and f"--allowed-host {address}:{port + 1}" in refused.text

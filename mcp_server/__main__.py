@@ -13,7 +13,16 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from mcp_server.config import CONFIG_ENV, TOKEN_ENV, ConfigError, ServerConfig, check_serving_security, load_config
+from mcp_server.config import (
+    CONFIG_ENV,
+    TOKEN_ENV,
+    ConfigError,
+    ServerConfig,
+    check_serving_security,
+    config_warnings,
+    load_config,
+    printable,
+)
 
 log = logging.getLogger("deepseek-mcp")
 
@@ -35,20 +44,34 @@ prompt. Let your MCP client start this command (client configuration: "Use from 
 or serve HTTP with --transport http. Ctrl-C stops it."""
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deepseek-mcp")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deepseek-mcp", description="MCP server for a local DeepSeek-V3.1 (chat, think, tool_call).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="PATH", help=f"JSON configuration file (default: ${CONFIG_ENV})")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration and exit (the token only as set or not)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     m = p.add_argument_group("model")
     m.add_argument("--model", help="checkpoint directory or Hugging Face id (default: the demo checkpoint, "
                                    "random weights)")
     m.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="activation dtype")
-    m.add_argument("--kernels", choices=["auto", "triton", "torch"], help="kernel backend (default auto)")
-    m.add_argument("--cache-tokens", type=int, help="KV cache capacity in tokens")
+    m.add_argument("--kernels", choices=["auto", "triton", "torch"],
+                   help="kernel backend (default auto: triton on CUDA, else torch)")
+    m.add_argument("--cache-tokens", type=int,
+                   help="KV cache capacity in tokens (default: 8192 per sequence of --max-num-seqs, within free "
+                        "memory); it also caps the context a call can use (list_models: context_tokens)")
     m.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default 16)")
     m.add_argument("--no-constrained-decoding", dest="constrained_decoding", action="store_const", const=False,
                    help="sample tool calls and response_format output without the grammar (default: constrained)")
@@ -59,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, help="default max_tokens per call (default 512)")
     s.add_argument("--thinking-budget", type=int, help="default reasoning budget for think (default max_tokens/2)")
     s.add_argument("--max-wall-time", type=float, metavar="SECONDS",
-                   help="generation time limit per call; returns what it has with finish_reason 'time' "
-                        "(default 50)")
+                   help="generation time limit per call, counted from admission (time queued is not counted); "
+                        "returns what it has with finish_reason 'time', an error if nothing yet (default 50)")
     s.add_argument("--load-wait", type=float, metavar="SECONDS",
                    help="how long a call waits for a model still loading (default 600)")
     s.add_argument("--max-conversations", type=int, help="stored conversations kept (default 256)")
@@ -163,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"deepseek-mcp: {e}", file=sys.stderr)
         return 2
+    for warning in config_warnings(config):
+        print(f"deepseek-mcp: warning: {warning}", file=sys.stderr)
     if args.print_config:
-        print(config.model_dump_json(indent=2, exclude={"token"}))
+        print(printable(config))
         return 0
     setup_logging(config.log_level)
     try:

@@ -155,3 +155,26 @@ def check_serving_security(config: ServerConfig) -> None:
         )
     if not config.path.startswith("/"):
         raise ConfigError(f"path must start with '/', got {config.path!r}")
+
+
+MIN_TOKEN_LENGTH = 16
+
+
+def config_warnings(config: ServerConfig) -> list[str]:
+    """Settings that work but are probably mistakes."""
+    warnings = []
+    if config.token and config.transport == "stdio":
+        warnings.append("a bearer token is set but the transport is stdio, which has no authentication: the "
+                        "token is unused (it applies to --transport http or sse)")
+    if config.token and len(config.token) < MIN_TOKEN_LENGTH:
+        warnings.append(f"the bearer token is {len(config.token)} characters; use at least {MIN_TOKEN_LENGTH} "
+                        "random ones (e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+    return warnings
+
+
+def printable(config: ServerConfig) -> str:
+    """The resolved configuration as JSON, the token shown as set or not (never its value)."""
+    data = config.model_dump(mode="json")
+    data["token"] = "(set)" if config.token else None
+    return json.dumps(data, indent=2)
+

@@ -275,7 +275,6 @@ class Architecture(BaseModel):
     n_shared_experts: int
     num_experts_per_tok: int
     first_k_dense_replace: int
-    max_position_embeddings: int
 
 
 class ModelInfo(BaseModel):
@@ -291,6 +290,7 @@ class ModelInfo(BaseModel):
     device: str | None = None
     kernels: str | None = Field(None, description="Which kernels run: triton or torch.")
     context_tokens: int | None = Field(None, description="Longest prompt + max_tokens one call can use.")
+    context_limit: str | None = Field(None, description="What sets context_tokens (the KV cache or the model).")
     cache_capacity_tokens: int | None = None
     defaults: dict[str, Any] = Field(default_factory=dict, description="Defaults applied to omitted inputs.")
     stats: dict[str, Any] = Field(default_factory=dict, description="Serving engine statistics.")

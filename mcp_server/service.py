@@ -86,6 +86,7 @@ class _Prepared:
     params: SamplingParams
     aengine: Any
     tokenizer: Any
+    tool: str = "generate"  # for the log line
 
 
 class ChatService:
@@ -210,7 +211,7 @@ class ChatService:
             num_heads=cfg.num_heads, vocab_size=cfg.vocab_size, q_lora_rank=cfg.q_lora_rank,
             kv_lora_rank=cfg.kv_lora_rank, n_routed_experts=cfg.n_routed_experts,
             n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-            first_k_dense_replace=cfg.first_k_dense_replace, max_position_embeddings=cfg.max_position_embeddings,
+            first_k_dense_replace=cfg.first_k_dense_replace,
         )
         if self._num_parameters is None:
             self._num_parameters = sum(p.numel() for p in engine.model.parameters())
@@ -221,6 +222,7 @@ class ChatService:
         if host.aengine is not None:
             info.cache_capacity_tokens = host.cache_capacity_tokens()
             info.context_tokens = host.context_tokens()
+            info.context_limit = host.context_limit()
             info.stats = _jsonable(host.aengine.stats())
         return info
 
@@ -260,14 +262,15 @@ class ChatService:
         except ValueError as e:
             raise RequestError(str(e)) from None
         params = self._sampling(req, len(prompt_ids))
-        return _Prepared(conv, new, prompt_ids, params, aengine, tokenizer)
+        return _Prepared(conv, new, prompt_ids, params, aengine, tokenizer, _tool_name(req))
 
     def _sampling(self, req: GenerationInput, num_prompt_tokens: int) -> SamplingParams:
         context = self.host.context_tokens()
         room = context - num_prompt_tokens
         if room < 1:
-            raise RequestError(f"the prompt is {num_prompt_tokens} tokens but the context holds {context}; "
-                               "shorten the prompt or messages, or start a new conversation (omit conversation_id)")
+            raise RequestError(f"the prompt is {num_prompt_tokens} tokens but the context holds {context} "
+                               f"({self.host.context_limit()}); shorten the prompt or messages, or start a new "
+                               "conversation (omit conversation_id)")
         if req.max_tokens is None:
             max_tokens = min(self.config.limits.max_tokens, room)
         elif req.max_tokens > room:
@@ -307,6 +310,10 @@ class ChatService:
                 f"prefilling the {len(prep.prompt_ids)}-token prompt took all of it. Shorten the prompt or raise "
                 "--max-wall-time")
         parser.finish()
+        n = len(run.token_ids)
+        log.info("%s %s: %d prompt tokens (%d cached), %d completion tokens, %.2f s (%.2f s queued), %.1f tok/s, "
+                 "finish %s", prep.tool, request_id, run.prompt_tokens, run.cached_tokens, n, run.elapsed_s,
+                 run.queued_s, n / max(run.elapsed_s - run.queued_s, 1e-9), run.finish_reason)
         return run, parser.result()
 
     def _response_format(self, req: ChatInput) -> ResponseFormat | None:
@@ -351,6 +358,12 @@ class ChatService:
             await progress.update(0, None, f"waiting for the previous call on {conversation_id} to finish")
         async with self.turns.hold(conversation_id):
             yield
+
+
+def _tool_name(req: GenerationInput) -> str:
+    if isinstance(req, ThinkInput):
+        return "think"
+    return "tool_call" if isinstance(req, ToolCallInput) else "chat"
 
 
 def _usage(run: RunResult) -> Usage:

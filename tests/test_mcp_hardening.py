@@ -469,3 +469,100 @@ def test_a_request_by_interface_address_is_admitted() -> None:
     ok, refused = anyio.run(run)
     assert ok.status_code == 200, ok.text  # main: 421 Invalid Host header
     assert refused.status_code == 421 and f"--allowed-host {address}:{port + 1}" in refused.text
+
+
+# ---------------------------------------------------------------------------------------- item 10: CLI and logs
+
+
+def test_server_cli_version_print_config_and_token_warnings(capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from mcp_server.__main__ import main
+
+    monkeypatch.delenv("DEEPSEEK_MCP_TOKEN", raising=False)
+    monkeypatch.delenv("DEEPSEEK_MCP_CONFIG", raising=False)
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("deepseek-mcp ")
+    assert main(["--token", "hunter2", "--print-config"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["token"] == "(set)" and "hunter2" not in out.out + out.err
+    assert "token is set but the transport is stdio" in out.err and "7 characters" in out.err
+    assert main(["--transport", "http", "--token", "a-long-enough-token-value", "--print-config"]) == 0
+    out = capsys.readouterr()
+    assert "warning" not in out.err and json.loads(out.out)["token"] == "(set)"
+    assert main(["--print-config"]) == 0 and json.loads(capsys.readouterr().out)["token"] is None
+
+
+def test_generate_cli_has_one_kernel_flag_and_help_for_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from inference.__main__ import build_parser
+
+    parser = build_parser()
+    generate = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    for action in generate._actions:
+        assert action.help, action.option_strings
+    args = parser.parse_args(["generate", "--prompt", "x", "--kernels", "torch"])
+    assert args.kernels == "torch"
+    args = parser.parse_args(["generate", "--prompt", "x", "--backend", "torch"])
+    assert args.kernels == "torch" and "--backend is deprecated; use --kernels" in capsys.readouterr().err
+    assert parser.parse_args(["generate", "--prompt", "x"]).kernels == "auto"
+
+
+def test_generate_streams_and_heads_reasoning_and_answer(engine: Any, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from inference.__main__ import _Printer, _stream
+    from inference.engine.sampling import SamplingParams
+    from inference.text.parse import ContentDelta, ReasoningDelta
+    from inference.text.template import render_ids
+
+    printer = _Printer(thinking=True)
+    printer.events([ReasoningDelta("why"), ReasoningDelta(" so"), ContentDelta("because")])
+    assert capsys.readouterr().out == "--- reasoning ---\nwhy so\n--- answer ---\nbecause"
+    writes: list[str] = []
+    monkeypatch.setattr(_Printer, "write", lambda self, part, text: writes.append(text) if text else None)
+    ids = render_ids([{"role": "user", "content": "hi"}], engine.tokenizer, thinking=True)
+    out = anyio.run(_stream, engine, ids, SamplingParams(max_tokens=5), _Printer(thinking=True), False)
+    assert out.finished and len(out.token_ids) >= 1
+    assert len(writes) >= 2 or len(out.token_ids) == 1  # one write per decoded piece, not one at the end
+
+
+def test_demo_write_is_logged_with_path_and_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from inference.model.demo import DEMO_VERSION
+    from mcp_server.model_host import logging_demo_write
+
+    monkeypatch.setenv("DEEPSEEK_MCP_CACHE", str(tmp_path))
+    target = tmp_path / f"demo-{DEMO_VERSION}"
+
+    def write() -> str:
+        target.mkdir()
+        (target / "model.safetensors.index.json").write_text("{}")
+        (target / "model-1.safetensors").write_bytes(b"\0" * 3_000_000)
+        return "engine"
+
+    with caplog.at_level(logging.INFO):
+        assert logging_demo_write(write) == "engine"
+        assert logging_demo_write(lambda: "again") == "again"  # already there: nothing to say
+    text = [r.getMessage() for r in caplog.records]
+    assert any(f"writing the demo checkpoint (random weights) to {target}" in t for t in text), text
+    assert sum(f"wrote the demo checkpoint to {target}: 0.00 GB" in t for t in text) == 1, text
+
+
+def test_one_log_line_per_request_and_one_context_number(engine: Any, caplog: pytest.LogCaptureFixture) -> None:
+    async def run() -> dict[str, Any]:
+        config = _demo_config()
+        host = ModelHost(config, loader=lambda: engine)
+        service = ChatService(host, config)
+        async with host.running(), Client(build_server(service)) as client:
+            await client.call_tool("chat", {"prompt": "hello", "max_tokens": 2})
+            return (await client.call_tool("list_models", {})).structured_content["models"][0]
+
+    with caplog.at_level(logging.INFO, logger="mcp_server.service"):
+        info = anyio.run(run)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mcp_server.service" and " tok/s" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("chat mcp-") and "prompt tokens (0 cached), 2 completion tokens" in lines[0]
+    assert "finish length" in lines[0]
+    assert info["context_tokens"] == 4096 and "max_position_embeddings" not in info["architecture"]
+    assert "capped by the KV cache (4096 tokens" in info["context_limit"] and "163840" in info["context_limit"]

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import anyio
@@ -131,8 +132,10 @@ def setup_logging(level: str) -> None:
     root.setLevel(level)
 
 
-# After SIGINT/SIGTERM: how long the transport gets to stop on its own before it is cancelled.
-_STOP_GRACE_S = 1.5
+# After SIGINT/SIGTERM: how long the transport gets to stop on its own before it is cancelled, and when the
+# process exits regardless.
+_STOP_GRACE_S = 1.2
+_STOP_DEADLINE_S = 1.8
 
 
 async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received: list[int], grace_s: float, *,
@@ -144,6 +147,10 @@ async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received:
         async for signum in signals:
             received.append(signum)
             log.info("%s received: stopping the server and freeing the model", signal.Signals(signum).name)
+            # whatever blocks the orderly stop (a model step or load in native code), the process ends in time
+            deadline = threading.Timer(_STOP_DEADLINE_S, _exit_now, args=(128 + signum,))
+            deadline.daemon = True
+            deadline.start()
             stop.set()
             with anyio.move_on_after(grace_s):
                 async for _ in signals:

@@ -167,8 +167,9 @@ def config_warnings(config: ServerConfig) -> list[str]:
         warnings.append("a bearer token is set but the transport is stdio, which has no authentication: the "
                         "token is unused (it applies to --transport http or sse)")
     if config.token and len(config.token) < MIN_TOKEN_LENGTH:
-        warnings.append(f"the bearer token is {len(config.token)} characters; use at least {MIN_TOKEN_LENGTH} "
-                        "random ones (e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+        warnings.append(f"the bearer token has only {len(config.token)} characters; use at least "
+                        f"{MIN_TOKEN_LENGTH} random ones (e.g. python -c 'import secrets; "
+                        "print(secrets.token_urlsafe(24))')")
     return warnings
 
 

@@ -92,7 +92,8 @@ class _RawArguments(FuncMetadata):
     problem rather than pydantic's report."""
 
     def validate_arguments(self, arguments_to_validate: dict[str, Any]) -> dict[str, Any]:
-        return {"arguments": dict(arguments_to_validate)}
+        # pre_parse_json: as the SDK does, accept a list or object sent as a JSON string (Claude Desktop does)
+        return {"arguments": self.pre_parse_json(dict(arguments_to_validate))}
 
 
 def _tool(name: str, title: str, doc: str, input_model: type[BaseModel], output_model: type[BaseModel],
@@ -124,7 +125,8 @@ def build_server(service: ChatService) -> MCPServer:
         return service.list_models()
 
     async def reset(request: ResetInput, progress: Progress) -> ResetOutput:
-        return service.reset_conversation(request)
+        async with service.turns.hold(request.conversation_id):  # after the turns already under way
+            return service.reset_conversation(request)
 
     docs = tool_docs(constrained=service.constraints is not None)
     # without constraints response_format is refused, so it is not advertised (a call that sends it is told why)

@@ -486,7 +486,7 @@ def test_server_cli_version_print_config_and_token_warnings(capsys: pytest.Captu
     assert main(["--token", "hunter2", "--print-config"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["token"] == "(set)" and "hunter2" not in out.out + out.err
-    assert "token is set but the transport is stdio" in out.err and "7 characters" in out.err
+    assert "token is set but the transport is stdio" in out.err and "only 7 characters" in out.err
     assert main(["--transport", "http", "--token", "a-long-enough-token-value", "--print-config"]) == 0
     out = capsys.readouterr()
     assert "warning" not in out.err and json.loads(out.out)["token"] == "(set)"

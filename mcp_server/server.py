@@ -44,22 +44,23 @@ Every result has a `conversation_id`; pass it back to continue that conversation
 Long generations report progress and stop at the server's time limit with finish_reason "time". \
 `list_models` shows what is loaded; if `model` says "random weights", the output is noise (demo checkpoint)."""
 
-_SHARED = " Give `prompt` or `messages`; `finish_reason` time: the server's time limit cut it."
+_SHARED = " Give `prompt` or `messages`; `finish_reason` time: the server's time limit (from admission) cut it."
 _JSON = " `response_format` makes the {what} JSON (constrained decoding)."
 
 
-def tool_docs(constrained: bool) -> dict[str, str]:
-    """Tool descriptions; without constrained decoding they promise nothing it would give."""
+def tool_docs(*, json_output: bool, forced_calls: bool) -> dict[str, str]:
+    """Tool descriptions that promise only what this server does: `json_output` when response_format is
+    served, `forced_calls` when tool_call's decoding is constrained."""
     chat = "Ask the local DeepSeek-V3.1; the reply is in `text` (no reasoning)."
     think = ("Ask the local DeepSeek-V3.1 to reason first: returns `reasoning`, `answer` (= `text`); "
              "`thinking_budget` caps the reasoning.")
-    tool_call = "Have the local DeepSeek-V3.1 choose calls among your `tools`: `tool_calls` [{id, name, arguments}]"
-    if constrained:
+    tool_call = ("Have the local DeepSeek-V3.1 choose calls among your `tools`: `tool_calls` [{id, name, "
+                 "arguments}], checked against the schema")
+    if json_output:
         chat += _JSON.replace("{what}", "reply")
         think += _JSON.replace("{what}", "answer")
-        tool_call += "; with tool_choice required or {name} they always parse and match the schema"
-    else:
-        tool_call += ", checked against the schema" + UNCONSTRAINED_NOTE
+    tool_call += ("; with tool_choice required or {name} they always parse and match it" if forced_calls else
+                  UNCONSTRAINED_NOTE)
     tool_call += (". Unusable ones go to `invalid_tool_calls`. Send role 'tool' results with the "
                   "conversation_id to continue.")
     return {"chat": chat + _SHARED, "think": think + _SHARED, "tool_call": tool_call + _SHARED}
@@ -128,7 +129,8 @@ def build_server(service: ChatService) -> MCPServer:
         async with service.turns.hold(request.conversation_id):  # after the turns already under way
             return service.reset_conversation(request)
 
-    docs = tool_docs(constrained=service.constraints is not None)
+    docs = tool_docs(json_output=service.constraints is not None,
+                     forced_calls=service.tool_call_processors is not None)
     # without constraints response_format is refused, so it is not advertised (a call that sends it is told why)
     omit = frozenset() if service.constraints is not None else frozenset({"response_format"})
     tools = [

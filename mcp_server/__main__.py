@@ -142,7 +142,13 @@ async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received:
                           task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     """On SIGINT or SIGTERM: set `stop` (HTTP closes its connections), then cancel `scope` after `grace_s`.
     A second signal cancels at once."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    try:
+        receiver = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+        signals = receiver.__enter__()
+    except NotImplementedError:  # Windows' event loop: Ctrl-C still raises KeyboardInterrupt
+        task_status.started()
+        return
+    try:
         task_status.started()
         async for signum in signals:
             received.append(signum)
@@ -156,6 +162,8 @@ async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received:
                 async for _ in signals:
                     break
             break
+    finally:
+        receiver.__exit__(None, None, None)
     scope.cancel()
 
 

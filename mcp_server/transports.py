@@ -186,7 +186,7 @@ class StdinLines:
 def _claim_stdin() -> Iterator[int]:
     """A private duplicate of fd 0 for the protocol, with fd 0 pointed at the null device meanwhile (as the SDK
     does), so nothing else in the process reads the client's messages."""
-    private = os.dup(0)
+    private = os.dup(0)  # OSError when stdin is closed: there is no client to serve
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)

@@ -135,6 +135,9 @@ def load_config(
         ServerConfig.model_validate(data)  # report file errors against the file, before merging flags
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+    if data.get("token") == TOKEN_SHOWN_AS:
+        raise ConfigError(f"{source}: token is {TOKEN_SHOWN_AS!r}, the placeholder --print-config writes; put the "
+                          f"real token there, or set {TOKEN_ENV}")
     if env.get(TOKEN_ENV):
         data["token"] = env[TOKEN_ENV]
     data = _deep_merge(data, overrides or {})
@@ -173,9 +176,12 @@ def config_warnings(config: ServerConfig) -> list[str]:
     return warnings
 
 
+TOKEN_SHOWN_AS = "(set, not shown)"
+
+
 def printable(config: ServerConfig) -> str:
     """The resolved configuration as JSON, the token shown as set or not (never its value)."""
     data = config.model_dump(mode="json")
-    data["token"] = "(set)" if config.token else None
+    data["token"] = TOKEN_SHOWN_AS if config.token else None
     return json.dumps(data, indent=2)
 

@@ -485,12 +485,13 @@ def test_server_cli_version_print_config_and_token_warnings(capsys: pytest.Captu
     assert done.value.code == 0 and capsys.readouterr().out.startswith("deepseek-mcp ")
     assert main(["--token", "hunter2", "--print-config"]) == 0
     out = capsys.readouterr()
-    assert json.loads(out.out)["token"] == "(set)" and "hunter2" not in out.out + out.err
+    assert json.loads(out.out)["token"] == "(set, not shown)" and "hunter2" not in out.out + out.err
     assert "token is set but the transport is stdio" in out.err and "only 7 characters" in out.err
     assert main(["--transport", "http", "--token", "a-long-enough-token-value", "--print-config"]) == 0
     out = capsys.readouterr()
-    assert "warning" not in out.err and json.loads(out.out)["token"] == "(set)"
-    assert main(["--print-config"]) == 0 and json.loads(capsys.readouterr().out)["token"] is None
+    assert "warning" not in out.err and json.loads(out.out)["token"] == "(set, not shown)"
+    printed = capsys.readouterr().out if main(["--print-config"]) == 0 else ""
+    assert json.loads(printed)["token"] is None
 
 
 def test_generate_cli_has_one_kernel_flag_and_help_for_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
@@ -566,3 +567,14 @@ def test_one_log_line_per_request_and_one_context_number(engine: Any, caplog: py
     assert "finish length" in lines[0]
     assert info["context_tokens"] == 4096 and "max_position_embeddings" not in info["architecture"]
     assert "capped by the KV cache (4096 tokens" in info["context_limit"] and "163840" in info["context_limit"]
+
+
+def test_printed_config_with_its_token_placeholder_is_refused(tmp_path: Path) -> None:
+    from mcp_server.config import ConfigError, load_config, printable
+
+    path = tmp_path / "config.json"
+    path.write_text(printable(ServerConfig(token="a-long-enough-token-value")))
+    with pytest.raises(ConfigError, match="placeholder --print-config writes"):
+        load_config(path, environ={})
+    path.write_text(printable(ServerConfig()))
+    assert load_config(path, environ={}) == ServerConfig()

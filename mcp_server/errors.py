@@ -15,12 +15,12 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-Path = tuple[str | int, ...]
+Loc = tuple[str | int, ...]
 
 
 @dataclass(frozen=True)
 class _Problem:
-    path: Path  # keys and indexes into the input
+    path: Loc  # keys and indexes into the input
     union_at: int | None  # len of the path where the first union member tag sat
     member: str | None  # that tag
     type: str
@@ -35,7 +35,7 @@ def readable_errors(err: ValidationError, data: Any, model: type[BaseModel] | No
     lines: list[str] = []
     seen: set[str] = set()
     for where, group in _group_unresolved(problems):
-        line = f"- {_fmt_path(where)}: {_message(group, model, data)}"
+        line = f"- {_fmt_path(where)}: {_message(group, model)}"
         if line not in seen:
             seen.add(line)
             lines.append(line)
@@ -68,7 +68,7 @@ def _resolve(error: Any, data: Any) -> _Problem:
 
 def _prune_unions(problems: list[_Problem]) -> list[_Problem]:
     """Per union: keep the member whose errors go deeper than the union's own field, with the fewest errors."""
-    by_union: dict[Path, dict[str, list[_Problem]]] = defaultdict(lambda: defaultdict(list))
+    by_union: dict[Loc, dict[str, list[_Problem]]] = defaultdict(lambda: defaultdict(list))
     for p in problems:
         if p.union_at is not None and p.member is not None:
             by_union[p.path[: p.union_at]][p.member].append(p)
@@ -91,15 +91,15 @@ def _by_type_tag(problems: list[_Problem]) -> list[_Problem]:
     return [p for p in problems if p.path[:-1] not in tagged or p.path[-1] == "type"]
 
 
-def _group_unresolved(problems: list[_Problem]) -> list[tuple[Path, list[_Problem]]]:
+def _group_unresolved(problems: list[_Problem]) -> list[tuple[Loc, list[_Problem]]]:
     """Problems at the same path (a union none of whose members fit) become one line."""
-    groups: dict[Path, list[_Problem]] = {}
+    groups: dict[Loc, list[_Problem]] = {}
     for p in problems:
         groups.setdefault(p.path, []).append(p)
     return list(groups.items())
 
 
-def _message(group: list[_Problem], model: type[BaseModel] | None, data: Any) -> str:
+def _message(group: list[_Problem], model: type[BaseModel] | None) -> str:
     first = group[0]
     if len(group) > 1:  # a union: say what each member expects
         expected = " or ".join(dict.fromkeys(_clean(p.msg).removeprefix("Input should be ") for p in group))
@@ -118,7 +118,7 @@ def _message(group: list[_Problem], model: type[BaseModel] | None, data: Any) ->
     return f"{msg}; got {_show(first.input)}"
 
 
-def _did_you_mean(name: str, parent: Path, model: type[BaseModel] | None) -> str:
+def _did_you_mean(name: str, parent: Loc, model: type[BaseModel] | None) -> str:
     if model is None or parent:
         return ""
     fields = [f.alias or n for n, f in model.model_fields.items()]
@@ -136,7 +136,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _fmt_path(path: Path) -> str:
+def _fmt_path(path: Loc) -> str:
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))

@@ -15,19 +15,19 @@ from pydantic import BaseModel
 _NULL = {"type": "null"}
 
 
-def input_schema(model: type[BaseModel], *, omit: frozenset[str] = frozenset(), depth: int = 0) -> dict[str, Any]:
+def input_schema(model: type[BaseModel], *, omit: frozenset[str] = frozenset()) -> dict[str, Any]:
     """`model`'s validation schema, lean; `omit` leaves properties out of the published schema."""
-    schema = _flatten(_lean(model.model_json_schema(by_alias=True), nullable=False), depth)
+    schema = _flatten(_lean(model.model_json_schema(by_alias=True), nullable=False))
     for key in omit:
         schema["properties"].pop(key, None)
     return schema
 
 
-def output_schema(model: type[BaseModel], *, depth: int = 0) -> dict[str, Any]:
+def output_schema(model: type[BaseModel]) -> dict[str, Any]:
     """`model`'s serialization schema, lean and without descriptions or defaults (the tool's description says
     what the fields mean)."""
     return _strip_descriptions(_flatten(_lean(model.model_json_schema(by_alias=True, mode="serialization"),
-                                              nullable=True), depth))
+                                              nullable=True)))
 
 
 def _strip_descriptions(node: Any) -> Any:
@@ -41,24 +41,23 @@ def _strip_descriptions(node: Any) -> Any:
             for k, v in node.items() if k not in ("description", "default")}
 
 
-def _flatten(schema: dict[str, Any], max_depth: int) -> dict[str, Any]:
-    """Inline `$defs`; objects nested more than `max_depth` levels below the root are published
-    as plain `{type: object}` (the server still validates them fully, and says what is wrong in one line; the
-    field's description gives their shape)."""
+def _flatten(schema: dict[str, Any]) -> dict[str, Any]:
+    """Inline `$defs`; objects below the top-level properties (a message, a tool spec) are published as plain
+    `{type: object}`: the field's description gives their shape, and the server still validates them fully
+    (and says what is wrong in one line)."""
     defs = schema.pop("$defs", {})
-    return _inline(schema, defs, 0, max_depth)
+    return _inline(schema, defs, 0)
 
 
-def _inline(node: Any, defs: dict[str, Any], depth: int, max_depth: int) -> Any:
+def _inline(node: Any, defs: dict[str, Any], depth: int) -> Any:
     if isinstance(node, list):
-        members = [_inline(v, defs, depth, max_depth) for v in node]
-        return [m for i, m in enumerate(members) if m not in members[:i]]  # collapsed union members once
+        return [_inline(v, defs, depth) for v in node]
     if not isinstance(node, dict):
         return node
     ref = node.get("$ref")
     if isinstance(ref, str) and ref.startswith("#/$defs/"):
         node = {**defs[ref[8:]], **{k: v for k, v in node.items() if k != "$ref"}}
-    if depth > max_depth and ("properties" in node or node.get("type") == "object"):
+    if depth > 0 and ("properties" in node or node.get("type") == "object"):
         kept = {k: node[k] for k in ("description",) if k in node and depth <= 1}
         return {"type": "object", **kept}
     if "enum" in node or "const" in node:  # the values say the type; a const needs no default
@@ -70,13 +69,16 @@ def _inline(node: Any, defs: dict[str, Any], depth: int, max_depth: int) -> Any:
         if key == "description" and depth > 1:
             continue
         if key == "properties":
-            out[key] = {name: _inline(sub, defs, depth + 1, max_depth) for name, sub in value.items()}
+            out[key] = {name: _inline(sub, defs, depth + 1) for name, sub in value.items()}
         else:
-            out[key] = _inline(value, defs, depth, max_depth)
+            out[key] = _inline(value, defs, depth)
     members = out.get("anyOf")
-    if isinstance(members, list) and len(members) == 1:
-        del out["anyOf"]
-        out = {**members[0], **out}
+    if isinstance(members, list):  # members collapsed to {type: object} are listed once
+        members = [m for i, m in enumerate(members) if m not in members[:i]]
+        out["anyOf"] = members
+        if len(members) == 1:
+            del out["anyOf"]
+            out = {**members[0], **out}
     return out
 
 

@@ -24,21 +24,20 @@ def input_schema(model: type[BaseModel], *, omit: frozenset[str] = frozenset()) 
 
 
 def output_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """`model`'s serialization schema, lean and without descriptions or defaults (the tool's description says
-    what the fields mean)."""
-    return _strip_descriptions(_flatten(_lean(model.model_json_schema(by_alias=True, mode="serialization"),
-                                              nullable=True)))
+    """`model`'s serialization schema, lean, without defaults (a result always carries its fields)."""
+    return _without_defaults(_flatten(_lean(model.model_json_schema(by_alias=True, mode="serialization"),
+                                            nullable=True)))
 
 
-def _strip_descriptions(node: Any) -> Any:
+def _without_defaults(node: Any) -> Any:
     if isinstance(node, list):
-        return [_strip_descriptions(v) for v in node]
+        return [_without_defaults(v) for v in node]
     if not isinstance(node, dict):
         return node
     return {k: (v if k in ("enum", "const") else
-                {n: _strip_descriptions(sub) for n, sub in v.items()} if k == "properties" else
-                _strip_descriptions(v))
-            for k, v in node.items() if k not in ("description", "default")}
+                {n: _without_defaults(sub) for n, sub in v.items()} if k == "properties" else
+                _without_defaults(v))
+            for k, v in node.items() if k != "default"}
 
 
 def _flatten(schema: dict[str, Any]) -> dict[str, Any]:

@@ -219,31 +219,24 @@ class Usage(BaseModel):
 class GenerationOutput(BaseModel):
     """Fields every generating tool returns."""
 
-    text: str = Field(description="The reply.")
-    finish_reason: FinishReason = Field(
-        description="stop: finished; length: hit max_tokens; time: hit the server's time limit; cancelled."
-    )
+    text: str
+    finish_reason: FinishReason = Field(description="time: the time limit (from admission).")
     usage: Usage
-    conversation_id: str = Field(description="Pass back to continue this conversation.")
+    conversation_id: str  # pass back to continue
     model: str
-    steered: bool = Field(
-        False, description="Constrained output only: true when the token budget ran low and decoding was steered "
-        "to the shortest valid completion (the output is complete, possibly terser)."
-    )
+    steered: bool = Field(False, description="Output steered short by a low token budget.")
 
 
 class ChatOutput(GenerationOutput):
-    parsed: Any = Field(None, description="With response_format json_*: the reply (the answer, after any "
-                        "reasoning) parsed as JSON (null when it is not, see parse_error).")
-    parse_error: str | None = Field(None, description="With response_format: why the reply is not valid JSON for "
-                                    "the schema (e.g. finish_reason 'time' cut it).")
+    parsed: Any = Field(None, description="response_format: the JSON reply (null: see parse_error).")
+    parse_error: str | None = Field(None, description="Why the reply is not JSON of the schema.")
 
 
 class ThinkOutput(ChatOutput):
-    reasoning: str = Field(description="The model's reasoning (between <think> and </think>).")
-    answer: str = Field(description="The answer after the reasoning (same as text).")
+    reasoning: str = Field(description="Between <think> and </think>.")
+    answer: str = Field(description="Same as text.")
     reasoning_tokens: int = Field(description="Tokens spent on reasoning.")
-    reasoning_complete: bool = Field(description="False when generation stopped before the reasoning closed.")
+    reasoning_complete: bool = Field(description="False if cut before </think>.")
 
 
 class ToolCallOut(BaseModel):
@@ -259,8 +252,8 @@ class InvalidToolCall(BaseModel):
 
 
 class ToolCallOutput(GenerationOutput):
-    tool_calls: list[ToolCallOut] = Field(description="Valid calls, arguments checked against the tool schema.")
-    invalid_tool_calls: list[InvalidToolCall] = Field(description="Calls the model produced that are unusable.")
+    tool_calls: list[ToolCallOut] = Field(description="Arguments checked against the tool's schema.")
+    invalid_tool_calls: list[InvalidToolCall] = Field(description="Unusable calls, with the reason.")
 
 
 class Architecture(BaseModel):

@@ -44,7 +44,6 @@ Every result has a `conversation_id`; pass it back to continue that conversation
 Long generations report progress and stop at the server's time limit with finish_reason "time". \
 `list_models` shows what is loaded; if `model` says "random weights", the output is noise (demo checkpoint)."""
 
-_SHARED = " Give `prompt` or `messages`; `finish_reason` time: the server's time limit (from admission) cut it."
 _JSON = " `response_format` makes the {what} JSON (constrained decoding)."
 
 
@@ -52,18 +51,15 @@ def tool_docs(*, json_output: bool, forced_calls: bool) -> dict[str, str]:
     """Tool descriptions that promise only what this server does: `json_output` when response_format is
     served, `forced_calls` when tool_call's decoding is constrained."""
     chat = "Ask the local DeepSeek-V3.1; the reply is in `text` (no reasoning)."
-    think = ("Ask the local DeepSeek-V3.1 to reason first: returns `reasoning`, `answer` (= `text`); "
-             "`thinking_budget` caps the reasoning.")
-    tool_call = ("Have the local DeepSeek-V3.1 choose calls among your `tools`: `tool_calls` [{id, name, "
-                 "arguments}], checked against the schema")
+    think = "Ask the local DeepSeek-V3.1 to reason, then answer; `thinking_budget` caps the reasoning."
+    tool_call = "Have the local DeepSeek-V3.1 choose calls among your `tools`: `tool_calls` [{id, name, arguments}]"
     if json_output:
         chat += _JSON.replace("{what}", "reply")
         think += _JSON.replace("{what}", "answer")
-    tool_call += ("; with tool_choice required or {name} they always parse and match it" if forced_calls else
+    tool_call += ("; with tool_choice required or {name} they always parse and match the schema" if forced_calls else
                   UNCONSTRAINED_NOTE)
-    tool_call += (". Unusable ones go to `invalid_tool_calls`. Send role 'tool' results with the "
-                  "conversation_id to continue.")
-    return {"chat": chat + _SHARED, "think": think + _SHARED, "tool_call": tool_call + _SHARED}
+    tool_call += ". To continue, send role 'tool' results with the conversation_id."
+    return {"chat": chat, "think": think, "tool_call": tool_call}
 
 
 UNCONSTRAINED_NOTE = " (this server does not constrain decoding: required and {name} are asked, not forced)"
@@ -72,11 +68,9 @@ LIST_MODELS_DOC = ("The loaded model: architecture, dtype, device, kernels, cont
 RESET_DOC = "Forget a stored conversation and free its memory."
 
 # Generation tools store the conversation (server state, not the world): not read-only, not destructive.
-_GENERATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
-                             open_world_hint=False)
+_GENERATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
 _READS = ToolAnnotations(read_only_hint=True, open_world_hint=False)
-_DELETES = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
-                           open_world_hint=False)
+_DELETES = ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False)
 
 
 def _ok(out: BaseModel) -> CallToolResult:

@@ -151,7 +151,8 @@ class StdinLines:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer known to hold no newline
         self._eof = False
         self._poll = os.name == "posix"
 
@@ -159,17 +160,20 @@ class StdinLines:
         return self
 
     async def __anext__(self) -> str:
-        while b"\n" not in self._buffer:
+        while (end := self._buffer.find(b"\n", self._scanned)) < 0:
+            self._scanned = len(self._buffer)
             if self._eof:
                 if not self._buffer:
                     raise StopAsyncIteration
-                line, self._buffer = self._buffer, b""
-                return line.decode("utf-8", errors="replace")
+                end = len(self._buffer) - 1  # a last line without its newline
+                break
             chunk = await self._read()
             self._eof = not chunk
             self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return (line + b"\n").decode("utf-8", errors="replace")
+        line = bytes(self._buffer[: end + 1])
+        del self._buffer[: end + 1]
+        self._scanned = 0
+        return line.decode("utf-8", errors="replace")
 
     async def _read(self) -> bytes:
         if self._poll:

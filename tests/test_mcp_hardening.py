@@ -578,3 +578,30 @@ def test_printed_config_with_its_token_placeholder_is_refused(tmp_path: Path) ->
         load_config(path, environ={})
     path.write_text(printable(ServerConfig()))
     assert load_config(path, environ={}) == ServerConfig()
+
+
+def test_stdin_lines_from_a_pipe_and_a_regular_file(tmp_path: Path) -> None:
+    import threading
+
+    from mcp_server.transports import StdinLines
+
+    data = b'{"a":1}\n' + b"x" * 200_000 + b"\n\xc3\xa9tail"
+    read_fd, write_fd = os.pipe()
+
+    def write() -> None:
+        os.write(write_fd, data)
+        os.close(write_fd)
+
+    async def lines(fd: int) -> list[str]:
+        return [line async for line in StdinLines(fd)]
+
+    threading.Thread(target=write).start()
+    try:
+        from_pipe = anyio.run(lines, read_fd)
+    finally:
+        os.close(read_fd)
+    path = tmp_path / "stdin"
+    path.write_bytes(data)
+    with path.open("rb") as f:  # the event loop cannot watch a regular file: read in a worker thread
+        from_file = anyio.run(lines, f.fileno())
+    assert from_pipe == from_file == ['{"a":1}\n', "x" * 200_000 + "\n", "étail"]

@@ -1,4 +1,8 @@
-"""`python -m inference generate --model PATH --prompt TEXT`: a quick generation from the command line."""
+"""`python -m inference generate --model PATH --prompt TEXT`: a quick generation from the command line.
+
+The text streams to stdout as it decodes; with `--thinking` the reasoning and the answer come under their own
+headings. Timings and the model's description go to stderr.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +10,115 @@ import argparse
 import logging
 import sys
 import time
+from typing import Any
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deepseek-mcp")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _DeprecatedAlias(argparse.Action):
+    """`--backend`: the old name of `--kernels` (the server's flag); still accepted, with a warning."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"warning: {option_string} is deprecated; use --kernels (the same flag as deepseek-mcp's)",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a completion for one prompt",
+                         description="Generate a completion for one prompt, streamed as it decodes.")
+    gen.add_argument("--model", default=None, help="checkpoint directory or Hugging Face repo id "
+                     "(default: the demo checkpoint with random weights)")
+    gen.add_argument("--prompt", required=True, help="the user message")
+    gen.add_argument("--system", default=None, help="optional system prompt")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    gen.add_argument("--thinking", action="store_true",
+                     help="thinking mode: the model reasons first; the reasoning and the answer are printed "
+                          "under separate headings")
+    gen.add_argument("--max-tokens", type=int, default=32, help="most tokens to generate (default 32)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    gen.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+                     help="kernel backend, as deepseek-mcp --kernels (default auto: triton on CUDA, else torch)")
+    gen.add_argument("--backend", dest="kernels", choices=["auto", "torch", "triton"], action=_DeprecatedAlias,
+                     help="deprecated alias of --kernels")
+    return parser
+
+
+class _Printer:
+    """Streams parsed output to stdout; in thinking mode, under a heading per part."""
+
+    def __init__(self, thinking: bool) -> None:
+        self.thinking = thinking
+        self.part: str | None = None
+
+    def write(self, part: str, text: str) -> None:
+        if not text:
+            return
+        if self.thinking and part != self.part:
+            sys.stdout.write(("\n" if self.part else "") + f"--- {part} ---\n")
+        self.part = part
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def events(self, events: list[Any]) -> None:
+        from inference.text.parse import ContentDelta, ReasoningDelta
+
+        for event in events:
+            if isinstance(event, ReasoningDelta):
+                self.write("reasoning", event.text)
+            elif isinstance(event, ContentDelta):
+                self.write("answer", event.text)
+
+
+async def _stream(engine: Any, ids: list[int], params: Any, printer: _Printer, raw: bool) -> Any:
+    """Decode through the serving engine (one request, a cache just big enough) so text arrives per token."""
+    from inference.engine.async_engine import AsyncEngine
+    from inference.text.parse import StreamParser
+
+    parser = StreamParser(thinking=printer.thinking)
+    block = 16
+    cache_tokens = -(-(len(ids) + params.max_tokens + 1) // block) * block
+    last = None
+    async with AsyncEngine(engine, max_num_seqs=1, cache_tokens=cache_tokens, block_size=block) as aengine:
+        async for out in aengine.stream(ids, params):
+            if raw:
+                printer.write("text", out.text_delta)
+            else:
+                printer.events(parser.feed(out.text_delta))
+            last = out
+    if not raw:
+        printer.events(parser.finish())
+    return last
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate a completion for one prompt")
-    gen.add_argument("--model", default=None, help="checkpoint directory or Hugging Face repo id "
-                     "(default: the demo checkpoint with random weights)")
-    gen.add_argument("--prompt", required=True, help="user message")
-    gen.add_argument("--system", default=None, help="optional system prompt")
-    gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
-    gen.add_argument("--thinking", action="store_true", help="thinking mode (the prompt ends with <think>)")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
-    gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+    import anyio
 
     from inference.engine.engine import Engine
     from inference.engine.sampling import SamplingParams
 
     try:
         t0 = time.perf_counter()
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.kernels)
         load_s = time.perf_counter() - t0
         if args.raw:
             ids = engine.tokenizer.encode(args.prompt)
@@ -45,18 +130,21 @@ def main(argv: list[str] | None = None) -> int:
             ids = render_ids(messages, engine.tokenizer, thinking=args.thinking)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                 max_tokens=args.max_tokens)
+        engine.check_prompt(ids, args.max_tokens)
+        if engine.is_demo:
+            print(f"[{engine.name}: the demo checkpoint has random weights, so its text is noise]", file=sys.stderr)
+        printer = _Printer(args.thinking and not args.raw)
         t1 = time.perf_counter()
-        out = engine.generate([ids], params)[0]
+        out = anyio.run(_stream, engine, ids, params, printer, args.raw)
         gen_s = time.perf_counter() - t1
     except (ValueError, OSError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if engine.is_demo:
-        print(f"[{engine.name}: the demo checkpoint has random weights, so its text is noise]", file=sys.stderr)
-    print(out.text)
+    print(flush=True)
+    n = len(out.token_ids) if out is not None else 0
     print(f"[{engine.name} on {engine.device} ({engine.dtype}, {engine.backend} kernels): loaded in {load_s:.1f}s; "
-          f"{len(ids)} prompt tokens, {len(out.token_ids)} generated in {gen_s:.2f}s, finish_reason="
-          f"{out.finish_reason}]", file=sys.stderr)
+          f"{len(ids)} prompt tokens, {n} generated in {gen_s:.2f}s, finish_reason="
+          f"{out.finish_reason if out is not None else None}]", file=sys.stderr)
     return 0
 
 

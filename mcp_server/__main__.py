@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
+import signal
 import sys
+import threading
 from typing import Any
 
-from mcp_server.config import CONFIG_ENV, TOKEN_ENV, ConfigError, ServerConfig, check_serving_security, load_config
+import anyio
+import anyio.abc
+
+from mcp_server.config import (
+    CONFIG_ENV,
+    TOKEN_ENV,
+    ConfigError,
+    ServerConfig,
+    check_serving_security,
+    config_warnings,
+    load_config,
+    printable,
+)
 
 log = logging.getLogger("deepseek-mcp")
 
@@ -23,20 +39,40 @@ Examples:
 """
 
 
+STDIO_ON_A_TERMINAL = """\
+deepseek-mcp: serving MCP over stdio. It now waits for an MCP client on stdin: this is not an interactive
+prompt. Let your MCP client start this command (client configuration: "Use from MCP clients" in README.md),
+or serve HTTP with --transport http. Ctrl-C stops it."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deepseek-mcp")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deepseek-mcp", description="MCP server for a local DeepSeek-V3.1 (chat, think, tool_call).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="PATH", help=f"JSON configuration file (default: ${CONFIG_ENV})")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration and exit (the token only as set or not)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     m = p.add_argument_group("model")
     m.add_argument("--model", help="checkpoint directory or Hugging Face id (default: the demo checkpoint, "
                                    "random weights)")
     m.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="activation dtype")
-    m.add_argument("--kernels", choices=["auto", "triton", "torch"], help="kernel backend (default auto)")
-    m.add_argument("--cache-tokens", type=int, help="KV cache capacity in tokens")
+    m.add_argument("--kernels", choices=["auto", "triton", "torch"],
+                   help="kernel backend (default auto: triton on CUDA, else torch)")
+    m.add_argument("--cache-tokens", type=int,
+                   help="KV cache capacity in tokens (default: 8192 per sequence of --max-num-seqs, within free "
+                        "memory); it also caps the context a call can use (list_models: context_tokens)")
     m.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default 16)")
     m.add_argument("--no-constrained-decoding", dest="constrained_decoding", action="store_const", const=False,
                    help="sample tool calls and response_format output without the grammar (default: constrained)")
@@ -47,13 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, help="default max_tokens per call (default 512)")
     s.add_argument("--thinking-budget", type=int, help="default reasoning budget for think (default max_tokens/2)")
     s.add_argument("--max-wall-time", type=float, metavar="SECONDS",
-                   help="generation time limit per call; returns what it has with finish_reason 'time' "
-                        "(default 50)")
+                   help="generation time limit per call, counted from admission (time queued is not counted); "
+                        "returns what it has with finish_reason 'time', an error if nothing yet (default 50)")
     s.add_argument("--load-wait", type=float, metavar="SECONDS",
                    help="how long a call waits for a model still loading (default 600)")
     s.add_argument("--max-conversations", type=int, help="stored conversations kept (default 256)")
     s.add_argument("--max-waiting", type=int, help="requests that may queue for a batch slot; more are refused "
                                                    "at once (HTTP 429) (default 256)")
+    s.add_argument("--max-conversation-tokens", type=int, metavar="TOKENS",
+                   help="tokens all stored conversations hold together; least recently used go (default 1000000)")
     t = p.add_argument_group("transport")
     t.add_argument("--transport", choices=["stdio", "http", "sse"], help="default stdio")
     t.add_argument("--host", help="HTTP/SSE bind address (default 127.0.0.1)")
@@ -86,7 +124,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     limits = {"max_tokens": args.max_tokens, "thinking_budget": args.thinking_budget,
               "max_wall_time_s": args.max_wall_time, "load_wait_s": args.load_wait,
-              "max_conversations": args.max_conversations, "max_waiting": args.max_waiting}
+              "max_conversations": args.max_conversations, "max_waiting": args.max_waiting,
+              "max_conversation_tokens": args.max_conversation_tokens}
     out: dict[str, Any] = {k: v for k, v in flat.items() if v is not None}
     for key, section in (("sampling", sampling), ("limits", limits)):
         given = {k: v for k, v in section.items() if v is not None}
@@ -103,9 +142,43 @@ def setup_logging(level: str) -> None:
     root.setLevel(level)
 
 
-async def serve(config: ServerConfig) -> None:
-    import anyio
+# After SIGINT/SIGTERM: how long the transport gets to stop on its own before it is cancelled, and when the
+# process exits regardless.
+_STOP_GRACE_S = 1.2
+_STOP_DEADLINE_S = 1.8
 
+
+async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received: list[int], grace_s: float, *,
+                          task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """On SIGINT or SIGTERM: set `stop` (HTTP closes its connections), then cancel `scope` after `grace_s`.
+    A second signal cancels at once."""
+    try:
+        receiver = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+        signals = receiver.__enter__()
+    except NotImplementedError:  # Windows' event loop: Ctrl-C still raises KeyboardInterrupt
+        task_status.started()
+        return
+    try:
+        task_status.started()
+        async for signum in signals:
+            received.append(signum)
+            log.info("%s received: stopping the server and freeing the model", signal.Signals(signum).name)
+            # whatever blocks the orderly stop (a model step or load in native code), the process ends in time
+            deadline = threading.Timer(_STOP_DEADLINE_S, _exit_now, args=(128 + signum,))
+            deadline.daemon = True
+            deadline.start()
+            stop.set()
+            with anyio.move_on_after(grace_s):
+                async for _ in signals:
+                    break
+            break
+    finally:
+        receiver.__exit__(None, None, None)
+    scope.cancel()
+
+
+async def serve(config: ServerConfig) -> int:
+    """Serve until the transport ends (stdin closes) or a signal arrives; the exit status (128 + signal)."""
     from mcp_server.api.app import ApiApp, serve_api
     from mcp_server.model_host import ModelHost
     from mcp_server.server import build_server
@@ -116,14 +189,23 @@ async def serve(config: ServerConfig) -> None:
     service = ChatService(host, config)
     mcp = build_server(service)
     api = ApiApp(service)
-    async with host.running(), anyio.create_task_group() as tg:
-        if config.api_port is not None and (config.transport == "stdio" or config.api_port != config.port):
-            tg.start_soon(serve_api, api, config.api_port)
-        if config.transport == "stdio":
-            await serve_stdio(mcp)
-        else:
-            await serve_http(mcp, config, wrap=api.mount)
+    received: list[int] = []
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        grace = 0.0 if config.transport == "stdio" else _STOP_GRACE_S
+        await tg.start(functools.partial(_stop_on_signal, stop, tg.cancel_scope, received, grace))
+        async with host.running(), anyio.create_task_group() as inner:  # leaving it stops the engine
+            if config.api_port is not None and (config.transport == "stdio" or config.api_port != config.port):
+                inner.start_soon(serve_api, api, config.api_port, stop)
+            if config.transport == "stdio":
+                await serve_stdio(mcp)
+            else:
+                await serve_http(mcp, config, stop, wrap=api.mount)
+            inner.cancel_scope.cancel()
         tg.cancel_scope.cancel()
+    if received:
+        log.info("stopped")
+    return 128 + received[0] if received else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,21 +216,36 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"deepseek-mcp: {e}", file=sys.stderr)
         return 2
+    for warning in config_warnings(config):
+        print(f"deepseek-mcp: warning: {warning}", file=sys.stderr)
     if args.print_config:
-        print(config.model_dump_json(indent=2, exclude={"token"}))
+        print(printable(config))
         return 0
     setup_logging(config.log_level)
     try:
-        import anyio
         import torch  # noqa: F401 - load the heavy native libraries before the event loop starts serving
 
-        anyio.run(serve, config)
-    except KeyboardInterrupt:
-        return 130
+        if config.transport == "stdio" and sys.stdin.isatty():
+            print(STDIO_ON_A_TERMINAL, file=sys.stderr)
+        code = anyio.run(serve, config)
+    except KeyboardInterrupt:  # before the signal handler is installed
+        _exit_now(130)
     except Exception:
         log.exception("deepseek-mcp stopped on an unexpected error")
         return 1
-    return 0
+    if code >= 128:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """After a signal stop (serving ended, the engine closed): exit without the interpreter's teardown, which
+    would wait on a model still loading in its thread (or abort in native code) and spend seconds freeing
+    tensors the OS frees at once."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ class Limits(_Section):
     )
     load_wait_s: float = Field(600.0, gt=0, description="How long a call waits for a model still loading.")
     max_conversations: int = Field(256, gt=0, description="Stored conversations kept (least recently used go).")
+    max_conversation_tokens: int = Field(
+        1_000_000, gt=0, description="Tokens all stored conversations may hold together (least recently used go)."
+    )
     progress_interval_s: float = Field(0.5, gt=0, le=1.0, description="Seconds between progress notifications.")
     max_waiting: int = Field(
         256, ge=0, description="Requests that may wait for a batch slot; one more is refused at once (HTTP 429)."
@@ -142,6 +145,9 @@ def load_config(
         ServerConfig.model_validate(data)  # report file errors against the file, before merging flags
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+    if data.get("token") == TOKEN_SHOWN_AS:
+        raise ConfigError(f"{source}: token is {TOKEN_SHOWN_AS!r}, the placeholder --print-config writes; put the "
+                          f"real token there, or set {TOKEN_ENV}")
     if env.get(TOKEN_ENV):
         data["token"] = env[TOKEN_ENV]
     data = _deep_merge(data, overrides or {})
@@ -165,3 +171,30 @@ def check_serving_security(config: ServerConfig) -> None:
         )
     if not config.path.startswith("/"):
         raise ConfigError(f"path must start with '/', got {config.path!r}")
+
+
+MIN_TOKEN_LENGTH = 16
+
+
+def config_warnings(config: ServerConfig) -> list[str]:
+    """Settings that work but are probably mistakes."""
+    warnings = []
+    if config.token and config.transport == "stdio":
+        warnings.append("a bearer token is set but the transport is stdio, which has no authentication: the "
+                        "token is unused (it applies to --transport http or sse)")
+    if config.token and len(config.token) < MIN_TOKEN_LENGTH:
+        warnings.append(f"the bearer token has only {len(config.token)} characters; use at least "
+                        f"{MIN_TOKEN_LENGTH} random ones (e.g. python -c 'import secrets; "
+                        "print(secrets.token_urlsafe(24))')")
+    return warnings
+
+
+TOKEN_SHOWN_AS = "(set, not shown)"
+
+
+def printable(config: ServerConfig) -> str:
+    """The resolved configuration as JSON, the token shown as set or not (never its value)."""
+    data = config.model_dump(mode="json")
+    data["token"] = TOKEN_SHOWN_AS if config.token else None
+    return json.dumps(data, indent=2)
+

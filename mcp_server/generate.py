@@ -1,4 +1,8 @@
-"""One generation request on the AsyncEngine: progress heartbeats, the wall-time limit, and abort on cancel."""
+"""One generation request on the AsyncEngine: progress heartbeats, the wall-time limit, and abort on cancel.
+
+Progress says where the request is: queued (waiting for a slot in the engine), prefilling (chunks of the prompt
+done out of all), or generating (tokens, rate and the tail of the text so far). The wall-time limit counts from
+admission (when the engine takes the request off its queue), so time spent queued is not held against it."""
 
 from __future__ import annotations
 
@@ -20,6 +24,11 @@ log = logging.getLogger(__name__)
 _ABORT_GRACE_S = 5.0
 
 
+def new_request_id() -> str:
+    """The id a request carries in the engine, the logs and error messages."""
+    return f"mcp-{uuid.uuid4().hex[:16]}"
+
+
 @dataclass
 class RunResult:
     token_ids: list[int]
@@ -28,6 +37,7 @@ class RunResult:
     prompt_tokens: int
     cached_tokens: int
     elapsed_s: float
+    queued_s: float = 0.0  # waiting for admission (the time limit starts after it)
 
 
 @dataclass
@@ -39,13 +49,56 @@ class _Live:
     prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
+    admitted_at: float | None = None  # when the engine took the request off its queue: the time limit starts
+    text: list[str] = field(default_factory=list)
 
-    def message(self, now: float) -> str:
+    def message(self, now: float, state: _EngineState | None) -> str:
         n = len(self.token_ids)
         if n == 0:
+            if state is not None and state.queued:
+                ahead = f", {state.ahead} ahead" if state.ahead else ""
+                return f"queued: waiting for a free slot in the engine{ahead} ({now - self.started:.0f} s)"
+            if state is not None and state.chunk_tokens > 0:
+                total = -(-self.prompt_tokens // state.chunk_tokens)
+                done = min(state.computed // state.chunk_tokens, total)
+                return (f"prefilling the prompt: chunk {done}/{total} done ({state.computed}/{self.prompt_tokens} "
+                        f"tokens, {now - (self.admitted_at or now):.0f} s)")
             return f"prefilling {self.prompt_tokens} prompt tokens ({now - self.started:.0f} s)"
         rate = n / max(now - (self.first_token_at or now), 1e-6) if n > 1 else 0.0
-        return f"generated {n}/{self.max_tokens} tokens ({rate:.1f} tok/s)"
+        return f"generated {n}/{self.max_tokens} tokens ({rate:.1f} tok/s): {_tail(''.join(self.text))}"
+
+
+@dataclass(frozen=True)
+class _EngineState:
+    queued: bool  # still waiting for admission
+    ahead: int  # requests queued before it
+    computed: int  # prompt tokens in the cache
+    chunk_tokens: int  # prefill chunk size (the scheduler's token budget per step)
+
+
+def _engine_state(aengine: Any, request_id: str) -> _EngineState | None:
+    """Where the request stands in the engine, read from the scheduler (None where the engine does not say).
+    Read from the event loop while a step may run in the worker thread: plain attribute reads, retried next
+    heartbeat if a queue changed under it."""
+    scheduler = getattr(aengine, "scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "get"):
+        return None
+    try:
+        seq = scheduler.get(request_id)
+        chunk = int(getattr(scheduler, "max_num_batched_tokens", 0))
+        if seq is None:  # submitted, not yet taken from the engine's inbox
+            return _EngineState(True, len(scheduler.waiting), 0, chunk)
+        if getattr(seq.status, "value", "") == "waiting" and seq.num_computed_tokens == 0:
+            ahead = next((i for i, other in enumerate(list(scheduler.waiting)) if other is seq), 0)
+            return _EngineState(True, ahead, 0, chunk)
+        return _EngineState(False, 0, min(int(seq.num_computed_tokens), seq.num_prompt_tokens), chunk)
+    except (RuntimeError, AttributeError, TypeError):
+        return None
+
+
+def _tail(text: str, width: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else "..." + flat[-width:]
 
 
 async def run_request(
@@ -58,12 +111,13 @@ async def run_request(
     time_limit_s: float,
     interval_s: float = 0.5,
     on_text: Callable[[str], None] | None = None,
+    request_id: str | None = None,
 ) -> RunResult:
     """Stream one request to the end. A cancelled caller aborts it (freeing its cache) before unwinding."""
     progress = progress or Progress()
-    request_id = f"mcp-{uuid.uuid4().hex[:16]}"
+    request_id = request_id or new_request_id()
     live = _Live(started=time.monotonic(), max_tokens=params.max_tokens, prompt_tokens=len(prompt_ids))
-    texts: list[str] = []
+    texts = live.text
     finish: str | None = None
     timed_out = False
     cached = 0
@@ -71,17 +125,20 @@ async def run_request(
 
     async def heartbeat() -> None:
         nonlocal timed_out
-        deadline = live.started + time_limit_s
         while True:
             now = time.monotonic()
-            await progress.update(len(live.token_ids), live.max_tokens, live.message(now))
-            if not timed_out and now >= deadline:
+            state = _engine_state(aengine, request_id)
+            if live.admitted_at is None and (state is None or not state.queued or live.token_ids):
+                live.admitted_at = now  # the wall-time limit counts from here: queueing is not generation
+            await progress.update(len(live.token_ids), live.max_tokens, live.message(now, state))
+            deadline = None if live.admitted_at is None else live.admitted_at + time_limit_s
+            if not timed_out and deadline is not None and now >= deadline:
                 timed_out = True
-                log.info("request %s hit the %.1f s time limit after %d tokens", request_id, time_limit_s,
-                         len(live.token_ids))
+                log.info("request %s hit the %.1f s time limit (from admission) after %d tokens", request_id,
+                         time_limit_s, len(live.token_ids))
                 aengine.abort(request_id)
                 stream_scope.deadline = now + _ABORT_GRACE_S  # the engine ends the stream; don't wait forever
-            wake = now + interval_s if timed_out else min(now + interval_s, deadline)
+            wake = now + interval_s if timed_out or deadline is None else min(now + interval_s, deadline)
             await anyio.sleep(max(wake - time.monotonic(), 0.0))
 
     error: Exception | None = None
@@ -120,5 +177,6 @@ async def run_request(
         reason = "time"
     else:
         reason = "cancelled"  # aborted by someone else (e.g. engine shutdown) or the stream ended early
-    return RunResult(live.token_ids, "".join(texts), reason, len(prompt_ids), cached,
-                     time.monotonic() - live.started)
+    end = time.monotonic()
+    return RunResult(live.token_ids, "".join(texts), reason, len(prompt_ids), cached, end - live.started,
+                     (live.admitted_at or end) - live.started)

@@ -42,10 +42,30 @@ def default_loader(config: ServerConfig) -> Callable[[], Any]:
     def load() -> Any:
         from inference.engine.engine import Engine
 
-        return Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
-                                      backend=config.kernels)
+        def from_pretrained() -> Any:
+            return Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
+                                          backend=config.kernels)
+
+        return from_pretrained() if config.model is not None else logging_demo_write(from_pretrained)
 
     return load
+
+
+def logging_demo_write(load: Callable[[], Any]) -> Any:
+    """Run `load` (of the demo checkpoint), logging where the demo is written, and its size, on first use."""
+    from inference.model.demo import DEMO_VERSION, default_cache_dir
+
+    target = default_cache_dir() / f"demo-{DEMO_VERSION}"
+    first = not (target / "model.safetensors.index.json").is_file()  # demo_checkpoint_path's test
+    if first:
+        log.info("first run: writing the demo checkpoint (random weights) to %s", target)
+    started = time.monotonic()
+    engine = load()
+    if first and target.is_dir():
+        size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+        log.info("wrote the demo checkpoint to %s: %.2f GB in %.1f s (delete it to reclaim the space)", target,
+                 size / 1e9, time.monotonic() - started)
+    return engine
 
 
 def default_async_engine(config: ServerConfig) -> Callable[[Any], Any]:
@@ -142,9 +162,18 @@ class ModelHost:
         return getattr(self.aengine, "cache_capacity_tokens", None) if self.aengine is not None else None
 
     def context_tokens(self) -> int:
-        """Longest prompt + max_tokens one request can use: the model's context, capped by the KV cache."""
+        """Longest prompt + max_tokens one request can use: the model's context, capped by the KV cache (the
+        AsyncEngine's max_model_len, the one number every check and report uses)."""
         limit = getattr(self.aengine, "max_model_len", None)
         return int(limit) if limit else int(self.engine.max_context)
+
+    def context_limit(self) -> str:
+        """Where context_tokens comes from, in words."""
+        model_context = int(self.engine.max_context)
+        if self.context_tokens() < model_context:
+            return (f"capped by the KV cache ({self.cache_capacity_tokens()} tokens; --cache-tokens raises it) "
+                    f"below the model's {model_context}-token context (max_position_embeddings)")
+        return "the model's context (max_position_embeddings)"
 
     # -- waiting --------------------------------------------------------------------------------------
 

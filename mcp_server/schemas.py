@@ -59,52 +59,34 @@ class TextPart(_Strict):
 class Message(_Strict):
     """One chat message. `content` may be null only on an assistant message that carries `tool_calls`."""
 
-    role: Role = Field(description="system | user | assistant | tool")
-    content: str | list[TextPart] | None = Field(
-        None, description="Message text, or a list of {type: 'text', text} parts (for role 'tool': its output)."
-    )
-    tool_calls: list[ToolCallIn] | None = Field(
-        None, description="Only on role 'assistant': the tool calls it made ({id, name, arguments})."
-    )
-    tool_call_id: str | None = Field(None, description="Only on role 'tool': id of the call this answers.")
-    name: str | None = Field(None, description="Optional: the tool's name on a role 'tool' message.")
+    role: Role
+    content: str | list[TextPart] | None = Field(None, description="Text, or [{type: 'text', text}].")
+    tool_calls: list[ToolCallIn] | None = Field(None, description="Role assistant only: [{id, name, arguments}].")
+    tool_call_id: str | None = Field(None, description="Role tool only: the call answered.")
+    name: str | None = None  # the tool's name on a role 'tool' message
 
     @model_validator(mode="after")
     def _check_shape(self) -> Message:
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError(f"tool_calls is only allowed on role 'assistant' messages, not '{self.role}'")
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"content is required on a '{self.role}' message")
+            raise ValueError(f"content is required on a message with role '{self.role}'")
         return self
 
 
 class GenerationInput(_Strict):
     """Inputs shared by chat, think and tool_call. Give exactly one of `prompt` or `messages`."""
 
-    prompt: str | None = Field(None, description="A single user message. Give this or `messages`, not both.")
-    messages: list[Message] | None = Field(
-        None,
-        description="A conversation: [{role: system|user|assistant|tool, content, tool_calls?}], ending with "
-        "the turn to answer. Give this or `prompt`, not both.",
-    )
-    system: str | None = Field(
-        None, description="Optional system prompt, placed before the conversation (replaces a continued "
-        "conversation's system prompt)."
-    )
-    max_tokens: Annotated[int, Field(gt=0)] | None = Field(
-        None, description="Most tokens to generate (server default if omitted). Must fit in the context."
-    )
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(
-        None, description="Sampling temperature; 0 is greedy. Server default if omitted."
-    )
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(None, description="Nucleus sampling mass.")
-    seed: int | None = Field(None, description="Seed for reproducible sampling.")
-    stop: list[str] | None = Field(None, max_length=16, description="Strings that end generation when produced.")
-    conversation_id: str | None = Field(
-        None,
-        description="Continue a conversation this server stored (from an earlier result's conversation_id); "
-        "the new prompt/messages are appended to it.",
-    )
+    prompt: str | None = Field(None, description="One user message (or give messages).")
+    messages: list[Message] | None = Field(None, description="[{role: system|user|assistant|tool, content, "
+                                           "tool_calls?, tool_call_id?}], ending with the turn to answer.")
+    system: str | None = Field(None, description="System prompt (replaces a continued conversation's).")
+    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(None, description="0 = greedy.")
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    seed: int | None = None
+    stop: list[str] | None = Field(None, max_length=16)
+    conversation_id: str | None = Field(None, description="From a result: continue that conversation.")
 
 
 class JsonSchemaSpec(_Strict):
@@ -151,17 +133,13 @@ class ResponseFormat(_Strict):
 
 class ChatInput(GenerationInput):
     response_format: ResponseFormat | None = Field(
-        None,
-        description="Constrain the reply to JSON: {\"type\": \"json_schema\", \"schema\": {...}} (valid JSON "
-        "matching the schema, returned parsed in `parsed`) or {\"type\": \"json_object\"} (any JSON object).",
+        None, description="{type: 'json_schema', schema} or {type: 'json_object'}: JSON output, in `parsed`."
     )
 
 
 class ThinkInput(ChatInput):
     thinking_budget: Annotated[int, Field(gt=0)] | None = Field(
-        None,
-        description="Most reasoning tokens; when reached the reasoning is closed and the answer follows. Must "
-        "be smaller than max_tokens. Server default if omitted.",
+        None, description="Most reasoning tokens, then the answer follows; below max_tokens."
     )
 
 
@@ -216,19 +194,13 @@ class NamedToolChoice(_Strict):
 
 class ToolCallInput(GenerationInput):
     tools: list[McpTool | OpenAITool] = Field(
-        min_length=1,
-        description="Tools the model may call: MCP-style {name, description, inputSchema} or OpenAI-style "
-        "{type: 'function', function: {name, description, parameters}}. Schemas must be valid JSON Schema.",
+        min_length=1, description="MCP {name, description, inputSchema} or OpenAI {type: 'function', function}."
     )
-    tool_choice: ToolChoiceMode | NamedToolChoice = Field(
-        "auto",
-        description="'auto' (model decides), 'required' (must call a tool), 'none' (must not), or "
-        "{\"name\": tool} to call that tool.",
-    )
+    tool_choice: ToolChoiceMode | NamedToolChoice = Field("auto", description="auto | required | none | {name}")
 
 
 class ResetInput(_Strict):
-    conversation_id: str = Field(description="The conversation to forget.")
+    conversation_id: str
 
 
 class ListModelsInput(_Strict):
@@ -247,31 +219,24 @@ class Usage(BaseModel):
 class GenerationOutput(BaseModel):
     """Fields every generating tool returns."""
 
-    text: str = Field(description="The reply.")
-    finish_reason: FinishReason = Field(
-        description="stop: finished; length: hit max_tokens; time: hit the server's time limit; cancelled."
-    )
+    text: str
+    finish_reason: FinishReason = Field(description="time: the time limit (from admission).")
     usage: Usage
-    conversation_id: str = Field(description="Pass back to continue this conversation.")
+    conversation_id: str  # pass back to continue
     model: str
-    steered: bool = Field(
-        False, description="Constrained output only: true when the token budget ran low and decoding was steered "
-        "to the shortest valid completion (the output is complete, possibly terser)."
-    )
+    steered: bool = Field(False, description="Output steered short by a low token budget.")
 
 
 class ChatOutput(GenerationOutput):
-    parsed: Any = Field(None, description="With response_format json_*: the reply (the answer, after any "
-                        "reasoning) parsed as JSON (null when it is not, see parse_error).")
-    parse_error: str | None = Field(None, description="With response_format: why the reply is not valid JSON for "
-                                    "the schema (e.g. finish_reason 'time' cut it).")
+    parsed: Any = Field(None, description="response_format: the JSON reply (null: see parse_error).")
+    parse_error: str | None = Field(None, description="Why the reply is not JSON of the schema.")
 
 
 class ThinkOutput(ChatOutput):
-    reasoning: str = Field(description="The model's reasoning (between <think> and </think>).")
-    answer: str = Field(description="The answer after the reasoning (same as text).")
+    reasoning: str = Field(description="Between <think> and </think>.")
+    answer: str = Field(description="Same as text.")
     reasoning_tokens: int = Field(description="Tokens spent on reasoning.")
-    reasoning_complete: bool = Field(description="False when generation stopped before the reasoning closed.")
+    reasoning_complete: bool = Field(description="False if cut before </think>.")
 
 
 class ToolCallOut(BaseModel):
@@ -287,8 +252,8 @@ class InvalidToolCall(BaseModel):
 
 
 class ToolCallOutput(GenerationOutput):
-    tool_calls: list[ToolCallOut] = Field(description="Valid calls, arguments checked against the tool schema.")
-    invalid_tool_calls: list[InvalidToolCall] = Field(description="Calls the model produced that are unusable.")
+    tool_calls: list[ToolCallOut] = Field(description="Arguments checked against the tool's schema.")
+    invalid_tool_calls: list[InvalidToolCall] = Field(description="Unusable calls, with the reason.")
 
 
 class Architecture(BaseModel):
@@ -303,7 +268,6 @@ class Architecture(BaseModel):
     n_shared_experts: int
     num_experts_per_tok: int
     first_k_dense_replace: int
-    max_position_embeddings: int
 
 
 class ModelInfo(BaseModel):
@@ -319,6 +283,7 @@ class ModelInfo(BaseModel):
     device: str | None = None
     kernels: str | None = Field(None, description="Which kernels run: triton or torch.")
     context_tokens: int | None = Field(None, description="Longest prompt + max_tokens one call can use.")
+    context_limit: str | None = Field(None, description="What sets context_tokens (the KV cache or the model).")
     cache_capacity_tokens: int | None = None
     defaults: dict[str, Any] = Field(default_factory=dict, description="Defaults applied to omitted inputs.")
     stats: dict[str, Any] = Field(default_factory=dict, description="Serving engine statistics.")

@@ -11,8 +11,10 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from mcp_server.errors import readable_errors
+from mcp_server.json_schema import input_schema, output_schema
 from mcp_server.model_host import ModelUnavailable
 from mcp_server.progress import Progress
 from mcp_server.schemas import (
@@ -42,34 +44,33 @@ Every result has a `conversation_id`; pass it back to continue that conversation
 Long generations report progress and stop at the server's time limit with finish_reason "time". \
 `list_models` shows what is loaded; if `model` says "random weights", the output is noise (demo checkpoint)."""
 
-_SHARED = """
-Give `prompt` (one user message) or `messages` ([{role: system|user|assistant|tool, content, tool_calls?}]), \
-not both. Optional: `system`, `max_tokens`, `temperature` (0 = greedy), `top_p`, `seed`, `stop`, \
-`conversation_id` (continue a conversation from an earlier result). Returns `finish_reason` (stop | length | \
-time | cancelled), token `usage`, `conversation_id` and `model`."""
+_JSON = " `response_format` makes the {what} JSON (constrained decoding)."
 
-CHAT_DOC = ("Ask the local DeepSeek-V3.1 model and get its reply in `text` (non-thinking mode: fast, direct). "
-            "`response_format` {type: 'json_schema', schema} or {type: 'json_object'} makes the reply JSON "
-            "(constrained decoding), returned parsed in `parsed`." + _SHARED)
-THINK_DOC = ("Ask the local DeepSeek-V3.1 model to reason before answering (thinking mode). Returns the "
-             "`reasoning` and the final `answer` (also in `text`). `thinking_budget` caps reasoning tokens: at "
-             "the cap the reasoning is closed and the answer follows, so keep it below `max_tokens`. `response_format` "
-             "works as in `chat`: the answer after the reasoning is JSON, parsed in `parsed`." + _SHARED)
-TOOL_CALL_DOC = ("Have the local DeepSeek-V3.1 model decide which of your `tools` to call. `tools`: MCP-style "
-                 "{name, description, inputSchema} or OpenAI-style {type: 'function', function: {name, "
-                 "description, parameters}}; `tool_choice`: 'auto' | 'required' | 'none' | {name}. Returns "
-                 "`tool_calls` [{id, name, arguments}] ready to execute (arguments checked against the schema; "
-                 "with 'required' or {name} decoding follows the schemas, so the calls always parse and validate), "
-                 "`invalid_tool_calls` for calls that are not, and any `text`. To continue after running the "
-                 "tools, pass the conversation_id with `messages` holding role 'tool' results." + _SHARED)
-UNCONSTRAINED_NOTE = (" Note: this server does not constrain decoding, so 'required' and {name} are asked of the "
-                      "model but not forced (check tool_calls); 'none' is enforced.")
-LIST_MODELS_DOC = ("Describe the loaded model: name, architecture, parameter count, dtype, device, kernels "
-                   "(triton or torch), context and KV-cache capacity in tokens, defaults, and live engine "
-                   "statistics. Answers at once, also while the model is still loading (status 'loading').")
-RESET_DOC = "Forget a stored conversation (by `conversation_id`) and free its memory on the server."
 
-_ANNOTATIONS = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+def tool_docs(*, json_output: bool, forced_calls: bool) -> dict[str, str]:
+    """Tool descriptions that promise only what this server does: `json_output` when response_format is
+    served, `forced_calls` when tool_call's decoding is constrained."""
+    chat = "Ask the local DeepSeek-V3.1; the reply is in `text` (no reasoning)."
+    think = "Ask the local DeepSeek-V3.1 to reason, then answer; `thinking_budget` caps the reasoning."
+    tool_call = "Have the local DeepSeek-V3.1 choose calls among your `tools`: `tool_calls` [{id, name, arguments}]"
+    if json_output:
+        chat += _JSON.replace("{what}", "reply")
+        think += _JSON.replace("{what}", "answer")
+    tool_call += ("; with tool_choice required or {name} they always parse and match the schema" if forced_calls else
+                  UNCONSTRAINED_NOTE)
+    tool_call += ". To continue, send role 'tool' results with the conversation_id."
+    return {"chat": chat, "think": think, "tool_call": tool_call}
+
+
+UNCONSTRAINED_NOTE = " (this server does not constrain decoding: required and {name} are asked, not forced)"
+LIST_MODELS_DOC = ("The loaded model: architecture, dtype, device, kernels, context and cache tokens, defaults, "
+                   "engine stats; also while loading.")
+RESET_DOC = "Forget a stored conversation and free its memory."
+
+# Generation tools store the conversation (server state, not the world): not read-only, not destructive.
+_GENERATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
+_READS = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+_DELETES = ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False)
 
 
 def _ok(out: BaseModel) -> CallToolResult:
@@ -81,23 +82,37 @@ def _error(message: str) -> CallToolResult:
     return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
 
 
+class _RawArguments(FuncMetadata):
+    """Hands the handler the arguments as sent; it validates them itself, so a mistake reads as one line per
+    problem rather than pydantic's report."""
+
+    def validate_arguments(self, arguments_to_validate: dict[str, Any]) -> dict[str, Any]:
+        # pre_parse_json: as the SDK does, accept a list or object sent as a JSON string (Claude Desktop does)
+        return {"arguments": self.pre_parse_json(dict(arguments_to_validate))}
+
+
 def _tool(name: str, title: str, doc: str, input_model: type[BaseModel], output_model: type[BaseModel],
-          run: Callable[[Any, Progress], Awaitable[BaseModel]]) -> Tool:
+          run: Callable[[Any, Progress], Awaitable[BaseModel]], annotations: ToolAnnotations, *,
+          omit: frozenset[str] = frozenset()) -> Tool:
     """A tool whose input schema is `input_model` (unknown keys rejected) and output schema `output_model`."""
     arg_model = type(f"{name}Arguments", (input_model, ArgModelBase), {"__module__": __name__})
 
-    async def handler(ctx: Context, **arguments: Any) -> CallToolResult:
-        request = input_model.model_validate(arguments)
+    async def handler(ctx: Context, arguments: dict[str, Any]) -> CallToolResult:
+        try:
+            request = input_model.model_validate(arguments)
+        except ValidationError as e:
+            message = readable_errors(e, arguments, input_model, f"arguments for {name}")
+            log.info("%s: %s", name, message.replace("\n", " "))
+            return _error(message)
         try:
             return _ok(await run(request, Progress(ctx.report_progress)))
         except (RequestError, ModelUnavailable, GenerationFailed) as e:
             log.info("%s: %s", name, e)
             return _error(str(e))
 
-    return Tool(fn=handler, name=name, title=title, description=doc,
-                parameters=arg_model.model_json_schema(by_alias=True),
-                fn_metadata=FuncMetadata(arg_model=arg_model, output_model=output_model),
-                is_async=True, context_kwarg="ctx", annotations=_ANNOTATIONS)
+    metadata = _RawArguments(arg_model=arg_model, output_model=output_model, output_schema=output_schema(output_model))
+    return Tool(fn=handler, name=name, title=title, description=doc, parameters=input_schema(input_model, omit=omit),
+                fn_metadata=metadata, is_async=True, context_kwarg="ctx", annotations=annotations)
 
 
 def build_server(service: ChatService) -> MCPServer:
@@ -105,16 +120,23 @@ def build_server(service: ChatService) -> MCPServer:
         return service.list_models()
 
     async def reset(request: ResetInput, progress: Progress) -> ResetOutput:
-        return service.reset_conversation(request)
+        async with service.turns.hold(request.conversation_id):  # after the turns already under way
+            return service.reset_conversation(request)
 
+    docs = tool_docs(json_output=service.constraints is not None,
+                     forced_calls=service.tool_call_processors is not None)
+    # without constraints response_format is refused, so it is not advertised (a call that sends it is told why)
+    omit = frozenset() if service.constraints is not None else frozenset({"response_format"})
     tools = [
-        _tool("chat", "Chat with DeepSeek-V3.1", CHAT_DOC, ChatInput, ChatOutput, service.chat),
-        _tool("think", "Reason, then answer", THINK_DOC, ThinkInput, ThinkOutput, service.think),
-        _tool("tool_call", "Choose tool calls",
-              TOOL_CALL_DOC + (UNCONSTRAINED_NOTE if service.tool_call_processors is None else ""),
-              ToolCallInput, ToolCallOutput, service.tool_call),
-        _tool("list_models", "Loaded model", LIST_MODELS_DOC, ListModelsInput, ListModelsOutput, list_models),
-        _tool("reset_conversation", "Forget a conversation", RESET_DOC, ResetInput, ResetOutput, reset),
+        _tool("chat", "Chat with DeepSeek-V3.1", docs["chat"], ChatInput, ChatOutput, service.chat, _GENERATES,
+              omit=omit),
+        _tool("think", "Reason, then answer", docs["think"], ThinkInput, ThinkOutput, service.think, _GENERATES,
+              omit=omit),
+        _tool("tool_call", "Choose tool calls", docs["tool_call"], ToolCallInput, ToolCallOutput, service.tool_call,
+              _GENERATES),
+        _tool("list_models", "Loaded model", LIST_MODELS_DOC, ListModelsInput, ListModelsOutput, list_models,
+              _READS),
+        _tool("reset_conversation", "Forget a conversation", RESET_DOC, ResetInput, ResetOutput, reset, _DELETES),
     ]
     from importlib.metadata import PackageNotFoundError, version
 

@@ -10,9 +10,10 @@ import dataclasses
 import functools
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -25,8 +26,8 @@ from inference.text.parse import StreamParser
 from inference.text.template import render_ids
 from mcp_server.config import ServerConfig
 from mcp_server.constraints import GrammarConstraints, grammar_available, steered
-from mcp_server.conversations import Conversation, ConversationStore, UnknownConversation
-from mcp_server.generate import RunResult, run_request
+from mcp_server.conversations import Conversation, ConversationStore, TurnLocks, UnknownConversation
+from mcp_server.generate import RunResult, new_request_id, run_request
 from mcp_server.model_host import ModelHost
 from mcp_server.processors import ToolCallProcessors
 from mcp_server.progress import Progress
@@ -73,6 +74,23 @@ class ServerBusy(GenerationFailed):
     """The engine's request queue is full; nothing was queued. Retry in a little while."""
 
 
+_Req = TypeVar("_Req", bound=GenerationInput)
+_Out = TypeVar("_Out")
+
+
+def _one_turn_at_a_time(
+    method: Callable[[ChatService, _Req, Progress], Awaitable[_Out]],
+) -> Callable[[ChatService, _Req, Progress], Awaitable[_Out]]:
+    """Calls that continue one conversation run one after another, in arrival order, so no turn is lost."""
+
+    @functools.wraps(method)
+    async def wrapper(self: ChatService, req: _Req, progress: Progress) -> _Out:
+        async with self._turn(req.conversation_id, progress):
+            return await method(self, req, progress)
+
+    return wrapper
+
+
 @dataclass
 class _Prepared:
     conv: Conversation
@@ -81,6 +99,7 @@ class _Prepared:
     params: SamplingParams
     aengine: Any
     tokenizer: Any
+    tool: str = "generate"  # for the log line
 
 
 class ChatService:
@@ -92,24 +111,28 @@ class ChatService:
                  tool_call_processors: ToolCallProcessors | None = None) -> None:
         self.host = host
         self.config = config
-        self.conversations = ConversationStore(config.limits.max_conversations)
+        self.conversations = ConversationStore(config.limits.max_conversations,
+                                               config.limits.max_conversation_tokens)
+        self.turns = TurnLocks()
         self.constraints = GrammarConstraints() if config.constrained_decoding and grammar_available() else None
         self.tool_call_processors = tool_call_processors or self.constraints
         self._num_parameters: int | None = None
 
     # -- tools ----------------------------------------------------------------------------------------
 
+    @_one_turn_at_a_time
     async def chat(self, req: ChatInput, progress: Progress) -> ChatOutput:
         fmt = self._response_format(req)
         prep = await self._prepare(req, progress, thinking=False)
         processors = await self._format_processors(prep, fmt, thinking=False)
         run, parsed = await self._run(prep, progress, thinking=False, processors=processors)
         value, error = check_json(parsed.content, fmt.schema_or_none()) if fmt is not None else (None, None)
-        self._remember(prep, {"role": "assistant", "content": parsed.content})
+        self._remember(prep, {"role": "assistant", "content": parsed.content}, run)
         return ChatOutput(text=parsed.content, finish_reason=run.finish_reason, usage=_usage(run),
                           conversation_id=prep.conv.id, model=self.host.name, steered=steered(processors),
                           parsed=value, parse_error=error)
 
+    @_one_turn_at_a_time
     async def think(self, req: ThinkInput, progress: Progress) -> ThinkOutput:
         fmt = self._response_format(req)
         prep = await self._prepare(req, progress, thinking=True)
@@ -121,12 +144,13 @@ class ChatService:
         closed = think_end_id in run.token_ids
         reasoning_tokens = run.token_ids.index(think_end_id) + 1 if closed else len(run.token_ids)
         value, error = check_json(parsed.content, fmt.schema_or_none()) if fmt is not None else (None, None)
-        self._remember(prep, {"role": "assistant", "content": parsed.content})
+        self._remember(prep, {"role": "assistant", "content": parsed.content}, run)
         return ThinkOutput(text=parsed.content, answer=parsed.content, reasoning=parsed.reasoning,
                            reasoning_tokens=reasoning_tokens, reasoning_complete=closed,
                            finish_reason=run.finish_reason, usage=_usage(run), conversation_id=prep.conv.id,
                            model=self.host.name, steered=steered(grammar), parsed=value, parse_error=error)
 
+    @_one_turn_at_a_time
     async def tool_call(self, req: ToolCallInput, progress: Progress) -> ToolCallOutput:
         try:
             specs = normalize_tools(req.tools)
@@ -153,7 +177,7 @@ class ChatService:
         reply: dict[str, Any] = {"role": "assistant", "content": parsed.content}
         if calls:
             reply["tool_calls"] = [c.model_dump() for c in calls]
-        self._remember(prep, reply)
+        self._remember(prep, reply, run)
         return ToolCallOutput(text=parsed.content, tool_calls=calls, invalid_tool_calls=invalid,
                               finish_reason=run.finish_reason, usage=_usage(run), conversation_id=prep.conv.id,
                               model=self.host.name, steered=steered(processors))
@@ -187,7 +211,7 @@ class ChatService:
             num_heads=cfg.num_heads, vocab_size=cfg.vocab_size, q_lora_rank=cfg.q_lora_rank,
             kv_lora_rank=cfg.kv_lora_rank, n_routed_experts=cfg.n_routed_experts,
             n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-            first_k_dense_replace=cfg.first_k_dense_replace, max_position_embeddings=cfg.max_position_embeddings,
+            first_k_dense_replace=cfg.first_k_dense_replace,
         )
         if self._num_parameters is None:
             self._num_parameters = sum(p.numel() for p in engine.model.parameters())
@@ -198,6 +222,7 @@ class ChatService:
         if host.aengine is not None:
             info.cache_capacity_tokens = host.cache_capacity_tokens()
             info.context_tokens = host.context_tokens()
+            info.context_limit = host.context_limit()
             info.stats = _jsonable(host.aengine.stats())
         return info
 
@@ -225,14 +250,14 @@ class ChatService:
         if not new:
             raise RequestError("messages is empty; give at least one message ending with the user's turn")
         if new[-1]["role"] not in ("user", "tool"):
-            raise RequestError(f"the last message is a '{new[-1]['role']}' message; end `messages` with the turn "
+            raise RequestError(f"the last message has role '{new[-1]['role']}'; end `messages` with the turn "
                                "to answer: a 'user' message, or 'tool' results after the assistant's tool calls")
         history = ([{"role": "system", "content": conv.system}] if conv.system else []) + conv.messages + new
 
         aengine, tokenizer, prompt_ids = await self.render(history, progress, thinking=thinking, tools=tools)
         params = self.sampling(len(prompt_ids), max_tokens=req.max_tokens, temperature=req.temperature,
                                top_p=req.top_p, seed=req.seed, stop=req.stop)
-        return _Prepared(conv, new, prompt_ids, params, aengine, tokenizer)
+        return _Prepared(conv, new, prompt_ids, params, aengine, tokenizer, _tool_name(req))
 
     # -- steps shared with the HTTP APIs (mcp_server/api), which keep no conversation state ------------
 
@@ -255,8 +280,9 @@ class ChatService:
         context = self.host.context_tokens()
         room = context - num_prompt_tokens
         if room < 1:
-            raise RequestError(f"the prompt is {num_prompt_tokens} tokens but the context holds {context}; "
-                               "shorten the prompt or messages, or start a new conversation (omit conversation_id)")
+            raise RequestError(f"the prompt is {num_prompt_tokens} tokens but the context holds {context} "
+                               f"({self.host.context_limit()}); shorten the prompt or messages, or start a new "
+                               "conversation (omit conversation_id)")
         if max_tokens is None:
             max_tokens = min(self.config.limits.max_tokens, room)
         elif max_tokens > room:
@@ -295,8 +321,10 @@ class ChatService:
 
     async def run(self, aengine: Any, prompt_ids: list[int], params: SamplingParams, progress: Progress, *,
                   thinking: bool, tools: list[str] | None = None, processors: Sequence[Any] = (),
-                  on_events: Callable[[str, list[Any]], None] | None = None) -> tuple[RunResult, Any]:
-        """Generate and parse; `on_events(text delta, parser events)` as the text decodes (and at the end)."""
+                  on_events: Callable[[str, list[Any]], None] | None = None,
+                  tool: str = "api") -> tuple[RunResult, Any]:
+        """Generate and parse; `on_events(text delta, parser events)` as the text decodes (and at the end).
+        `tool` names the caller in the log line of the finished request."""
         parser = StreamParser(thinking=thinking, tools=tools)
 
         def feed(delta: str) -> None:
@@ -305,24 +333,38 @@ class ChatService:
                 on_events(delta, events)
 
         limits = self.config.limits
+        request_id = new_request_id()
         try:
             run = await run_request(aengine, prompt_ids, params, processors=processors,
                                     progress=progress, time_limit_s=limits.max_wall_time_s,
-                                    interval_s=limits.progress_interval_s, on_text=feed)
+                                    interval_s=limits.progress_interval_s, on_text=feed,
+                                    request_id=request_id)
         except QueueFullError as e:
             raise ServerBusy(f"{e}; retry in a little while") from None
-        except Exception as e:
-            log.exception("generation failed")
-            raise GenerationFailed(f"generation failed: {type(e).__name__}: {e}") from e
+        except Exception as e:  # the details (and traceback) stay in the server's log, under the request id
+            log.exception("request %s: generation failed", request_id)
+            raise GenerationFailed(f"generation failed (request {request_id}); the server "
+                                   "log on stderr has the details under that id. The server goes on serving: "
+                                   "retry, or change the input") from e
+        if run.finish_reason == "time" and not run.token_ids:
+            raise RequestError(
+                f"the {limits.max_wall_time_s:g} s wall-time limit (--max-wall-time, limits.max_wall_time_s; "
+                f"counted from admission, after {run.queued_s:.1f} s queued) ran out before the first output token: "
+                f"prefilling the {len(prompt_ids)}-token prompt took all of it. Shorten the prompt or raise "
+                "--max-wall-time")
         events = parser.finish()
         if on_events is not None and events:
             on_events("", events)
+        n = len(run.token_ids)
+        log.info("%s %s: %d prompt tokens (%d cached), %d completion tokens, %.2f s (%.2f s queued), %.1f tok/s, "
+                 "finish %s", tool, request_id, run.prompt_tokens, run.cached_tokens, n, run.elapsed_s,
+                 run.queued_s, n / max(run.elapsed_s - run.queued_s, 1e-9), run.finish_reason)
         return run, parser.result()
 
     async def _run(self, prep: _Prepared, progress: Progress, *, thinking: bool, tools: list[str] | None = None,
                    processors: Sequence[Any] = ()) -> tuple[RunResult, Any]:
         return await self.run(prep.aengine, prep.prompt_ids, prep.params, progress, thinking=thinking,
-                              tools=tools, processors=processors)
+                              tools=tools, processors=processors, tool=prep.tool)
 
     def _response_format(self, req: ChatInput) -> ResponseFormat | None:
         return self.check_response_format(req.response_format)
@@ -361,10 +403,24 @@ class ChatService:
         except ValueError as e:  # ConstraintError
             raise RequestError(str(e)) from None
 
-    def _remember(self, prep: _Prepared, reply: dict[str, Any]) -> None:
+    def _remember(self, prep: _Prepared, reply: dict[str, Any], run: RunResult) -> None:
         conv = prep.conv
         conv.messages = conv.messages + prep.new_messages + [reply]
+        conv.num_tokens = len(prep.prompt_ids) + len(run.token_ids)
         self.conversations.put(conv)
+
+    @asynccontextmanager
+    async def _turn(self, conversation_id: str | None, progress: Progress) -> AsyncIterator[None]:
+        if conversation_id is not None and self.turns.busy(conversation_id):
+            await progress.update(0, None, f"waiting for the previous call on {conversation_id} to finish")
+        async with self.turns.hold(conversation_id):
+            yield
+
+
+def _tool_name(req: GenerationInput) -> str:
+    if isinstance(req, ThinkInput):
+        return "think"
+    return "tool_call" if isinstance(req, ToolCallInput) else "chat"
 
 
 def _usage(run: RunResult) -> Usage:
@@ -374,8 +430,8 @@ def _usage(run: RunResult) -> Usage:
 
 def _unknown_conversation(conversation_id: str, capacity: int) -> str:
     return (f"unknown conversation_id {conversation_id!r}: it was never issued by this server, was reset, or was "
-            f"evicted (the server keeps the {capacity} most recent). Omit conversation_id to start a new conversation "
-            "and send the full history in `messages`")
+            f"evicted (the server keeps the {capacity} most recent, within max_conversation_tokens). Omit "
+            "conversation_id to start a new conversation and send the full history in `messages`")
 
 
 def _jsonable(stats: Any) -> dict[str, Any]:

@@ -8,10 +8,11 @@ checked by the SDK's bearer-auth middleware whenever one is configured (required
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
-import socket
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -26,11 +27,9 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from mcp_server.config import ServerConfig, is_loopback
+from mcp_server.hosts import LOOPBACK_HOSTS, HostGate, allowed_hosts
 
 log = logging.getLogger(__name__)
-
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-
 
 class StaticTokenVerifier:
     """Accepts exactly one bearer token (compared in constant time)."""
@@ -54,31 +53,17 @@ def auth_kwargs(config: ServerConfig) -> dict[str, Any]:
             "auth": AuthSettings(issuer_url=base, resource_server_url=None)}
 
 
-def _local_names(bind: str) -> list[str]:
-    names = set(_LOOPBACK_HOSTS)
-    if bind not in ("0.0.0.0", "::", ""):
-        names.add(f"[{bind}]" if ":" in bind else bind)
-        return sorted(names)
-    for name in (socket.gethostname(), socket.getfqdn()):
-        names.add(name)
-        try:
-            for info in socket.getaddrinfo(name, None):
-                addr = str(info[4][0])
-                names.add(f"[{addr}]" if ":" in addr else addr)
-        except OSError:
-            pass
-    return sorted(names)
-
-
 def security_settings(config: ServerConfig) -> TransportSecuritySettings:
-    """Accepted Host and Origin headers: loopback names (plus, beyond loopback, this machine's names and
-    addresses) on any port, and whatever the configuration adds."""
-    names = list(_LOOPBACK_HOSTS) if config.bind_is_loopback() else _local_names(config.host)
-    hosts = [*names, *(f"{n}:*" for n in names), *config.allowed_hosts]
-    origins = [*(f"http://{n}:*" for n in _LOOPBACK_HOSTS), *(f"http://{n}" for n in _LOOPBACK_HOSTS),
+    """Accepted Host and Origin headers: loopback names on any port, beyond loopback this machine's names and
+    addresses on the bound ports (the server's and `--api-port`; mcp_server/hosts.py), and whatever the
+    configuration adds."""
+    ports = dict.fromkeys(p for p in (config.port, config.api_port) if p is not None)
+    hosts = list(dict.fromkeys(h for port in ports for h in allowed_hosts(
+        config.host, port, config.bind_is_loopback(), config.allowed_hosts)))
+    origins = [*(f"http://{n}:*" for n in LOOPBACK_HOSTS), *(f"http://{n}" for n in LOOPBACK_HOSTS),
                *config.allowed_origins]
     if not config.bind_is_loopback():
-        log.info("accepting Host headers %s; add others with allowed_hosts", ", ".join(hosts))
+        log.info("accepting Host headers %s; add others with --allowed-host", ", ".join(hosts))
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
                                      allowed_origins=origins)
 
@@ -99,29 +84,56 @@ class _CheckSseOrigin:
         await self.app(scope, receive, send)
 
 
-def http_app(mcp: MCPServer, config: ServerConfig) -> Any:
+def http_app(mcp: MCPServer, config: ServerConfig, wrap: Callable[[Any], Any] | None = None) -> Any:
+    """The MCP endpoint (`wrap` puts more routes beside it), behind the Host gate."""
     security = security_settings(config)
     if config.transport == "sse":
-        return _CheckSseOrigin(mcp.sse_app(transport_security=security, host=config.host), security, "/sse")
-    return mcp.streamable_http_app(streamable_http_path=config.path, transport_security=security, host=config.host)
+        app = _CheckSseOrigin(mcp.sse_app(transport_security=security, host=config.host), security, "/sse")
+    else:
+        app = mcp.streamable_http_app(streamable_http_path=config.path, transport_security=security,
+                                      host=config.host)
+    return HostGate(app if wrap is None else wrap(app), security.allowed_hosts)
 
 
-async def serve_http(mcp: MCPServer, config: ServerConfig, wrap: Callable[[Any], Any] | None = None) -> None:
-    """`wrap`: puts more routes beside the MCP endpoint (the OpenAI/Anthropic API)."""
-    import uvicorn
+# After a stop request, how long open HTTP connections get to finish before the server closes them.
+_HTTP_GRACE_S = 1.0
 
-    app = http_app(mcp, config)
-    if wrap is not None:
-        app = wrap(app)
-    # log_config=None: uvicorn logs through our stderr handler (its default sends access lines to stdout)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
-                                           log_level=config.log_level.lower(), lifespan="on"))
+
+async def serve_http(mcp: MCPServer, config: ServerConfig, stop: anyio.Event | None = None,
+                     wrap: Callable[[Any], Any] | None = None) -> None:
+    """Serve until `stop` is set (the process's SIGINT/SIGTERM handler sets it; uvicorn's own is off).
+    `wrap`: puts more routes beside the MCP endpoint (the OpenAI/Anthropic API), behind the same Host gate."""
     where = config.path if config.transport == "http" else "/sse"
     log.info("serving MCP over %s at http://%s:%d%s%s", config.transport, config.host, config.port, where,
              " (bearer token required)" if config.token else "")
     if not is_loopback(config.host):
         log.warning("listening beyond loopback on %s: every request needs the bearer token", config.host)
-    await server.serve()
+    await run_uvicorn(http_app(mcp, config, wrap), config, config.port, stop, lifespan="on")
+
+
+async def run_uvicorn(app: Any, config: ServerConfig, port: int, stop: anyio.Event | None, *,
+                      lifespan: str) -> None:
+    """uvicorn on `config.host:port` without its own signal handling, until `stop` is set."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # the caller owns the signals
+            yield
+
+    # log_config=None: uvicorn logs through our stderr handler (its default sends access lines to stdout)
+    server = Server(uvicorn.Config(app, host=config.host, port=port, log_config=None,
+                                   log_level=config.log_level.lower(), lifespan=lifespan,
+                                   timeout_graceful_shutdown=_HTTP_GRACE_S))
+    async with anyio.create_task_group() as tg:
+        if stop is not None:
+            async def exit_on_stop() -> None:
+                await stop.wait()
+                server.should_exit = True
+
+            tg.start_soon(exit_on_stop)
+        await server.serve()
+        tg.cancel_scope.cancel()
 
 
 def _jsonrpc_error(exc: Exception) -> SessionMessage:
@@ -141,9 +153,74 @@ def _jsonrpc_error(exc: Exception) -> SessionMessage:
     return SessionMessage(error)
 
 
+class StdinLines:
+    """Lines of stdin for the SDK's stdio transport, read so that stopping the server (Ctrl-C) never waits on a
+    blocked read (the SDK's reader thread would hold the process until stdin closed). On POSIX the event loop
+    waits for the descriptor to be readable, then takes what is there; where it cannot watch the descriptor (a
+    regular file; Windows) the read runs in a worker thread the server may abandon. Reads are `os.read` on a
+    private duplicate of fd 0, so an abandoned thread holds no Python buffer lock at exit."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer known to hold no newline
+        self._eof = False
+        self._poll = os.name == "posix"
+
+    def __aiter__(self) -> StdinLines:
+        return self
+
+    async def __anext__(self) -> str:
+        while (end := self._buffer.find(b"\n", self._scanned)) < 0:
+            self._scanned = len(self._buffer)
+            if self._eof:
+                if not self._buffer:
+                    raise StopAsyncIteration
+                end = len(self._buffer) - 1  # a last line without its newline
+                break
+            chunk = await self._read()
+            self._eof = not chunk
+            self._buffer += chunk
+        line = bytes(self._buffer[: end + 1])
+        del self._buffer[: end + 1]
+        self._scanned = 0
+        return line.decode("utf-8", errors="replace")
+
+    async def _read(self) -> bytes:
+        if self._poll:
+            try:
+                await anyio.wait_readable(self._fd)
+            except (OSError, ValueError, NotImplementedError):  # epoll refuses regular files
+                self._poll = False
+            else:
+                return os.read(self._fd, 1 << 16)
+        return await anyio.to_thread.run_sync(os.read, self._fd, 1 << 16, abandon_on_cancel=True)
+
+
+@contextlib.contextmanager
+def _claim_stdin() -> Iterator[int]:
+    """A private duplicate of fd 0 for the protocol, with fd 0 pointed at the null device meanwhile (as the SDK
+    does), so nothing else in the process reads the client's messages."""
+    private = os.dup(0)  # OSError when stdin is closed: there is no client to serve
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    try:
+        yield private
+    finally:
+        os.dup2(private, 0)
+        os.close(private)
+
+
 async def serve_stdio(mcp: MCPServer) -> None:
     lowlevel = mcp._lowlevel_server  # noqa: SLF001 - the SDK's own run_stdio_async does the same
-    async with stdio_server() as (read_stream, write_stream):
+    log.info("serving MCP over stdio (SIGINT or SIGTERM stops the server)")
+    with _claim_stdin() as stdin_fd:
+        await _serve_stdio(lowlevel, StdinLines(stdin_fd))
+
+
+async def _serve_stdio(lowlevel: Any, stdin: Any) -> None:
+    async with stdio_server(stdin=stdin) as (read_stream, write_stream):
         inner_send, inner_read = anyio.create_memory_object_stream[Any](0)
 
         async def pump() -> None:

@@ -125,7 +125,7 @@ async def test_tools_are_described_with_schemas(tools: dict[str, Tool]) -> None:
     assert set(tools) == {"chat", "think", "tool_call", "list_models", "reset_conversation"}
     for tool in tools.values():
         assert tool.description and len(tool.description) > 40
-        assert tool.annotations.read_only_hint is True and tool.annotations.open_world_hint is False
+        assert tool.annotations.open_world_hint is False
         assert tool.input_schema["type"] == "object" and tool.input_schema["additionalProperties"] is False
         jsonschema.Draft202012Validator.check_schema(tool.input_schema)
         jsonschema.Draft202012Validator.check_schema(tool.output_schema)
@@ -446,7 +446,8 @@ async def test_engine_failure_is_an_error_result(served: tuple[Client, ChatServi
         res = await call(client, tools, "tool_call", {"prompt": "x", "tools": [WEATHER]})
     finally:
         service.tool_call_processors = service.constraints
-    assert "generation failed: RuntimeError: processor exploded" in error_text(res)
+    text = error_text(res)
+    assert "generation failed (request mcp-" in text and "exploded" not in text
     assert not (await call(client, tools, "chat", {"prompt": "still serving?", "max_tokens": 1})).is_error
     stats = service.host.aengine.stats()
     assert stats.running == 0 and stats.cache_usage == 0.0

@@ -32,10 +32,11 @@ from mcp_server.api.generation import Choice, Prepared, check_queue, check_ready
 from mcp_server.api.openai_stream import ChunkStream
 from mcp_server.api.requests import ChatCompletionRequest, CompletionRequest, CountTokensRequest, MessagesRequest
 from mcp_server.api.sse import EventStreamResponse, Write
+from mcp_server.hosts import HostGate
 from mcp_server.model_host import DEMO_NAME
 from mcp_server.progress import Progress
 from mcp_server.service import ChatService
-from mcp_server.transports import security_settings
+from mcp_server.transports import run_uvicorn, security_settings
 
 log = logging.getLogger(__name__)
 
@@ -300,13 +301,10 @@ async def _until_disconnect(request: Request, work: Callable[[], Awaitable[list[
     return result
 
 
-async def serve_api(api: ApiApp, port: int) -> None:
+async def serve_api(api: ApiApp, port: int, stop: anyio.Event | None = None) -> None:
     """The API alone on its own port (beside a stdio MCP server): same host, token and Host/Origin rules."""
-    import uvicorn
-
     config = api.config
-    server = uvicorn.Server(uvicorn.Config(api.app, host=config.host, port=port, log_config=None,
-                                           log_level=config.log_level.lower(), lifespan="off"))
     log.info("serving the OpenAI/Anthropic API at http://%s:%d/v1%s", config.host, port,
              " (token required)" if config.token else "")
-    await server.serve()
+    app = HostGate(api.app, security_settings(config).allowed_hosts)
+    await run_uvicorn(app, config, port, stop, lifespan="off")

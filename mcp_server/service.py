@@ -231,7 +231,8 @@ class ChatService:
 
         aengine = await self.host.wait_ready(progress)
         tokenizer = self.host.engine.tokenizer
-        render = functools.partial(render_ids, history, tokenizer, tools=tools, thinking=thinking)
+        render = functools.partial(render_ids, history, tokenizer, tools=tools, thinking=thinking,
+                                   trusted_control_tokens=self.config.trusted_control_tokens)
         try:
             prompt_ids = await anyio.to_thread.run_sync(render)
         except ValueError as e:

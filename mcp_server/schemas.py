@@ -270,7 +270,7 @@ class ChatOutput(GenerationOutput):
 class ThinkOutput(ChatOutput):
     reasoning: str = Field(description="The model's reasoning (between <think> and </think>).")
     answer: str = Field(description="The answer after the reasoning (same as text).")
-    reasoning_tokens: int = Field(description="Tokens spent on reasoning.")
+    reasoning_tokens: int = Field(description="Reasoning tokens generated, not counting the closing </think>.")
     reasoning_complete: bool = Field(description="False when generation stopped before the reasoning closed.")
 
 

@@ -113,7 +113,7 @@ class ChatService:
         run, parsed = await self._run(prep, progress, thinking=True,
                                       processors=[ThinkingBudget(budget, think_end_id), *grammar])
         closed = think_end_id in run.token_ids
-        reasoning_tokens = run.token_ids.index(think_end_id) + 1 if closed else len(run.token_ids)
+        reasoning_tokens = _reasoning_tokens(run.token_ids, think_end_id, prep.tokenizer.eos_id)
         value, error = check_json(parsed.content, fmt.schema_or_none()) if fmt is not None else (None, None)
         self._remember(prep, {"role": "assistant", "content": parsed.content})
         return ThinkOutput(text=parsed.content, answer=parsed.content, reasoning=parsed.reasoning,
@@ -311,6 +311,13 @@ class ChatService:
         conv = prep.conv
         conv.messages = conv.messages + prep.new_messages + [reply]
         self.conversations.put(conv)
+
+
+def _reasoning_tokens(token_ids: list[int], think_end_id: int, eos_id: int | None) -> int:
+    """Tokens before the closing `</think>` (it is not counted), or all but a final EOS when it never came."""
+    if think_end_id in token_ids:
+        return token_ids.index(think_end_id)
+    return len(token_ids) - (1 if token_ids and token_ids[-1] == eos_id else 0)
 
 
 def _usage(run: RunResult) -> Usage:

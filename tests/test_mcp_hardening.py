@@ -4,11 +4,13 @@ counts the reasoning only."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import jsonschema
 import pytest
 from mcp import Client
 from mcp.types import CallToolResult
@@ -83,3 +85,29 @@ async def test_reasoning_tokens_do_not_count_the_closing_think(engine: Engine) -
             assert out["reasoning_complete"] is True, f"seed={seed}"
             assert out["reasoning_tokens"] == budget, f"seed={seed} {out}"
             assert out["usage"]["completion_tokens"] >= budget + 1, f"seed={seed}"
+
+
+NUMBERS: dict[str, Any] = {"type": "object", "properties": {
+    "x": {"type": "number"}, "n": {"type": "integer"}, "low": {"type": "number", "minimum": 0.5},
+    "p": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}, "v": {},
+    "xs": {"type": "array", "items": {"type": "number"}, "minItems": 2}},
+    "required": ["x", "n", "low", "p", "v", "xs"]}
+
+
+async def test_forced_calls_and_json_replies_hold_finite_numbers(engine: Engine) -> None:
+    tool = {"name": "measure", "description": "numbers", "inputSchema": NUMBERS}
+    async with serving(engine) as client:
+        for _ in range(2):
+            seed = fresh_seed()
+            out = await structured(client, "tool_call", {"prompt": "Measure.", "tools": [tool], "seed": seed,
+                                                         "tool_choice": "required", "max_tokens": 64})
+            assert out["tool_calls"] and out["invalid_tool_calls"] == [], f"seed={seed} {out}"
+            for call in out["tool_calls"]:
+                json.dumps(call["arguments"], allow_nan=False)
+                jsonschema.validate(call["arguments"], NUMBERS)
+            fmt = {"type": "json_schema", "schema": {"type": "array", "items": {}, "minItems": 3}}
+            reply = await structured(client, "chat", {"prompt": "Numbers.", "response_format": fmt, "seed": seed,
+                                                      "max_tokens": 40})
+            assert reply["parse_error"] is None, f"seed={seed} {reply}"
+            json.dumps(reply["parsed"], allow_nan=False)
+            jsonschema.validate(reply["parsed"], fmt["schema"])

@@ -117,8 +117,9 @@ class GrammarCache:
             m = start.fork()
             plan = self.planner.plan(m, Lex()) if m.accept_string(t.name) else None
             if plan is None:
-                raise ConstraintError(f"tool {t.name!r}: constrained decoding finds no way to finish a call "
-                                      "(a pattern or format it cannot complete)")
+                raise ConstraintError(f"tool {t.name!r}: constrained decoding finds no way to finish a call within "
+                                      f"{self.planner.max_bytes} tokens (a pattern or format it cannot complete, "
+                                      "or a size keyword beyond that)")
             lengths.append(len(self.vocab.tokenizer.encode(t.name)) + len(plan))
         return Compiled(grammar, max(lengths) - min(lengths), max(commit_cost(t.parameters) for t in tools))
 

@@ -271,6 +271,28 @@ def _min_typed(kind: Any, node: Mapping[str, Any], root: Mapping[str, Any], seen
     return 1
 
 
+_SIZE_KEYWORDS = ("minLength", "minItems", "minProperties")
+
+
+def size_keywords(schema: Any, path: str = "#", depth: int = 0) -> list[tuple[str, str, Any, Any]]:
+    """(path, keyword, value, node) of every keyword that forces a long shortest instance (minLength, minItems,
+    minProperties above 8), for naming what a refused budget is spent on."""
+    if not isinstance(schema, Mapping) or depth > 32:
+        return []
+    found = [(path, k, schema[k], schema) for k in _SIZE_KEYWORDS
+             if isinstance(schema.get(k), int) and schema[k] > 8]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), Mapping):
+            for name, sub in schema[key].items():
+                found += size_keywords(sub, f"{path}/{key}/{name}", depth + 1)
+    for key in _SUBSCHEMA_ONE:
+        found += size_keywords(schema.get(key), f"{path}/{key}", depth + 1)
+    for key in _SUBSCHEMA_LISTS:
+        for i, sub in enumerate(schema.get(key) or ()):
+            found += size_keywords(sub, f"{path}/{key}/{i}", depth + 1)
+    return found
+
+
 def constrained_tools(tools: Sequence[Any]) -> list[ToolSpec]:
     """The tools (any shape `normalize_tools` takes) with their parameters checked and tightened for the
     grammar. Raises ConstraintError naming the tool."""

@@ -30,9 +30,10 @@ NUMBERS: dict[str, Any] = {"type": "object", "properties": {
     "ratio": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
     "maybe": {"type": ["number", "null"], "minimum": -1, "maximum": 1},
     "sevens": {"type": "integer", "multipleOf": 7, "minimum": -70, "maximum": 700},
+    "thirds": {"type": "integer", "multipleOf": 3},
     "any": {},
     "list": {"type": "array", "items": {"type": "number"}, "minItems": 2},
-}, "required": ["free", "count", "low", "high", "ratio", "maybe", "sevens", "any", "list"]}
+}, "required": ["free", "count", "low", "high", "ratio", "maybe", "sevens", "thirds", "any", "list"]}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,8 @@ def test_grammar_writes_only_finite_numbers(factory: ConstraintFactory) -> None:
         return m.accept_string(text) and m.is_completed()
 
     good = {"free": "-1.5e99", "count": "-999999999999999", "low": "2.5", "high": "-4", "ratio": "0.5",
-            "maybe": "null", "sevens": "-70", "any": "[1e-99,{\"a\":-0.25}]", "list": "[0,1E+2]"}
+            "maybe": "null", "sevens": "-70", "thirds": "-999999999999999", "any": "[1e-99,{\"a\":-0.25}]",
+            "list": "[0,1E+2]"}
 
     def obj(**over: str) -> str:
         return "{" + ",".join(f'"{k}":{over.get(k, v)}' for k, v in good.items()) + "}"
@@ -75,7 +77,8 @@ def test_grammar_writes_only_finite_numbers(factory: ConstraintFactory) -> None:
     for key, bad in [("free", "1e999"), ("free", "1e100000"), ("free", "9" * 400), ("free", "1." + "9" * 40),
                      ("count", "1" + "0" * 15), ("count", "-" + "9" * 400), ("low", "2.4"), ("low", "9" * 40),
                      ("high", "-3"), ("ratio", "0"), ("ratio", "1"), ("maybe", "1.5"), ("maybe", "1e999"),
-                     ("sevens", "8"), ("sevens", "707"), ("any", "1e999"), ("any", "[NaN]"),
+                     ("sevens", "8"), ("sevens", "707"), ("thirds", "4"), ("thirds", "1" * 18),
+                     ("any", "1e999"), ("any", "[NaN]"),
                      ("any", "{\"a\":-Infinity}"), ("list", "[1,1e309]")]:
         assert not complete(obj(**{key: bad})), (key, bad)
 

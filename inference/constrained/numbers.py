@@ -8,7 +8,9 @@ only) leaves the other side unbounded. Two rewrites close that, both exact for w
   the `enum` of the multiples, or is refused when there are too many;
 - the grammar text: xgrammar's `basic_integer` / `basic_number` rules (unbounded numbers and any-typed values)
   get bounded digit counts: integers below 10**15 in magnitude (exact doubles), numbers with at most 15 integer
-  and 15 fraction digits and a 1-2 digit exponent (so below 1e115 in magnitude).
+  and 15 fraction digits and a 1-2 digit exponent (so below 1e115 in magnitude); an integer `multipleOf` up to
+  MAX_AUTOMATON_STEP without a range gets our own digit-bounded remainder automaton (xgrammar's has no bound;
+  a larger step keeps xgrammar's, whose integers can be long, and the checkers refuse one beyond a double).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from inference.constrained.errors import ConstraintError
 
 FINITE_BOUND = 10**15  # magnitudes the grammar writes for a number bounded on one side
 MAX_ENUMERATED_MULTIPLES = 1024
+MAX_AUTOMATON_STEP = 32  # multipleOf without a range: our digit-bounded automaton has step x 15 rules
+_MULTIPLE = "\x00multipleOf "  # a const no schema means: NUL cannot be typed in a tool schema by accident
 
 # xgrammar 0.2.x's rules, and their bounded replacements (same names, same structure).
 _BOUNDED_RULES = {
@@ -45,7 +49,33 @@ def bounded_number_rules(ebnf: str) -> str:
                 raise RuntimeError(f"unexpected xgrammar rule {line!r}: the number bounds need updating for this "
                                    "xgrammar version")
             lines[i] = _BOUNDED_RULES[line]
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    for step in range(1, MAX_AUTOMATON_STEP + 1):
+        literal = '"\\"\\\\u0000multipleOf ' + f'{step}\\""'  # how xgrammar writes the placeholder const
+        if literal in text:
+            text = text.replace(literal, f"multiple_of_{step}") + multiple_of_rules(step)
+    return text
+
+
+def multiple_of_rules(step: int, digits: int = 15) -> str:
+    """EBNF rule `multiple_of_{step}`: the integers below 10**digits in magnitude that `step` divides; states
+    (remainder, digits written), only those from which a multiple can still be finished."""
+    live: dict[tuple[int, int], bool] = {}
+    for d in range(digits, 0, -1):
+        for r in range(step):
+            live[r, d] = r == 0 or d < digits and any(live[(10 * r + c) % step, d + 1] for c in range(10))
+    name = f"multiple_of_{step}"
+    starts = [f'("{c}" {name}_{c % step}_1)' for c in range(1, 10) if live[c % step, 1]]
+    rules = [f'{name} ::= (("0") | ({name}_sign ({" | ".join(starts)})))', f'{name}_sign ::= ("" | ("-"))']
+    for (r, d), ok in sorted(live.items()):
+        if not ok:
+            continue
+        alts = ['""'] if r == 0 else []
+        if d < digits:
+            alts += [f'("{c}" {name}_{(10 * r + c) % step}_{d + 1})' for c in range(10)
+                     if live[(10 * r + c) % step, d + 1]]
+        rules.append(f"{name}_{r}_{d} ::= ({' | '.join(alts)})")
+    return "\n" + "\n".join(rules) + "\n"
 
 
 def _kinds(node: Mapping[str, Any]) -> set[str]:
@@ -72,6 +102,9 @@ def bound_numbers(node: dict[str, Any], path: str, where: str) -> dict[str, Any]
                           for t in node["type"]]}
     if "multipleOf" in node and (low or high):
         return {**node, **_multiples(node, path, where)}
+    if "multipleOf" in node and kinds == {"integer"} and node["multipleOf"] <= MAX_AUTOMATON_STEP:
+        # xgrammar's multipleOf automaton has no digit bound: a placeholder for our bounded one (below)
+        return {"const": f"{_MULTIPLE}{node['multipleOf']}"}
     out = dict(node)
     if low and not high:
         out["maximum"] = max(FINITE_BOUND, 10 * abs(max(low))) if max(low) < 1e307 else 1.7976931348623157e308

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from itertools import groupby
+from operator import itemgetter
 from typing import Protocol
 
 from inference.text.control import BOS, V31_SPECIAL_TOKENS
@@ -87,12 +89,8 @@ def encode_segments(segments: Iterable[Segment], tokenizer: TokenEncoder, *, tru
     at the same places, so for content that spells no control token the ids equal `tokenizer.encode` of the
     joined string. `trusted`: `tokenizer.encode` of the joined string (today's official behaviour).
     """
-    runs: list[Segment] = []
-    for s, is_control in segments:
-        if runs and runs[-1][1] == is_control:
-            runs[-1] = (runs[-1][0] + s, is_control)
-        elif s:
-            runs.append((s, is_control))
+    joined = (("".join(s for s, _ in group), is_control) for is_control, group in groupby(segments, itemgetter(1)))
+    runs = [(s, is_control) for s, is_control in joined if s]
     text = "".join(s for s, _ in runs)
     control_ids: set[int] = set()
     text_ids: list[int] = []

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default 16)")
     m.add_argument("--no-constrained-decoding", dest="constrained_decoding", action="store_const", const=False,
                    help="sample tool calls and response_format output without the grammar (default: constrained)")
+    m.add_argument("--trusted-control-tokens", dest="trusted_control_tokens", action="store_const", const=True,
+                   help="encode control-token text in messages (e.g. '<｜User｜>') as control tokens, as the "
+                        "official template does; only for clients whose every message is trusted (default: text)")
     s = p.add_argument_group("defaults and limits")
     s.add_argument("--temperature", type=float, help="default temperature (default 0.6; 0 = greedy)")
     s.add_argument("--top-p", type=float, help="default top_p (default 0.95)")
@@ -117,7 +120,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Flags given on the command line, shaped like the configuration file."""
     flat = {"model": args.model, "device": args.device, "dtype": args.dtype, "kernels": args.kernels,
             "cache_tokens": args.cache_tokens, "max_num_seqs": args.max_num_seqs,
-            "constrained_decoding": args.constrained_decoding, "transport": args.transport,
+            "constrained_decoding": args.constrained_decoding,
+            "trusted_control_tokens": args.trusted_control_tokens, "transport": args.transport,
             "host": args.host, "port": args.port, "path": args.path, "token": args.token,
             "allowed_hosts": args.allowed_host, "allowed_origins": args.allowed_origin, "log_level": args.log_level,
             "api_port": args.api_port, "served_model_names": args.served_model_name}

@@ -61,6 +61,9 @@ class ServerConfig(_Section):
     constrained_decoding: bool = Field(
         True, description="Grammar-constrained tool calls and response_format (needs xgrammar: Linux, macOS)."
     )
+    trusted_control_tokens: bool = Field(
+        False, description="Encode control-token text in messages as control tokens (trusted clients only)."
+    )
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     limits: Limits = Field(default_factory=Limits)
     transport: Literal["stdio", "http", "sse"] = "stdio"

@@ -235,7 +235,7 @@ class ChatOutput(GenerationOutput):
 class ThinkOutput(ChatOutput):
     reasoning: str = Field(description="Between <think> and </think>.")
     answer: str = Field(description="Same as text.")
-    reasoning_tokens: int = Field(description="Tokens spent on reasoning.")
+    reasoning_tokens: int = Field(description="Reasoning tokens, not counting </think>.")
     reasoning_complete: bool = Field(description="False if cut before </think>.")
 
 

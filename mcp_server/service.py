@@ -142,7 +142,7 @@ class ChatService:
         run, parsed = await self._run(prep, progress, thinking=True,
                                       processors=[ThinkingBudget(budget, think_end_id), *grammar])
         closed = think_end_id in run.token_ids
-        reasoning_tokens = run.token_ids.index(think_end_id) + 1 if closed else len(run.token_ids)
+        reasoning_tokens = _reasoning_tokens(run.token_ids, think_end_id, prep.tokenizer.eos_id)
         value, error = check_json(parsed.content, fmt.schema_or_none()) if fmt is not None else (None, None)
         self._remember(prep, {"role": "assistant", "content": parsed.content}, run)
         return ThinkOutput(text=parsed.content, answer=parsed.content, reasoning=parsed.reasoning,
@@ -266,7 +266,8 @@ class ChatService:
         """(AsyncEngine, tokenizer, prompt ids) for a whole conversation, once the model is ready."""
         aengine = await self.host.wait_ready(progress)
         tokenizer = self.host.engine.tokenizer
-        render = functools.partial(render_ids, history, tokenizer, tools=tools, thinking=thinking)
+        render = functools.partial(render_ids, history, tokenizer, tools=tools, thinking=thinking,
+                                   trusted_control_tokens=self.config.trusted_control_tokens)
         try:
             prompt_ids = await anyio.to_thread.run_sync(render)
         except ValueError as e:
@@ -421,6 +422,13 @@ def _tool_name(req: GenerationInput) -> str:
     if isinstance(req, ThinkInput):
         return "think"
     return "tool_call" if isinstance(req, ToolCallInput) else "chat"
+
+
+def _reasoning_tokens(token_ids: list[int], think_end_id: int, eos_id: int | None) -> int:
+    """Tokens before the closing `</think>` (it is not counted), or all but a final EOS when it never came."""
+    if think_end_id in token_ids:
+        return token_ids.index(think_end_id)
+    return len(token_ids) - (1 if token_ids and token_ids[-1] == eos_id else 0)
 
 
 def _usage(run: RunResult) -> Usage:

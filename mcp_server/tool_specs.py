@@ -9,6 +9,7 @@ from typing import Any
 import jsonschema
 from jsonschema.validators import validator_for
 
+from inference.text.finite_json import NonFiniteNumber, loads_finite, non_finite
 from inference.text.tools import BadToolSpec, ToolSpec
 from inference.text.tools import normalize_tools as _normalize_tools
 from mcp_server.schemas import McpTool, NamedToolChoice, OpenAITool, ToolChoiceMode
@@ -47,11 +48,16 @@ def check_call(name: str | None, arguments: Any, specs: dict[str, ToolSpec]) -> 
         return None, f"unknown tool {name!r}; the tools given were {', '.join(specs)}"
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
+            arguments = loads_finite(arguments)
         except json.JSONDecodeError as e:
             return None, f"arguments are not valid JSON ({e.msg} at position {e.pos})"
+        except NonFiniteNumber as e:
+            return None, f"arguments hold a number that is not a finite double: {e}"
     if not isinstance(arguments, dict):
         return None, f"arguments must be a JSON object, got {type(arguments).__name__}"
+    bad = non_finite(arguments)
+    if bad:
+        return None, f"arguments hold a number that is not a finite double at {bad}"
     error = _schema_error(arguments, specs[name].parameters)
     if error:
         return None, f"arguments do not match the tool's schema at {error}"
@@ -62,9 +68,11 @@ def check_json(text: str, schema: dict[str, Any] | None) -> tuple[Any, str | Non
     """A response_format reply: (the parsed value, None), or (None, why it is not JSON matching `schema`);
     no schema means any JSON object (json_object)."""
     try:
-        value = json.loads(text)
+        value = loads_finite(text)
     except json.JSONDecodeError as e:
         return None, f"the reply is not valid JSON ({e.msg} at position {e.pos})"
+    except NonFiniteNumber as e:
+        return None, f"the reply holds a number that is not a finite double: {e}"
     if schema is None:
         return (value, None) if isinstance(value, dict) else (None, "the reply is JSON but not an object")
     error = _schema_error(value, schema)

@@ -1,6 +1,8 @@
-"""Helpers shared by the kernel tests."""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -12,3 +14,16 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-2, what:
     atol = 1e-4 * ref.abs().max().item() + 1e-30
     excess = (out - ref).abs() - rtol * ref.abs() - atol
     assert excess.max().item() <= 0, f"{what}: max excess {excess.max().item():.3e} over tolerance"
+
+
+def fixtures_dir() -> Path:
+    """The shared fixtures folder: `../shared/fixtures` beside the repository (CI), else the nearest
+    `shared/fixtures` above the tests (a worktree nested deeper than the clone)."""
+    here = Path(__file__).resolve()
+    default = here.parents[2] / "shared" / "fixtures"
+    if default.is_dir():
+        return default
+    for parent in here.parents:
+        if (parent / "shared" / "fixtures").is_dir():
+            return parent / "shared" / "fixtures"
+    return default

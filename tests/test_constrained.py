@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -23,8 +22,9 @@ from inference.constrained.schema import constrained_tools
 from inference.constrained.tool_ban import ToolBan, marker_tail
 from inference.text.parse import StreamParser
 from inference.text.tokenizer import Tokenizer
+from tests.helpers import fixtures_dir
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = fixtures_dir()
 TEMPLATE = FIXTURES / "deepseek_v31_chat_template.jinja"
 CB, CE, B, E, SEP = 128806, 128807, 128808, 128809, 128814
 THINK_END = 128799

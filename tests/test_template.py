@@ -20,8 +20,9 @@ from inference.text.template import (
     render_prompt,
     render_tools,
 )
+from tests.helpers import fixtures_dir
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = fixtures_dir()
 JINJA_FILE = FIXTURES / "deepseek_v31_chat_template.jinja"
 CARD_FILE = FIXTURES / "deepseek_v31_model_card_chat_template.md"
 needs_fixtures = pytest.mark.skipif(

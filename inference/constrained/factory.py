@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import xgrammar as xgr
+
 from inference.constrained.errors import ConstraintError
 from inference.constrained.grammars import Compiled, GrammarCache
+from inference.constrained.lexer import Lex
 from inference.constrained.processors import Gate, GrammarProcessor
-from inference.constrained.schema import check_schema, constrained_tools
+from inference.constrained.schema import check_schema, constrained_tools, size_keywords
 from inference.constrained.tool_ban import ToolBan
 from inference.constrained.vocab import GrammarVocab
 from inference.text.tokenizer import Tokenizer
@@ -69,12 +72,16 @@ class ConstraintFactory:
                 raise ConstraintError(f"tool_choice names {name!r}, which is not among the offered tools")
         if not defs:
             raise ConstraintError("tool_choice 'required' needs at least one tool")
-        compiled = self.cache.tools(defs, parallel_tool_calls)
+        schemas = [(f"tool {d.name!r}", d.parameters) for d in defs]
+        try:
+            compiled = self.cache.tools(defs, parallel_tool_calls)
+        except ConstraintError as e:
+            raise ConstraintError(f"{e}{self.explain(schemas)}") from None
         if mode == "auto":
             gate: Gate | None = Gate(self.vocab.tools.calls_begin, feed=True, optional=True)
         else:
             gate = Gate(self.vocab.think_end_id, feed=False, optional=False) if thinking else None
-        return self._processor(compiled, max_tokens, gate, strict=mode != "auto")
+        return self._processor(compiled, max_tokens, gate, strict=mode != "auto", schemas=schemas)
 
     def for_response_format(self, response_format: Mapping[str, Any] | None, max_tokens: int = 256, *,
                             thinking: bool = False) -> GrammarProcessor | None:
@@ -87,6 +94,7 @@ class ConstraintFactory:
         kind = response_format.get("type")
         if kind == "text":
             return None
+        schemas: list[tuple[str, Mapping[str, Any]]] = []
         if kind == "json_object":
             compiled = self.cache.json(None, "response_format")
         elif kind == "json_schema":
@@ -96,18 +104,41 @@ class ConstraintFactory:
                 raise ConstraintError("response_format json_schema needs a 'schema'")
             schema = check_schema(schema, "response_format", want_object=False)
             compiled = self.cache.json(schema, "response_format")
+            schemas = [("response_format", schema)]
         else:
             raise ConstraintError(f"response_format type must be 'json_schema', 'json_object' or 'text'; got {kind!r}")
         gate = Gate(self.vocab.think_end_id, feed=False, optional=False) if thinking else None
-        return self._processor(compiled, max_tokens, gate, strict=True)
+        return self._processor(compiled, max_tokens, gate, strict=True, schemas=schemas)
 
-    def _processor(self, compiled: Compiled, max_tokens: int, gate: Gate | None,
-                   strict: bool) -> GrammarProcessor:
+    def _processor(self, compiled: Compiled, max_tokens: int, gate: Gate | None, strict: bool,
+                   schemas: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> GrammarProcessor:
         if max_tokens < 1:
             raise ConstraintError(f"max_tokens must be >= 1, got {max_tokens}")
-        proc = GrammarProcessor(self.vocab, self.planner, compiled, max_tokens=max_tokens, gate=gate,
-                                slack=self.slack, top_k=self.top_k)
+        try:
+            proc = GrammarProcessor(self.vocab, self.planner, compiled, max_tokens=max_tokens, gate=gate,
+                                    slack=self.slack, top_k=self.top_k)
+        except ConstraintError as e:
+            raise ConstraintError(f"{e}{self.explain(schemas)}") from None
         if strict and proc.min_tokens > max_tokens:
             raise ConstraintError(f"max_tokens={max_tokens} is too small: the shortest valid output needs "
-                                  f"{proc.min_tokens} tokens")
+                                  f"{proc.min_tokens} tokens{self.explain(schemas)}")
         return proc
+
+    def explain(self, schemas: Sequence[tuple[str, Mapping[str, Any]]], most: int = 3) -> str:
+        """'; minLength 5000 at #/properties/s (response_format) needs 81 tokens' for the size keywords that
+        cost the most, each measured by planning its schema alone ('' when there are none)."""
+        needs: list[tuple[int, str]] = []
+        for where, schema in schemas:
+            defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+            for path, keyword, value, node in size_keywords(schema)[:16]:
+                try:
+                    compiled = self.cache.json({**defs, **node}, where)
+                    plan = self.planner.plan(xgr.GrammarMatcher(compiled.grammar), Lex())
+                except (ConstraintError, RuntimeError):
+                    continue
+                tokens = f"{len(plan)} tokens" if plan is not None else (
+                    f"more than the {self.planner.max_bytes} tokens the planner looks ahead")
+                needs.append((len(plan) if plan is not None else 1 << 30,
+                              f"{keyword} {value} at {path} ({where}) needs {tokens}"))
+        needs.sort(key=lambda n: -n[0])
+        return "".join(f"; {text}" for _, text in needs[:most])

@@ -18,6 +18,7 @@ from xgrammar import structural_tag as st
 
 from inference.constrained.errors import ConstraintError, first_line
 from inference.constrained.lexer import Lex
+from inference.constrained.numbers import bounded_number_rules
 from inference.constrained.planner import Planner
 from inference.constrained.schema import SEPARATORS, canonical, commit_cost
 from inference.constrained.vocab import GrammarVocab
@@ -31,7 +32,7 @@ def json_ebnf(schema: Mapping[str, Any], where: str) -> str:
                                                strict_mode=True)
     except (RuntimeError, ValueError) as e:
         raise ConstraintError(f"{where}: the grammar engine cannot compile the schema: {first_line(e)}") from None
-    return str(grammar)
+    return bounded_number_rules(str(grammar))
 
 
 def tool_calls_tag(tools: Sequence[ToolSpec], vocab: GrammarVocab, *, parallel: bool) -> st.StructuralTag:
@@ -116,8 +117,9 @@ class GrammarCache:
             m = start.fork()
             plan = self.planner.plan(m, Lex()) if m.accept_string(t.name) else None
             if plan is None:
-                raise ConstraintError(f"tool {t.name!r}: constrained decoding finds no way to finish a call "
-                                      "(a pattern or format it cannot complete)")
+                raise ConstraintError(f"tool {t.name!r}: constrained decoding finds no way to finish a call within "
+                                      f"{self.planner.max_bytes} tokens (a pattern or format it cannot complete, "
+                                      "or a size keyword beyond that)")
             lengths.append(len(self.vocab.tokenizer.encode(t.name)) + len(plan))
         return Compiled(grammar, max(lengths) - min(lengths), max(commit_cost(t.parameters) for t in tools))
 
@@ -125,10 +127,9 @@ class GrammarCache:
         if schema is None:  # json_object: any object (non-strict so any keys are allowed)
             grammar = xgr.Grammar.from_json_schema({"type": "object"}, any_whitespace=False,
                                                    separators=SEPARATORS, strict_mode=False)
-            return self._compiler.compile_grammar(grammar)
+            return self._compiler.compile_grammar(bounded_number_rules(str(grammar)))
+        ebnf = json_ebnf(schema, where)
         try:
-            return self._compiler.compile_json_schema(dict(schema), any_whitespace=False, separators=SEPARATORS,
-                                                      strict_mode=True)
+            return self._compiler.compile_grammar(ebnf)
         except (RuntimeError, ValueError) as e:
             raise ConstraintError(f"{where}: the grammar engine cannot compile the schema: {first_line(e)}") from None
-

@@ -24,10 +24,13 @@ class _Walk:
         self.used: dict[int, int] = {}
         self.skip = 0  # bytes to write before searching for a way to close the string again
         self.start = 0  # clock when the open string started
+        self.no_fill = False  # filling the open string with character runs failed: do not retry it
+        self.fill: list[int] = []  # the rest of the runs that fill the open string
 
     def fork(self) -> _Walk:
         w = _Walk(self.ops, self.mask)
         w.clock, w.used, w.skip, w.start = self.clock, dict(self.used), self.skip, self.start
+        w.no_fill, w.fill = self.no_fill, list(self.fill)
         return w
 
     def allowed(self, m: xgr.GrammarMatcher, pool: np.ndarray) -> np.ndarray:
@@ -52,8 +55,10 @@ class Planner:
     e-mail's local part, a fraction's digits) give way to the byte that ends them ('@', 'Z', ...). Outside
     strings: close a call or container if allowed, take xgrammar's forced jump-forward text, and at a real
     choice (value type, tool name) finish greedily after each of the first `lookahead` candidates and keep the
-    shortest (for a value string only up to its closing quote: the rest does not depend on it). The byte plan
-    is then re-tokenized with BPE and verified on a forked matcher.
+    shortest (a value string only up to its closing quote, a value inside a container up to its end: the rest
+    does not depend on it; one digit stands for all). A string that must grow before it may close (minLength)
+    is filled with the longest runs of one character the grammar allows (up to 128 characters a token). The
+    byte plan is then re-tokenized with BPE and verified on a forked matcher.
     """
 
     def __init__(self, vocab: GrammarVocab, *, lookahead: int = 6, max_bytes: int = 2048,
@@ -78,7 +83,10 @@ class Planner:
         # Candidate pools in order of preference, as id arrays; closers first (position 0.. in `outside`).
         outside = [t.calls_end, t.call_end, *ids("}]")]
         outside += [*ids(first + rest(first)), *high, t.call_begin, t.sep, t.calls_begin]
-        self.n_closers = 4
+        # Closers, then ',': a complete value is never made shorter to finish by extending it.
+        self.n_closers = 5
+        self.digits = slice(6, 16)  # '1'..'9', '0' in `outside`: equivalent first bytes of a number
+        self.minus = 4 + first.index("-")  # never shorter than a number that may start with a digit
         inside = '"' + "@.:-/_" + string.digits + string.ascii_lowercase + string.ascii_uppercase
         self.outside = np.array(outside, dtype=np.int64)
         self.inside = np.array([*ids(inside + rest(inside, "\\")), *high], dtype=np.int64)
@@ -86,6 +94,12 @@ class Planner:
         self.reps = np.array(ids('"a0.-@:/A_'), dtype=np.int64)  # one byte per common class + separators
         self.search_depth = 3
         self.search_after = 12
+        # Runs of one printable character ("    ", "----", up to 128 bytes), longest first, after the quote: a
+        # string that must grow (minLength) is filled with the fewest tokens.
+        runs = [t for t, b in enumerate(vocab.token_bytes)
+                if len(b) >= 2 and len(set(b)) == 1 and 0x20 <= b[0] < 0x7F and b[0] not in b'"\\']
+        runs.sort(key=lambda t: -len(vocab.token_bytes[t]))
+        self.runs = np.array([self.quote, *runs], dtype=np.int64)
 
     def lex(self, lex: Lex, token: int) -> Lex:
         return Lex() if token in self.specials else lex_step(lex, self.vocab.token_bytes[token])
@@ -98,13 +112,17 @@ class Planner:
         return None if raw is None else self._compress(matcher, raw)
 
     def _run(self, m: xgr.GrammarMatcher, lex: Lex, walk: _Walk, lookahead: bool, limit: int,
-             to_close: bool = False) -> list[int] | None:
-        """Greedy completion (bytes + control tokens). `to_close`: stop once the open string closes."""
+             to_close: bool = False, stop_depth: int | None = None) -> list[int] | None:
+        """Greedy completion (bytes + control tokens). `to_close`: stop once the open string closes;
+        `stop_depth`: once the value started at that container depth is complete."""
         out: list[int] = []
         eos = self.vocab.eos_id
         while len(out) <= limit and walk.ops > 0:
             if to_close and lex.mode == OUTSIDE:
                 return out
+            if stop_depth is not None and lex.mode == OUTSIDE and (
+                    len(lex.stack) < stop_depth or len(lex.stack) == stop_depth and lex.after == ","):
+                return out  # the value being weighed is complete: what follows does not depend on it
             if m.is_terminated():
                 return out
             if m.is_completed() and m.accept_token(eos):
@@ -133,6 +151,7 @@ class Planner:
             new = lex_step(lex, bytes((b,)))
             if lex.mode == OUTSIDE and new.mode == STRING:
                 walk.used, walk.skip, walk.start = {}, 0, walk.clock  # a new string: forget the last one
+                walk.no_fill, walk.fill = False, []
             elif new.mode == STRING:
                 walk.clock += 1
                 walk.used[b] = walk.clock
@@ -149,29 +168,59 @@ class Planner:
             # A real choice to weigh: a key (it decides the value that follows) or the first byte of a value
             # (an enum); otherwise a character class or a format's next digit: no lookahead.
             if len(few) > self.lookahead or not lookahead or not (lex.key or walk.clock == walk.start):
-                return self._toward_quote(m, walk) or self._least_recent(few, walk)
+                return self._fill(m, walk) or self._toward_quote(m, walk) or self._least_recent(few, walk)
             cands, to_close = few.tolist(), not lex.key
         elif lex.mode == ESCAPE:
             ok = walk.allowed(m, self.escape)
             return int(self.escape[ok][0]) if ok.any() else None
         else:
             ok = walk.allowed(m, self.outside)
+            if ok[self.digits].any():  # one digit stands for all (and for '-')
+                first_digit = self.digits.start + int(np.argmax(ok[self.digits]))
+                ok[self.digits], ok[self.minus] = False, False
+                ok[first_digit] = True
             cands = self.outside[ok][: self.lookahead if lookahead else 1].tolist()
             if ok[: self.n_closers].any():
                 return cands[0]
         if len(cands) <= 1:
             return cands[0] if cands else None
         best, best_len = cands[0], min(budget, 256) + 1
+        # A value inside a container is weighed up to its end (linear, not quadratic, in an array of many
+        # items); a tool name or a top-level value up to the end of the output.
+        stop_depth = len(lex.stack) if lex.mode == OUTSIDE and lex.stack else None
         for t in cands:  # one-level lookahead: finish greedily after each candidate, keep the shortest
             f = m.fork()
             f.accept_token(t)
             branch = walk.fork()
             after = self._lex_walk(lex, self.vocab.token_bytes[t], branch)
-            rest = self._run(f, after, branch, False, best_len - 2, to_close)
+            rest = self._run(f, after, branch, False, best_len - 2, to_close, stop_depth)
             walk.ops = branch.ops
             if rest is not None and len(rest) + 1 < best_len:
                 best, best_len = t, len(rest) + 1
         return best
+
+    def _fill(self, m: xgr.GrammarMatcher, walk: _Walk) -> int | None:
+        """In a string that cannot close yet: the first of the run tokens (longest allowed at each step) after
+        which it can, e.g. a minLength met with 64-character runs; None, and no retry in this string, when runs
+        do not get there (a pattern that needs other characters)."""
+        if walk.fill:
+            return walk.fill.pop(0)
+        if walk.no_fill:
+            return None
+        f = m.fork()
+        seq: list[int] = []
+        while len(seq) < self.max_bytes and walk.ops > 0:
+            ok = walk.allowed(f, self.runs)
+            if ok[0]:
+                walk.fill = seq[1:]
+                return seq[0] if seq else None
+            runs = self.runs[1:][ok[1:]]
+            if not len(runs):
+                break
+            f.accept_token(int(runs[0]))
+            seq.append(int(runs[0]))
+        walk.no_fill = True
+        return None
 
     def _toward_quote(self, m: xgr.GrammarMatcher, walk: _Walk) -> int | None:
         """After `search_after` bytes of a string that still cannot close: the first byte of the shortest run of
@@ -240,6 +289,6 @@ class Planner:
                     text = data[head:len(data) - tail].decode("utf-8")
                 except UnicodeDecodeError:
                     continue
-                return [*run[:head], *self.vocab.tokenizer.encode(text), *run[len(run) - tail:]]
+                return [*run[:head], *self.vocab.tokenizer.encode_text(text), *run[len(run) - tail:]]
         return run
 

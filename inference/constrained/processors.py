@@ -98,7 +98,8 @@ class GrammarProcessor:
         self._stale: list[int] | None = None  # the last plan, to reuse while it still completes the grammar
         plan = self._timed_plan()
         if plan is None:
-            raise ConstraintError("the grammar has no complete output of reasonable length")
+            raise ConstraintError(f"the grammar has no complete output within the {planner.max_bytes} tokens the "
+                                  "planner looks ahead")
         self._plan: list[int] | None = plan
         self.min_tokens = len(plan) + (1 if gate is not None and not gate.feed else 0)
         tools = vocab.tools

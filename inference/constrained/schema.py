@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from inference.constrained.errors import ConstraintError
+from inference.constrained.numbers import bound_numbers
 from inference.text.tools import BadToolSpec, ToolSpec, normalize_tools, schema_error
 
 SEPARATORS = (",", ":")  # compact JSON: json.dumps(..., separators=(",", ":"))
@@ -46,7 +47,7 @@ def check_schema(schema: Any, where: str, *, want_object: bool) -> dict[str, Any
             raise ConstraintError(f"{where}: tool arguments must be a JSON object; the schema has type {kind!r}")
         schema.setdefault("type", "object")
     _walk(schema, where, "#")
-    return _tighten(schema)
+    return _tighten(schema, where)
 
 
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -94,10 +95,11 @@ def optional_groups(regex: str) -> str:
     return "".join(out)
 
 
-def _tighten(node: Any) -> Any:
-    """Copy of a schema for the grammar: _FORMAT_SUBSETS applied, optional regex groups rewritten."""
+def _tighten(node: Any, where: str, path: str = "#") -> Any:
+    """Copy of a schema for the grammar: _FORMAT_SUBSETS applied, optional regex groups rewritten, numbers
+    bounded (numbers.bound_numbers)."""
     if isinstance(node, list):
-        return [_tighten(n) for n in node]
+        return [_tighten(n, where, f"{path}/{i}") for i, n in enumerate(node)]
     if not isinstance(node, Mapping):
         return node
     out: dict[str, Any] = {}
@@ -107,16 +109,16 @@ def _tighten(node: Any) -> Any:
         elif k == "pattern" and isinstance(v, str):
             out[k] = optional_groups(v)
         elif k == "patternProperties" and isinstance(v, Mapping):
-            out[k] = {optional_groups(p): _tighten(sub) for p, sub in v.items()}
+            out[k] = {optional_groups(p): _tighten(sub, where, f"{path}/{k}/{p}") for p, sub in v.items()}
         else:
-            out[k] = _tighten(v)
+            out[k] = _tighten(v, where, f"{path}/{k}")
     fmt = out.get("format")
     if isinstance(fmt, str) and fmt in _FORMAT_SUBSETS and "pattern" not in out:
         del out["format"]
         out.update(_FORMAT_SUBSETS[fmt])
         if "pattern" in out:
             out["pattern"] = optional_groups(out["pattern"])
-    return out
+    return bound_numbers(out, path, where)
 
 
 def _walk(node: Any, where: str, path: str) -> None:
@@ -267,6 +269,28 @@ def _min_typed(kind: Any, node: Mapping[str, Any], root: Mapping[str, Any], seen
         extra = max(0, int(node.get("minProperties", 0)) - len(node.get("required", ())))
         return size + extra * (6 + min_bytes(node.get("additionalProperties", {}), root, seen))
     return 1
+
+
+_SIZE_KEYWORDS = ("minLength", "minItems", "minProperties")
+
+
+def size_keywords(schema: Any, path: str = "#", depth: int = 0) -> list[tuple[str, str, Any, Any]]:
+    """(path, keyword, value, node) of every keyword that forces a long shortest instance (minLength, minItems,
+    minProperties above 8), for naming what a refused budget is spent on."""
+    if not isinstance(schema, Mapping) or depth > 32:
+        return []
+    found = [(path, k, schema[k], schema) for k in _SIZE_KEYWORDS
+             if isinstance(schema.get(k), int) and schema[k] > 8]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), Mapping):
+            for name, sub in schema[key].items():
+                found += size_keywords(sub, f"{path}/{key}/{name}", depth + 1)
+    for key in _SUBSCHEMA_ONE:
+        found += size_keywords(schema.get(key), f"{path}/{key}", depth + 1)
+    for key in _SUBSCHEMA_LISTS:
+        for i, sub in enumerate(schema.get(key) or ()):
+            found += size_keywords(sub, f"{path}/{key}/{i}", depth + 1)
+    return found
 
 
 def constrained_tools(tools: Sequence[Any]) -> list[ToolSpec]:

@@ -53,6 +53,7 @@ from inference.text.control import (
     TOOL_CALLS_END,
     TOOL_SEP,
 )
+from inference.text.finite_json import NonFiniteNumber, loads_finite
 
 CALLS_BEGIN_VARIANTS = (TOOL_CALLS_BEGIN, "<｜tool_calls_begin｜>", "<｜tool calls begin｜>",
                         "<｜tool\\_calls\\_begin｜>", "<｜tool▁calls｜>")
@@ -198,13 +199,15 @@ def parse_arguments(raw: str) -> tuple[Any, str | None]:
     if not raw.strip():
         return None, "empty arguments: expected a JSON object"
     try:
-        value = json.loads(raw)
+        value = loads_finite(raw)
     except json.JSONDecodeError as e:
         return None, f"arguments are not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
+    except NonFiniteNumber as e:
+        return None, f"arguments hold a number that is not a finite double: {e}"
     if isinstance(value, str):  # double-encoded: a JSON string whose text is the JSON object
         try:
-            inner = json.loads(value)
-        except json.JSONDecodeError:
+            inner = loads_finite(value)
+        except ValueError:  # not JSON, or not finite
             inner = None
         if isinstance(inner, dict):
             return inner, None

@@ -29,7 +29,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from inference.text.control import (
     ASSISTANT,
@@ -46,7 +46,11 @@ from inference.text.control import (
     TOOL_SEP,
     USER,
 )
+from inference.text.segments import Parts, Segment, TokenEncoder, encode_segments
 from inference.text.tools import normalize_tools
+
+if TYPE_CHECKING:
+    from inference.text.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -81,15 +85,6 @@ class Message:
     content: str
     tool_calls: tuple[ToolCallRecord, ...] | None = None
     prefix: bool = False
-
-
-class TokenEncoder(Protocol):
-    """The part of `inference.text.tokenizer.Tokenizer` that `render_ids` needs."""
-
-    @property
-    def bos_id(self) -> int | None: ...
-
-    def encode(self, text: str) -> list[int]: ...
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,15 +169,20 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
 
 def render_tools(tools: Sequence[Any]) -> str:
     """The model card's `## Tools` block; `Parameters:` is `json.dumps(parameters)` with Python's defaults."""
-    parts = ["## Tools\nYou have access to the following tools:\n\n"]
+    return "".join(s for s, _ in _tools_segments(tools))
+
+
+def _tools_segments(tools: Sequence[Any]) -> list[Segment]:
+    parts = Parts()
+    parts.text("## Tools\nYou have access to the following tools:\n\n")
     for spec in normalize_tools(tools):
         try:
             params = json.dumps(dict(spec.parameters))
         except (TypeError, ValueError) as e:
             raise ValueError(f"tool {spec.name!r}: parameters are not JSON-serializable: {e}") from e
-        parts.append(f"### {spec.name}\nDescription: {spec.description}\n\nParameters: {params}\n\n")
-    parts.append(TOOL_FORMAT_RULES)
-    return "".join(parts)
+        parts.text(f"### {spec.name}\nDescription: {spec.description}\n\nParameters: {params}\n\n")
+    parts.template(TOOL_FORMAT_RULES)
+    return parts.segments
 
 
 def _drop_reasoning(content: str) -> str:
@@ -204,60 +204,86 @@ def render_prompt(
     `continue_final_message`: the last message must be an assistant turn; its closing `<｜end▁of▁sentence｜>`
     is dropped so generation continues it (what transformers' flag of that name does; used with `prefix`).
     """
+    return "".join(s for s, _ in render_segments(messages, tools=tools, thinking=thinking,
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 continue_final_message=continue_final_message))
+
+
+def render_segments(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Any] | None = None,
+    thinking: bool = False,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> list[Segment]:
+    """`render_prompt` as (text, is_control) segments: the template's structure is control, every string the
+    caller sent is text (see segments.py)."""
     msgs = normalize_messages(messages)
     system = "\n\n".join(m.content for m in msgs if m.role == "system")
+    out = Parts()
+    out.control(BOS)
+    out.text(system)
     if tools:
-        block = render_tools(tools)
         # The card writes `{system prompt}{tool_description}`. With a system prompt we separate them by a blank
         # line, as vLLM's, SGLang's and rtp-llm's V3.1 tool templates do and as the template itself joins
         # system messages; without one the block follows BOS directly (no leading blank line).
-        system = f"{system}\n\n{block}" if system else block
-    out = [BOS, system]
+        out.text("\n\n" if system else "")
+        out.extend(_tools_segments(tools))
     is_last_user = False  # the template's ns.is_last_user / ns.is_tool
     is_tool = False
     for m in msgs:
         if m.role == "user":
             is_tool, is_last_user = False, True
-            out.append(USER + m.content)
+            out.control(USER)
+            out.text(m.content)
         elif m.role == "assistant" and m.tool_calls is not None:
             if is_last_user:
-                out.append(ASSISTANT + THINK_END)
+                out.control(ASSISTANT + THINK_END)
             is_last_user, is_tool = False, False
-            out.append(m.content + TOOL_CALLS_BEGIN)  # content (not cut at </think>) before the first call
-            out.extend(f"{TOOL_CALL_BEGIN}{c.name}{TOOL_SEP}{c.arguments}{TOOL_CALL_END}" for c in m.tool_calls)
-            out.append(TOOL_CALLS_END + EOS)
+            out.text(m.content)  # content (not cut at </think>) before the first call
+            out.control(TOOL_CALLS_BEGIN)
+            for c in m.tool_calls:
+                out.control(TOOL_CALL_BEGIN)
+                out.text(c.name)
+                out.control(TOOL_SEP)
+                out.text(c.arguments)
+                out.control(TOOL_CALL_END)
+            out.control(TOOL_CALLS_END + EOS)
         elif m.role == "assistant":
             if is_last_user:
-                out.append(ASSISTANT + (THINK_BEGIN if m.prefix and thinking else THINK_END))
+                out.control(ASSISTANT + (THINK_BEGIN if m.prefix and thinking else THINK_END))
             is_last_user = False
             if is_tool:  # the answer after tool results: verbatim, no </think> cut
                 is_tool = False
-                out.append(m.content + EOS)
+                out.text(m.content)
             else:
-                out.append(_drop_reasoning(m.content) + EOS)
+                out.text(_drop_reasoning(m.content))
+            out.control(EOS)
         elif m.role == "tool":
             is_last_user, is_tool = False, True
-            out.append(TOOL_OUTPUT_BEGIN + m.content + TOOL_OUTPUT_END)
+            out.control(TOOL_OUTPUT_BEGIN)
+            out.text(m.content)
+            out.control(TOOL_OUTPUT_END)
     if continue_final_message:
         if not msgs or msgs[-1].role != "assistant":
             raise ValueError("continue_final_message needs the last message to be an assistant turn")
-        out[-1] = out[-1].removesuffix(EOS)
+        out.drop_last(EOS)
     elif add_generation_prompt and is_last_user and not is_tool:
-        out.append(ASSISTANT + (THINK_BEGIN if thinking else THINK_END))
-    return "".join(out)
+        out.control(ASSISTANT + (THINK_BEGIN if thinking else THINK_END))
+    return out.segments
 
 
-def render_ids(messages: Sequence[Mapping[str, Any]], tokenizer: TokenEncoder, **kwargs: Any) -> list[int]:
-    """`render_prompt` then `tokenizer.encode` (which adds no BOS): exactly the BOS the text holds."""
-    text = render_prompt(messages, **kwargs)
-    ids = list(tokenizer.encode(text))
-    bos_id = tokenizer.bos_id
-    if bos_id is None or not ids or ids[0] != bos_id:
-        raise RuntimeError(f"rendered prompt does not start with BOS id {bos_id}: tokenizer must map {BOS!r} "
-                           "to its id")
-    if ids.count(bos_id) != text.count(BOS):
-        raise RuntimeError("tokenizer added or dropped a BOS id; encode must add no special tokens")
-    return ids
+def render_ids(messages: Sequence[Mapping[str, Any]], tokenizer: TokenEncoder, *,
+               trusted_control_tokens: bool = False, **kwargs: Any) -> list[int]:
+    """The prompt's ids, exactly the BOS the template writes (encode adds none).
+
+    The template's structure becomes control tokens; message content, tool results, tool-call names and
+    arguments and the tools block are plain text, so content that spells a control token is those characters,
+    never the token. `trusted_control_tokens=True`: `tokenizer.encode(render_prompt(...))`, as the official
+    template with the tokenizer does, for callers whose every message is trusted.
+    """
+    return encode_segments(render_segments(messages, **kwargs), tokenizer, trusted=trusted_control_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,12 +363,38 @@ class ChatTemplate:
         except (jinja2.TemplateError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"the checkpoint's chat template failed on these messages: {e}") from e
 
-    def render_ids(self, messages: Sequence[Mapping[str, Any]], tokenizer: TokenEncoder, **kwargs: Any) -> list[int]:
+    def render_ids(self, messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
+                   trusted_control_tokens: bool = False, **kwargs: Any) -> list[int]:
+        """Our renderer: `render_ids` (content is text). A checkpoint's jinja template renders one string, whose
+        structure cannot be told from content, so unless `trusted_control_tokens` a message or tool that spells
+        an added token is refused (ValueError) rather than encoded as that token."""
+        if self._compiled is None:
+            return render_ids(messages, tokenizer, trusted_control_tokens=trusted_control_tokens, **kwargs)
+        if not trusted_control_tokens:
+            _refuse_spelled_tokens({"messages": list(messages), "tools": list(kwargs.get("tools") or [])}, tokenizer)
         text = self.render(messages, **kwargs)
         ids = list(tokenizer.encode(text))
         if text.startswith(self.bos_token) and (not ids or ids[0] != tokenizer.bos_id):
             raise RuntimeError(f"rendered prompt does not start with BOS id {tokenizer.bos_id}")
         return ids
+
+
+def _refuse_spelled_tokens(value: Any, tokenizer: Tokenizer, where: str = "") -> None:
+    if isinstance(value, str):
+        spelled = tokenizer.special_token_ids.intersection(tokenizer.encode(value))
+        if spelled:
+            token = tokenizer.decode([min(spelled)])
+            raise ValueError(f"{where.lstrip('.')}: the text spells the control token {token!r}; the checkpoint's "
+                             "chat template cannot keep it as text. Remove it, use the built-in renderer, or "
+                             "render with trusted_control_tokens for trusted input")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _refuse_spelled_tokens(v, tokenizer, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _refuse_spelled_tokens(v, tokenizer, f"{where}[{i}]")
+    elif hasattr(value, "model_dump"):
+        _refuse_spelled_tokens(value.model_dump(by_alias=True, exclude_none=True), tokenizer, where)
 
 
 def _token_text(value: Any, default: str) -> str:

@@ -178,7 +178,8 @@ def byte_level_piece_bytes(token: str) -> bytes:
 
 
 class Tokenizer:
-    """Encode/decode for the engine. `encode` never adds BOS; control tokens in text become their own id."""
+    """Encode/decode for the engine. Neither encode adds BOS. `encode`: control tokens spelled in the text become
+    their own id (for trusted text: the template's structure); `encode_text`: never (for message content)."""
 
     def __init__(
         self,
@@ -291,6 +292,21 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of `text` as plain text: added tokens (control tokens, placeholders) are never matched, so a spelled
+        `<｜User｜>` becomes the BPE pieces of its characters and decodes back to itself.
+
+        The backend's own pipeline without its added vocabulary: normalizer, pre-tokenizer, model. Between two
+        added tokens `encode` runs exactly these steps, so for text that spells no added token both agree."""
+        if not text:
+            return []
+        backend = self._backend
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
+        model = backend.model
+        return [t.id for piece, _ in pieces for t in model.tokenize(piece)]
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]

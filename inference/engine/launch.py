@@ -86,6 +86,8 @@ def start_local(world_size: int, spec: RankSpec) -> Group:
     read_fd, write_fd = os.pipe()
     procs: dict[int, subprocess.Popen] = {}
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if spec.device_type == "cpu" and "OMP_NUM_THREADS" not in base:  # N processes share this machine's cores
+        base["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world_size))
     root = str(Path(__file__).resolve().parents[2])
     base["PYTHONPATH"] = os.pathsep.join(p for p in (root, base.get("PYTHONPATH")) if p)
     try:
@@ -193,6 +195,9 @@ def start_ranks(spec: RankSpec, world_size: int) -> tuple[Transformer, Group, Co
     """Rank 0 of a tensor-parallel engine: start (or join, under torchrun) the other ranks, load this rank's
     part, wait until every rank has loaded its own. Sizes that do not split are refused before any start."""
     check_divisible(ModelConfig.from_file(spec.path), world_size)
+    if dist.is_initialized():
+        raise ValueError("a tensor-parallel engine (or another torch.distributed user) is already running in this "
+                         "process; close() it first")
     if spec.device_type == "cuda" and torch.cuda.device_count() < world_size and not under_torchrun():
         raise ValueError(f"tensor-parallel size {world_size} needs {world_size} GPUs on this machine, "
                          f"found {torch.cuda.device_count()}; use torchrun across machines")

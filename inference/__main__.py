@@ -25,16 +25,21 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    gen.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                     help="split the model over N ranks: N-1 worker processes here, one per GPU (or CPU + gloo)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
     from inference.engine.engine import Engine
     from inference.engine.sampling import SamplingParams
 
+    engine = None
     try:
         t0 = time.perf_counter()
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                                        tensor_parallel_size=args.tensor_parallel_size)
         load_s = time.perf_counter() - t0
+        ranks = engine.tensor_parallel_size
         if args.raw:
             ids = engine.tokenizer.encode(args.prompt)
         else:
@@ -48,13 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         out = engine.generate([ids], params)[0]
         gen_s = time.perf_counter() - t1
-    except (ValueError, OSError, MemoryError) as e:
+    except (ValueError, OSError, MemoryError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if engine is not None:
+            engine.close()  # stops the tensor-parallel workers
     if engine.is_demo:
         print(f"[{engine.name}: the demo checkpoint has random weights, so its text is noise]", file=sys.stderr)
     print(out.text)
-    print(f"[{engine.name} on {engine.device} ({engine.dtype}, {engine.backend} kernels): loaded in {load_s:.1f}s; "
+    tp = f" x{ranks} ranks" if ranks > 1 else ""
+    print(f"[{engine.name} on {engine.device}{tp} ({engine.dtype}, {engine.backend} kernels): loaded in {load_s:.1f}s; "
           f"{len(ids)} prompt tokens, {len(out.token_ids)} generated in {gen_s:.2f}s, finish_reason="
           f"{out.finish_reason}]", file=sys.stderr)
     return 0

@@ -192,6 +192,8 @@ class ChatService:
         info.parameters = self._num_parameters
         info.dtype = str(engine.dtype).removeprefix("torch.") + (" (fp8 e4m3 weights)" if engine.fp8 else "")
         info.device = str(engine.device)
+        if getattr(engine, "parallel_description", None):
+            info.device += f"; {engine.parallel_description}"
         info.kernels = engine.backend
         if host.aengine is not None:
             info.cache_capacity_tokens = host.cache_capacity_tokens()

@@ -49,6 +49,25 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return dev
 
 
+def _resolve(path_or_repo_id: str | os.PathLike | None, device: torch.device | str, dtype: torch.dtype | str | None,
+             backend: str, dequantize_fp8: bool):
+    """Checkpoint path, config, files, device, dtype, FP8 or not, kernel backend, whether to dequantize FP8."""
+    path = demo_checkpoint_path() if path_or_repo_id is None else resolve_model_path(path_or_repo_id)
+    config = ModelConfig.from_file(path)
+    files = find_checkpoint_files(path)
+    dev = resolve_device(device)
+    dt = parse_dtype(dtype, config.torch_dtype)
+    fp8 = checkpoint_is_fp8(files, config)
+    kernel_backend = select_backend(dev, backend)  # fails at load where a forced 'triton' cannot run
+    if fp8 and kernel_backend == "triton" and dev.type == "cuda":  # the CPU interpreter emulates FP8
+        from kernels.backend import fp8_supported, fp8_unsupported_notice
+
+        if not fp8_supported(dev):
+            log.warning(fp8_unsupported_notice(dev))
+            dequantize_fp8 = True
+    return path, config, files, dev, dt, fp8, kernel_backend, dequantize_fp8
+
+
 @dataclass
 class GenerationOutput:
     token_ids: list[int]
@@ -102,26 +121,19 @@ class Engine:
         `tensor_parallel_size` N > 1 starts N-1 worker processes on this machine (cuda:1..N-1 with NCCL, or CPU
         processes with gloo) and serves from this one, rank 0 (under torchrun: joins the ranks it started);
         `dist_timeout_s` bounds every collective. Use the engine as a context manager, or `close()` it."""
-        path = demo_checkpoint_path() if path_or_repo_id is None else resolve_model_path(path_or_repo_id)
-        config = ModelConfig.from_file(path)
-        files = find_checkpoint_files(path)
-        dev = resolve_device(device)
-        dt = parse_dtype(dtype, config.torch_dtype)
-        fp8 = checkpoint_is_fp8(files, config)
-        kernel_backend = select_backend(dev, backend)  # fails at load where a forced 'triton' cannot run
-        if fp8 and kernel_backend == "triton" and dev.type == "cuda":  # the CPU interpreter emulates FP8
-            from kernels.backend import fp8_supported, fp8_unsupported_notice
-
-            if not fp8_supported(dev):
-                log.warning(fp8_unsupported_notice(dev))
-                dequantize_fp8 = True
+        path, config, files, dev, dt, fp8, kernel_backend, dequantize_fp8 = _resolve(
+            path_or_repo_id, device, dtype, backend, dequantize_fp8)
         rt = Runtime(dtype=dt, backend=kernel_backend,
                      scale_fmt=config.quant.scale_fmt if config.quant else None,
                      fp8_block=config.quant.block_size[0] if config.quant else 128)
         tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else None)
         name = DEMO_NAME if path_or_repo_id is None else str(path_or_repo_id)
+        from inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, under_torchrun
+
+        if tensor_parallel_size == 1 and under_torchrun():
+            tensor_parallel_size = int(os.environ["WORLD_SIZE"])
         if tensor_parallel_size > 1:
-            from inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, start_ranks
+            from inference.engine.launch import start_ranks
 
             spec = RankSpec(str(path), str(dt).removeprefix("torch."), kernel_backend, dev.type,
                             bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S)
@@ -138,6 +150,26 @@ class Engine:
         model.prepare_for_kernels_()
         model.eval()
         return cls(model, config, tokenizer, dev, dt, name, path, kernel_backend, fp8)
+
+    @staticmethod
+    def run_rank(path_or_repo_id: str | os.PathLike | None = None, device: torch.device | str = "auto",
+                 dtype: torch.dtype | str | None = None, *, backend: str = "auto", dequantize_fp8: bool = False,
+                 dist_timeout_s: float | None = None) -> int:
+        """A rank > 0 that torchrun started: load this rank's slices and run rank 0's steps until it stops."""
+        from inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, run_worker
+
+        path, _, _, dev, dt, fp8, kernel_backend, dequantize_fp8 = _resolve(
+            path_or_repo_id, device, dtype, backend, dequantize_fp8)
+        return run_worker(RankSpec(str(path), str(dt).removeprefix("torch."), kernel_backend, dev.type,
+                                   bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S))
+
+    @property
+    def parallel_description(self) -> str | None:
+        if self.ranks is None:
+            return None
+        n = self.tensor_parallel_size
+        return (f"tensor parallel over {n} ranks (heads, MLPs, vocabulary split; routed experts "
+                f"{self.config.n_routed_experts // n} per rank; latent KV cache replicated on every rank)")
 
     @property
     def is_demo(self) -> bool:

@@ -65,6 +65,11 @@ def under_torchrun() -> bool:
                                                     and "MASTER_ADDR" in os.environ)
 
 
+def torchrun_rank() -> int:
+    """This process's rank under torchrun (0 when not under torchrun)."""
+    return int(os.environ["RANK"]) if under_torchrun() else 0
+
+
 def rank_device(spec: RankSpec, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if spec.device_type == "cuda" else torch.device("cpu")
 

@@ -41,7 +41,10 @@ def display_name(model: str | None) -> str:
 def default_loader(config: ServerConfig) -> Callable[[], Any]:
     def load() -> Any:
         from inference.engine.engine import Engine
+        from inference.model.plan import check_before_load
 
+        check_before_load(config.model, config.tensor_parallel_size, config.device, config.dtype,
+                          max_num_seqs=config.max_num_seqs, cache_tokens=config.cache_tokens)  # refuse before loading
         return Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
                                       backend=config.kernels, tensor_parallel_size=config.tensor_parallel_size,
                                       dist_timeout_s=config.dist_timeout_s)

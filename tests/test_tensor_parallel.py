@@ -59,6 +59,7 @@ def _assert_logits_match(ref: Engine, tp: Engine, ids: list[int]) -> None:
     assert err <= 1e-5 * want.abs().max().item(), f"max abs error {err} vs largest logit {want.abs().max()}"
 
 
+@pytest.mark.slow
 def test_demo_matches_one_process() -> None:
     """One engine per process at a time (torch.distributed's default group), so one test for the demo."""
     ref = Engine.from_pretrained(None, device="cpu", dtype="float32")

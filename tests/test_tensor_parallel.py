@@ -211,6 +211,25 @@ def test_killed_worker_fails_requests_naming_its_rank(tmp_path: Path) -> None:
     _assert_gone([pid])
 
 
+@pytest.mark.slow
+def test_hung_worker_times_out_naming_its_rank(tmp_path: Path) -> None:
+    """A worker stopped with SIGSTOP: the step's collective times out and the error names the silent rank."""
+    tiny_hf_model(tmp_path, seed=5)
+    with Engine.from_pretrained(tmp_path, device="cpu", dtype="float32", tensor_parallel_size=2,
+                                dist_timeout_s=4) as tp:
+        (pid,) = _worker_pids(tp)
+        tp.generate([_prompt(4, 1)], SamplingParams(max_tokens=2))
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(3)  # heartbeats go stale
+        t0 = time.monotonic()
+        with pytest.raises(WorkerFailure, match=r"tensor-parallel rank 1 stopped responding"):
+            tp.generate([_prompt(4, 2)], SamplingParams(max_tokens=2))
+        assert time.monotonic() - t0 < 4 + 5
+        with pytest.raises(WorkerFailure, match="rank 1"):
+            tp.logits([1, 2, 3])
+    _assert_gone([pid])
+
+
 def test_workers_never_outlive_rank_0(tmp_path: Path) -> None:
     """Rank 0 killed with SIGKILL (no cleanup runs): its workers exit on their own."""
     tiny_hf_model(tmp_path, seed=4)

@@ -254,6 +254,7 @@ def worker_loop(rank: int, model: Any, control_group: Any, store: Any, device: t
             except Exception:  # noqa: BLE001 - rank 0 is gone; the main loop finds out
                 return
 
+    store.set(f"hb{rank}", str(time.time()))
     threading.Thread(target=beat, name="tp-heartbeat", daemon=True).start()
     header = torch.zeros(HEADER, dtype=torch.int64)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 SPEC_ENV = "DEEPSEEK_MCP_TP_SPEC"
 PARENT_FD_ENV = "DEEPSEEK_MCP_TP_PARENT_FD"
 DEFAULT_TIMEOUT_S = 300.0
+START_TIMEOUT_S = 600.0  # ranks joining (imports, CUDA init); loading itself is waited for without a limit
 
 
 @dataclass(frozen=True)
@@ -75,19 +77,23 @@ def rank_device(spec: RankSpec, local_rank: int) -> torch.device:
 
 
 def _init_groups(rank: int, world_size: int, store: Any, spec: RankSpec, device: torch.device) -> tuple[Any, Any]:
+    """The forward's group (NCCL on CUDA, gloo on CPU) and the control group (gloo), both with the collective
+    timeout; the default group only joins the ranks, with the longer start timeout (workers import torch)."""
     timeout = timedelta(seconds=spec.timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=max(spec.timeout_s, START_TIMEOUT_S)))
+    forward = dist.new_group(backend=backend, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout)
-    return dist.group.WORLD, control
+    return forward, control
 
 
 def start_local(world_size: int, spec: RankSpec) -> Group:
     """Rank 0 in this process, ranks 1..N-1 as child processes on this machine (loopback rendezvous)."""
-    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=timedelta(seconds=spec.timeout_s),
-                          wait_for_workers=False)
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=max(spec.timeout_s, START_TIMEOUT_S)))
     read_fd, write_fd = os.pipe()
     procs: dict[int, subprocess.Popen] = {}
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -115,7 +121,8 @@ def start_local(world_size: int, spec: RankSpec) -> Group:
 def start_torchrun(spec: RankSpec) -> Group:
     """A rank that torchrun started: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from its environment."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timedelta(seconds=spec.timeout_s)))
+    start = timedelta(seconds=max(spec.timeout_s, START_TIMEOUT_S))
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=start))
     device = rank_device(spec, int(os.environ.get("LOCAL_RANK", rank)))
     world, control = _init_groups(rank, world_size, store, spec, device)
     return Group(TPContext(rank, world_size, world), control, store, device, {})
@@ -164,6 +171,7 @@ def _terminate(procs: dict[int, subprocess.Popen], wait_s: float = 5.0) -> None:
     for p in procs.values():
         if p.poll() is None:
             p.terminate()
+            p.send_signal(signal.SIGCONT)  # a stopped (hung) worker handles the SIGTERM only once continued
     deadline = time.monotonic() + wait_s
     for p in procs.values():
         try:

@@ -145,6 +145,27 @@ def test_fp8_checkpoint_with_cut_scale_blocks_matches(tmp_path: Path) -> None:
         _assert_logits_match(ref, tp, _prompt(33, 4))
 
 
+@pytest.mark.slow
+def test_triton_kernels_on_local_heads_and_experts_match_one_process(tmp_path: Path) -> None:
+    """The Triton path (interpreter on CPU): mla_prefill/mla_decode on the local heads, the grouped MoE GEMM on the
+    local experts, every token routed to every expert (continuous comparison), fp32 weights."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and the Triton interpreter is off")
+    path = fp8_checkpoint_pair(tmp_path, top_k=8, n_group=1, topk_group=1)["deq"]
+    ids = _prompt(21, 4)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    ref = Engine.from_pretrained(path, device="cpu", dtype="float32", backend="triton")
+    want_logits, want = ref.logits(ids, block_size=8), ref.generate([ids[:9], ids[:2]], params, block_size=4)
+    with Engine.from_pretrained(path, device="cpu", dtype="float32", backend="triton", tensor_parallel_size=2,
+                                dist_timeout_s=120) as tp:
+        assert tp.backend == "triton"
+        got = tp.logits(ids, block_size=8)
+        assert (got - want_logits).abs().max() <= 1e-5 * want_logits.abs().max()
+        got_ids = [o.token_ids for o in tp.generate([ids[:9], ids[:2]], params, block_size=4)]
+        assert got_ids == [o.token_ids for o in want]
+
+
 def test_sizes_that_do_not_split_are_refused_before_any_start(tmp_path: Path) -> None:
     tiny_hf_model(tmp_path, seed=1)  # 4 heads, 8 experts, intermediate 96, shared 32
     before = _children()

@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
     from inference.engine.engine import Engine
+    from inference.engine.launch import torchrun_rank
     from inference.engine.sampling import SamplingParams
+
+    if torchrun_rank() > 0:  # torchrun started every rank: those but 0 run the model loop
+        return Engine.run_rank(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
 
     engine = None
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -121,6 +122,7 @@ def run_rank(config: ServerConfig) -> int:
     """A torchrun rank other than 0: no front end, only this rank's part of the model, driven by rank 0."""
     from inference.engine.engine import Engine
 
+    os.dup2(2, 1)  # torchrun gives every rank the same stdout, which carries rank 0's protocol
     return Engine.run_rank(config.model, config.device, config.dtype, backend=config.kernels,
                            dist_timeout_s=config.dist_timeout_s)
 

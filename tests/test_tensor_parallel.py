@@ -251,6 +251,22 @@ def test_hung_worker_times_out_naming_its_rank(tmp_path: Path) -> None:
     _assert_gone([pid])
 
 
+@pytest.mark.slow
+def test_torchrun_ranks_generate_like_one_process(capsys) -> None:
+    """`torchrun --nproc-per-node 2 -m inference generate`: rank 0 generates, rank 1 runs the model loop."""
+    from inference.__main__ import main
+
+    args = ["generate", "--prompt", "hello", "--max-tokens", "8", "--dtype", "float32", "--device", "cpu"]
+    assert main(args) == 0
+    want = capsys.readouterr().out
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "inference", *args], cwd=root, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == want and "x2 ranks" in out.stderr
+
+
 def test_workers_never_outlive_rank_0(tmp_path: Path) -> None:
     """Rank 0 killed with SIGKILL (no cleanup runs): its workers exit on their own."""
     tiny_hf_model(tmp_path, seed=4)

@@ -1,9 +1,10 @@
 """The control plane of tensor parallelism: rank 0 drives, the other ranks run the same forward.
 
 Rank 0 owns the scheduler, block manager, sampling and the front end. Each step `DistributedRunner.run` (the
-`ModelRunner` interface, so `EngineCore` does not change) broadcasts the step's inputs on a CPU gloo group: a
-fixed header `[command, cache id, a, b, payload length]` and an int64 payload (per sequence: new-token count,
-start position, block count; then the token ids; then the block tables). Every worker rebuilds the same batch
+`ModelRunner` interface, so `EngineCore` does not change) broadcasts the step's inputs on a CPU gloo group: one
+fixed-size int64 message, a header `[command, cache id, a, b, payload length]` then the payload (per sequence:
+new-token count, start position, block count; then the token ids; then the block tables), with a second
+broadcast only for a payload too long to fit inline. Every worker rebuilds the same batch
 and runs the same forward; only rank 0 gets the logits. Workers run no per-request Python.
 
 Failure: every process group has a timeout; a keep-alive thread sends no-op commands while idle, so a worker
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 NOOP, NEW_CACHE, FREE_CACHE, RUN, STOP = range(5)
 HEADER = 5
+MESSAGE = 512  # int64 slots per broadcast: the header, then a payload that fits inline (a decode step of ~100
+# sequences with short tables); a longer payload follows in a second broadcast
 HEARTBEAT_S = 0.5
 
 
@@ -101,11 +104,15 @@ class ControlPlane:
     # -- commands ------------------------------------------------------------------------------------
     def _send(self, cmd: int, cache_id: int = 0, a: int = 0, b: int = 0, payload: torch.Tensor | None = None):
         n = 0 if payload is None else payload.numel()
-        header = torch.tensor([cmd, cache_id, a, b, n], dtype=torch.int64)
-        dist.broadcast(header, src=0, group=self.group)
-        if payload is not None and n:
+        message = torch.zeros(MESSAGE, dtype=torch.int64)
+        message[:HEADER] = torch.tensor([cmd, cache_id, a, b, n])
+        if payload is not None and n <= MESSAGE - HEADER:
+            message[HEADER : HEADER + n] = payload
+        dist.broadcast(message, src=0, group=self.group)
+        self.bytes_broadcast += 8 * MESSAGE
+        if payload is not None and n > MESSAGE - HEADER:
             dist.broadcast(payload, src=0, group=self.group)
-        self.bytes_broadcast += 8 * (HEADER + n)
+            self.bytes_broadcast += 8 * n
         self._last_send = time.monotonic()
 
     def _flush_frees(self) -> None:
@@ -256,13 +263,15 @@ def worker_loop(rank: int, model: Any, control_group: Any, store: Any, device: t
 
     store.set(f"hb{rank}", str(time.time()))
     threading.Thread(target=beat, name="tp-heartbeat", daemon=True).start()
-    header = torch.zeros(HEADER, dtype=torch.int64)
+    message = torch.zeros(MESSAGE, dtype=torch.int64)
     try:
         while True:
-            dist.broadcast(header, src=0, group=control_group)
-            cmd, cache_id, a, b, n = header.tolist()
-            payload = torch.empty(n, dtype=torch.int64)
-            if n:
+            dist.broadcast(message, src=0, group=control_group)
+            cmd, cache_id, a, b, n = message[:HEADER].tolist()
+            if n <= MESSAGE - HEADER:
+                payload = message[HEADER : HEADER + n].clone()
+            else:
+                payload = torch.empty(n, dtype=torch.int64)
                 dist.broadcast(payload, src=0, group=control_group)
             if cmd == RUN:
                 caches[cache_id].run(decode_step(payload, a), bool(b))

@@ -23,7 +23,7 @@ Examples:
   deepseek-mcp --transport http --host 0.0.0.0 --token SECRET   beyond loopback (token required)
   deepseek-mcp --model /models/DeepSeek-V3.1 --tensor-parallel-size 8     8 GPUs on this machine
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:PORT -m mcp_server --model ...   two nodes
-  deepseek-mcp plan --model deepseek-ai/DeepSeek-V3.1 --tensor-parallel-size 8 --gpu-memory-gib 141
+  deepseek-mcp plan --model deepseek-ai/DeepSeek-V3.1 --tensor-parallel-size 8 --gpu-memory-gib 139
 """
 
 

@@ -288,3 +288,21 @@ def test_workers_never_outlive_rank_0(tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
     _assert_gone(pids, within_s=10)
+
+
+def test_worker_that_cannot_start_is_named_at_once(tmp_path: Path, monkeypatch) -> None:
+    """A worker that dies before joining (here: a broken spec) fails the start naming it, without waiting out
+    the start timeout, and leaves nothing running."""
+    from inference.engine import launch
+
+    tiny_hf_model(tmp_path, seed=6)
+    monkeypatch.setattr(launch, "asdict", lambda spec: {"no_such_field": 1})
+    before = _children()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"tensor-parallel rank 1 \(pid \d+\) exited with code 1 while starting"):
+        Engine.from_pretrained(tmp_path, device="cpu", dtype="float32", tensor_parallel_size=2)
+    assert time.monotonic() - t0 < 60
+    assert _children() == before
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()

@@ -107,6 +107,7 @@ def start_local(world_size: int, spec: RankSpec) -> Group:
                        MASTER_PORT=str(store.port), **{SPEC_ENV: json.dumps(asdict(spec)), PARENT_FD_ENV: str(read_fd)})
             procs[r] = subprocess.Popen([sys.executable, "-m", "inference.engine.launch"], env=env,
                                         stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), pass_fds=(read_fd,))
+        _wait_joined(store, procs)
         device = rank_device(spec, 0)
         world, control = _init_groups(0, world_size, store, spec, device)
     except BaseException:
@@ -118,11 +119,26 @@ def start_local(world_size: int, spec: RankSpec) -> Group:
     return Group(TPContext(0, world_size, world), control, store, device, procs, write_fd)
 
 
+def _wait_joined(store: Any, procs: dict[int, subprocess.Popen]) -> None:
+    """Before the groups form (which would wait out the start timeout): every worker reached the store, or one
+    exited (an import error, a bad environment) and is named."""
+    pending = set(procs)
+    while pending:
+        for r in sorted(pending):
+            if store.check([f"joined{r}"]):
+                pending.discard(r)
+            elif procs[r].poll() is not None:
+                raise RuntimeError(f"tensor-parallel rank {r} (pid {procs[r].pid}) exited with code "
+                                   f"{procs[r].returncode} while starting; its error is on stderr above")
+        time.sleep(0.02)
+
+
 def start_torchrun(spec: RankSpec) -> Group:
     """A rank that torchrun started: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from its environment."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     start = timedelta(seconds=max(spec.timeout_s, START_TIMEOUT_S))
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=start))
+    store.set(f"joined{rank}", "1")
     device = rank_device(spec, int(os.environ.get("LOCAL_RANK", rank)))
     world, control = _init_groups(rank, world_size, store, spec, device)
     return Group(TPContext(rank, world_size, world), control, store, device, {})

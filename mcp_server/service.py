@@ -188,7 +188,9 @@ class ChatService:
             first_k_dense_replace=cfg.first_k_dense_replace, max_position_embeddings=cfg.max_position_embeddings,
         )
         if self._num_parameters is None:
-            self._num_parameters = sum(p.numel() for p in engine.model.parameters())
+            counted = getattr(engine, "num_parameters", None)  # the whole model, also when split over ranks
+            self._num_parameters = counted if isinstance(counted, int) else sum(
+                p.numel() for p in engine.model.parameters())
         info.parameters = self._num_parameters
         info.dtype = str(engine.dtype).removeprefix("torch.") + (" (fp8 e4m3 weights)" if engine.fp8 else "")
         info.device = str(engine.device)

@@ -75,6 +75,7 @@ def test_demo_matches_one_process() -> None:
 
 def _check_demo_greedy(ref: Engine, tp: Engine) -> None:
     assert tp.tensor_parallel_size == 2 and tp.failure is None
+    assert tp.num_parameters == ref.num_parameters  # the whole model's count, not rank 0's part
     _assert_logits_match(ref, tp, _prompt(40, 1, 129280))
     prompts = [_prompt(n, seed, 129280) for n, seed in ((5, 2), (17, 3), (33, 4))]
     want = [o.token_ids for o in ref.generate(prompts, GREEDY)]

@@ -164,6 +164,14 @@ class Engine:
                                    bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S))
 
     @property
+    def num_parameters(self) -> int:
+        """Of the whole model (under tensor parallelism: counted on a meta-device copy, not this rank's part)."""
+        if self.ranks is None:
+            return sum(p.numel() for p in self.model.parameters())
+        meta = Transformer(self.config, Runtime(dtype=self.dtype), fp8=self.fp8, device="meta")
+        return sum(p.numel() for p in meta.parameters())
+
+    @property
     def parallel_description(self) -> str | None:
         if self.ranks is None:
             return None

@@ -307,3 +307,24 @@ def test_worker_that_cannot_start_is_named_at_once(tmp_path: Path, monkeypatch) 
     import torch.distributed as dist
 
     assert not dist.is_initialized()
+
+
+def test_workers_wait_for_a_slow_rank_0_without_timing_out(tmp_path: Path, monkeypatch) -> None:
+    """Rank 0 loading slower than the collective timeout: the workers, ready first, must still be there."""
+    from inference.engine import launch
+
+    tiny_hf_model(tmp_path, seed=7)
+    build = launch.build_rank_model
+
+    def slow_build(spec, group):
+        model = build(spec, group)
+        if group.tp.rank == 0:
+            time.sleep(5)  # > dist_timeout_s: a worker already in the command loop would time out
+        return model
+
+    monkeypatch.setattr(launch, "build_rank_model", slow_build)
+    with Engine.from_pretrained(tmp_path, device="cpu", dtype="float32", tensor_parallel_size=2,
+                                dist_timeout_s=2) as tp:
+        time.sleep(1)
+        assert tp.failure is None
+        assert len(tp.generate([_prompt(5, 1)], GREEDY)[0].token_ids) == 32

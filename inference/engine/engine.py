@@ -130,6 +130,8 @@ class Engine:
         name = DEMO_NAME if path_or_repo_id is None else str(path_or_repo_id)
         from inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, under_torchrun
 
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         if tensor_parallel_size == 1 and under_torchrun():
             tensor_parallel_size = int(os.environ["WORLD_SIZE"])
         if tensor_parallel_size > 1:

@@ -237,7 +237,9 @@ def start_ranks(spec: RankSpec, world_size: int) -> tuple[Transformer, Group, Co
     try:
         model = build_rank_model(spec, group)
         wait_for_workers(group)
-        return model, group, control_plane(group, spec.timeout_s)
+        plane = control_plane(group, spec.timeout_s)
+        group.store.set("serving", "1")  # the workers start waiting for commands (with the timeout) only now
+        return model, group, plane
     except BaseException:
         shutdown(group, None, wait_s=0)
         raise
@@ -266,6 +268,8 @@ def run_worker(spec: RankSpec) -> int:
         raise
     group.store.set(f"ready{rank}", "1")
     log.info("tensor-parallel rank %d ready", rank)
+    while not group.store.check(["serving"]):  # rank 0 may still be loading: no collective timeout yet
+        time.sleep(0.05)
     worker_loop(rank, model, group.control, group.store, group.device, getattr(torch, spec.dtype))
     dist.destroy_process_group()
     return 0

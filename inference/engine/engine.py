@@ -121,6 +121,8 @@ class Engine:
         `tensor_parallel_size` N > 1 starts N-1 worker processes on this machine (cuda:1..N-1 with NCCL, or CPU
         processes with gloo) and serves from this one, rank 0 (under torchrun: joins the ranks it started);
         `dist_timeout_s` bounds every collective. Use the engine as a context manager, or `close()` it."""
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         path, config, files, dev, dt, fp8, kernel_backend, dequantize_fp8 = _resolve(
             path_or_repo_id, device, dtype, backend, dequantize_fp8)
         rt = Runtime(dtype=dt, backend=kernel_backend,
@@ -128,15 +130,11 @@ class Engine:
                      fp8_block=config.quant.block_size[0] if config.quant else 128)
         tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else None)
         name = DEMO_NAME if path_or_repo_id is None else str(path_or_repo_id)
-        from inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, under_torchrun
+        from inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, start_ranks, under_torchrun
 
-        if tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
-        if tensor_parallel_size == 1 and under_torchrun():
+        if tensor_parallel_size == 1 and under_torchrun():  # torchrun's world size is the tensor-parallel size
             tensor_parallel_size = int(os.environ["WORLD_SIZE"])
         if tensor_parallel_size > 1:
-            from inference.engine.launch import start_ranks
-
             spec = RankSpec(str(path), str(dt).removeprefix("torch."), kernel_backend, dev.type,
                             bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S)
             model, group, plane = start_ranks(spec, tensor_parallel_size)

@@ -120,7 +120,8 @@ HF_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(HF_CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if HF_CASES[c][1] > 2 else c
+                                  for c in HF_CASES])
 def test_transformers_checkpoints_match_one_process(case: str, tmp_path: Path) -> None:
     kw, n = HF_CASES[case]
     tiny_hf_model(tmp_path, seed=3, **kw)
@@ -309,6 +310,7 @@ def test_worker_that_cannot_start_is_named_at_once(tmp_path: Path, monkeypatch) 
     assert not dist.is_initialized()
 
 
+@pytest.mark.slow
 def test_workers_wait_for_a_slow_rank_0_without_timing_out(tmp_path: Path, monkeypatch) -> None:
     """Rank 0 loading slower than the collective timeout: the workers, ready first, must still be there."""
     from inference.engine import launch

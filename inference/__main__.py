@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     gen.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
                      help="kernel backend, as deepseek-mcp --kernels (default auto: triton on CUDA, else torch)")
+    gen.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                     help="split the model over N ranks: N-1 worker processes here, one per GPU (or CPU + gloo)")
     gen.add_argument("--backend", dest="kernels", choices=["auto", "torch", "triton"], action=_DeprecatedAlias,
                      help="deprecated alias of --kernels")
     return parser
@@ -114,12 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     import anyio
 
     from inference.engine.engine import Engine
+    from inference.engine.launch import torchrun_rank
     from inference.engine.sampling import SamplingParams
 
+    if torchrun_rank() > 0:  # torchrun started every rank: those but 0 run the model loop
+        return Engine.run_rank(args.model, device=args.device, dtype=args.dtype, backend=args.kernels)
+
+    engine = None
     try:
         t0 = time.perf_counter()
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.kernels)
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.kernels,
+                                        tensor_parallel_size=args.tensor_parallel_size)
         load_s = time.perf_counter() - t0
+        ranks = engine.tensor_parallel_size
         if args.raw:
             ids = engine.tokenizer.encode(args.prompt)
         else:
@@ -137,13 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         out = anyio.run(_stream, engine, ids, params, printer, args.raw)
         gen_s = time.perf_counter() - t1
-    except (ValueError, OSError, MemoryError) as e:
+    except (ValueError, OSError, MemoryError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if engine is not None:
+            engine.close()  # stops the tensor-parallel workers
     print(flush=True)
     n = len(out.token_ids) if out is not None else 0
-    print(f"[{engine.name} on {engine.device} ({engine.dtype}, {engine.backend} kernels): loaded in {load_s:.1f}s; "
-          f"{len(ids)} prompt tokens, {n} generated in {gen_s:.2f}s, finish_reason="
+    tp = f" x{ranks} ranks" if ranks > 1 else ""
+    print(f"[{engine.name} on {engine.device}{tp} ({engine.dtype}, {engine.backend} kernels): loaded in "
+          f"{load_s:.1f}s; {len(ids)} prompt tokens, {n} generated in {gen_s:.2f}s, finish_reason="
           f"{out.finish_reason if out is not None else None}]", file=sys.stderr)
     return 0
 

@@ -36,6 +36,9 @@ Examples:
   deepseek-mcp --model /models/DeepSeek-V3.1      a real checkpoint
   deepseek-mcp --transport http --port 8000       streamable HTTP at http://127.0.0.1:8000/mcp
   deepseek-mcp --transport http --host 0.0.0.0 --token SECRET   beyond loopback (token required)
+  deepseek-mcp --model /models/DeepSeek-V3.1 --tensor-parallel-size 8     8 GPUs on this machine
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:PORT -m mcp_server --model ...   two nodes
+  deepseek-mcp plan --model deepseek-ai/DeepSeek-V3.1 --tensor-parallel-size 8 --gpu-memory-gib 139
 """
 
 
@@ -74,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache capacity in tokens (default: 8192 per sequence of --max-num-seqs, within free "
                         "memory); it also caps the context a call can use (list_models: context_tokens)")
     m.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default 16)")
+    m.add_argument("--tensor-parallel-size", type=int, metavar="N", help="split the model over N ranks: N-1 "
+                   "worker processes on this machine, one per GPU (under torchrun: its world size)")
+    m.add_argument("--dist-timeout", type=float, metavar="SECONDS", help="timeout of every collective between "
+                   "the ranks; a rank that dies or hangs fails the calls naming it (default 300)")
     m.add_argument("--no-constrained-decoding", dest="constrained_decoding", action="store_const", const=False,
                    help="sample tool calls and response_format output without the grammar (default: constrained)")
     m.add_argument("--trusted-control-tokens", dest="trusted_control_tokens", action="store_const", const=True,
@@ -120,6 +127,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Flags given on the command line, shaped like the configuration file."""
     flat = {"model": args.model, "device": args.device, "dtype": args.dtype, "kernels": args.kernels,
             "cache_tokens": args.cache_tokens, "max_num_seqs": args.max_num_seqs,
+            "tensor_parallel_size": args.tensor_parallel_size, "dist_timeout_s": args.dist_timeout,
             "constrained_decoding": args.constrained_decoding,
             "trusted_control_tokens": args.trusted_control_tokens, "transport": args.transport,
             "host": args.host, "port": args.port, "path": args.path, "token": args.token,
@@ -212,7 +220,21 @@ async def serve(config: ServerConfig) -> int:
     return 128 + received[0] if received else 0
 
 
+def run_rank(config: ServerConfig) -> int:
+    """A torchrun rank other than 0: no front end, only this rank's part of the model, driven by rank 0."""
+    from inference.engine.engine import Engine
+
+    os.dup2(2, 1)  # torchrun gives every rank the same stdout, which carries rank 0's protocol
+    return Engine.run_rank(config.model, config.device, config.dtype, backend=config.kernels,
+                           dist_timeout_s=config.dist_timeout_s)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:
+        from inference.model.plan import main as plan_main
+
+        return plan_main(argv[1:], prog="deepseek-mcp plan")
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, overrides(args))
@@ -226,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         print(printable(config))
         return 0
     setup_logging(config.log_level)
+    from inference.engine.launch import torchrun_rank
+
+    if torchrun_rank() > 0:
+        return run_rank(config)
     try:
         import torch  # noqa: F401 - load the heavy native libraries before the event loop starts serving
 

@@ -58,6 +58,10 @@ class ServerConfig(_Section):
     kernels: Literal["auto", "triton", "torch"] = Field("auto", description="Kernel backend.")
     cache_tokens: int | None = Field(None, gt=0, description="KV cache capacity in tokens (null = engine default).")
     max_num_seqs: int = Field(16, gt=0, description="Most requests decoded together.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Ranks the model is split over: N-1 worker processes here (one per GPU), or torchrun's."
+    )
+    dist_timeout_s: float = Field(300.0, gt=0, description="Timeout of every collective between the ranks.")
     constrained_decoding: bool = Field(
         True, description="Grammar-constrained tool calls and response_format (needs xgrammar: Linux, macOS)."
     )

@@ -41,10 +41,15 @@ def display_name(model: str | None) -> str:
 def default_loader(config: ServerConfig) -> Callable[[], Any]:
     def load() -> Any:
         from inference.engine.engine import Engine
+        from inference.model.plan import check_before_load
+
+        check_before_load(config.model, config.tensor_parallel_size, config.device, config.dtype,
+                          max_num_seqs=config.max_num_seqs, cache_tokens=config.cache_tokens)  # refuse before loading
 
         def from_pretrained() -> Any:
             return Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
-                                          backend=config.kernels)
+                                          backend=config.kernels, tensor_parallel_size=config.tensor_parallel_size,
+                                          dist_timeout_s=config.dist_timeout_s)
 
         return from_pretrained() if config.model is not None else logging_demo_write(from_pretrained)
 
@@ -145,7 +150,10 @@ class ModelHost:
                 self.load_seconds = time.monotonic() - self.load_started
                 self.status = "ready"
                 log.info("model %s ready after %.1f s", self.name, self.load_seconds)
-                await anyio.sleep_forever()
+                while not isinstance(getattr(engine, "failure", None), str):  # a tensor-parallel rank died/hung
+                    await anyio.sleep(0.1)
+                self.status, self.error = "failed", engine.failure
+                log.error("model %s failed: %s", self.name, self.error)
         except Exception as e:  # the load, or the AsyncEngine's start, failed
             self.error = f"{type(e).__name__}: {e}"
             self.status = "failed"
@@ -155,6 +163,10 @@ class ModelHost:
                 self.status = "failed"
                 self.error = "the server is shutting down"
             self.aengine = None
+            close = getattr(self.engine, "close", None)
+            if close is not None:  # stops tensor-parallel workers (a no-op on one device)
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(close)
 
     # -- capacity -------------------------------------------------------------------------------------
 

@@ -6,7 +6,6 @@ ModelHost), never on MCP: the server module adapts these calls to the protocol.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import secrets
@@ -29,10 +28,10 @@ from mcp_server.constraints import GrammarConstraints, grammar_available, steere
 from mcp_server.conversations import Conversation, ConversationStore, TurnLocks, UnknownConversation
 from mcp_server.generate import RunResult, new_request_id, run_request
 from mcp_server.model_host import ModelHost
+from mcp_server.model_info import count_parameters, describe_model
 from mcp_server.processors import ToolCallProcessors
 from mcp_server.progress import Progress
 from mcp_server.schemas import (
-    Architecture,
     ChatInput,
     ChatOutput,
     GenerationInput,
@@ -193,38 +192,9 @@ class ChatService:
         return ListModelsOutput(models=[self.model_info()])
 
     def model_info(self) -> ModelInfo:
-        host, limits, sampling = self.host, self.config.limits, self.config.sampling
-        info = ModelInfo(
-            model=host.name, source=host.source, demo=host.demo, status=host.status, error=host.error,
-            load_seconds=host.load_seconds,
-            defaults={"max_tokens": limits.max_tokens, "temperature": sampling.temperature,
-                      "top_p": sampling.top_p, "top_k": sampling.top_k,
-                      "thinking_budget": limits.thinking_budget or "max_tokens // 2",
-                      "max_wall_time_s": limits.max_wall_time_s},
-        )
-        engine = host.engine
-        if engine is None:
-            return info
-        cfg = engine.config
-        info.architecture = Architecture(
-            model_type="deepseek_v3", num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-            num_heads=cfg.num_heads, vocab_size=cfg.vocab_size, q_lora_rank=cfg.q_lora_rank,
-            kv_lora_rank=cfg.kv_lora_rank, n_routed_experts=cfg.n_routed_experts,
-            n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-            first_k_dense_replace=cfg.first_k_dense_replace,
-        )
-        if self._num_parameters is None:
-            self._num_parameters = sum(p.numel() for p in engine.model.parameters())
-        info.parameters = self._num_parameters
-        info.dtype = str(engine.dtype).removeprefix("torch.") + (" (fp8 e4m3 weights)" if engine.fp8 else "")
-        info.device = str(engine.device)
-        info.kernels = engine.backend
-        if host.aengine is not None:
-            info.cache_capacity_tokens = host.cache_capacity_tokens()
-            info.context_tokens = host.context_tokens()
-            info.context_limit = host.context_limit()
-            info.stats = _jsonable(host.aengine.stats())
-        return info
+        if self._num_parameters is None and self.host.engine is not None:
+            self._num_parameters = count_parameters(self.host.engine)
+        return describe_model(self.host, self.config, self._num_parameters)
 
     # -- shared steps ---------------------------------------------------------------------------------
 
@@ -440,13 +410,3 @@ def _unknown_conversation(conversation_id: str, capacity: int) -> str:
     return (f"unknown conversation_id {conversation_id!r}: it was never issued by this server, was reset, or was "
             f"evicted (the server keeps the {capacity} most recent, within max_conversation_tokens). Omit "
             "conversation_id to start a new conversation and send the full history in `messages`")
-
-
-def _jsonable(stats: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
-        stats = dataclasses.asdict(stats)
-    elif hasattr(stats, "model_dump"):
-        stats = stats.model_dump()
-    elif not isinstance(stats, dict):
-        stats = dict(vars(stats))
-    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None), list, dict))}

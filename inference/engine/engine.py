@@ -3,11 +3,13 @@ the async server (`EngineCore`), to completion."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,6 +49,25 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return dev
 
 
+def _resolve(path_or_repo_id: str | os.PathLike | None, device: torch.device | str, dtype: torch.dtype | str | None,
+             backend: str, dequantize_fp8: bool):
+    """Checkpoint path, config, files, device, dtype, FP8 or not, kernel backend, whether to dequantize FP8."""
+    path = demo_checkpoint_path() if path_or_repo_id is None else resolve_model_path(path_or_repo_id)
+    config = ModelConfig.from_file(path)
+    files = find_checkpoint_files(path)
+    dev = resolve_device(device)
+    dt = parse_dtype(dtype, config.torch_dtype)
+    fp8 = checkpoint_is_fp8(files, config)
+    kernel_backend = select_backend(dev, backend)  # fails at load where a forced 'triton' cannot run
+    if fp8 and kernel_backend == "triton" and dev.type == "cuda":  # the CPU interpreter emulates FP8
+        from kernels.backend import fp8_supported, fp8_unsupported_notice
+
+        if not fp8_supported(dev):
+            log.warning(fp8_unsupported_notice(dev))
+            dequantize_fp8 = True
+    return path, config, files, dev, dt, fp8, kernel_backend, dequantize_fp8
+
+
 @dataclass
 class GenerationOutput:
     token_ids: list[int]
@@ -57,32 +78,68 @@ class GenerationOutput:
 
 class Engine:
     def __init__(self, model: Transformer, config: ModelConfig, tokenizer: Tokenizer, device: torch.device,
-                 dtype: torch.dtype, name: str, path: Path, backend: str, fp8: bool):
+                 dtype: torch.dtype, name: str, path: Path, backend: str, fp8: bool, ranks: Any = None):
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype = device, dtype
         self.name, self.path, self.backend, self.fp8 = name, path, backend, fp8
+        self.ranks = ranks  # tensor parallel: (launch.Group, distributed.ControlPlane); None on one device
+        if ranks is not None:
+            atexit.register(self.close)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return 1 if self.ranks is None else self.ranks[0].tp.world_size
+
+    @property
+    def failure(self) -> str | None:
+        """Why a tensor-parallel engine cannot serve any more (a rank died or hung), else None."""
+        return None if self.ranks is None else self.ranks[1].failure
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one device). Idempotent."""
+        if self.ranks is not None:
+            from inference.engine.launch import shutdown
+
+            group, plane = self.ranks
+            self.ranks = None
+            atexit.unregister(self.close)
+            shutdown(group, plane)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike | None = None, device: torch.device | str = "auto",
                         dtype: torch.dtype | str | None = None, *, backend: str = "auto",
-                        dequantize_fp8: bool = False, progress: bool | None = None) -> Engine:
-        """Load a DeepseekV3ForCausalLM checkpoint (None: the demo checkpoint, written on first use)."""
-        path = demo_checkpoint_path() if path_or_repo_id is None else resolve_model_path(path_or_repo_id)
-        config = ModelConfig.from_file(path)
-        files = find_checkpoint_files(path)
-        dev = resolve_device(device)
-        dt = parse_dtype(dtype, config.torch_dtype)
-        fp8 = checkpoint_is_fp8(files, config)
-        kernel_backend = select_backend(dev, backend)  # fails at load where a forced 'triton' cannot run
-        if fp8 and kernel_backend == "triton" and dev.type == "cuda":  # the CPU interpreter emulates FP8
-            from kernels.backend import fp8_supported, fp8_unsupported_notice
+                        dequantize_fp8: bool = False, progress: bool | None = None, tensor_parallel_size: int = 1,
+                        dist_timeout_s: float | None = None) -> Engine:
+        """Load a DeepseekV3ForCausalLM checkpoint (None: the demo checkpoint, written on first use).
 
-            if not fp8_supported(dev):
-                log.warning(fp8_unsupported_notice(dev))
-                dequantize_fp8 = True
+        `tensor_parallel_size` N > 1 starts N-1 worker processes on this machine (cuda:1..N-1 with NCCL, or CPU
+        processes with gloo) and serves from this one, rank 0 (under torchrun: joins the ranks it started);
+        `dist_timeout_s` bounds every collective. Use the engine as a context manager, or `close()` it."""
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+        path, config, files, dev, dt, fp8, kernel_backend, dequantize_fp8 = _resolve(
+            path_or_repo_id, device, dtype, backend, dequantize_fp8)
         rt = Runtime(dtype=dt, backend=kernel_backend,
                      scale_fmt=config.quant.scale_fmt if config.quant else None,
                      fp8_block=config.quant.block_size[0] if config.quant else 128)
+        tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else None)
+        name = DEMO_NAME if path_or_repo_id is None else str(path_or_repo_id)
+        from inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, start_ranks, under_torchrun
+
+        if tensor_parallel_size == 1 and under_torchrun():  # torchrun's world size is the tensor-parallel size
+            tensor_parallel_size = int(os.environ["WORLD_SIZE"])
+        if tensor_parallel_size > 1:
+            spec = RankSpec(str(path), str(dt).removeprefix("torch."), kernel_backend, dev.type,
+                            bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S)
+            model, group, plane = start_ranks(spec, tensor_parallel_size)
+            return cls(model, config, tokenizer, group.device, dt, name, path, kernel_backend,
+                       fp8 and not dequantize_fp8, ranks=(group, plane))
         model = Transformer(config, rt, fp8=fp8, device=dev)
         load_weights(model, files, progress=progress)
         if config.tie_word_embeddings:
@@ -92,9 +149,35 @@ class Engine:
             fp8 = False
         model.prepare_for_kernels_()
         model.eval()
-        tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else None)
-        name = DEMO_NAME if path_or_repo_id is None else str(path_or_repo_id)
         return cls(model, config, tokenizer, dev, dt, name, path, kernel_backend, fp8)
+
+    @staticmethod
+    def run_rank(path_or_repo_id: str | os.PathLike | None = None, device: torch.device | str = "auto",
+                 dtype: torch.dtype | str | None = None, *, backend: str = "auto", dequantize_fp8: bool = False,
+                 dist_timeout_s: float | None = None) -> int:
+        """A rank > 0 that torchrun started: load this rank's slices and run rank 0's steps until it stops."""
+        from inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, run_worker
+
+        path, _, _, dev, dt, fp8, kernel_backend, dequantize_fp8 = _resolve(
+            path_or_repo_id, device, dtype, backend, dequantize_fp8)
+        return run_worker(RankSpec(str(path), str(dt).removeprefix("torch."), kernel_backend, dev.type,
+                                   bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S))
+
+    @property
+    def num_parameters(self) -> int:
+        """Of the whole model (under tensor parallelism: counted on a meta-device copy, not this rank's part)."""
+        if self.ranks is None:
+            return sum(p.numel() for p in self.model.parameters())
+        meta = Transformer(self.config, Runtime(dtype=self.dtype), fp8=self.fp8, device="meta")
+        return sum(p.numel() for p in meta.parameters())
+
+    @property
+    def parallel_description(self) -> str | None:
+        if self.ranks is None:
+            return None
+        n = self.tensor_parallel_size
+        return (f"tensor parallel over {n} ranks (heads, MLPs, vocabulary split; routed experts "
+                f"{self.config.n_routed_experts // n} per rank; latent KV cache replicated on every rank)")
 
     @property
     def is_demo(self) -> bool:
@@ -104,8 +187,13 @@ class Engine:
     def max_context(self) -> int:
         return self.config.max_position_embeddings
 
-    def make_runner(self, num_blocks: int, block_size: int = 16, setting: str = "cache_tokens") -> ModelRunner:
-        return ModelRunner(self.model, self.config, num_blocks, block_size, self.device, self.dtype, setting)
+    def make_runner(self, num_blocks: int, block_size: int = 16, setting: str = "cache_tokens") -> Any:
+        runner = ModelRunner(self.model, self.config, num_blocks, block_size, self.device, self.dtype, setting)
+        if self.ranks is None:
+            return runner
+        from inference.engine.distributed import DistributedRunner
+
+        return DistributedRunner(runner, self.ranks[1])
 
     def check_prompt(self, token_ids: Sequence[int], max_tokens: int = 0) -> None:
         if not token_ids:

@@ -1,0 +1,298 @@
+"""The control plane of tensor parallelism: rank 0 drives, the other ranks run the same forward.
+
+Rank 0 owns the scheduler, block manager, sampling and the front end. Each step `DistributedRunner.run` (the
+`ModelRunner` interface, so `EngineCore` does not change) broadcasts the step's inputs on a CPU gloo group: one
+fixed-size int64 message, a header `[command, cache id, a, b, payload length]` then the payload (per sequence:
+new-token count, start position, block count; then the token ids; then the block tables), with a second
+broadcast only for a payload too long to fit inline. Every worker rebuilds the same batch
+and runs the same forward; only rank 0 gets the logits. Workers run no per-request Python.
+
+Failure: every process group has a timeout; a keep-alive thread sends no-op commands while idle, so a worker
+waiting for a command notices a dead rank 0 and a dead worker is noticed even between requests. Workers write a
+heartbeat and any error into the store; when a collective fails rank 0 names the rank from them (or from the
+exit code of a local worker), stops the others, and every later call fails with that message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from inference.engine.batch import ScheduledSeq
+from inference.engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+NOOP, NEW_CACHE, FREE_CACHE, RUN, STOP = range(5)
+HEADER = 5
+MESSAGE = 512  # int64 slots per broadcast: the header, then a payload that fits inline (a decode step of ~100
+# sequences with short tables); a longer payload follows in a second broadcast
+HEARTBEAT_S = 0.5
+
+
+class WorkerFailure(RuntimeError):
+    """A tensor-parallel rank died, hung or failed; the message names it. The engine cannot serve any more."""
+
+
+def encode_step(seqs: Sequence[ScheduledSeq]) -> torch.Tensor:
+    """[3B + T + sum(blocks)] int64: (new tokens, start, blocks) per sequence, the token ids, the tables."""
+    head: list[int] = []
+    tokens: list[int] = []
+    blocks: list[int] = []
+    for s in seqs:
+        head += [len(s.token_ids), s.start_pos, len(s.block_table)]
+        tokens += s.token_ids
+        blocks += s.block_table
+    return torch.tensor(head + tokens + blocks, dtype=torch.int64)
+
+
+def decode_step(payload: torch.Tensor, num_seqs: int) -> list[ScheduledSeq]:
+    values = payload.tolist()
+    head, rest = values[: 3 * num_seqs], values[3 * num_seqs :]
+    n_tokens = sum(head[0::3])
+    tokens, blocks = rest[:n_tokens], rest[n_tokens:]
+    seqs, t, b = [], 0, 0
+    for i in range(num_seqs):
+        n, start, nb = head[3 * i : 3 * i + 3]
+        seqs.append(ScheduledSeq(tokens[t : t + n], start, blocks[b : b + nb]))
+        t, b = t + n, b + nb
+    return seqs
+
+
+def validate_step(seqs: Sequence[ScheduledSeq], num_blocks: int, block_size: int) -> None:
+    """What `build_batch` and `ModelRunner.run` would refuse, checked before the workers see the step."""
+    if not seqs:
+        raise ValueError("build_batch needs at least one sequence")
+    for i, s in enumerate(seqs):
+        if not s.token_ids:
+            raise ValueError(f"sequence {i} has no new tokens to compute")
+        if len(s.block_table) * block_size < s.start_pos + len(s.token_ids):
+            raise ValueError(f"sequence {i}: block table of {len(s.block_table)} blocks x {block_size} tokens "
+                             f"cannot hold {s.start_pos + len(s.token_ids)} tokens")
+        for b in s.block_table:
+            if not 0 <= b < num_blocks:
+                raise ValueError(f"block id {b} outside the pool of {num_blocks} blocks")
+
+
+class ControlPlane:
+    """Rank 0's side: sends commands, watches the workers, holds the failure once there is one."""
+
+    def __init__(self, world_size: int, control_group: Any, store: Any, timeout_s: float,
+                 worker_status: Callable[[], dict[int, str]], stop_workers: Callable[[], None]):
+        """`worker_status`: rank -> why it is gone, for local worker processes that exited (empty otherwise);
+        `stop_workers`: terminates what is left of the local workers."""
+        self.world_size, self.group, self.store, self.timeout_s = world_size, control_group, store, timeout_s
+        self._worker_status, self._stop_workers = worker_status, stop_workers
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._frees: deque[int] = deque()
+        self._last_send = time.monotonic()
+        self.failure: str | None = None
+        self._closed = threading.Event()
+        self.bytes_broadcast = 0  # payload + headers, for the benchmark
+        self._keepalive = threading.Thread(target=self._keep_alive, name="tp-keepalive", daemon=True)
+        self._keepalive.start()
+
+    # -- commands ------------------------------------------------------------------------------------
+    def _send(self, cmd: int, cache_id: int = 0, a: int = 0, b: int = 0, payload: torch.Tensor | None = None):
+        n = 0 if payload is None else payload.numel()
+        message = torch.zeros(MESSAGE, dtype=torch.int64)
+        message[:HEADER] = torch.tensor([cmd, cache_id, a, b, n])
+        if payload is not None and n <= MESSAGE - HEADER:
+            message[HEADER : HEADER + n] = payload
+        dist.broadcast(message, src=0, group=self.group)
+        self.bytes_broadcast += 8 * MESSAGE
+        if payload is not None and n > MESSAGE - HEADER:
+            dist.broadcast(payload, src=0, group=self.group)
+            self.bytes_broadcast += 8 * n
+        self._last_send = time.monotonic()
+
+    def _flush_frees(self) -> None:
+        while self._frees:
+            self._send(FREE_CACHE, self._frees.popleft())
+
+    def check(self) -> None:
+        if self.failure is None:
+            gone = self._worker_status()
+            if gone:
+                self._fail(None, gone)
+        if self.failure is not None:
+            raise WorkerFailure(self.failure)
+
+    def new_cache(self, num_blocks: int, block_size: int) -> int:
+        """Every worker allocates a cache pool like rank 0's; a worker that cannot is named in the error."""
+        with self._lock:
+            self.check()
+            cache_id = self._next_id
+            self._next_id += 1
+            try:
+                self._flush_frees()
+                self._send(NEW_CACHE, cache_id, num_blocks, block_size)
+                flags = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+                dist.all_gather(flags, torch.zeros(1, dtype=torch.int64), group=self.group)
+            except Exception as e:
+                raise self._fail(e) from e
+            bad = [r for r, f in enumerate(flags) if int(f)]
+            if bad:
+                msgs = "; ".join(f"rank {r}: {self._store_get(f'err{r}') or 'failed'}" for r in bad)
+                raise MemoryError(f"tensor-parallel cache of {num_blocks} blocks could not be allocated ({msgs})")
+            return cache_id
+
+    def release(self, cache_id: int) -> None:
+        self._frees.append(cache_id)  # sent before the next command (this may run in a finalizer)
+
+    def run(self, cache_id: int, seqs: Sequence[ScheduledSeq], all_logits: bool, local: ModelRunner) -> torch.Tensor:
+        validate_step(seqs, local.num_blocks, local.block_size)
+        with self._lock:
+            self.check()
+            try:
+                self._flush_frees()
+                self._send(RUN, cache_id, len(seqs), int(all_logits), encode_step(seqs))
+                return local.run(seqs, all_logits)
+            except Exception as e:
+                raise self._fail(e) from e
+
+    # -- failure -------------------------------------------------------------------------------------
+    def _store_get(self, key: str) -> str | None:
+        try:
+            return self.store.get(key).decode() if self.store.check([key]) else None
+        except Exception:  # noqa: BLE001 - the store lives on rank 0; a broken one just says nothing
+            return None
+
+    def _diagnose(self) -> dict[int, str]:
+        """rank -> what happened to it, from exits, errors the ranks wrote, and stale heartbeats."""
+        deadline = time.monotonic() + 2.0
+        gone = self._worker_status()
+        while not gone and time.monotonic() < deadline:  # a killed peer's exit may trail its closed socket
+            time.sleep(0.05)
+            gone = self._worker_status()
+        for r in range(1, self.world_size):
+            err = self._store_get(f"err{r}")
+            if err and r not in gone:
+                gone[r] = err
+            beat = self._store_get(f"hb{r}")
+            if r not in gone and beat is not None and time.time() - float(beat) > 4 * HEARTBEAT_S + 1:
+                gone[r] = f"stopped responding (last heartbeat {time.time() - float(beat):.0f} s ago)"
+        return gone
+
+    def _fail(self, exc: BaseException | None, gone: dict[int, str] | None = None) -> WorkerFailure:
+        if self.failure is None:
+            gone = gone or self._diagnose()
+            if gone:
+                who = "; ".join(f"tensor-parallel rank {r} {why}" for r, why in sorted(gone.items()))
+            else:
+                who = f"a tensor-parallel collective failed or timed out after {self.timeout_s:.0f} s"
+            cause = f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})" if exc else ""
+            self.failure = f"{who}{cause}; the model cannot serve any more, restart the server"
+            log.error(self.failure)
+            self._stop_workers()
+        return WorkerFailure(self.failure)
+
+    def _keep_alive(self) -> None:
+        interval = max(0.2, min(5.0, self.timeout_s / 4))
+        while not self._closed.wait(min(interval, 0.5)):
+            if self.failure is not None:
+                return
+            if not self._lock.acquire(blocking=False):
+                continue  # a step is running: that is traffic enough
+            try:
+                if self._closed.is_set() or self.failure is not None:
+                    return
+                gone = self._worker_status()
+                if gone:
+                    self._fail(None, gone)
+                elif time.monotonic() - self._last_send >= interval:
+                    self._flush_frees()
+                    self._send(NOOP)
+            except Exception as e:  # noqa: BLE001
+                self._fail(e)
+            finally:
+                self._lock.release()
+
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stop every worker (a STOP command, then termination of what is left)."""
+        self._closed.set()
+        with self._lock:
+            if self.failure is None:
+                try:
+                    self._send(STOP)
+                except Exception:  # noqa: BLE001 - they are being stopped anyway
+                    pass
+        self._keepalive.join(timeout=2)
+
+
+class DistributedRunner:
+    """`ModelRunner.run` across the ranks: one cache pool per rank (the latent cache, replicated)."""
+
+    def __init__(self, local: ModelRunner, plane: ControlPlane):
+        self.local, self.plane = local, plane
+        self.num_blocks, self.block_size = local.num_blocks, local.block_size
+        self.cache_id = plane.new_cache(local.num_blocks, local.block_size)
+        weakref.finalize(self, plane.release, self.cache_id)
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.local.cache_tokens
+
+    def run(self, seqs: Sequence[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
+        return self.plane.run(self.cache_id, seqs, all_logits, self.local)
+
+
+def worker_loop(rank: int, model: Any, control_group: Any, store: Any, device: torch.device,
+                dtype: torch.dtype) -> None:
+    """A worker rank: run the commands rank 0 broadcasts until STOP. An error is written to the store (rank 0
+    names it) and raised."""
+    cfg = model.cfg
+    caches: dict[int, ModelRunner] = {}
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                store.set(f"hb{rank}", str(time.time()))
+            except Exception:  # noqa: BLE001 - rank 0 is gone; the main loop finds out
+                return
+
+    store.set(f"hb{rank}", str(time.time()))
+    threading.Thread(target=beat, name="tp-heartbeat", daemon=True).start()
+    message = torch.zeros(MESSAGE, dtype=torch.int64)
+    try:
+        while True:
+            dist.broadcast(message, src=0, group=control_group)
+            cmd, cache_id, a, b, n = message[:HEADER].tolist()
+            if n <= MESSAGE - HEADER:
+                payload = message[HEADER : HEADER + n].clone()
+            else:
+                payload = torch.empty(n, dtype=torch.int64)
+                dist.broadcast(payload, src=0, group=control_group)
+            if cmd == RUN:
+                caches[cache_id].run(decode_step(payload, a), bool(b))
+            elif cmd == NEW_CACHE:
+                flag = torch.zeros(1, dtype=torch.int64)
+                try:
+                    caches[cache_id] = ModelRunner(model, cfg, a, b, device, dtype)
+                except Exception as e:  # noqa: BLE001 - reported to rank 0, which raises it
+                    store.set(f"err{rank}", f"{type(e).__name__}: {e}")
+                    flag += 1
+                dist.all_gather([torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(
+                    control_group))], flag, group=control_group)
+            elif cmd == FREE_CACHE:
+                caches.pop(cache_id, None)
+            elif cmd == STOP:
+                return
+    except Exception as e:
+        try:
+            store.set(f"err{rank}", f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+    finally:
+        stop.set()

@@ -1,0 +1,105 @@
+"""The memory planner against the parameters `shard_model` really allocates (built on the meta device): the
+real DeepSeek-V3.1 config split over 8 and 16 ranks, and the demo's, whose N=2 split cuts FP8 scale blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.model.config import ModelConfig
+from inference.model.demo import demo_checkpoint_path
+from inference.model.parallel import TPContext, shard_model
+from inference.model.plan import GIB, KINDS, main, plan, weight_bytes
+from inference.model.transformer import Runtime
+
+
+def _fixtures() -> Path | None:
+    """`shared/fixtures` beside the repository or beside any folder above it (as in CI and /work)."""
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "fixtures"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+FIXTURES = _fixtures()
+V31 = FIXTURES / "deepseek_v31_config.json" if FIXTURES else None
+needs_v31 = pytest.mark.skipif(V31 is None or not V31.is_file(), reason="shared/fixtures is absent")
+
+
+def _kind(name: str) -> str:
+    if name.startswith(("model.embed_tokens", "lm_head")):
+        return "embedding_and_head"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp.experts." in name:
+        return "routed_experts"
+    if ".mlp.shared_experts." in name:
+        return "shared_experts"
+    if ".mlp.gate." in name or "layernorm" in name or name == "model.norm.weight":
+        return "norms_and_router"
+    assert ".mlp." in name, name
+    return "dense_mlp"
+
+
+def _meta_bytes(cfg: ModelConfig, n: int, rank: int, fp8: bool) -> dict[str, int]:
+    rt = Runtime(dtype=torch.bfloat16, scale_fmt=cfg.quant.scale_fmt if cfg.quant else None)
+    model = shard_model(cfg, rt, fp8, "meta", TPContext(rank, n))
+    out = dict.fromkeys(KINDS, 0)
+    for name, p in model.named_parameters():
+        out[_kind(name)] += p.numel() * p.element_size()
+    return out
+
+
+@needs_v31
+@pytest.mark.parametrize("n", [8, 16])
+def test_v31_per_rank_bytes_equal_the_meta_model(n: int) -> None:
+    cfg = ModelConfig.from_file(V31)
+    for rank in (0, n - 1):
+        assert weight_bytes(cfg, n, rank, fp8=True) == _meta_bytes(cfg, n, rank, True)
+    p = plan(cfg, n, 139 * GIB)
+    assert p.fits and p.cache_bytes_per_token == 61 * 576 * 2
+    total = sum(weight_bytes(cfg, 1, 0, fp8=True).values())
+    assert 600 * GIB < total < 650 * GIB  # ~671B parameters in FP8, the MTP layer not loaded
+    assert p.weights_total < total / n + 2.5 * GIB  # only q_a/kv_a, norms and the router are replicated
+
+
+def test_demo_split_with_cut_scale_blocks_equals_the_meta_model() -> None:
+    cfg = ModelConfig.from_file(demo_checkpoint_path())
+    for n in (1, 2, 4):
+        for rank in range(n):
+            assert weight_bytes(cfg, n, rank, fp8=True) == _meta_bytes(cfg, n, rank, True), (n, rank)
+
+
+@needs_v31
+def test_plan_cli_names_what_would_fit(capsys) -> None:
+    assert main(["--model", str(V31), "--tensor-parallel-size", "8", "--gpu-memory-gib", "139"]) == 0
+    out = capsys.readouterr().out
+    assert "replicated on every rank" in out and "routed_experts" in out and "skipped, not loaded" in out
+    assert main(["--model", str(V31), "--tensor-parallel-size", "8", "--gpu-memory-gib", "79"]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "smallest tensor-parallel size that fits at 79 GiB per GPU is 16" in err
+    assert main(["--model", str(V31), "--tensor-parallel-size", "3", "--gpu-memory-gib", "139"]) == 2
+    assert "does not divide num_attention_heads = 128" in capsys.readouterr().err
+
+
+@needs_v31
+def test_server_refuses_a_plan_that_does_not_fit_before_loading() -> None:
+    import anyio
+
+    from mcp_server.config import ServerConfig
+    from mcp_server.model_host import ModelHost
+
+    host = ModelHost(ServerConfig(model=str(V31), tensor_parallel_size=8, device="cpu"))
+
+    async def main() -> None:
+        async with host.running():
+            with anyio.fail_after(20):
+                while host.status == "loading":
+                    await anyio.sleep(0.02)
+
+    anyio.run(main)
+    assert host.status == "failed" and host.engine is None
+    assert "PlanError: does not fit: 8 rank(s)" in host.error and "GiB per GPU at size 8" in host.error

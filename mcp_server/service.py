@@ -18,6 +18,7 @@ import anyio
 
 from inference.constrained.tool_ban import ToolBan
 from inference.engine.async_engine import QueueFullError
+from inference.engine.distributed import WorkerFailure
 from inference.engine.logits_process import ThinkingBudget
 from inference.engine.sampling import SamplingParams
 from inference.text.control import THINK_END
@@ -312,6 +313,9 @@ class ChatService:
                                     request_id=request_id)
         except QueueFullError as e:
             raise ServerBusy(f"{e}; retry in a little while") from None
+        except WorkerFailure as e:  # written to be read: it names the rank that died or hung
+            log.error("request %s: %s", request_id, e)
+            raise GenerationFailed(f"generation failed (request {request_id}): {e}") from e
         except Exception as e:  # the details (and traceback) stay in the server's log, under the request id
             log.exception("request %s: generation failed", request_id)
             raise GenerationFailed(f"generation failed (request {request_id}); the server "

@@ -79,7 +79,7 @@ def run_ours(path: Path, dtype: str, prompt_len: int, decode_tokens: int) -> dic
     from inference.engine.runner import cache_bytes_per_token
     from inference.engine.sampling import SamplingParams
 
-    eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch")
+    eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch", dequantize_fp8="auto")
     (prompt,) = _prompts(1, prompt_len)
     bs = 16
     runner = eng.make_runner(-(-prompt_len // bs), bs)

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         t0 = time.perf_counter()
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                                       dequantize_fp8="auto")
         load_s = time.perf_counter() - t0
         if args.raw:
             ids = engine.tokenizer.encode(args.prompt)

@@ -43,7 +43,7 @@ def default_loader(config: ServerConfig) -> Callable[[], Any]:
         from inference.engine.engine import Engine
 
         return Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
-                                      backend=config.kernels)
+                                      backend=config.kernels, dequantize_fp8="auto")
 
     return load
 

@@ -13,7 +13,7 @@ import torch
 
 from inference.engine.batch import ScheduledSeq
 from inference.engine.core import EngineCore
-from inference.engine.runner import ModelRunner
+from inference.engine.runner import ModelRunner, available_memory
 from inference.engine.sampling import SamplingParams, make_generator
 from inference.engine.sequence import Sequence as Seq
 from inference.model.checkpoint import checkpoint_is_fp8, find_checkpoint_files, load_weights, resolve_model_path
@@ -47,6 +47,13 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return dev
 
 
+def dense_fp8_fits(model: Transformer, dtype: torch.dtype, device: torch.device, fraction: float = 0.5) -> bool:
+    """True when dequantizing every FP8 weight to `dtype` adds at most `fraction` of the free memory."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    extra = sum(p.numel() * (elem - 1) for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
+    return extra <= fraction * available_memory(device)
+
+
 @dataclass
 class GenerationOutput:
     token_ids: list[int]
@@ -65,8 +72,12 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike | None = None, device: torch.device | str = "auto",
                         dtype: torch.dtype | str | None = None, *, backend: str = "auto",
-                        dequantize_fp8: bool = False, progress: bool | None = None) -> Engine:
-        """Load a DeepseekV3ForCausalLM checkpoint (None: the demo checkpoint, written on first use)."""
+                        dequantize_fp8: bool | str = False, progress: bool | None = None) -> Engine:
+        """Load a DeepseekV3ForCausalLM checkpoint (None: the demo checkpoint, written on first use).
+
+        dequantize_fp8: True replaces FP8 weights by dense ones at load, False keeps them FP8 (the CPU torch
+        path then dequantizes each block on use), "auto" dequantizes on the torch path when the dense copy fits
+        (`dense_fp8_fits`); on a GPU without FP8 support it is always done."""
         path = demo_checkpoint_path() if path_or_repo_id is None else resolve_model_path(path_or_repo_id)
         config = ModelConfig.from_file(path)
         files = find_checkpoint_files(path)
@@ -87,6 +98,8 @@ class Engine:
         load_weights(model, files, progress=progress)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
+        if fp8 and dequantize_fp8 == "auto":
+            dequantize_fp8 = kernel_backend == "torch" and dense_fp8_fits(model, dt, dev)
         if fp8 and dequantize_fp8:
             model.dequantize_fp8_()
             fp8 = False
@@ -95,6 +108,11 @@ class Engine:
         tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else None)
         name = DEMO_NAME if path_or_repo_id is None else str(path_or_repo_id)
         return cls(model, config, tokenizer, dev, dt, name, path, kernel_backend, fp8)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every weight as laid out for the step (after fusions, W_UK / W_UV, dequantization)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     @property
     def is_demo(self) -> bool:

@@ -141,7 +141,7 @@ class Scheduler:
         sample_rows: list[int] = []
         for row, seq in enumerate(seqs):
             start, n = seq.num_computed_tokens, chosen[seq]
-            scheduled.append(ScheduledSeq(seq.token_ids[start : start + n], start, list(seq.block_table)))
+            scheduled.append(ScheduledSeq(seq.token_ids[start : start + n], start, seq.block_table))  # live list
             if start + n == seq.num_tokens:
                 sample_rows.append(row)
         return SchedulerOutput(seqs, scheduled, sample_rows, preempted)

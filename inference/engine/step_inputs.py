@@ -109,8 +109,9 @@ class StepInputs:
             qsl.append(qsl[-1] + n)
         if num_tokens == bsz:  # decode: one token per sequence, all host arithmetic O(B)
             ids = [s.token_ids[0] for s in seqs]
-            pos = torch.tensor([s.start_pos for s in seqs], dtype=torch.int64)
-            slots = torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos.tolist())])
+            starts = [s.start_pos for s in seqs]
+            pos = torch.tensor(starts, dtype=torch.int64)
+            slots = torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, starts)])
         else:
             ids = [t for s in seqs for t in s.token_ids]
             row_of = torch.tensor(rows).repeat_interleave(torch.tensor(query_lens))  # [T]

@@ -24,7 +24,8 @@ def decode_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
     num_blocks = -(-meta.max_seq_len // meta.block_size)
     kv = cache[meta.block_tables[:, :num_blocks]].view(bsz, num_blocks * meta.block_size, -1).float()  # [B, L, C+R]
     past_end = torch.arange(kv.shape[1], device=kv.device)[None, :] >= meta.seq_lens[:, None]  # [B, L]
-    kv.masked_fill_(past_end[:, :, None], 0.0)  # slots past the end may hold anything (NaN included)
+    shortest = min(meta.seq_lens_list)  # slots past a sequence's end may hold anything (NaN included): zero them
+    kv[:, shortest:].masked_fill_(past_end[:, shortest:, None], 0.0)
     q = torch.cat((q_latent, q_pe), dim=-1).float()  # [B, H, C+R]
     scores = torch.bmm(q, kv.transpose(1, 2)).mul_(scale)  # [B, H, L]
     scores.masked_fill_(past_end[:, None, :], float("-inf"))

@@ -223,32 +223,24 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def route(scores_logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 routing: sigmoid scores, bias for selection only, group-limited top-k.
+def route(scores_logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, backend: str = "torch"
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 routing (kernels/router.py): sigmoid scores, bias for selection only, group-limited top-k.
 
     scores_logits [T, E] fp32 -> (weights [T, k] fp32, expert ids [T, k] int64). Unselected groups are masked
     with -inf (as DeepSeek's reference), so a negative biased score in a chosen group still beats them.
     """
-    t, e = scores_logits.shape
-    scores = scores_logits.sigmoid()
-    biased = scores + bias.float()
-    if cfg.n_group > 1:
-        grouped = biased.view(t, cfg.n_group, e // cfg.n_group)
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
-        keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
-        biased = grouped.masked_fill(~keep[:, :, None], float("-inf")).view(t, e)
-    idx = biased.topk(cfg.num_experts_per_tok, dim=-1).indices  # [T, k]
-    weights = scores.gather(1, idx)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * cfg.routed_scaling_factor, idx
+    from kernels import router
+
+    fn = router.moe_route if backend == "triton" else router.moe_route_torch
+    return fn(scores_logits, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+              cfg.routed_scaling_factor)
 
 
 class Gate(nn.Module):
     def __init__(self, cfg: ModelConfig, rt: Runtime, device: torch.device):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.rt = cfg, rt
         self.weight = _frozen(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=rt.dtype, device=device))
         self.e_score_correction_bias = _frozen(torch.empty(cfg.n_routed_experts, dtype=torch.float32, device=device))
 
@@ -258,7 +250,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.weight.float())  # [T, E] (.float() is free once prepared)
-        return route(logits, self.e_score_correction_bias, self.cfg)
+        return route(logits, self.e_score_correction_bias, self.cfg, self.rt.backend)
 
 
 class Experts(nn.Module):
@@ -309,7 +301,9 @@ class Experts(nn.Module):
             h = moe_grouped_gemm(xs, offsets, self.gate_up_proj, self.gate_up_proj_scale_inv, "swiglu",
                                  scale_fmt=self.rt.scale_fmt)  # [T*k, I]
             ys = moe_grouped_gemm(h, offsets, self.down_proj, self.down_proj_scale_inv, scale_fmt=self.rt.scale_fmt)
-            return self._combine(ys, weights, order, token_of, t)
+            from kernels.router import moe_combine
+
+            return moe_combine(ys, weights, order)
         if self.gate_proj_scale_inv is None:  # dense: views of the stacked weights, nothing copied per step
             used = [(e, n) for e, n in enumerate(counts.tolist()) if n]  # (expert, rows)
             w_gate, w_up, w_down = self.gate_proj, self.up_proj, self.down_proj
@@ -326,16 +320,9 @@ class Experts(nn.Module):
             h = F.silu(F.linear(seg, w_gate[j])) * F.linear(seg, w_up[j])
             ys[start : start + n] = F.linear(h, w_down[j])
             start += n
-        return self._combine(ys, weights, order, token_of, t)
+        from kernels.router import moe_combine_torch
 
-    @staticmethod
-    def _combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_of: torch.Tensor,
-                 t: int) -> torch.Tensor:
-        """Weighted scatter-add of the sorted expert outputs [T*k, D] back to their tokens -> [T, D]."""
-        dtype = ys.dtype
-        ys = ys.float() * weights.flatten()[order, None]
-        out = torch.zeros(t, ys.shape[1], dtype=torch.float32, device=ys.device)
-        return out.index_add_(0, token_of, ys).to(dtype)
+        return moe_combine_torch(ys, weights, order)
 
 
 class MoE(nn.Module):

@@ -33,7 +33,8 @@ def _check_route(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_gr
 
 
 def moe_route_torch(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
-                    norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    norm_topk_prob: bool, scaling: float, *, shared_expert: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of `moe_route`: logits [T, E] fp32 -> (weights [T, k] fp32, expert ids [T, k] int64)."""
     _check_route(logits, bias, n_group, topk_group, top_k)
     t, e = logits.shape
@@ -49,21 +50,27 @@ def moe_route_torch(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk
     weights = scores.gather(1, idx)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * scaling, idx
+    weights = weights * scaling
+    if shared_expert:
+        weights = torch.cat((weights, torch.ones_like(weights[:, :1])), dim=1)
+        idx = torch.cat((idx, torch.full_like(idx[:, :1], e)), dim=1)
+    return weights, idx
 
 
 def moe_route(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
-              norm_topk_prob: bool, scaling: float, *, out: tuple[torch.Tensor, torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              norm_topk_prob: bool, scaling: float, *, shared_expert: bool = False,
+              out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole router in one launch (one program per token): logits [T, E] fp32 -> (weights [T, k] fp32,
-    expert ids [T, k] int64), best first."""
+    expert ids [T, k] int64), best first. shared_expert: one more column, expert E with weight 1 (the shared
+    expert stacked after the routed ones)."""
     _check_route(logits, bias, n_group, topk_group, top_k)
     check_launchable(logits.device, "moe_route")
-    t = logits.shape[0]
-    weights = out_or_new(None if out is None else out[0], (t, top_k), torch.float32, logits.device, "out[0]")
-    ids = out_or_new(None if out is None else out[1], (t, top_k), torch.int64, logits.device, "out[1]")
+    t, cols = logits.shape[0], top_k + int(shared_expert)
+    weights = out_or_new(None if out is None else out[0], (t, cols), torch.float32, logits.device, "out[0]")
+    ids = out_or_new(None if out is None else out[1], (t, cols), torch.int64, logits.device, "out[1]")
     if t:
-        _triton().launch_moe_route(logits, bias, weights, ids, n_group, topk_group, top_k, norm_topk_prob, scaling)
+        _triton().launch_moe_route(logits, bias, weights, ids, n_group, topk_group, top_k, norm_topk_prob, scaling,
+                                   shared_expert)
     return weights, ids
 
 

@@ -15,7 +15,7 @@ def moe_route_kernel(
     stride_l, stride_w, stride_i,
     scaling,
     E: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_EG: tl.constexpr, BLOCK_K: tl.constexpr,
+    SHARED: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_EG: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One token per program: sigmoid scores, bias for selection only, group-limited top-k (unselected groups
     at -inf), weights from the unbiased scores, normalized and scaled. Ties go to the lower expert id."""
@@ -53,8 +53,13 @@ def moe_route_kernel(
         biased = tl.where(flat == e, neg, biased)
     if NORM:
         weights = weights / (tl.sum(weights, axis=0) + 1e-20)
+    weights = weights * scaling
     kmask = offs_k < K
-    tl.store(w_ptr + t * stride_w + offs_k, weights * scaling, mask=kmask)
+    if SHARED:  # column K: the shared expert, stacked as expert E, weight 1
+        kmask = offs_k <= K
+        weights = tl.where(offs_k == K, 1.0, weights)
+        ids = tl.where(offs_k == K, E, ids)
+    tl.store(w_ptr + t * stride_w + offs_k, weights, mask=kmask)
     tl.store(ids_ptr + t * stride_i + offs_k, ids, mask=kmask)
 
 
@@ -77,12 +82,12 @@ def moe_combine_kernel(
 
 
 def launch_moe_route(logits: torch.Tensor, bias: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                     n_group: int, topk_group: int, top_k: int, norm: bool, scaling: float) -> None:
+                     n_group: int, topk_group: int, top_k: int, norm: bool, scaling: float, shared: bool) -> None:
     t, e = logits.shape
     moe_route_kernel[(t,)](logits, bias, weights, ids, logits.stride(0), weights.stride(0), ids.stride(0),
                            float(scaling), E=e, N_GROUP=n_group, TOPK_GROUP=topk_group, K=top_k, NORM=norm,
-                           BLOCK_G=next_pow2(n_group), BLOCK_EG=next_pow2(e // n_group), BLOCK_K=next_pow2(top_k),
-                           num_warps=4)
+                           SHARED=shared, BLOCK_G=next_pow2(n_group), BLOCK_EG=next_pow2(e // n_group),
+                           BLOCK_K=next_pow2(top_k + int(shared)), num_warps=4)
 
 
 def launch_moe_combine(ys: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor, out: torch.Tensor) -> None:

@@ -86,6 +86,17 @@ def test_moe_route(e, n_group, topk_group, k, norm):
     assert torch.equal(ti.cpu(), ref_i) and torch.allclose(tw.double().cpu(), ref_w, rtol=1e-5, atol=1e-6)
 
 
+def test_moe_route_with_the_shared_expert_stacked():
+    g = torch.Generator().manual_seed(9)
+    logits, bias = torch.randn(4, 16, generator=g).to(DEV), torch.zeros(16, device=DEV)
+    w, i = moe_route(logits, bias, 4, 2, 3, True, 2.5, shared_expert=True)
+    tw, ti = moe_route_torch(logits, bias, 4, 2, 3, True, 2.5, shared_expert=True)
+    assert i.shape == (4, 4) and (i[:, 3] == 16).all() and (w[:, 3] == 1).all()
+    assert torch.equal(i, ti) and torch.allclose(w, tw, rtol=1e-6)
+    plain_w, plain_i = moe_route(logits, bias, 4, 2, 3, True, 2.5)
+    assert torch.equal(i[:, :3], plain_i) and torch.allclose(w[:, :3], plain_w)
+
+
 def test_moe_route_rejects_bad_groups():
     with pytest.raises(ValueError, match="groups"):
         moe_route_torch(torch.zeros(2, 10), torch.zeros(10), 3, 1, 2, True, 1.0)
@@ -108,3 +119,44 @@ def test_moe_combine(dtype):
     assert not out.isnan().any() and ((out.double().cpu() - ref).abs() <= tol * ref.abs().max()).all()
     twin = moe_combine_torch(ys, w, order)
     assert ((twin.double() - ref).abs() <= tol * ref.abs().max()).all()
+
+
+def _rope64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    x = x.double()
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    c, s = cos.double().view(shape), sin.double().view(shape)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+def test_rope_kv_cache(interleave, dtype, rtol):
+    from kernels.rope import rope_kv_cache, rope_kv_cache_torch
+
+    g = torch.Generator().manual_seed(5)
+    t, h, c, r = 5, 3, 24, 8
+    qkv = torch.randn(t, 40 + c + r, generator=g).to(dtype)  # kv as a strided slice of a fused projection
+    kv = qkv[:, 40:]
+    q = torch.randn(t, h, 16 + r, generator=g).to(dtype)
+    q_pe = q[..., 16:]  # strided, as split from q
+    w = (1 + 0.1 * torch.randn(c, generator=g)).to(dtype)
+    freqs = torch.rand(t, r // 2, generator=g) * 6
+    cos, sin = freqs.cos() * 1.2, freqs.sin() * 1.2
+    slots = torch.tensor([9, 2, 14, 0, 7])
+    ref_q = _rope64(q_pe, cos, sin, interleave)
+    ref_row = torch.cat((_norm64(kv[:, :c], w, 1e-6), _rope64(kv[:, c:], cos, sin, interleave)), dim=-1)
+    for fn in (rope_kv_cache, rope_kv_cache_torch):
+        cache = torch.full((16, c + r), float("nan"), dtype=dtype)
+        args = [a.to(DEV) for a in (kv, w, q_pe, cos, sin, slots, cache)]
+        got_q = fn(*args, 1e-6, interleave, out=torch.full(q_pe.shape, float("nan"), dtype=dtype, device=DEV))
+        cache = args[6].cpu()
+        assert not got_q.isnan().any() and ((got_q.double().cpu() - ref_q).abs() <= 2 * rtol * ref_q.abs().max()).all()
+        rows = cache[slots].double()
+        assert ((rows - ref_row).abs() <= 2 * rtol * ref_row.abs().max()).all(), fn.__name__
+        others = torch.ones(16, dtype=torch.bool)
+        others[slots] = False
+        assert cache[others].isnan().all()  # no other slot written

@@ -16,6 +16,7 @@ from torch import nn
 from inference.engine.batch import AttentionMetadata
 from inference.model import attention
 from inference.model.config import ModelConfig
+from inference.model.layout import dequant_fp8, stack_shared_expert
 from inference.model.rope import Rotary
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -33,22 +34,6 @@ class Runtime:
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
-
-
-def dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
-    """w [..., N, K] e4m3, scale_inv [..., ceil(N/b), ceil(K/b)] -> [..., N, K] dtype, exact in fp32.
-
-    The torch path's per-matmul dequantization (stacked experts included); few ops, since on CPU the number of
-    small ops, not bytes, sets the cost of a decode step.
-    """
-    *lead, n, k = w.shape
-    if n % block == 0 and k % block == 0:
-        nb, kb = n // block, k // block
-        x = w.view(*lead, nb, block, kb, block).to(torch.float32)
-        x.mul_(scale_inv.view(*lead, nb, 1, kb, 1))
-        return x.view(*lead, n, k).to(dtype)
-    scale = scale_inv.repeat_interleave(block, -2)[..., :n, :].repeat_interleave(block, -1)[..., :k]
-    return (w.to(torch.float32) * scale).to(dtype)  # edge blocks: partial rows/columns
 
 
 class Linear(nn.Module):
@@ -174,11 +159,11 @@ class MLA(nn.Module):
             kv = self.kv_a_proj_with_mqa(x)  # [T, C + R]
             q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(t, heads, cfg.qk_head_dim).split([nope, r], dim=-1)  # [T, H, nope], [T, H, R]
-        q_pe = rotary.apply(q_pe, cos, sin)
-        c_kv = self.kv_a_layernorm(kv[:, :c])  # [T, C]
-        k_pe = rotary.apply(kv[:, c:], cos, sin)  # [T, R]
-        flat = cache.view(-1, cache.shape[-1])  # [num_blocks * block_size, C + R]
-        flat[meta.slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(cache.dtype)
+        from kernels import rope  # norm(c_kv) and rope(k_pe) into the cache slots, rope(q_pe): one kernel
+
+        write = rope.rope_kv_cache if self.rt.backend == "triton" else rope.rope_kv_cache_torch
+        q_pe = write(kv, self.kv_a_layernorm.weight, q_pe, cos, sin, meta.slot_mapping,
+                     cache.view(-1, cache.shape[-1]), self.kv_a_layernorm.eps, rotary.interleave)  # [T, H, R]
 
         if self.rt.backend == "torch" and not meta.is_decode:
             o = attention.prefill_attention_naive(q_nope, q_pe, cache, meta, self.w_uk, self.w_uv,
@@ -223,8 +208,8 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def route(scores_logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, backend: str = "torch"
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def route(scores_logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, backend: str = "torch",
+          shared_expert: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3 routing (kernels/router.py): sigmoid scores, bias for selection only, group-limited top-k.
 
     scores_logits [T, E] fp32 -> (weights [T, k] fp32, expert ids [T, k] int64). Unselected groups are masked
@@ -234,13 +219,14 @@ def route(scores_logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, bac
 
     fn = router.moe_route if backend == "triton" else router.moe_route_torch
     return fn(scores_logits, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
-              cfg.routed_scaling_factor)
+              cfg.routed_scaling_factor, shared_expert=shared_expert)
 
 
 class Gate(nn.Module):
     def __init__(self, cfg: ModelConfig, rt: Runtime, device: torch.device):
         super().__init__()
         self.cfg, self.rt = cfg, rt
+        self.shared_expert = False  # route every token to expert E too (MoE.fuse_shared_expert_)
         self.weight = _frozen(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=rt.dtype, device=device))
         self.e_score_correction_bias = _frozen(torch.empty(cfg.n_routed_experts, dtype=torch.float32, device=device))
 
@@ -250,7 +236,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.weight.float())  # [T, E] (.float() is free once prepared)
-        return route(logits, self.e_score_correction_bias, self.cfg, self.rt.backend)
+        return route(logits, self.e_score_correction_bias, self.cfg, self.rt.backend, self.shared_expert)
 
 
 class Experts(nn.Module):
@@ -275,6 +261,11 @@ class Experts(nn.Module):
             return w if w.dtype == dtype else w.to(dtype)
         return dequant_fp8(w, scale[experts], self.rt.fp8_block, dtype)
 
+    def set_bounds_(self) -> None:
+        """Expert ids 0..E (E counting a stacked shared expert), searched once per step for the row offsets."""
+        self.register_buffer("bounds", torch.arange(self.down_proj.shape[0] + 1, device=self.down_proj.device),
+                             persistent=False)
+
     def fuse_gate_up_(self) -> None:
         """For the grouped-GEMM kernel: gate and up stacked as one [E, 2I, D] weight (scales: gate's blocks, then
         up's), built once after loading; the separate copies are dropped."""
@@ -289,21 +280,20 @@ class Experts(nn.Module):
         """x [T, D], weights/idx [T, k] -> [T, D]: rows sorted by expert; only experts with rows do work."""
         t, k = idx.shape
         flat = idx.flatten()  # [T*k]
-        order = flat.argsort(stable=True)
-        token_of = order // k  # [T*k] source token of each sorted row
-        counts = torch.bincount(flat, minlength=self.down_proj.shape[0])  # [E]
-        xs = x[token_of]  # [T*k, D]
-        if self.rt.backend == "triton":  # one launch per projection for all experts, no host sync
+        if self.rt.backend == "triton":  # 4 ops + 2 grouped GEMMs + the combine, and nothing reads the device
             from kernels.moe import moe_grouped_gemm
+            from kernels.router import moe_combine
 
-            offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=x.device)
-            offsets[1:] = counts.cumsum(0)
+            experts, order = flat.sort(stable=True)  # [T*k] each: rows sorted by expert
+            xs = x[order // k]  # [T*k, D]
+            offsets = torch.searchsorted(experts, self.bounds, out_int32=True)  # [E + 1] first row of each expert
             h = moe_grouped_gemm(xs, offsets, self.gate_up_proj, self.gate_up_proj_scale_inv, "swiglu",
                                  scale_fmt=self.rt.scale_fmt)  # [T*k, I]
             ys = moe_grouped_gemm(h, offsets, self.down_proj, self.down_proj_scale_inv, scale_fmt=self.rt.scale_fmt)
-            from kernels.router import moe_combine
-
             return moe_combine(ys, weights, order)
+        order = flat.argsort(stable=True)
+        xs = x[order // k]  # [T*k, D]
+        counts = torch.bincount(flat, minlength=self.down_proj.shape[0])  # [E]
         if self.gate_proj_scale_inv is None:  # dense: views of the stacked weights, nothing copied per step
             used = [(e, n) for e, n in enumerate(counts.tolist()) if n]  # (expert, rows)
             w_gate, w_up, w_down = self.gate_proj, self.up_proj, self.down_proj
@@ -333,8 +323,23 @@ class MoE(nn.Module):
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = MLP(cfg.hidden_size, inter, rt, fp8, device) if cfg.n_shared_experts else None
 
+    def fuse_shared_expert_(self) -> None:
+        """Triton path: the shared expert becomes routed expert E, taken by every token with weight 1, so the
+        grouped GEMMs and the combine do its work (7 launches fewer per layer). Only where it has the routed
+        experts' shape (n_shared_experts = 1, as V3) and its gate + up are fused."""
+        shared, ex = self.shared_experts, self.experts
+        if shared is None or shared.gate_up_proj is None or ex.gate_up_proj is None:
+            return
+        if shared.gate_up_proj.weight.shape != ex.gate_up_proj.shape[1:]:
+            return
+        ex.gate_up_proj, ex.gate_up_proj_scale_inv = stack_shared_expert(
+            ex.gate_up_proj, ex.gate_up_proj_scale_inv, shared.gate_up_proj)
+        ex.down_proj, ex.down_proj_scale_inv = stack_shared_expert(ex.down_proj, ex.down_proj_scale_inv,
+                                                                   shared.down_proj)
+        self.shared_experts, self.gate.shared_expert = None, True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, idx = self.gate(x)
+        weights, idx = self.gate(x)  # [T, k] each (k + 1 with the shared expert stacked last)
         y = self.experts(x, weights, idx)
         return y + self.shared_experts(x) if self.shared_experts is not None else y
 
@@ -399,7 +404,7 @@ class Transformer(nn.Module):
     def prepare_for_kernels_(self) -> None:
         """After loading (and after any dequantization or tensor-parallel slicing), lay the weights out once as
         the step reads them: W_UK / W_UV split, q_a + kv_a and MLP gate + up fused, the router weight in fp32,
-        and for the Triton path the routed experts' gate + up stacked. Idempotent."""
+        and for the Triton path the routed experts' gate + up stacked with the shared expert as one more. Idempotent."""
         if self.prepared:
             return
         for module in self.modules():
@@ -411,6 +416,10 @@ class Transformer(nn.Module):
                 module.prepare_()
             elif isinstance(module, Experts) and self.rt.backend == "triton" and module.gate_proj is not None:
                 module.fuse_gate_up_()
+        for module in self.modules():
+            if isinstance(module, MoE) and self.rt.backend == "triton":
+                module.fuse_shared_expert_()
+                module.experts.set_bounds_()
         self.prepared = True
 
     def dequantize_fp8_(self) -> None:

@@ -21,7 +21,7 @@ from inference.engine.engine import Engine  # noqa: E402
 from tests.hf_checkpoints import fp8_checkpoint_pair  # noqa: E402
 
 pytest.importorskip("triton")
-MOE_LAYER_LAUNCHES = 33  # measured; target 20 (see bench/RESULTS.md for the breakdown)
+MOE_LAYER_LAUNCHES = 27  # measured: 19 Triton + 8 aten; the target is 20 (bench/RESULTS.md has the breakdown)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreter launches")
@@ -32,7 +32,8 @@ def test_moe_layer_decode_launches(tmp_path):
                              n_group=2, topk_group=1)
     eng = Engine.from_pretrained(ck["fp8"], device="cpu", dtype="bfloat16", backend="triton")
     layer = eng.model.model.layers[1]
-    assert layer.self_attn.qkv_a_proj is not None and layer.mlp.shared_experts.gate_up_proj is not None
+    assert layer.self_attn.qkv_a_proj is not None and layer.mlp.shared_experts is None  # stacked as expert E
+    assert layer.mlp.experts.gate_up_proj.shape[0] == 8 + 1
     runner = eng.make_runner(8, 4)
     tables = [[0, 1], [2, 3]]
     runner.run([ScheduledSeq([5, 6, 7, 8, 9], 0, tables[0]), ScheduledSeq([1, 2], 0, tables[1])])

@@ -160,3 +160,37 @@ def test_rope_kv_cache(interleave, dtype, rtol):
         others = torch.ones(16, dtype=torch.bool)
         others[slots] = False
         assert cache[others].isnan().all()  # no other slot written
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_mla_prefill_naive(dtype, rtol):
+    from kernels.mla_naive import mla_prefill_naive, mla_prefill_naive_torch
+
+    g = torch.Generator().manual_seed(7)
+    h, nope, r, dv = 2, 16, 8, 16
+    seq_lens, q_lens = [21, 5, 40], [21, 3, 17]  # a whole prompt, chunks after a cached prefix
+    s, t = sum(seq_lens), sum(q_lens)
+    q = torch.randn(t, h, nope + r, generator=g, dtype=torch.float64)
+    k = torch.randn(s, h, nope, generator=g, dtype=torch.float64)
+    k_pe = torch.randn(s, r, generator=g, dtype=torch.float64)
+    v = torch.randn(s, h, dv, generator=g, dtype=torch.float64)
+    qsl, ksl = [0], [0]
+    for n, ql in zip(seq_lens, q_lens):
+        qsl.append(qsl[-1] + ql)
+        ksl.append(ksl[-1] + n)
+    ref = torch.empty(t, h, dv, dtype=torch.float64)
+    for b, (n, ql) in enumerate(zip(seq_lens, q_lens)):  # float64, written from the definition
+        for i in range(ql):
+            pos = n - ql + i
+            seen = slice(ksl[b], ksl[b] + pos + 1)
+            keys = torch.cat((k[seen], k_pe[seen, None].expand(-1, h, -1)), -1)
+            p = (torch.einsum("hd,shd->hs", q[qsl[b] + i], keys) * 0.2).softmax(-1)
+            ref[qsl[b] + i] = torch.einsum("hs,shv->hv", p, v[seen])
+    args = [x.to(dtype).to(DEV) for x in (q, k, k_pe, v)]
+    idx = [torch.tensor(x, device=DEV) for x in (seq_lens, qsl, ksl)]
+    for fn in (mla_prefill_naive, mla_prefill_naive_torch):
+        out = fn(*args, *idx, 0.2, max_q_len=max(q_lens), out=torch.full((t, h, dv), float("nan"), dtype=dtype,
+                                                                         device=DEV))
+        assert not out.isnan().any(), fn.__name__
+        err = (out.double().cpu() - ref).abs().max() / ref.abs().max()
+        assert err <= rtol, f"{fn.__name__}: {err:.2e}"

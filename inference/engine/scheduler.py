@@ -122,7 +122,8 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            seq.block_table.extend(self.bm.allocate(need))
+            if need:
+                seq.block_table.extend(self.bm.allocate(need))
             chosen[seq] = num_new
             budget -= num_new
 

@@ -84,3 +84,25 @@ def prefill_attention_naive(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: tor
         out[start : start + q_len] = o.transpose(0, 1)
         start += q_len
     return out
+
+
+def prefill_naive_kernel(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                         w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float) -> torch.Tensor:
+    """The Triton path of the naive form: the step's contexts gathered from the paged cache, K and V expanded
+    per head by two GEMMs (once per step), then `kernels.mla_naive.mla_prefill_naive` -> [T, H, v]."""
+    from kernels.mla_naive import mla_prefill_naive
+
+    bs, c, dev = meta.block_size, w_uk.shape[-1], cache.device
+    in_block = torch.arange(bs, device=dev)
+    slots = torch.cat([(meta.block_tables[b, : -(-n // bs)].long()[:, None] * bs + in_block).flatten()[:n]
+                       for b, n in enumerate(meta.seq_lens_list)])  # [S] one loop step per sequence
+    kv = cache.view(-1, cache.shape[-1])[slots]  # [S, C + R]
+    k = F.linear(kv[:, :c], w_uk.reshape(-1, c)).view(kv.shape[0], w_uk.shape[0], -1)  # [S, H, nope]
+    v = F.linear(kv[:, :c], w_uv.reshape(-1, c)).view(kv.shape[0], w_uv.shape[0], -1)  # [S, H, v]
+    starts = [0]
+    for n in meta.seq_lens_list:
+        starts.append(starts[-1] + n)
+    kv_start = torch.tensor(starts, dtype=torch.int64, device=dev)  # [B + 1]
+    q = torch.cat((q_nope, q_pe), dim=-1).to(k.dtype)  # [T, H, nope + R]
+    return mla_prefill_naive(q, k, kv[:, c:].to(k.dtype), v, meta.seq_lens, meta.query_start_loc, kv_start, scale,
+                             max_q_len=max(meta.query_lens_list))

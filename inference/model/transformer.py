@@ -165,9 +165,9 @@ class MLA(nn.Module):
         q_pe = write(kv, self.kv_a_layernorm.weight, q_pe, cos, sin, meta.slot_mapping,
                      cache.view(-1, cache.shape[-1]), self.kv_a_layernorm.eps, rotary.interleave)  # [T, H, R]
 
-        if self.rt.backend == "torch" and not meta.is_decode:
-            o = attention.prefill_attention_naive(q_nope, q_pe, cache, meta, self.w_uk, self.w_uv,
-                                                  cfg.softmax_scale)  # [T, H, v]
+        if not meta.is_decode and (self.rt.backend == "torch" or min(meta.query_lens_list) > 1):  # naive form
+            naive = attention.prefill_attention_naive if self.rt.backend == "torch" else attention.prefill_naive_kernel
+            o = naive(q_nope, q_pe, cache, meta, self.w_uk, self.w_uv, cfg.softmax_scale)  # [T, H, v]
             return self.o_proj(o.to(x.dtype).reshape(t, heads * cfg.v_head_dim))
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, C]
         if self.rt.backend == "triton":

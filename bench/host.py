@@ -11,6 +11,7 @@ at batch 64, flat in context. Prints one markdown table (ms per step: total, sch
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def fast_forward(core: EngineCore, batch: int, context: int, steps: int) -> None
         sched._by_id[seq.request_id] = seq
 
 
-def measure(batch: int, context: int, steps: int, block_size: int) -> dict[str, float]:
+def measure(batch: int, context: int, steps: int, block_size: int, no_gc: bool = False) -> dict[str, float]:
     num_blocks = batch * (-(-(context + steps + 8) // block_size)) + 8
     runner = NullRunner(num_blocks, block_size)
     engine = SimpleNamespace(max_context=context + steps + 16)
@@ -81,6 +82,8 @@ def measure(batch: int, context: int, steps: int, block_size: int) -> dict[str, 
         return out
 
     core.scheduler.schedule = timed_schedule
+    if no_gc:
+        gc.disable()
     t0 = time.perf_counter()
     for _ in range(steps):
         res = core.step()
@@ -88,6 +91,7 @@ def measure(batch: int, context: int, steps: int, block_size: int) -> dict[str, 
             raise res.error
         assert len(res.updates) == batch
     total = (time.perf_counter() - t0) / steps * 1e3
+    gc.enable()
     return {"total": total, "schedule": sched_s / steps * 1e3, "inputs": runner.build_s / steps * 1e3,
             "rest": total - (sched_s + runner.build_s) / steps * 1e3}
 
@@ -99,15 +103,19 @@ def main() -> None:
     ap.add_argument("--contexts", default="1024,32768,131072")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-gc", action="store_true", help="Python's cyclic GC off while timing (it walks every "
+                    "token list, so with it on a step's cost grows with the contexts held)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# host ms per decode step (null model, vocab {VOCAB}), block size {args.block_size}, "
-          f"{args.steps} steps, torch {torch.__version__}, {args.threads} thread(s)")
+          f"{args.steps} steps, torch {torch.__version__}, {args.threads} thread(s), "
+          f"cyclic GC {'off' if args.no_gc else 'on'}")
     print("| batch | context | ms/step | schedule | inputs | sample+postprocess |")
     print("|---:|---:|---:|---:|---:|---:|")
     for b in (int(x) for x in args.batches.split(",")):
         for c in (int(x) for x in args.contexts.split(",")):
-            r = measure(b, c, args.steps, args.block_size)
+            r = measure(b, c, args.steps, args.block_size, args.no_gc)
+            gc.collect()
             print(f"| {b} | {c} | {r['total']:.3f} | {r['schedule']:.3f} | {r['inputs']:.3f} | {r['rest']:.3f} |",
                   flush=True)
 

@@ -41,9 +41,9 @@ def _rotate_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interle
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
     c, s = cos.view(shape), sin.view(shape)
     xf = x.float()
-    if interleave:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    if interleave:  # pairs as complex numbers times cos + i sin: (x1 c - x2 s) + i (x2 c + x1 s), few ops
+        rot = torch.view_as_complex(xf.unflatten(-1, (-1, 2)).contiguous()) * torch.complex(c, s)
+        return torch.view_as_real(rot).flatten(-2)
     x1, x2 = xf.chunk(2, dim=-1)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 

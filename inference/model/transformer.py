@@ -261,14 +261,21 @@ class Experts(nn.Module):
             return w if w.dtype == dtype else w.to(dtype)
         return dequant_fp8(w, scale[experts], self.rt.fp8_block, dtype)
 
+    def _all_experts(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Torch path, dense weights, batches reaching most experts: all experts on all tokens, weight 0 if unused."""
+        xe = x[None].expand(self.gate_proj.shape[0], -1, -1)  # [E, T, D]
+        h = F.silu(torch.bmm(xe, self.gate_proj.transpose(1, 2))) * torch.bmm(xe, self.up_proj.transpose(1, 2))
+        ys = torch.bmm(h, self.down_proj.transpose(1, 2))  # [E, T, D]
+        w = torch.zeros(x.shape[0], ys.shape[0], dtype=torch.float32, device=x.device).scatter_(1, idx, weights)
+        return torch.einsum("etd,te->td", ys.float(), w).to(x.dtype)  # [T, D]
+
     def set_bounds_(self) -> None:
         """Expert ids 0..E (E counting a stacked shared expert), searched once per step for the row offsets."""
         self.register_buffer("bounds", torch.arange(self.down_proj.shape[0] + 1, device=self.down_proj.device),
                              persistent=False)
 
     def fuse_gate_up_(self) -> None:
-        """For the grouped-GEMM kernel: gate and up stacked as one [E, 2I, D] weight (scales: gate's blocks, then
-        up's), built once after loading; the separate copies are dropped."""
+        """For the grouped GEMM: gate and up as one [E, 2I, D] weight (scales: gate's blocks, then up's)."""
         self.gate_up_proj = _frozen(torch.cat((self.gate_proj, self.up_proj), dim=1))
         if self.gate_proj_scale_inv is not None:
             self.gate_up_proj_scale_inv = _frozen(torch.cat((self.gate_proj_scale_inv, self.up_proj_scale_inv), 1))
@@ -291,9 +298,12 @@ class Experts(nn.Module):
                                  scale_fmt=self.rt.scale_fmt)  # [T*k, I]
             ys = moe_grouped_gemm(h, offsets, self.down_proj, self.down_proj_scale_inv, scale_fmt=self.rt.scale_fmt)
             return moe_combine(ys, weights, order)
+        n_experts = self.down_proj.shape[0]
+        if self.gate_proj_scale_inv is None and t * k >= n_experts:  # most experts have rows: all at once
+            return self._all_experts(x, weights, idx)
         order = flat.argsort(stable=True)
         xs = x[order // k]  # [T*k, D]
-        counts = torch.bincount(flat, minlength=self.down_proj.shape[0])  # [E]
+        counts = torch.bincount(flat, minlength=n_experts)  # [E]
         if self.gate_proj_scale_inv is None:  # dense: views of the stacked weights, nothing copied per step
             used = [(e, n) for e, n in enumerate(counts.tolist()) if n]  # (expert, rows)
             w_gate, w_up, w_down = self.gate_proj, self.up_proj, self.down_proj
@@ -357,8 +367,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 rotary: Rotary, meta: AttentionMetadata, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, residual) [T, D] each -> (this block's output, the residual stream before it); their sum is the
-        hidden state. The residual add is fused into the next norm."""
+        """(x, residual) [T, D] -> (block output, residual stream before it): their sum is the hidden state."""
         h, residual = self.input_layernorm.add_forward(x, residual)
         h = self.self_attn(h, cos, sin, rotary, meta, cache)
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
@@ -423,8 +432,7 @@ class Transformer(nn.Module):
         self.prepared = True
 
     def dequantize_fp8_(self) -> None:
-        """Replace every FP8 weight by its dequantized copy in the activation dtype (frees the FP8 data); before
-        prepare_for_kernels_."""
+        """Every FP8 weight replaced by its dequantized copy in the activation dtype; before prepare_for_kernels_."""
         if self.prepared:
             raise RuntimeError("dequantize_fp8_ must run before prepare_for_kernels_")
         for module in self.modules():

@@ -176,6 +176,55 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def interleaved(path: Path, dtype: str, decode_tokens: int, rounds: int) -> None:
+    """Both implementations in one process on the same weights, their decode passes alternated, so a noisy
+    neighbour slows both alike: per round and batch, the ratio of median step times."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from inference.engine.core import EngineCore
+    from inference.engine.engine import Engine
+    from inference.engine.sampling import SamplingParams
+    from inference.engine.sequence import Sequence
+
+    eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch")
+    hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+
+    def ours(batch: int) -> list[float]:
+        core = EngineCore(eng, max_num_seqs=batch, max_num_batched_tokens=16 * batch,
+                          cache_tokens=batch * (32 + decode_tokens), block_size=16)
+        for i, p in enumerate(_prompts(batch, 16)):
+            core.scheduler.add(Sequence(str(i), p, SamplingParams(max_tokens=decode_tokens + 1, ignore_eos=True)))
+        core.step()
+        steps = []
+        while core.scheduler.has_work():
+            t = time.perf_counter()
+            core.step()
+            steps.append(time.perf_counter() - t)
+        return steps
+
+    def theirs(batch: int) -> list[float]:
+        steps = []
+        with torch.inference_mode():
+            out = hf(torch.tensor(_prompts(batch, 16)), use_cache=True, logits_to_keep=1)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(decode_tokens):
+                t = time.perf_counter()
+                out = hf(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                steps.append(time.perf_counter() - t)
+        return steps
+
+    print(f"# interleaved decode, {dtype} copy of the demo, {cpu_name()}, {torch.get_num_threads()} thread(s): "
+          "median ms per step, each round ours then transformers")
+    print("| batch | round | ours ms | transformers ms | ours speed-up |")
+    print("|---:|---:|---:|---:|---:|")
+    for batch in (1, 8):
+        ours(batch), theirs(batch)  # warm-up
+        for r in range(rounds):
+            a, b = _median(ours(batch)) * 1e3, _median(theirs(batch)) * 1e3
+            print(f"| {batch} | {r + 1} | {a:.2f} | {b:.2f} | {b / a:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -184,6 +233,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--interleaved", type=int, metavar="ROUNDS", default=0,
+                    help="instead: both implementations in one process, decode passes alternated, ROUNDS rounds")
     args = ap.parse_args()
     args.impl = args.child
     if args.child:
@@ -194,6 +245,10 @@ def main() -> None:
 
     demo = demo_checkpoint_path()
     deq = dequantized_copy(demo, default_cache_dir() / f"demo-dequantized-{args.dtype}", getattr(torch, args.dtype))
+    if args.interleaved:
+        torch.set_num_threads(args.threads)
+        interleaved(deq, args.dtype, args.decode_tokens, args.interleaved)
+        return
     rows = {"ours (FP8 demo)": spawn("ours", demo, args), f"ours ({args.dtype} copy)": spawn("ours", deq, args),
             f"transformers ({args.dtype} copy)": spawn("hf", deq, args)}
     hf = rows[f"transformers ({args.dtype} copy)"]

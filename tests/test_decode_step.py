@@ -142,3 +142,21 @@ def test_decode_step_has_no_host_sync(ckpts):
         logits = runner.run(step)
         tokens = sample(logits, params, gens, sync_free=True)
     assert len(tokens.tolist()) == 5 and tokens.tolist()[0] == int(logits[0].argmax())
+
+
+def test_sync_free_sampling_draws_the_same_tokens():
+    """Decisions from the host params (full sort for top-p rows) give exactly the shortlist path's draws."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 3000, generator=g) * 3
+    params = [SamplingParams(temperature=0.9, top_p=0.8, seed=1), SamplingParams(temperature=1.0, top_k=7, seed=2),
+              SamplingParams(temperature=0.5, top_k=50, top_p=0.5, seed=3), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.2, top_p=0.95, seed=4), SamplingParams(temperature=0.7, seed=5)]
+    for _ in range(5):
+        a = sample(logits, params, [make_generator(p) for p in params], sync_free=False)
+        b = sample(logits, params, [make_generator(p) for p in params], sync_free=True)
+        assert torch.equal(a, b)
+        logits = logits.roll(1, dims=1)
+    top_k_only = [SamplingParams(temperature=1.0, top_k=k, seed=k) for k in (1, 5, 40)]
+    a = sample(logits[:3], top_k_only, [make_generator(p) for p in top_k_only], sync_free=False)
+    b = sample(logits[:3], top_k_only, [make_generator(p) for p in top_k_only], sync_free=True)
+    assert torch.equal(a, b)

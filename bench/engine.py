@@ -3,8 +3,10 @@
     python bench/engine.py [--prompt-len 512] [--decode-tokens 32] [--dtype bfloat16]
 
 Each implementation runs in its own subprocess (so peak RSS is its own): prefill tokens/s (one prompt, logits of
-the last token), decode tokens/s at batch 1 and 8 (greedy, fixed token count), peak RSS, KV-cache bytes per
-token. Transformers reads a dequantized copy of the demo checkpoint (it has no CPU FP8 path); ours is measured
+the last token; median of 5), decode tokens/s at batch 1 and 8 (greedy, 16-token prompts: the median of every
+decode step timed over 3 passes after a warm-up pass; ours through `EngineCore.step`, the loop the server and
+`Engine.generate` run; transformers' model called step by step with its KV cache), peak RSS, KV-cache bytes
+per token. Transformers reads a dequantized copy of the demo checkpoint (it has no CPU FP8 path); ours is measured
 on that same copy (same weights, same dtype) and on the FP8 original.
 """
 
@@ -63,36 +65,53 @@ def _prompts(n: int, length: int, vocab: int = 120000) -> list[list[int]]:
     return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def _timed(fn, repeats: int = 3) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def _timed(fn, repeats: int = 5) -> float:
+    """Median seconds of `repeats` calls after one warm-up (the median: the machine is shared and noisy)."""
+    fn()
+    times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return _median(times)
 
 
 def run_ours(path: Path, dtype: str, prompt_len: int, decode_tokens: int) -> dict:
     from inference.engine.batch import ScheduledSeq
+    from inference.engine.core import EngineCore
     from inference.engine.engine import Engine
     from inference.engine.runner import cache_bytes_per_token
     from inference.engine.sampling import SamplingParams
+    from inference.engine.sequence import Sequence
 
-    eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch")
+    eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch", dequantize_fp8="auto")
     (prompt,) = _prompts(1, prompt_len)
     bs = 16
     runner = eng.make_runner(-(-prompt_len // bs), bs)
     table = list(range(runner.num_blocks))
     prefill_s = _timed(lambda: runner.run([ScheduledSeq(prompt, 0, table)]))
     res = {"prefill_tok_s": prompt_len / prefill_s}
-    params = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
     for batch in (1, 8):
-        prompts = _prompts(batch, 16)
-        # decode time = generate(16-token prompt, N tokens) - generate(same, 1 token): the prefill cancels out
-        full = _timed(lambda p=prompts: eng.generate(p, params), repeats=2)
-        one = _timed(lambda p=prompts: eng.generate(p, SamplingParams(max_tokens=1, ignore_eos=True)), repeats=2)
-        res[f"decode_b{batch}_tok_s"] = batch * (decode_tokens - 1) / max(full - one, 1e-9)
+        # the server's step (EngineCore: scheduler, paged cache, sampling, stop checks), each decode step timed
+        steps: list[float] = []
+        for rep in range(4):
+            core = EngineCore(eng, max_num_seqs=batch, max_num_batched_tokens=16 * batch,
+                              cache_tokens=batch * (16 + decode_tokens + bs), block_size=bs)
+            params = SamplingParams(max_tokens=decode_tokens + 1, ignore_eos=True)
+            for i, p in enumerate(_prompts(batch, 16)):
+                core.scheduler.add(Sequence(str(i), p, params))
+            core.step()  # prefill, samples the first token
+            while core.scheduler.has_work():
+                t = time.perf_counter()
+                core.step()
+                if rep:  # the first pass warms up
+                    steps.append(time.perf_counter() - t)
+        res[f"decode_b{batch}_tok_s"] = batch / _median(steps)
     res["cache_bytes_per_token"] = cache_bytes_per_token(eng.config, eng.dtype)
     return res
 
@@ -106,17 +125,21 @@ def run_hf(path: Path, dtype: str, prompt_len: int, decode_tokens: int) -> dict:
     with torch.inference_mode():
         prefill_s = _timed(lambda: model(ids, logits_to_keep=1))
     res = {"prefill_tok_s": prompt_len / prefill_s}
-
-    def gen(batch_ids: torch.Tensor, n: int):
-        with torch.inference_mode():
-            return model.generate(batch_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=2, eos_token_id=None)
-
     for batch in (1, 8):
+        # greedy decode with the KV cache, each step timed (what generate() runs, minus its bookkeeping)
+        steps: list[float] = []
         bids = torch.tensor(_prompts(batch, 16))
-        full = _timed(lambda b=bids: gen(b, decode_tokens), repeats=2)
-        one = _timed(lambda b=bids: gen(b, 1), repeats=2)
-        res[f"decode_b{batch}_tok_s"] = batch * (decode_tokens - 1) / max(full - one, 1e-9)
+        with torch.inference_mode():
+            for rep in range(4):
+                out = model(bids, use_cache=True, logits_to_keep=1)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                for _ in range(decode_tokens):
+                    t = time.perf_counter()
+                    out = model(nxt, past_key_values=past, use_cache=True)
+                    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                    if rep:
+                        steps.append(time.perf_counter() - t)
+        res[f"decode_b{batch}_tok_s"] = batch / _median(steps)
     cfg = model.config
     elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     res["cache_bytes_per_token"] = (cfg.num_hidden_layers * cfg.num_attention_heads
@@ -153,6 +176,55 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def interleaved(path: Path, dtype: str, decode_tokens: int, rounds: int) -> None:
+    """Both implementations in one process on the same weights, their decode passes alternated, so a noisy
+    neighbour slows both alike: per round and batch, the ratio of median step times."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from inference.engine.core import EngineCore
+    from inference.engine.engine import Engine
+    from inference.engine.sampling import SamplingParams
+    from inference.engine.sequence import Sequence
+
+    eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch")
+    hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+
+    def ours(batch: int) -> list[float]:
+        core = EngineCore(eng, max_num_seqs=batch, max_num_batched_tokens=16 * batch,
+                          cache_tokens=batch * (32 + decode_tokens), block_size=16)
+        for i, p in enumerate(_prompts(batch, 16)):
+            core.scheduler.add(Sequence(str(i), p, SamplingParams(max_tokens=decode_tokens + 1, ignore_eos=True)))
+        core.step()
+        steps = []
+        while core.scheduler.has_work():
+            t = time.perf_counter()
+            core.step()
+            steps.append(time.perf_counter() - t)
+        return steps
+
+    def theirs(batch: int) -> list[float]:
+        steps = []
+        with torch.inference_mode():
+            out = hf(torch.tensor(_prompts(batch, 16)), use_cache=True, logits_to_keep=1)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(decode_tokens):
+                t = time.perf_counter()
+                out = hf(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                steps.append(time.perf_counter() - t)
+        return steps
+
+    print(f"# interleaved decode, {dtype} copy of the demo, {cpu_name()}, {torch.get_num_threads()} thread(s): "
+          "median ms per step, each round ours then transformers")
+    print("| batch | round | ours ms | transformers ms | ours speed-up |")
+    print("|---:|---:|---:|---:|---:|")
+    for batch in (1, 8):
+        ours(batch), theirs(batch)  # warm-up
+        for r in range(rounds):
+            a, b = _median(ours(batch)) * 1e3, _median(theirs(batch)) * 1e3
+            print(f"| {batch} | {r + 1} | {a:.2f} | {b:.2f} | {b / a:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -161,6 +233,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--interleaved", type=int, metavar="ROUNDS", default=0,
+                    help="instead: both implementations in one process, decode passes alternated, ROUNDS rounds")
     args = ap.parse_args()
     args.impl = args.child
     if args.child:
@@ -171,6 +245,10 @@ def main() -> None:
 
     demo = demo_checkpoint_path()
     deq = dequantized_copy(demo, default_cache_dir() / f"demo-dequantized-{args.dtype}", getattr(torch, args.dtype))
+    if args.interleaved:
+        torch.set_num_threads(args.threads)
+        interleaved(deq, args.dtype, args.decode_tokens, args.interleaved)
+        return
     rows = {"ours (FP8 demo)": spawn("ours", demo, args), f"ours ({args.dtype} copy)": spawn("ours", deq, args),
             f"transformers ({args.dtype} copy)": spawn("hf", deq, args)}
     hf = rows[f"transformers ({args.dtype} copy)"]

@@ -94,7 +94,7 @@ async def ttft(aeng: AsyncEngine, prompt: list[int]) -> tuple[float, int]:
 
 async def main(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, dequantize_fp8="auto")
     load_s = time.perf_counter() - t0
     vocab = engine.config.vocab_size
     g = torch.Generator().manual_seed(args.seed)

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.kernels,
-                                        tensor_parallel_size=args.tensor_parallel_size)
+                                        tensor_parallel_size=args.tensor_parallel_size, dequantize_fp8="auto")
         load_s = time.perf_counter() - t0
         ranks = engine.tensor_parallel_size
         if args.raw:

@@ -180,7 +180,38 @@ def _moe_builds(all_configs: bool):
             yield k.moe_grouped_gemm_kernel, spec, cfg.num_warps, cfg.num_stages, label
 
 
-FAMILIES = {"fp8": _fp8_builds, "mla": _mla_builds, "moe": _moe_builds}
+def _fused_builds(all_configs: bool):
+    """The decode step's fused kernels at DeepSeek-V3.1 shapes."""
+    from kernels import mla_naive_triton, norm_triton, rope_triton, router_triton
+
+    yield norm_triton.rmsnorm_kernel, {
+        "x_ptr": "*bf16:16", "res_ptr": "*bf16:16", "w_ptr": "*bf16:16", "y_ptr": "*bf16:16",
+        "res_out_ptr": "*bf16:16", "D": "i32:16", "eps": "fp32", **{n: "i32:16" for n in (
+            "stride_x", "stride_r", "stride_y", "stride_ro")}, "HAS_RESIDUAL": True, "BLOCK_D": 8192}, 8, 1, \
+        "D7168 +res"
+    yield router_triton.moe_route_kernel, {
+        "logits_ptr": "*fp32:16", "bias_ptr": "*fp32:16", "w_ptr": "*fp32:16", "ids_ptr": "*i64:16",
+        "stride_l": "i32:16", "stride_w": "i32", "stride_i": "i32", "scaling": "fp32", "E": 256, "N_GROUP": 8,
+        "TOPK_GROUP": 4, "K": 8, "NORM": True, "SHARED": True, "BLOCK_G": 8, "BLOCK_EG": 32, "BLOCK_K": 16}, 4, 1, \
+        "E256 G8/4 k8+1"
+    yield router_triton.moe_combine_kernel, {
+        "ys_ptr": "*bf16:16", "w_ptr": "*fp32:16", "inv_ptr": "*i64:16", "out_ptr": "*bf16:16", "D": "i32:16",
+        "stride_y": "i32:16", "stride_w": "i32", "stride_o": "i32:16", "K": 9, "BLOCK_D": 1024}, 4, 1, "k9 D7168"
+    yield rope_triton.rope_kv_cache_kernel, {
+        "kv_ptr": "*bf16:16", "w_ptr": "*bf16:16", "qpe_ptr": "*bf16:16", "cos_ptr": "*fp32:16", "sin_ptr": "*fp32:16",
+        "slot_ptr": "*i64:16", "cache_ptr": "*bf16:16", "qout_ptr": "*bf16:16", "C": "i32", "H": "i32", "eps": "fp32",
+        **{n: "i32:16" for n in ("stride_kv", "stride_qt", "stride_qh", "stride_cs", "stride_ot", "stride_oh")},
+        "stride_slot": 1, "HALF": 32, "INTERLEAVE": True, "BLOCK_C": 512, "BLOCK_I": 32}, 4, 1, "C512 R64 H128"
+    yield mla_naive_triton.mla_prefill_naive_kernel, {
+        "q_ptr": "*bf16:16", "k_ptr": "*bf16:16", "kpe_ptr": "*bf16:16", "v_ptr": "*bf16:16", "o_ptr": "*bf16:16",
+        "seq_lens_ptr": "*i32:16", "qsl_ptr": "*i32:16", "ksl_ptr": "*i64:16", "sm_scale_log2": "fp32",
+        **{n: "i32:16" for n in ("stride_qt", "stride_qh", "stride_ks", "stride_kh", "stride_ps", "stride_vs",
+                                 "stride_vh", "stride_ot", "stride_oh")},
+        "D_NOPE": 128, "D_ROPE": 64, "D_V": 128, "BLOCK_M": 64, "BLOCK_N": 64, "PREC": "tf32", "UPCAST": False}, \
+        8, 2, "M64 N64 w8 s2"
+
+
+FAMILIES = {"fp8": _fp8_builds, "mla": _mla_builds, "moe": _moe_builds, "fused": _fused_builds}
 
 
 def all_builds(all_configs: bool = False, families: tuple[str, ...] = tuple(FAMILIES)):

@@ -14,7 +14,9 @@ class ScheduledSeq:
 
     token_ids: Sequence[int]  # new tokens this step
     start_pos: int  # tokens of this sequence already in the cache
-    block_table: Sequence[int]  # block ids covering start_pos + len(token_ids) tokens
+    # block ids covering start_pos + len(token_ids) tokens: the sequence's live list, append-only while it lives
+    # (the runner mirrors it into its device table by identity, writing only new entries)
+    block_table: Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,8 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] int64: cache slot each new token writes
     block_tables: torch.Tensor  # [B, max_blocks] int32 (padded with 0)
-    seq_lens: torch.Tensor  # [B] int32: cached + new tokens after this step
-    query_start_loc: torch.Tensor  # [B+1] int32: cumulative new-token counts
+    seq_lens: torch.Tensor  # [B] int32 or int64: cached + new tokens after this step
+    query_start_loc: torch.Tensor  # [B+1] int32 or int64: cumulative new-token counts
     logits_indices: torch.Tensor  # [N] int64: flattened rows whose logits are wanted
     block_size: int
     seq_lens_list: tuple[int, ...]  # host copies, so the torch path needs no device sync

@@ -15,7 +15,7 @@ import torch
 
 from inference.engine.batch import ScheduledSeq
 from inference.engine.core import EngineCore
-from inference.engine.runner import ModelRunner
+from inference.engine.runner import ModelRunner, available_memory
 from inference.engine.sampling import SamplingParams, make_generator
 from inference.engine.sequence import Sequence as Seq
 from inference.model.checkpoint import checkpoint_is_fp8, find_checkpoint_files, load_weights, resolve_model_path
@@ -50,7 +50,7 @@ def resolve_device(device: torch.device | str) -> torch.device:
 
 
 def _resolve(path_or_repo_id: str | os.PathLike | None, device: torch.device | str, dtype: torch.dtype | str | None,
-             backend: str, dequantize_fp8: bool):
+             backend: str, dequantize_fp8: bool | str):
     """Checkpoint path, config, files, device, dtype, FP8 or not, kernel backend, whether to dequantize FP8."""
     path = demo_checkpoint_path() if path_or_repo_id is None else resolve_model_path(path_or_repo_id)
     config = ModelConfig.from_file(path)
@@ -66,6 +66,13 @@ def _resolve(path_or_repo_id: str | os.PathLike | None, device: torch.device | s
             log.warning(fp8_unsupported_notice(dev))
             dequantize_fp8 = True
     return path, config, files, dev, dt, fp8, kernel_backend, dequantize_fp8
+
+
+def dense_fp8_fits(model: Transformer, dtype: torch.dtype, device: torch.device, fraction: float = 0.5) -> bool:
+    """True when dequantizing every FP8 weight to `dtype` adds at most `fraction` of the free memory."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    extra = sum(p.numel() * (elem - 1) for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
+    return extra <= fraction * available_memory(device)
 
 
 @dataclass
@@ -114,9 +121,14 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike | None = None, device: torch.device | str = "auto",
                         dtype: torch.dtype | str | None = None, *, backend: str = "auto",
-                        dequantize_fp8: bool = False, progress: bool | None = None, tensor_parallel_size: int = 1,
+                        dequantize_fp8: bool | str = False, progress: bool | None = None, tensor_parallel_size: int = 1,
                         dist_timeout_s: float | None = None) -> Engine:
         """Load a DeepseekV3ForCausalLM checkpoint (None: the demo checkpoint, written on first use).
+
+        dequantize_fp8: True replaces FP8 weights by dense ones at load, False keeps them FP8 (the CPU torch
+        path then dequantizes each block on use), "auto" dequantizes on the torch path when the dense copy fits
+        (`dense_fp8_fits`; under tensor parallelism "auto" keeps FP8); on a GPU without FP8 support it is always
+        done.
 
         `tensor_parallel_size` N > 1 starts N-1 worker processes on this machine (cuda:1..N-1 with NCCL, or CPU
         processes with gloo) and serves from this one, rank 0 (under torchrun: joins the ranks it started);
@@ -135,6 +147,7 @@ class Engine:
         if tensor_parallel_size == 1 and under_torchrun():  # torchrun's world size is the tensor-parallel size
             tensor_parallel_size = int(os.environ["WORLD_SIZE"])
         if tensor_parallel_size > 1:
+            dequantize_fp8 = dequantize_fp8 is True
             spec = RankSpec(str(path), str(dt).removeprefix("torch."), kernel_backend, dev.type,
                             bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S)
             model, group, plane = start_ranks(spec, tensor_parallel_size)
@@ -144,6 +157,8 @@ class Engine:
         load_weights(model, files, progress=progress)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
+        if fp8 and dequantize_fp8 == "auto":
+            dequantize_fp8 = kernel_backend == "torch" and dense_fp8_fits(model, dt, dev)
         if fp8 and dequantize_fp8:
             model.dequantize_fp8_()
             fp8 = False
@@ -178,6 +193,11 @@ class Engine:
         n = self.tensor_parallel_size
         return (f"tensor parallel over {n} ranks (heads, MLPs, vocabulary split; routed experts "
                 f"{self.config.n_routed_experts // n} per rank; latent KV cache replicated on every rank)")
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every weight as laid out for the step (after fusions, W_UK / W_UV, dequantization)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     @property
     def is_demo(self) -> bool:

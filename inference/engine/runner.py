@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from inference.engine.batch import ScheduledSeq, build_batch
+from inference.engine.batch import ScheduledSeq
+from inference.engine.step_inputs import StepInputs
 from inference.model.config import ModelConfig
 from inference.model.transformer import Transformer
 
@@ -58,6 +59,7 @@ class ModelRunner:
         check_cache_fits(config, num_blocks, block_size, dtype, self.device, setting)
         self.kv_cache = torch.zeros(config.num_layers, num_blocks, block_size, config.kv_cache_dim,
                                     dtype=dtype, device=self.device)
+        self.inputs = StepInputs(num_blocks, block_size, self.device)  # persistent block table, staged inputs
 
     @property
     def cache_tokens(self) -> int:
@@ -66,9 +68,5 @@ class ModelRunner:
     def run(self, seqs: Sequence[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
         """Compute the new tokens of every sequence; logits [B, V] float32 of each one's last token
         (or [T, V] for every new token with all_logits)."""
-        for s in seqs:
-            for b in s.block_table:
-                if not 0 <= b < self.num_blocks:
-                    raise ValueError(f"block id {b} outside the pool of {self.num_blocks} blocks")
-        input_ids, positions, meta = build_batch(seqs, self.block_size, self.device, all_logits)
+        input_ids, positions, meta = self.inputs.build(seqs, all_logits)  # block ids checked as they arrive
         return self.model(input_ids, positions, meta, self.kv_cache)

@@ -107,13 +107,16 @@ def _top_candidates(logits: torch.Tensor, keys: torch.Tensor, n: int) -> tuple[t
 
 
 def _candidates(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, temperature: torch.Tensor | None = None
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, temperature: torch.Tensor | None = None,
+    host: tuple[Sequence[int], Sequence[float]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's candidates, best first: (values [B, K] with filtered entries at -inf, vocab ids [B, K]).
 
     `temperature` [B], if given, divides the values (the ranking does not change with it; top-p does).
     K is the largest top-k when every row has one; otherwise the shortest of `_NUCLEUS_CANDIDATES` that
-    covers every row's top-k and top-p nucleus, else V (a full sort).
+    covers every row's top-k and top-p nucleus, else V (a full sort). `host` = the same top-k / top-p as host
+    lists: then no decision reads the device (no sync), and a top-p row without top-k sorts its whole row
+    instead of trying short lists.
     """
     num_rows, vocab = logits.shape
     device = logits.device
@@ -123,9 +126,15 @@ def _candidates(
     has_k = k < vocab  # [B]
     use_p = top_p < 1.0  # [B]
     row_lse: torch.Tensor | None = None  # [B] whole-row normalizer, for top-p rows without top-k
-    if not num_rows or bool(has_k.all()):
-        sizes = [int(k.max()) if num_rows else vocab]
+    if host is not None:
+        ks = [n if 0 < n < vocab else vocab for n in host[0]]
+        all_k, any_p = all(n < vocab for n in ks), any(p < 1.0 for p in host[1])
+        sizes = [max(ks, default=vocab)] if all_k else [vocab]
     else:
+        all_k, any_p = not num_rows or bool(has_k.all()), None
+    if host is None and all_k:
+        sizes = [int(k.max()) if num_rows else vocab]
+    elif host is None:
         row_lse = (logits if temperature is None else logits / temperature[:, None]).logsumexp(dim=-1)
         sizes = [vocab]
         if not bool((~has_k & ~use_p).any()):  # every row without top-k has a nucleus: try short lists
@@ -138,13 +147,13 @@ def _candidates(
             values = values / temperature[:, None]
         ranks = torch.arange(n, device=device)  # [n]
         values = values.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))  # exactly k per row survive
-        if not bool(use_p.any()):
+        if not (bool(use_p.any()) if any_p is None else any_p):
             return values, ids
         lse = values.logsumexp(dim=-1)  # [B] over the top-k survivors
         if row_lse is not None:
             lse = torch.where(has_k, lse, row_lse)
         probs = (values - lse[:, None]).exp()  # [B, n]
-        if n < vocab and not bool((has_k | (probs.sum(dim=-1) >= top_p)).all()):
+        if n < vocab and host is None and not bool((has_k | (probs.sum(dim=-1) >= top_p)).all()):
             continue  # some nucleus reaches past the first n candidates
         mass_before = probs.cumsum(dim=-1) - probs  # [B, n] probability of strictly better candidates
         drop = (mass_before >= top_p[:, None]) & use_p[:, None]
@@ -185,8 +194,12 @@ def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
+    sync_free: bool | None = None,
 ) -> torch.Tensor:
-    """Draw one token per row. logits [B, V] float32; returns [B] int64 on logits' device."""
+    """Draw one token per row. logits [B, V] float32; returns [B] int64 on logits' device.
+
+    sync_free (default: on any device but the CPU, where a device read costs nothing): every decision comes
+    from the host-side params, so nothing waits for the device until the caller reads the tokens."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
     num_rows = logits.shape[0]
@@ -194,6 +207,8 @@ def sample(
         raise ValueError(f"need one SamplingParams and one generator per row: {num_rows} rows, "
                          f"{len(params)} params, {len(generators)} generators")
     logits = logits.float()
+    if sync_free is None:
+        sync_free = logits.device.type != "cpu"
     out = logits.argmax(dim=-1)  # [B]; final for greedy rows
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
@@ -206,7 +221,8 @@ def sample(
     if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
         top_k = torch.tensor([params[i].top_k for i in rows], device=device, dtype=torch.long)
         top_p = torch.tensor([params[i].top_p for i in rows], device=device, dtype=torch.float32)
-        x, ids = _candidates(x, top_k, top_p, temps)  # [R, K] each
+        host = ([params[i].top_k for i in rows], [params[i].top_p for i in rows]) if sync_free else None
+        x, ids = _candidates(x, top_k, top_p, temps, host)  # [R, K] each
     else:
         x = x / temps[:, None]
     probs = x.softmax(dim=-1)  # [R, K]

@@ -122,7 +122,8 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            seq.block_table.extend(self.bm.allocate(need))
+            if need:
+                seq.block_table.extend(self.bm.allocate(need))
             chosen[seq] = num_new
             budget -= num_new
 
@@ -141,7 +142,7 @@ class Scheduler:
         sample_rows: list[int] = []
         for row, seq in enumerate(seqs):
             start, n = seq.num_computed_tokens, chosen[seq]
-            scheduled.append(ScheduledSeq(seq.token_ids[start : start + n], start, list(seq.block_table)))
+            scheduled.append(ScheduledSeq(seq.token_ids[start : start + n], start, seq.block_table))  # live list
             if start + n == seq.num_tokens:
                 sample_rows.append(row)
         return SchedulerOutput(seqs, scheduled, sample_rows, preempted)

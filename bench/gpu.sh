@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One command wherever a GPU is available (under 8 minutes on one H100/H200):
+#   bash bench/gpu.sh [--out DIR]
+# 1. the CUDA tests of the kernels (pytest, if the container has it), 2. bench/kernels.py --quick (FP8 GEMM vs
+# torch bf16 at the V3 shapes, mla_decode GB/s vs a device copy), 3. bench/layer.py (one real-size V3.1 MoE layer,
+# eager and CUDA-graph rows). Prints one markdown report and writes it to DIR/gpu.md (default bench/out).
+# Installs nothing; the GPU path imports torch, triton and safetensors only. Without CUDA it runs what it can
+# and says where a GPU is needed.
+set -u
+cd "$(dirname "$0")/.."
+OUT=bench/out
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT="$2"; shift 2 ;;
+    *) echo "usage: bash bench/gpu.sh [--out DIR]" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT"
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
+REPORT="$OUT/gpu.md"
+CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+{
+  echo "# bench/gpu.sh, $(date -u +%Y-%m-%dT%H:%MZ)"
+  $PY -c "import torch, triton; d = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'; \
+print(f'device: {d}; torch {torch.__version__}; triton {triton.__version__}')" 2>&1
+  echo
+  echo "## CUDA tests"
+  if [ "$CUDA" != 1 ]; then
+    echo "skipped: no CUDA device (on CPU the same tests run through the Triton interpreter in the normal suite)"
+  elif $PY -c "import pytest" 2>/dev/null; then
+    echo '```'
+    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_fp8.py tests/test_kernels_mla.py \
+      tests/test_kernels_moe.py tests/test_kernels_fused.py 2>&1 | tail -15
+    echo '```'
+  else
+    echo "skipped: pytest is not installed in this container (nothing is installed by this script)"
+  fi
+  echo
+  echo "## bench/kernels.py --quick"
+  echo '```'
+  timeout 180 $PY bench/kernels.py --quick 2>&1 | tail -60
+  echo '```'
+  echo
+  echo "## bench/layer.py"
+  timeout 200 $PY bench/layer.py --out "$OUT" 2>&1 | tail -40
+} | tee "$REPORT"
+echo "report written to $REPORT"

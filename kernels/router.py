@@ -1,0 +1,105 @@
+"""DeepSeek-V3 MoE routing and combine: `moe_route` / `moe_combine` (Triton, kernels/router_triton.py, imported
+on first use) and their twins `moe_route_torch` / `moe_combine_torch`.
+
+Routing (noaux_tc): scores = sigmoid(logits); the bias (e_score_correction_bias) is added for the selection
+only; with n_group > 1 the experts are split into groups, each group scored by the sum of its two best biased
+scores, and only the topk_group best groups stay (the others masked with -inf, as DeepSeek's reference, so a
+negative biased score in a kept group still wins); top_k experts of what is left; their weights are the
+unbiased scores, normalized to sum 1 (norm_topk_prob) and times routed_scaling_factor.
+Combine: the expert outputs sorted by expert [T*k, D] summed back into their tokens with the routing weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.util import check_launchable, check_tensor, out_or_new
+
+
+def _triton():
+    from kernels import router_triton
+
+    return router_triton
+
+
+def _check_route(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> None:
+    check_tensor(logits, "logits", ndim=2, dtypes=(torch.float32,), last_contiguous=True)
+    e = logits.shape[1]
+    check_tensor(bias, "bias", shape=(e,), device=logits.device)
+    if n_group < 1 or e % n_group or not 1 <= topk_group <= n_group:
+        raise ValueError(f"{e} experts cannot form {n_group} groups with {topk_group} kept")
+    if not 1 <= top_k <= e * topk_group // n_group:
+        raise ValueError(f"top_k {top_k} outside 1..{e * topk_group // n_group} (experts in the kept groups)")
+
+
+def moe_route_torch(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
+                    norm_topk_prob: bool, scaling: float, *, shared_expert: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of `moe_route`: logits [T, E] fp32 -> (weights [T, k] fp32, expert ids [T, k] int64)."""
+    _check_route(logits, bias, n_group, topk_group, top_k)
+    t, e = logits.shape
+    scores = logits.sigmoid()
+    biased = scores + bias.float()
+    if n_group > 1:
+        grouped = biased.view(t, n_group, e // n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+        biased = grouped.masked_fill(~keep[:, :, None], float("-inf")).view(t, e)
+    idx = biased.topk(top_k, dim=-1).indices  # [T, k]
+    weights = scores.gather(1, idx)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    weights = weights * scaling
+    if shared_expert:
+        weights = torch.cat((weights, torch.ones_like(weights[:, :1])), dim=1)
+        idx = torch.cat((idx, torch.full_like(idx[:, :1], e)), dim=1)
+    return weights, idx
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
+              norm_topk_prob: bool, scaling: float, *, shared_expert: bool = False,
+              out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole router in one launch (one program per token): logits [T, E] fp32 -> (weights [T, k] fp32,
+    expert ids [T, k] int64), best first. shared_expert: one more column, expert E with weight 1 (the shared
+    expert stacked after the routed ones)."""
+    _check_route(logits, bias, n_group, topk_group, top_k)
+    check_launchable(logits.device, "moe_route")
+    t, cols = logits.shape[0], top_k + int(shared_expert)
+    weights = out_or_new(None if out is None else out[0], (t, cols), torch.float32, logits.device, "out[0]")
+    ids = out_or_new(None if out is None else out[1], (t, cols), torch.int64, logits.device, "out[1]")
+    if t:
+        _triton().launch_moe_route(logits, bias, weights, ids, n_group, topk_group, top_k, norm_topk_prob, scaling,
+                                   shared_expert)
+    return weights, ids
+
+
+def _check_combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> None:
+    check_tensor(ys, "ys", ndim=2, dtypes=(torch.bfloat16, torch.float16, torch.float32), last_contiguous=True)
+    check_tensor(weights, "weights", ndim=2, dtypes=(torch.float32,), device=ys.device)
+    check_tensor(order, "order", shape=(weights.numel(),), dtypes=(torch.int32, torch.int64), device=ys.device)
+    if ys.shape[0] != weights.numel():
+        raise ValueError(f"ys has {ys.shape[0]} rows for {weights.numel()} (token, expert) pairs")
+
+
+def moe_combine_torch(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Twin of `moe_combine`."""
+    _check_combine(ys, weights, order)
+    t, k = weights.shape
+    scaled = ys.float() * weights.flatten()[order, None]  # [T*k, D]
+    out = torch.zeros(t, ys.shape[1], dtype=torch.float32, device=ys.device)
+    return out.index_add_(0, order // k, scaled).to(ys.dtype)
+
+
+def moe_combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, *, out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """ys [T*k, D]: row r is the output of pair order[r] = t * k + j (token t's j-th expert), rows sorted by
+    expert; weights [T, k] fp32 -> [T, D] in ys' dtype, sum_j weights[t, j] * that pair's row, in fp32."""
+    _check_combine(ys, weights, order)
+    check_launchable(ys.device, "moe_combine")
+    t, k = weights.shape
+    out = out_or_new(out, (t, ys.shape[1]), ys.dtype, ys.device)
+    if out.numel():
+        inv = order.argsort()  # [T*k] pair -> its sorted row (order is a permutation)
+        _triton().launch_moe_combine(ys, weights.contiguous(), inv, out)
+    return out

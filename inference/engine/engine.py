@@ -180,9 +180,8 @@ class Engine:
 
     @property
     def num_parameters(self) -> int:
-        """Of the whole model (under tensor parallelism: counted on a meta-device copy, not this rank's part)."""
-        if self.ranks is None:
-            return sum(p.numel() for p in self.model.parameters())
+        """Of the whole model as the checkpoint holds it: counted on a meta-device copy, so neither the layout for
+        the step (fused and split weights) nor a tensor-parallel split changes it."""
         meta = Transformer(self.config, Runtime(dtype=self.dtype), fp8=self.fp8, device="meta")
         return sum(p.numel() for p in meta.parameters())
 

@@ -427,8 +427,9 @@ class Transformer(nn.Module):
                 module.fuse_gate_up_()
         for module in self.modules():
             if isinstance(module, MoE) and self.rt.backend == "triton":
-                module.fuse_shared_expert_()
-                module.experts.set_bounds_()
+                module.fuse_shared_expert_()  # before its experts' bounds (modules() visits parents first)
+            elif isinstance(module, Experts) and self.rt.backend == "triton":
+                module.set_bounds_()  # also a tensor-parallel rank's LocalExperts
         self.prepared = True
 
     def dequantize_fp8_(self) -> None:

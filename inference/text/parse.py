@@ -297,6 +297,12 @@ class StreamParser:
             out.append(("held", self._buf))
         return out
 
+    @property
+    def held_back(self) -> int:
+        """Characters at the end of the input fed so far that are held back (a possible marker prefix): all
+        the input before them has been reported as events or recognized as markers."""
+        return len(self._buf)
+
     def reassemble(self) -> str:
         """The exact input fed so far, rebuilt from the segments (nothing is ever lost)."""
         return "".join(text for _, text in self.segments())

@@ -39,6 +39,9 @@ RECORDED = [
     ("plan: call it" + THINK_END + block(("count", '{"n":1}')), True),
     ("a < b and <｜not a marker｜> stays" + block(("count", '{"n": 2}')) + " done", False),
     ('{"answer": "<tag> and {braces}"}', False),
+    # arguments that are not a JSON object (possible only unconstrained): malformed, and cut off
+    (block(("get_weather", '{"city": "Par')), False),
+    (TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "count" + SEP + '{"n": 1', False),
 ]
 
 
@@ -104,8 +107,8 @@ def assemble_anthropic(pieces: list[str], thinking: bool, plan: Plan, choice: Ch
         await stream.begin()
         parser = StreamParser(thinking=thinking, tools=["get_weather", "count"])
         for p in pieces:
-            await stream.on_item(0, (p, parser.feed(p)))
-        await stream.on_item(0, ("", parser.finish()))
+            await stream.on_item(0, (p, parser.feed(p), []))
+        await stream.on_item(0, ("", parser.finish(), []))
         await stream.on_item(0, choice)
 
     anyio.run(main)
@@ -133,6 +136,7 @@ def test_anthropic_events_join_to_the_message_at_every_boundary(text: str, think
         thinking_text = "".join(b.get("thinking", "") for b in blocks if b["type"] == "thinking")
         text_text = "".join(b["text"] for b in blocks if b["type"] == "text")
         uses = [(b["name"], json.loads(b["partial"])) for b in blocks if b["type"] == "tool_use"]
+        assert all(b["input"] == {} for b in blocks if b["type"] == "tool_use")  # the whole input in one delta
         assert thinking_text == "".join(b["thinking"] for b in want if b["type"] == "thinking")
         assert all(b["signature"] for b in blocks if b["type"] == "thinking")
         assert text_text == "".join(b["text"] for b in want if b["type"] == "text")
@@ -195,3 +199,78 @@ def test_api_port_beyond_loopback_needs_a_token() -> None:
     with pytest.raises(ConfigError, match="API on 0.0.0.0"):
         check_serving_security(config)
     check_serving_security(load_config(None, {"host": "0.0.0.0", "api_port": 8001, "token": "t" * 20}, environ={}))
+
+
+def test_invalid_tool_arguments_are_an_empty_input_in_both_anthropic_shapes() -> None:
+    # a call whose arguments are not a JSON object keeps its tool_use block, with input {} in the message and
+    # one input_json_delta "{}" in the stream (never the raw text, which the client could not parse)
+    for text in (block(("get_weather", '{"city": "Par')), block(("count", "[1, 2]"))):
+        plan = Plan()
+        choice = fake_choice(text, False, plan)
+        want = anthropic_messages.message_response(plan, choice, "m", "msg_1")
+        assert [b["input"] for b in want["content"] if b["type"] == "tool_use"] == [{}]
+        assert want["stop_reason"] == "tool_use"
+        blocks = assemble_anthropic([text[:len(text) // 2], text[len(text) // 2:]], False, plan, choice)
+        assert [b["partial"] for b in blocks if b["type"] == "tool_use"] == ["{}"]
+
+
+class _Tok:
+    """A byte-level tokenizer of a few pieces (id 0 is EOS)."""
+
+    eos_id = 0
+    PIECES = {0: b"", 1: b"Hel", 2: b"lo <", 3: b"b> ", 4: "\u00e9".encode()[:1], 5: "\u00e9".encode()[1:],
+              6: b"!", 7: b"</think>"}
+
+    def incremental_decoder(self) -> Any:
+        import codecs
+
+        pieces, utf8 = self.PIECES, codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        class Decoder:
+            def step(self, t: int) -> str:
+                return utf8.decode(pieces[t])
+
+            def flush(self) -> str:
+                return utf8.decode(b"", final=True)
+
+        return Decoder()
+
+
+class _Recorder:
+    def entries(self, token_ids: list[int], start: int = 0) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        return [(t, -float(k), []) for k, t in enumerate(token_ids[start:], start)]
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_stream_logprobs_each_token_once_with_the_text_that_completes_it(thinking: bool) -> None:
+    # service.run's feeding, simulated: the parser holds "<" back (a possible marker), the decoder an
+    # unfinished character; EOS has no text and no delta. Each entry is handed out once, in order, only once
+    # its text is resolved; what is left (EOS) is the final chunk's, and all of them are the non-streamed list.
+    from inference.engine.sampling import SamplingParams
+    from mcp_server.api.logprobs import StreamLogprobs, all_logprobs
+
+    tok, params = _Tok(), SamplingParams(max_tokens=16)
+    tokens = ([7] if thinking else []) + [1, 2, 3, 4, 5, 6, 0]
+    live = StreamLogprobs(_Recorder(), tok, params)  # type: ignore[arg-type]
+    decoder, parser = tok.incremental_decoder(), StreamParser(thinking=thinking)
+    ids: list[int] = []
+    fed, text, taken = 0, "", []
+    for t in tokens:
+        ids = [*ids, t]
+        delta = decoder.flush() if t == 0 else decoder.step(t)
+        if not delta:
+            continue  # run_request calls on_text only for a text delta
+        events = parser.feed(delta)
+        fed += len(delta)
+        text += "".join(getattr(e, "text", "") for e in events)
+        got = live.take(ids, fed - parser.held_back)
+        taken.append(([e.token_id for e in got], text))
+    want = all_logprobs(_Recorder(), tok, params, ids, fed)  # type: ignore[arg-type]
+    first = [7] if thinking else []
+    assert taken == [*([([7], "")] if thinking else []), ([1], "Hel"), ([], "Hello "), ([2, 3], "Hello <b> "),
+                     ([4, 5], "Hello <b> \u00e9"), ([6], "Hello <b> \u00e9!")]
+    rest = want[sum(len(ids_) for ids_, _ in taken):]
+    assert [e.token_id for e in rest] == [0]
+    assert [e.token_id for e in want] == [*first, 1, 2, 3, 4, 5, 6, 0]
+    shift = 8 if thinking else 0  # offsets count the raw output text, </think> included
+    assert [e.offset - shift for e in want][len(first):] == [0, 3, 7, 10, 10, 11, 12]

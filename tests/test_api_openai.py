@@ -349,8 +349,10 @@ def test_errors_by_status_and_shape(client: OpenAI, server: LiveServer) -> None:
 
     status, body = status_of(chat(temperature=5))
     assert status == 400 and body["param"] == "temperature" and body["type"] == "invalid_request_error"
-    status, body = status_of(chat(logprobs=True, stream=True))
-    assert status == 400 and body["param"] == "logprobs" and body["code"] == "unsupported"
+    status, body = status_of(chat(logit_bias={"1": 1.0}))
+    assert status == 400 and body["param"] == "logit_bias" and body["code"] == "unsupported"
+    status, body = status_of(chat(logprobs=True, top_logprobs=21, stream=True))
+    assert status == 400 and body["param"] == "top_logprobs"
     status, body = status_of(chat(top_logprobs=2))
     assert status == 400 and body["param"] == "top_logprobs"
     status, body = status_of(chat(logit_bias={"5": 10}))

@@ -122,7 +122,7 @@ def check_ready(service: ChatService) -> None:
 def check_queue(prep: Prepared) -> None:
     """Refuse up front (429) when the engine's queue cannot take the plan's requests."""
     bound = getattr(prep.aengine, "max_waiting", None)
-    if bound is not None and prep.total > bound:
+    if bound and prep.total > bound:  # (a bound of 0 refuses everything: the 429 below)
         raise ApiError(400, f"this request makes {prep.total} generations (prompts x n), more than the server's "
                             f"queue holds ({bound}); send fewer prompts or a smaller n", param="prompt",
                        code="invalid_request")

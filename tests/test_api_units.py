@@ -274,3 +274,35 @@ def test_stream_logprobs_each_token_once_with_the_text_that_completes_it(thinkin
     assert [e.token_id for e in want] == [*first, 1, 2, 3, 4, 5, 6, 0]
     shift = 8 if thinking else 0  # offsets count the raw output text, </think> included
     assert [e.offset - shift for e in want][len(first):] == [0, 3, 7, 10, 10, 11, 12]
+
+
+def test_stream_logprobs_ride_the_delta_that_ends_their_text() -> None:
+    # one parser step that yields reasoning and then answer text (a stop string's hold-back releases several
+    # tokens at once): each delta carries the tokens whose text ends within it, the marker rides the next
+    from mcp_server.api.logprobs import TokenLogprob
+    from mcp_server.api.openai_stream import ChunkStream
+
+    class Tok:
+        def decode(self, ids: list[int]) -> str:
+            return {1: "abc", 2: THINK_END, 3: "de"}[ids[0]]
+
+    text = "abc" + THINK_END + "de"
+    entries = [TokenLogprob(1, -0.1, [], 0, 3), TokenLogprob(2, -0.2, [], 3, 3 + len(THINK_END)),
+               TokenLogprob(3, -0.3, [], 3 + len(THINK_END), len(text))]
+    chunks: list[dict[str, Any]] = []
+
+    async def write(data: bytes) -> None:
+        if data.startswith(b"data: {"):
+            chunks.append(json.loads(data[6:]))
+
+    async def main() -> None:
+        stream = ChunkStream(Plan(thinking=True, logprobs=0), "m", "id", write, False, Tok())
+        parser = StreamParser(thinking=True)
+        await stream.on_item(0, (text, parser.feed(text), entries))
+        await stream.on_item(0, ("", parser.finish(), []))
+
+    anyio.run(main)
+    got = [(c["choices"][0]["delta"], [e["token"] for e in (c["choices"][0]["logprobs"] or {}).get("content", [])])
+           for c in chunks]
+    assert got == [({"reasoning_content": "abc", "reasoning": "abc"}, ["abc"]),
+                   ({"content": "de"}, [THINK_END, "de"])]

@@ -6,11 +6,12 @@ markers, `<｜end▁of▁sentence｜>`) alike, as vLLM reports them; a chat resp
 
 A stream attaches an entry to the chunk that completes its token's text. The text is held back twice before it
 is sent (the engine holds a possible stop string, the parser a possible marker), so `StreamLogprobs.take`
-hands out an entry only once the output up to the end of its token's text has been resolved by the parser,
-and the stream gives the entries of one parser step to that step's last delta, carrying them to the next
-delta when the step produced none (a marker, a tool's name). The choice's last chunk (with `finish_reason`)
-carries the rest: tokens cut by a stop string, a final stop token. Joined, the chunks' entries are the
-non-streamed list: each entry once, in order.
+hands out an entry only once the output up to the end of its token's text has been resolved by the parser;
+the stream gives each delta the entries of the tokens whose text ends within it (the parser's events say
+where their text ends), the step's last delta the rest of that step (a marker after its text), and carries
+them to the next delta when the step produced none (a marker, a tool's name). The choice's last chunk (with
+`finish_reason`) carries the rest: tokens cut by a stop string, a final stop token. Joined, the chunks'
+entries are the non-streamed list: each entry once, in order.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class TokenLogprob:
     logprob: float | None  # None: not recorded
     top: list[tuple[int, float]]
     offset: int  # where the token's text starts in the output text
+    end: int  # where it ends (a stop string can cut it: then past the text)
 
 
 class TokenEnds:
@@ -65,8 +67,8 @@ def all_logprobs(recorder: LogprobRecorder, tokenizer: Any, params: SamplingPara
     """Every generated token's entry (the non-streamed list)."""
     ends = TokenEnds(tokenizer, params)
     ends.extend(token_ids)
-    return [TokenLogprob(t, lp, top, min(ends.starts[k], text_length))
-            for k, (t, lp, top) in enumerate(recorder.entries(token_ids))]
+    return [TokenLogprob(t, lp, top, min(ends.starts[k], text_length), ends.length if e is None else e)
+            for k, ((t, lp, top), e) in enumerate(zip(recorder.entries(token_ids), ends.ends, strict=True))]
 
 
 class StreamLogprobs:
@@ -85,7 +87,7 @@ class StreamLogprobs:
             k += 1
         if k == self.taken:
             return []
-        out = [TokenLogprob(t, lp, top, self.ends.starts[j])
+        out = [TokenLogprob(t, lp, top, self.ends.starts[j], ends[j] or 0)
                for j, (t, lp, top) in enumerate(self.recorder.entries(token_ids[:k], self.taken), self.taken)]
         self.taken = k
         return out

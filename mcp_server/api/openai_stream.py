@@ -24,7 +24,13 @@ from mcp_server.api.sse import Write, sse
 def event_deltas(events: list[Event], limit: int, call_ids: dict[int, str]) -> list[dict[str, Any]]:
     """Deltas for a batch of parser events, adjacent ones of one kind merged. `call_ids` (index -> id) is
     filled as calls start."""
+    return [d for d, _ in delta_ends(events, limit, call_ids)]
+
+
+def delta_ends(events: list[Event], limit: int, call_ids: dict[int, str]) -> list[tuple[dict[str, Any], int]]:
+    """`event_deltas` with, for each, where its text ends in the output (the parser's `end` of its last event)."""
     out: list[dict[str, Any]] = []
+    ends: list[int] = []
     for ev in events:
         if isinstance(ev, ReasoningDelta):
             delta: dict[str, Any] = {"reasoning_content": ev.text, "reasoning": ev.text}
@@ -39,9 +45,11 @@ def event_deltas(events: list[Event], limit: int, call_ids: dict[int, str]) -> l
         else:
             continue
         if out and _merge(out[-1], delta):
+            ends[-1] = ev.end
             continue
         out.append(delta)
-    return out
+        ends.append(ev.end)
+    return list(zip(out, ends, strict=True))
 
 
 def _merge(prev: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -92,12 +100,14 @@ class ChunkStream:
         _, events, entries = item
         pending = self.pending[index]
         pending += entries
-        deltas = event_deltas(events, call_limit(self.plan), self.call_ids[index])
-        for k, delta in enumerate(deltas):
-            carried: list[TokenLogprob] = []
-            if k == len(deltas) - 1:  # the last delta completes the text of this batch's tokens
-                carried, pending[:] = list(pending), []
-                self.sent[index] += len(carried)
+        deltas = delta_ends(events, call_limit(self.plan), self.call_ids[index])
+        for k, (delta, end) in enumerate(deltas):
+            # a delta carries the entries of the tokens whose text ends within it; the batch's last one all
+            # that this parser step resolved (up to a marker after its text)
+            last = k == len(deltas) - 1
+            n = len(pending) if last else next((j for j, e in enumerate(pending) if e.end > end), len(pending))
+            carried, pending[:] = pending[:n], pending[n:]
+            self.sent[index] += n
             await self.write(self.chunk([{"index": index, "delta": delta, "finish_reason": None,
                                           "logprobs": self._logprobs(carried)}]))
 

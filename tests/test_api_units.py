@@ -186,6 +186,22 @@ def test_anthropic_history_mapping() -> None:
     ]
 
 
+def test_anthropic_prefill_mapping_and_refusals() -> None:
+    def plan(last: Any, **kw: Any) -> Plan:
+        return anthropic_messages.messages_plan(MessagesRequest.model_validate(
+            {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}, last], **kw}))
+
+    p = plan({"role": "assistant", "content": [{"type": "text", "text": "The answer"}]})
+    assert p.continue_final and p.messages[-1] == {"role": "assistant", "content": "The answer", "prefix": True}
+    assert not anthropic_messages.messages_plan(MessagesRequest.model_validate(
+        {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})).continue_final
+    with pytest.raises(ApiError, match="thinking enabled") as e:
+        plan({"role": "assistant", "content": "x"}, thinking={"type": "enabled", "budget_tokens": 4})
+    assert e.value.param == "messages.1"
+    with pytest.raises(ApiError, match="only text"):
+        plan({"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "w", "input": {}}]})
+
+
 def test_penalties_processor() -> None:
     logits = torch.zeros(6)
     out = Penalties(presence=0.5, frequency=0.25)([2, 2, 4], logits)

@@ -40,6 +40,18 @@ class RunResult:
     queued_s: float = 0.0  # waiting for admission (the time limit starts after it)
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """What a streaming caller gets as the output decodes: the text delta fed to the parser, the parser's
+    events for it, every token id generated so far, and `resolved`, the characters of the output text the
+    parser has reported (as events or markers); the text after them is held back (a possible marker)."""
+
+    text: str
+    events: list[Any]
+    token_ids: list[int]
+    resolved: int
+
+
 @dataclass
 class _Live:
     """What the heartbeat reports while the request runs."""
@@ -111,9 +123,11 @@ async def run_request(
     time_limit_s: float,
     interval_s: float = 0.5,
     on_text: Callable[[str], None] | None = None,
+    on_tokens: Callable[[list[int]], None] | None = None,
     request_id: str | None = None,
 ) -> RunResult:
-    """Stream one request to the end. A cancelled caller aborts it (freeing its cache) before unwinding."""
+    """Stream one request to the end. A cancelled caller aborts it (freeing its cache) before unwinding.
+    `on_tokens(all generated ids)` after each engine output, before `on_text(its text delta)`."""
     progress = progress or Progress()
     request_id = request_id or new_request_id()
     live = _Live(started=time.monotonic(), max_tokens=params.max_tokens, prompt_tokens=len(prompt_ids))
@@ -155,6 +169,8 @@ async def run_request(
                                 live.first_token_at = time.monotonic()
                             live.token_ids = out.token_ids  # a fresh list per update (a slice)
                             cached = out.num_cached_tokens or 0
+                            if on_tokens is not None:
+                                on_tokens(out.token_ids)
                             if out.text_delta:
                                 texts.append(out.text_delta)
                                 if on_text is not None:

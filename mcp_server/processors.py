@@ -9,6 +9,7 @@ tool-call ban (inference/constrained/tool_ban.py) over the control tokens.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -39,11 +40,14 @@ class Penalties:
 
 class LogprobRecorder:
     """Records the model's log-probabilities (raw logits, before any other processor: put it first) of each
-    sampled token and the `top_n` most likely ones. Edits nothing. `entries(token_ids)` after the run:
-    [(token id, logprob, [(id, logprob), ...])] per generated token."""
+    sampled token and the `top_n` most likely ones. Edits nothing. `entries(token_ids)`: [(token id, logprob,
+    [(id, logprob), ...])] per generated token, during the run too (a streaming response reads them from the
+    event loop while the engine's worker thread records: a lock guards the state, and each step's row is kept
+    on the host, so reading never waits for the device)."""
 
     def __init__(self, top_n: int = 0) -> None:
         self.top_n = top_n
+        self._lock = threading.Lock()
         self._done: dict[int, tuple[float | None, list[tuple[int, float]]]] = {}
         self._pending: tuple[int, Any, list[tuple[int, float]]] | None = None  # (step, logprobs [V], top)
 
@@ -56,15 +60,18 @@ class LogprobRecorder:
     def __call__(self, output_ids: list[int], logits: Any) -> Any:
         import torch
 
-        self._resolve(output_ids)
-        row = torch.log_softmax(logits.float(), dim=-1)  # [V]
+        row = torch.log_softmax(logits.float(), dim=-1).cpu()  # [V], on the host
         top: list[tuple[int, float]] = []
         if self.top_n:
             values, ids = row.topk(self.top_n)  # [n], [n]
             top = list(zip(ids.tolist(), values.tolist(), strict=True))
-        self._pending = (len(output_ids), row.clone(), top)
+        with self._lock:
+            self._resolve(output_ids)
+            self._pending = (len(output_ids), row, top)
         return logits
 
-    def entries(self, token_ids: list[int]) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
-        self._resolve(token_ids)
-        return [(t, *self._done.get(k, (None, []))) for k, t in enumerate(token_ids)]
+    def entries(self, token_ids: list[int], start: int = 0) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
+        """Entries for token_ids[start:] (a token whose step was not recorded gets (None, []))."""
+        with self._lock:
+            self._resolve(token_ids)
+            return [(t, *self._done.get(k, (None, []))) for k, t in enumerate(token_ids[start:], start)]

@@ -27,7 +27,7 @@ from inference.text.template import render_ids
 from mcp_server.config import ServerConfig
 from mcp_server.constraints import GrammarConstraints, grammar_available, steered
 from mcp_server.conversations import Conversation, ConversationStore, TurnLocks, UnknownConversation
-from mcp_server.generate import RunResult, new_request_id, run_request
+from mcp_server.generate import Decoded, RunResult, new_request_id, run_request
 from mcp_server.model_host import ModelHost
 from mcp_server.model_info import count_parameters, describe_model
 from mcp_server.processors import ToolCallProcessors
@@ -233,11 +233,14 @@ class ChatService:
     # -- steps shared with the HTTP APIs (mcp_server/api), which keep no conversation state ------------
 
     async def render(self, history: list[dict[str, Any]], progress: Progress, *, thinking: bool,
-                     tools: list[dict[str, Any]] | None = None) -> tuple[Any, Any, list[int]]:
-        """(AsyncEngine, tokenizer, prompt ids) for a whole conversation, once the model is ready."""
+                     tools: list[dict[str, Any]] | None = None,
+                     continue_final: bool = False) -> tuple[Any, Any, list[int]]:
+        """(AsyncEngine, tokenizer, prompt ids) for a whole conversation, once the model is ready.
+        `continue_final`: the last message is an assistant turn that generation continues (prefill)."""
         aengine = await self.host.wait_ready(progress)
         tokenizer = self.host.engine.tokenizer
         render = functools.partial(render_ids, history, tokenizer, tools=tools, thinking=thinking,
+                                   continue_final_message=continue_final,
                                    trusted_control_tokens=self.config.trusted_control_tokens)
         try:
             prompt_ids = await anyio.to_thread.run_sync(render)
@@ -293,16 +296,24 @@ class ChatService:
 
     async def run(self, aengine: Any, prompt_ids: list[int], params: SamplingParams, progress: Progress, *,
                   thinking: bool, tools: list[str] | None = None, processors: Sequence[Any] = (),
-                  on_events: Callable[[str, list[Any]], None] | None = None,
+                  on_events: Callable[[Decoded], None] | None = None,
                   tool: str = "api") -> tuple[RunResult, Any]:
-        """Generate and parse; `on_events(text delta, parser events)` as the text decodes (and at the end).
-        `tool` names the caller in the log line of the finished request."""
+        """Generate and parse; `on_events(Decoded)` as the text decodes (and at the end, with the events of
+        the parser's final flush). `tool` names the caller in the log line of the finished request."""
         parser = StreamParser(thinking=thinking, tools=tools)
+        ids: list[int] = []
+        fed = 0
 
         def feed(delta: str) -> None:
+            nonlocal fed
             events = parser.feed(delta)
+            fed += len(delta)
             if on_events is not None:
-                on_events(delta, events)
+                on_events(Decoded(delta, events, ids, fed - parser.held_back))
+
+        def on_tokens(token_ids: list[int]) -> None:
+            nonlocal ids
+            ids = token_ids
 
         limits = self.config.limits
         request_id = new_request_id()
@@ -310,7 +321,7 @@ class ChatService:
             run = await run_request(aengine, prompt_ids, params, processors=processors,
                                     progress=progress, time_limit_s=limits.max_wall_time_s,
                                     interval_s=limits.progress_interval_s, on_text=feed,
-                                    request_id=request_id)
+                                    on_tokens=on_tokens, request_id=request_id)
         except QueueFullError as e:
             raise ServerBusy(f"{e}; retry in a little while") from None
         except WorkerFailure as e:  # written to be read: it names the rank that died or hung
@@ -329,7 +340,7 @@ class ChatService:
                 "--max-wall-time")
         events = parser.finish()
         if on_events is not None and events:
-            on_events("", events)
+            on_events(Decoded("", events, run.token_ids, fed))
         n = len(run.token_ids)
         log.info("%s %s: %d prompt tokens (%d cached), %d completion tokens, %.2f s (%.2f s queued), %.1f tok/s, "
                  "finish %s", tool, request_id, run.prompt_tokens, run.cached_tokens, n, run.elapsed_s,

@@ -152,6 +152,33 @@ def test_tool_round_trip_and_count_tokens(client: anthropic.Anthropic) -> None:
     assert client.messages.create(model="deepseek-chat", max_tokens=4, messages=failed).content
 
 
+def test_prefill_continues_the_assistant_message(client: anthropic.Anthropic, server: LiveServer) -> None:
+    from inference.text.parse import parse
+    from inference.text.template import render_ids
+
+    prefill = "The answer is"
+    messages: list[Any] = [*HI, {"role": "assistant", "content": prefill}]
+    m = client.messages.create(model="deepseek-chat", max_tokens=8, messages=messages)
+    with client.messages.stream(model="deepseek-chat", max_tokens=8, messages=messages) as s:
+        streamed = s.get_final_message()
+    text = "".join(b.text for b in m.content if b.type == "text")
+    assert "".join(b.text for b in streamed.content if b.type == "text") == text
+    # the same as continuing the rendered open turn: the prefill is in the prompt, not in the response
+    assert server.service is not None
+    tokenizer = server.service.host.engine.tokenizer
+    ids = render_ids([*HI, {"role": "assistant", "content": prefill, "prefix": True}], tokenizer,
+                     continue_final_message=True)
+    assert ids[-len(tokenizer.encode(prefill)):] == tokenizer.encode(prefill)
+    with httpx.Client(base_url=server.url, headers={"x-api-key": TOKEN}) as http:
+        raw = http.post("/v1/completions", json={"model": "deepseek-chat", "prompt": ids, "max_tokens": 8}).json()
+    assert parse(raw["choices"][0]["text"]).content == text
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == len(ids)
+    assert client.messages.count_tokens(model="deepseek-chat", messages=messages).input_tokens == len(ids)
+    with pytest.raises(anthropic.BadRequestError, match="prefill"):
+        client.messages.create(model="deepseek-chat", max_tokens=8, messages=messages,
+                               thinking={"type": "enabled", "budget_tokens": 4})
+
+
 def test_errors_by_status_and_shape(client: anthropic.Anthropic, server: LiveServer) -> None:
     def status(**kw: Any) -> tuple[int, dict[str, Any]]:
         try:

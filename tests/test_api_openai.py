@@ -247,6 +247,36 @@ def test_logprobs(client: OpenAI) -> None:
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
 
 
+def _entries(lp: Any) -> list[tuple[str, float, list[tuple[str, float]]]]:
+    return [(t.token, t.logprob, [(x.token, x.logprob) for x in t.top_logprobs]) for t in lp.content]
+
+
+@pytest.mark.parametrize("extra", [{}, {"thinking": {"type": "enabled"}}, {"stop": ["ab", "xyz!"]},
+                                   {"tools": TOOLS, "tool_choice": "required"}])
+def test_stream_logprobs_equal_non_stream(client: OpenAI, extra: dict[str, Any]) -> None:
+    # Each token's entry comes once, in order, on the chunk that completes its text (or the last chunk):
+    # joined, the streamed entries are the non-streamed ones; reasoning and control tokens included.
+    body: dict[str, Any] = {"model": "deepseek-chat", "messages": HELLO, "max_tokens": 12, "logprobs": True,
+                            "top_logprobs": 2, "extra_body": {k: v for k, v in extra.items() if k == "thinking"},
+                            **{k: v for k, v in extra.items() if k != "thinking"}}
+    whole = client.chat.completions.create(**body)
+    streamed: list[Any] = []
+    text = ""
+    for chunk in client.chat.completions.create(**body, stream=True):
+        if not chunk.choices:
+            continue
+        c = chunk.choices[0]
+        delta = c.delta
+        text += (delta.content or "") + (getattr(delta, "reasoning_content", None) or "")
+        if c.logprobs is not None and c.logprobs.content:
+            assert delta.content or getattr(delta, "reasoning_content", None) or delta.tool_calls \
+                or c.finish_reason, "entries ride a chunk that carries text (or the last one)"
+            streamed += _entries(c.logprobs)
+    expected = _entries(whole.choices[0].logprobs)
+    assert len(expected) == whole.usage.completion_tokens
+    assert streamed == expected
+
+
 def test_completions_and_fim(client: OpenAI) -> None:
     r = client.completions.create(model="deepseek-v3.1-demo", prompt="def add(a, b):", max_tokens=5)
     assert r.object == "text_completion" and r.choices[0].text and r.usage.completion_tokens == 5
@@ -257,6 +287,52 @@ def test_completions_and_fim(client: OpenAI) -> None:
                                     suffix="\n\nprint(add(1, 2))\n", max_tokens=5)
     # BOS, fim begin, prefix, hole, suffix, fim end
     assert fim.usage.prompt_tokens > r.usage.prompt_tokens + 3 and fim.choices[0].text
+
+
+def test_completions_batch_of_prompts(client: OpenAI) -> None:
+    # strings and token-id lists, n samples each: choice index = prompt index x n + sample, as alone
+    singles = [client.completions.create(model="deepseek-chat", prompt=p, max_tokens=4) for p in ("def f():", "x = 1")]
+    alone = [x.choices[0].text for x in singles]
+    r = client.completions.create(model="deepseek-chat", prompt=["def f():", "x = 1"], max_tokens=4, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [alone[0], alone[0], alone[1], alone[1]]  # greedy
+    assert r.usage.prompt_tokens == sum(x.usage.prompt_tokens for x in singles)  # each prompt once
+    assert r.usage.completion_tokens == 16
+    ids = client.completions.create(model="deepseek-chat", prompt=[[0, 100, 101], [0, 102]], max_tokens=3)
+    assert [c.index for c in ids.choices] == [0, 1] and ids.usage.prompt_tokens == 5
+    chunks = list(client.completions.create(model="deepseek-chat", prompt=["def f():", "x = 1"], max_tokens=4,
+                                            stream=True, stream_options={"include_usage": True}))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.text
+    assert texts == {0: alone[0], 1: alone[1]} and chunks[-1].usage.completion_tokens == 8
+    for bad in ([], [[]], [[-1]], ["a", 3]):
+        code, body = status_of(lambda bad=bad: client.completions.create(model="deepseek-chat", prompt=bad,
+                                                                           max_tokens=2))
+        assert code == 400 and body["param"].startswith("prompt"), body
+
+
+def test_completions_logprobs_legacy_shape(client: OpenAI) -> None:
+    r = client.completions.create(model="deepseek-chat", prompt="def add(a, b):", max_tokens=6, logprobs=2)
+    c = r.choices[0]
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert "".join(lp.tokens) == c.text and lp.text_offset[0] == 0
+    assert all(c.text[o:].startswith(t) for t, o in zip(lp.tokens, lp.text_offset, strict=True))
+    for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert 1 <= len(top) <= 3 and top[t] == pytest.approx(v) and v == pytest.approx(max(top.values()))
+    streamed: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(model="deepseek-chat", prompt="def add(a, b):", max_tokens=6,
+                                           logprobs=2, stream=True):
+        for ch in chunk.choices:
+            if ch.logprobs is not None:
+                for key in streamed:
+                    streamed[key] += getattr(ch.logprobs, key)
+    assert streamed == {key: getattr(lp, key) for key in streamed}
+    code, body = status_of(lambda: client.completions.create(model="deepseek-chat", prompt="x", max_tokens=2,
+                                                             logprobs=21))
+    assert code == 400 and body["param"] == "logprobs"
 
 
 def status_of(fn: Any) -> tuple[int, Any]:
@@ -273,8 +349,10 @@ def test_errors_by_status_and_shape(client: OpenAI, server: LiveServer) -> None:
 
     status, body = status_of(chat(temperature=5))
     assert status == 400 and body["param"] == "temperature" and body["type"] == "invalid_request_error"
-    status, body = status_of(chat(logprobs=True, stream=True))
-    assert status == 400 and body["param"] == "logprobs" and body["code"] == "unsupported"
+    status, body = status_of(chat(logit_bias={"1": 1.0}))
+    assert status == 400 and body["param"] == "logit_bias" and body["code"] == "unsupported"
+    status, body = status_of(chat(logprobs=True, top_logprobs=21, stream=True))
+    assert status == 400 and body["param"] == "top_logprobs"
     status, body = status_of(chat(top_logprobs=2))
     assert status == 400 and body["param"] == "top_logprobs"
     status, body = status_of(chat(logit_bias={"5": 10}))
@@ -436,10 +514,11 @@ def test_16_api_calls_with_mcp_calls(server: LiveServer) -> None:
 def test_failure_mid_stream_ends_with_an_error_event(server: LiveServer, monkeypatch: pytest.MonkeyPatch,
                                                      route: str) -> None:
     from inference.text.parse import ContentDelta
+    from mcp_server.generate import Decoded
     from mcp_server.service import GenerationFailed
 
     async def failing_run(*args: Any, on_events: Any = None, **kw: Any) -> Any:
-        on_events("partial", [ContentDelta("partial")])
+        on_events(Decoded("partial", [ContentDelta("partial")], [], 7))
         raise GenerationFailed("generation failed: the engine broke (test)")
 
     assert server.service is not None

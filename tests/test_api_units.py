@@ -39,6 +39,9 @@ RECORDED = [
     ("plan: call it" + THINK_END + block(("count", '{"n":1}')), True),
     ("a < b and <｜not a marker｜> stays" + block(("count", '{"n": 2}')) + " done", False),
     ('{"answer": "<tag> and {braces}"}', False),
+    # arguments that are not a JSON object (possible only unconstrained): malformed, and cut off
+    (block(("get_weather", '{"city": "Par')), False),
+    (TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "count" + SEP + '{"n": 1', False),
 ]
 
 
@@ -104,8 +107,8 @@ def assemble_anthropic(pieces: list[str], thinking: bool, plan: Plan, choice: Ch
         await stream.begin()
         parser = StreamParser(thinking=thinking, tools=["get_weather", "count"])
         for p in pieces:
-            await stream.on_item(0, (p, parser.feed(p)))
-        await stream.on_item(0, ("", parser.finish()))
+            await stream.on_item(0, (p, parser.feed(p), []))
+        await stream.on_item(0, ("", parser.finish(), []))
         await stream.on_item(0, choice)
 
     anyio.run(main)
@@ -133,6 +136,7 @@ def test_anthropic_events_join_to_the_message_at_every_boundary(text: str, think
         thinking_text = "".join(b.get("thinking", "") for b in blocks if b["type"] == "thinking")
         text_text = "".join(b["text"] for b in blocks if b["type"] == "text")
         uses = [(b["name"], json.loads(b["partial"])) for b in blocks if b["type"] == "tool_use"]
+        assert all(b["input"] == {} for b in blocks if b["type"] == "tool_use")  # the whole input in one delta
         assert thinking_text == "".join(b["thinking"] for b in want if b["type"] == "thinking")
         assert all(b["signature"] for b in blocks if b["type"] == "thinking")
         assert text_text == "".join(b["text"] for b in want if b["type"] == "text")
@@ -182,6 +186,22 @@ def test_anthropic_history_mapping() -> None:
     ]
 
 
+def test_anthropic_prefill_mapping_and_refusals() -> None:
+    def plan(last: Any, **kw: Any) -> Plan:
+        return anthropic_messages.messages_plan(MessagesRequest.model_validate(
+            {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}, last], **kw}))
+
+    p = plan({"role": "assistant", "content": [{"type": "text", "text": "The answer"}]})
+    assert p.continue_final and p.messages[-1] == {"role": "assistant", "content": "The answer", "prefix": True}
+    assert not anthropic_messages.messages_plan(MessagesRequest.model_validate(
+        {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})).continue_final
+    with pytest.raises(ApiError, match="thinking enabled") as e:
+        plan({"role": "assistant", "content": "x"}, thinking={"type": "enabled", "budget_tokens": 4})
+    assert e.value.param == "messages.1"
+    with pytest.raises(ApiError, match="only text"):
+        plan({"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "w", "input": {}}]})
+
+
 def test_penalties_processor() -> None:
     logits = torch.zeros(6)
     out = Penalties(presence=0.5, frequency=0.25)([2, 2, 4], logits)
@@ -195,3 +215,110 @@ def test_api_port_beyond_loopback_needs_a_token() -> None:
     with pytest.raises(ConfigError, match="API on 0.0.0.0"):
         check_serving_security(config)
     check_serving_security(load_config(None, {"host": "0.0.0.0", "api_port": 8001, "token": "t" * 20}, environ={}))
+
+
+def test_invalid_tool_arguments_are_an_empty_input_in_both_anthropic_shapes() -> None:
+    # a call whose arguments are not a JSON object keeps its tool_use block, with input {} in the message and
+    # one input_json_delta "{}" in the stream (never the raw text, which the client could not parse)
+    for text in (block(("get_weather", '{"city": "Par')), block(("count", "[1, 2]"))):
+        plan = Plan()
+        choice = fake_choice(text, False, plan)
+        want = anthropic_messages.message_response(plan, choice, "m", "msg_1")
+        assert [b["input"] for b in want["content"] if b["type"] == "tool_use"] == [{}]
+        assert want["stop_reason"] == "tool_use"
+        blocks = assemble_anthropic([text[:len(text) // 2], text[len(text) // 2:]], False, plan, choice)
+        assert [b["partial"] for b in blocks if b["type"] == "tool_use"] == ["{}"]
+
+
+class _Tok:
+    """A byte-level tokenizer of a few pieces (id 0 is EOS)."""
+
+    eos_id = 0
+    PIECES = {0: b"", 1: b"Hel", 2: b"lo <", 3: b"b> ", 4: "\u00e9".encode()[:1], 5: "\u00e9".encode()[1:],
+              6: b"!", 7: b"</think>"}
+
+    def incremental_decoder(self) -> Any:
+        import codecs
+
+        pieces, utf8 = self.PIECES, codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        class Decoder:
+            def step(self, t: int) -> str:
+                return utf8.decode(pieces[t])
+
+            def flush(self) -> str:
+                return utf8.decode(b"", final=True)
+
+        return Decoder()
+
+
+class _Recorder:
+    def entries(self, token_ids: list[int], start: int = 0) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        return [(t, -float(k), []) for k, t in enumerate(token_ids[start:], start)]
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_stream_logprobs_each_token_once_with_the_text_that_completes_it(thinking: bool) -> None:
+    # service.run's feeding, simulated: the parser holds "<" back (a possible marker), the decoder an
+    # unfinished character; EOS has no text and no delta. Each entry is handed out once, in order, only once
+    # its text is resolved; what is left (EOS) is the final chunk's, and all of them are the non-streamed list.
+    from inference.engine.sampling import SamplingParams
+    from mcp_server.api.logprobs import StreamLogprobs, all_logprobs
+
+    tok, params = _Tok(), SamplingParams(max_tokens=16)
+    tokens = ([7] if thinking else []) + [1, 2, 3, 4, 5, 6, 0]
+    live = StreamLogprobs(_Recorder(), tok, params)  # type: ignore[arg-type]
+    decoder, parser = tok.incremental_decoder(), StreamParser(thinking=thinking)
+    ids: list[int] = []
+    fed, text, taken = 0, "", []
+    for t in tokens:
+        ids = [*ids, t]
+        delta = decoder.flush() if t == 0 else decoder.step(t)
+        if not delta:
+            continue  # run_request calls on_text only for a text delta
+        events = parser.feed(delta)
+        fed += len(delta)
+        text += "".join(getattr(e, "text", "") for e in events)
+        got = live.take(ids, fed - parser.held_back)
+        taken.append(([e.token_id for e in got], text))
+    want = all_logprobs(_Recorder(), tok, params, ids, fed)  # type: ignore[arg-type]
+    first = [7] if thinking else []
+    assert taken == [*([([7], "")] if thinking else []), ([1], "Hel"), ([], "Hello "), ([2, 3], "Hello <b> "),
+                     ([4, 5], "Hello <b> \u00e9"), ([6], "Hello <b> \u00e9!")]
+    rest = want[sum(len(ids_) for ids_, _ in taken):]
+    assert [e.token_id for e in rest] == [0]
+    assert [e.token_id for e in want] == [*first, 1, 2, 3, 4, 5, 6, 0]
+    shift = 8 if thinking else 0  # offsets count the raw output text, </think> included
+    assert [e.offset - shift for e in want][len(first):] == [0, 3, 7, 10, 10, 11, 12]
+
+
+def test_stream_logprobs_ride_the_delta_that_ends_their_text() -> None:
+    # one parser step that yields reasoning and then answer text (a stop string's hold-back releases several
+    # tokens at once): each delta carries the tokens whose text ends within it, the marker rides the next
+    from mcp_server.api.logprobs import TokenLogprob
+    from mcp_server.api.openai_stream import ChunkStream
+
+    class Tok:
+        def decode(self, ids: list[int]) -> str:
+            return {1: "abc", 2: THINK_END, 3: "de"}[ids[0]]
+
+    text = "abc" + THINK_END + "de"
+    entries = [TokenLogprob(1, -0.1, [], 0, 3), TokenLogprob(2, -0.2, [], 3, 3 + len(THINK_END)),
+               TokenLogprob(3, -0.3, [], 3 + len(THINK_END), len(text))]
+    chunks: list[dict[str, Any]] = []
+
+    async def write(data: bytes) -> None:
+        if data.startswith(b"data: {"):
+            chunks.append(json.loads(data[6:]))
+
+    async def main() -> None:
+        stream = ChunkStream(Plan(thinking=True, logprobs=0), "m", "id", write, False, Tok())
+        parser = StreamParser(thinking=True)
+        await stream.on_item(0, (text, parser.feed(text), entries))
+        await stream.on_item(0, ("", parser.finish(), []))
+
+    anyio.run(main)
+    got = [(c["choices"][0]["delta"], [e["token"] for e in (c["choices"][0]["logprobs"] or {}).get("content", [])])
+           for c in chunks]
+    assert got == [({"reasoning_content": "abc", "reasoning": "abc"}, ["abc"]),
+                   ({"content": "de"}, [THINK_END, "de"])]

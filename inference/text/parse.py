@@ -119,26 +119,35 @@ class ParseResult:
         return dataclasses.asdict(self)
 
 
+# _END: the text events and ToolCallStarted carry `end`, the offset in the parser's input (characters fed) just
+# past what they report (for ToolCallStarted: past the separator), so a caller can map them back onto the
+# tokens that wrote them; not part of equality (-1 where the event was made elsewhere).
+
+
 @dataclass(frozen=True)
 class ReasoningDelta:
     text: str
+    end: int = dataclasses.field(default=-1, compare=False)  # see _END
 
 
 @dataclass(frozen=True)
 class ContentDelta:
     text: str
+    end: int = dataclasses.field(default=-1, compare=False)  # see _END
 
 
 @dataclass(frozen=True)
 class ToolCallStarted:
     index: int
     name: str
+    end: int = dataclasses.field(default=-1, compare=False)  # see _END
 
 
 @dataclass(frozen=True)
 class ToolArgumentsDelta:
     index: int
     text: str  # a raw piece of the argument text
+    end: int = dataclasses.field(default=-1, compare=False)  # see _END
 
 
 @dataclass(frozen=True)
@@ -242,6 +251,7 @@ class StreamParser:
         self._mode = _TEXT
         self._block_open = False
         self._buf = ""  # held-back tail (a possible marker prefix)
+        self._fed = 0  # characters fed so far
         self._segments: list[tuple[str, list[str]]] = []  # (kind, pieces), adjacent kinds merged
         self._reasoning: list[str] = []
         self._content: list[str] = []
@@ -262,6 +272,7 @@ class StreamParser:
         events: list[Event] = []
         if delta:
             self._buf += delta
+            self._fed += len(delta)
             self._drain(events, final=False)
         return events
 
@@ -297,6 +308,12 @@ class StreamParser:
             out.append(("held", self._buf))
         return out
 
+    @property
+    def held_back(self) -> int:
+        """Characters at the end of the input fed so far that are held back (a possible marker prefix): all
+        the input before them has been reported as events or recognized as markers."""
+        return len(self._buf)
+
     def reassemble(self) -> str:
         """The exact input fed so far, rebuilt from the segments (nothing is ever lost)."""
         return "".join(text for _, text in self.segments())
@@ -326,23 +343,27 @@ class StreamParser:
         else:
             self._segments.append((kind, [text]))
 
+    def _consumed(self) -> int:
+        return self._fed - len(self._buf)
+
     def _text(self, text: str, events: list[Event]) -> None:
+        end = self._consumed() + len(text)  # the text is still at the front of the buffer
         if self._mode in (_TEXT, _BLOCK):
             if self._in_reasoning:
                 self._reasoning.append(text)
                 self._record("reasoning", text)
-                events.append(ReasoningDelta(text))
+                events.append(ReasoningDelta(text, end))
             else:
                 self._content.append(text)
                 self._record("content", text)
-                events.append(ContentDelta(text))
+                events.append(ContentDelta(text, end))
         elif self._mode == _NAME:
             self._name.append(text)
             self._record("tool_name", text)
         elif self._mode == _ARGS:
             self._args.append(text)
             self._record("tool_args", text)
-            events.append(ToolArgumentsDelta(len(self._calls), text))
+            events.append(ToolArgumentsDelta(len(self._calls), text, end))
         else:
             self._search.append(text)
             self._record("search", text)
@@ -368,7 +389,7 @@ class StreamParser:
             self._opened_in_reasoning = self._in_reasoning
         elif kind == "sep":
             self._mode, self._saw_sep = _ARGS, True
-            events.append(ToolCallStarted(len(self._calls), "".join(self._name).strip()))
+            events.append(ToolCallStarted(len(self._calls), "".join(self._name).strip(), self._consumed()))
         elif kind == "call_end":
             self._end_call(events, complete=True)
         elif kind == "search_begin":
@@ -402,7 +423,7 @@ class StreamParser:
     def _end_call(self, events: list[Event], complete: bool) -> None:
         index = len(self._calls)
         if not self._saw_sep:  # the name never got its separator: announce the call before closing it
-            events.append(ToolCallStarted(index, "".join(self._name).strip()))
+            events.append(ToolCallStarted(index, "".join(self._name).strip(), self._consumed()))
         call = self._make_call(complete)
         self._calls.append(call)
         events.append(ToolCallFinished(index, call))

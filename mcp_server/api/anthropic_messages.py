@@ -6,6 +6,10 @@ and dropped (V3.1 drops earlier reasoning). Server tools (`web_search_...`, no i
 run and are left out of the prompt. `thinking: {"type": "enabled", "budget_tokens": N}` is the reasoning
 budget (below max_tokens); input_tokens counts the prompt tokens not served from the prefix cache, as
 Anthropic's do, with the rest in cache_read_input_tokens.
+
+Prefill: messages ending with an assistant message (text only; not with thinking enabled, as Anthropic
+refuses it too) render that turn open (the template's `prefix` turn without its end of sentence), and the
+response continues its text: the prefilled text is not repeated in the response.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import logging
 from typing import Any
 
+from inference.text.parse import ToolCall
 from mcp_server.api.errors import invalid
 from mcp_server.api.generation import Choice, Plan, signature
 from mcp_server.schemas import McpTool, NamedToolChoice
@@ -45,10 +50,20 @@ def template_messages(req: Any) -> list[dict[str, Any]]:
             out.append(_assistant(i, blocks))
         else:
             out.extend(_user(i, blocks))
-    if out and out[-1]["role"] == "assistant":
-        raise invalid("the last message is an assistant message (prefill), which this server cannot continue; "
-                      "end messages with a user turn", f"messages.{len(req.messages) - 1}")
+    if out and out[-1]["role"] == "assistant":  # prefill: the response continues this text
+        where = f"messages.{len(req.messages) - 1}"
+        if req.thinking is not None and req.thinking.type != "disabled":
+            raise invalid("a final assistant message (prefill) cannot be continued with thinking enabled (as "
+                          "with Anthropic's API); disable thinking or end messages with a user turn", where)
+        if out[-1].get("tool_calls"):
+            raise invalid("the final assistant message (prefill) may hold only text: a tool_use needs its "
+                          "tool_result in a user message after it", where)
+        out[-1]["prefix"] = True
     return out
+
+
+def is_prefill(messages: list[dict[str, Any]]) -> bool:
+    return bool(messages) and messages[-1]["role"] == "assistant"
 
 
 def _assistant(i: int, blocks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -138,9 +153,22 @@ def thinking_of(req: Any, max_tokens: int | None) -> tuple[bool, int | None]:
 def messages_plan(req: Any) -> Plan:
     specs, choice, parallel = tool_plan(req)
     thinking, budget = thinking_of(req, req.max_tokens)
-    return Plan(messages=template_messages(req), tools=specs, choice=choice, parallel_tool_calls=parallel,
-                thinking=thinking, thinking_budget=budget, max_tokens=req.max_tokens, temperature=req.temperature,
-                top_p=req.top_p, top_k=req.top_k, stop=list(req.stop_sequences or []))
+    messages = template_messages(req)
+    return Plan(messages=messages, continue_final=is_prefill(messages), tools=specs, choice=choice,
+                parallel_tool_calls=parallel, thinking=thinking, thinking_budget=budget, max_tokens=req.max_tokens,
+                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, stop=list(req.stop_sequences or []))
+
+
+def tool_input(call: ToolCall) -> dict[str, Any]:
+    """A tool_use block's `input`: the call's arguments when they are a JSON object, else `{}` (malformed or
+    cut-off arguments, possible only without constrained decoding or when the time limit cuts a call; the
+    shape has no place for raw text, so the client's schema check reports the missing fields). The stream
+    sends the same object, whole, when the call closes."""
+    return call.arguments if isinstance(call.arguments, dict) else {}
+
+
+def input_json(call: ToolCall) -> str:
+    return json.dumps(tool_input(call), ensure_ascii=False, separators=(",", ":"))
 
 
 def tool_use_id(call_id: str) -> str:
@@ -169,7 +197,7 @@ def message_response(plan: Plan, c: Choice, model: str, message_id: str) -> dict
     if c.parsed.content:
         content.append({"type": "text", "text": c.parsed.content})
     for call, call_id in zip(c.calls, c.call_ids, strict=True):
-        args = call.arguments if isinstance(call.arguments, dict) else {}
-        content.append({"type": "tool_use", "id": tool_use_id(call_id), "name": call.name, "input": args})
+        content.append({"type": "tool_use", "id": tool_use_id(call_id), "name": call.name,
+                        "input": tool_input(call)})
     return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
             "stop_reason": stop_reason(c), "stop_sequence": c.stop_sequence, "usage": usage(c)}

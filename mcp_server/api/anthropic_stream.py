@@ -1,6 +1,7 @@
 """The Anthropic Messages event stream: `message_start`; per content block `content_block_start`,
-`content_block_delta` (`thinking_delta` then a `signature_delta`; `text_delta`; `input_json_delta` with the
-arguments as generated) and `content_block_stop`; `message_delta` (stop_reason, usage); `message_stop`.
+`content_block_delta` (`thinking_delta` then a `signature_delta`; `text_delta`; one `input_json_delta` per
+tool_use with its whole input, sent when the call closes, so that the stream never delivers argument text the
+final message contradicts) and `content_block_stop`; `message_delta` (stop_reason, usage); `message_stop`.
 `ping` goes out while the prompt is prefilled (nothing decoded yet). Blocks follow the order the model wrote:
 text after a tool call opens a new text block."""
 
@@ -19,7 +20,7 @@ from inference.text.parse import (
     ToolCallFinished,
     ToolCallStarted,
 )
-from mcp_server.api.anthropic_messages import stop_reason, tool_use_id, usage
+from mcp_server.api.anthropic_messages import input_json, stop_reason, tool_use_id, usage
 from mcp_server.api.generation import Choice, Plan, call_limit, new_call_id, signature
 from mcp_server.api.sse import Write, sse
 
@@ -90,10 +91,11 @@ class MessageStream:
             elif isinstance(ev, ToolCallStarted) and ev.index < limit:
                 await self._ensure(("tool", ev.index), {"type": "tool_use", "id": tool_use_id(new_call_id()),
                                                         "name": ev.name, "input": {}})
-            elif isinstance(ev, ToolArgumentsDelta) and self.open == ("tool", ev.index):
-                await self.event("content_block_delta", index=self.index,
-                                 delta={"type": "input_json_delta", "partial_json": ev.text})
             elif isinstance(ev, ToolCallFinished) and self.open == ("tool", ev.index):
+                # the arguments go whole, once the call is closed and parsed: the same `input` as the
+                # non-streamed message, `{}` when they are not a JSON object (anthropic_messages.tool_input)
+                await self.event("content_block_delta", index=self.index,
+                                 delta={"type": "input_json_delta", "partial_json": input_json(ev.call)})
                 await self._close()
 
     async def _end(self, c: Choice) -> None:

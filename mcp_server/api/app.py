@@ -174,7 +174,7 @@ class ApiApp:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def produce(write: Write) -> None:
-            stream = ChunkStream(plan, model, rid, write, include_usage)
+            stream = ChunkStream(plan, model, rid, write, include_usage, prep.tokenizer)
             await stream.begin()
             if await self._stream(prep, stream.on_item, write, "openai", "chat.completions", model):
                 await stream.end()
@@ -193,11 +193,11 @@ class ApiApp:
             choices = await self._complete(request, prep, "completions", model)
             if choices is None:
                 return Response(status_code=499)
-            return JSONResponse(completions.completion_response(choices, model, rid))
+            return JSONResponse(completions.completion_response(plan, choices, model, rid, prep.tokenizer))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def produce(write: Write) -> None:
-            stream = completions.TextStream(model, rid, write, include_usage)
+            stream = completions.TextStream(plan, model, rid, write, include_usage, prep.tokenizer)
             if await self._stream(prep, stream.on_item, write, "openai", "completions", model):
                 await stream.end()
 
@@ -233,8 +233,10 @@ class ApiApp:
         specs, _, _ = anthropic_messages.tool_plan(req)
         thinking = req.thinking is not None and req.thinking.type != "disabled"
         check_ready(self.service)
-        _, _, ids = await self.service.render(anthropic_messages.template_messages(req), Progress(),
-                                              thinking=thinking, tools=[s.as_openai() for s in specs] or None)
+        messages = anthropic_messages.template_messages(req)
+        _, _, ids = await self.service.render(messages, Progress(), thinking=thinking,
+                                              tools=[s.as_openai() for s in specs] or None,
+                                              continue_final=anthropic_messages.is_prefill(messages))
         return JSONResponse({"input_tokens": len(ids)})
 
     # -- helpers --------------------------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """POST /v1/completions: a plain prompt continued as raw text (no chat template, no parsing), or fill-in-the-
-middle with `suffix`: BOS <｜fim▁begin｜> prompt <｜fim▁hole｜> suffix <｜fim▁end｜>, the model writes the hole."""
+middle with `suffix`: BOS <｜fim▁begin｜> prompt <｜fim▁hole｜> suffix <｜fim▁end｜>, the model writes the hole.
+
+`prompt` may be a batch (a list of strings or of token-id lists): every prompt's n samples run together,
+choice `index` = prompt index x n + sample. The legacy integer `logprobs` (0-20) returns `tokens`,
+`token_logprobs`, `top_logprobs` (the N most likely and the sampled token) and `text_offset` (into the
+choice's `text`, as vLLM counts it), streamed or not."""
 
 from __future__ import annotations
 
@@ -7,61 +12,95 @@ import json
 import time
 from typing import Any
 
-from mcp_server.api.errors import invalid, unsupported
-from mcp_server.api.generation import Choice, Plan, raw_prompt_ids
+from mcp_server.api.errors import invalid
+from mcp_server.api.generation import Choice, Item, Plan, raw_prompt_ids
+from mcp_server.api.logprobs import TokenLogprob, completion_logprobs
 from mcp_server.api.openai_chat import refuse_unsupported
 from mcp_server.api.sse import Write, sse
 
 
-def completion_plan(req: Any, tokenizer: Any) -> Plan:
-    refuse_unsupported(req)
-    if req.logprobs or req.top_logprobs:
-        raise unsupported("logprobs", "/v1/completions returns no log-probabilities; use /v1/chat/completions "
-                                      "with logprobs: true")
+def _prompts(req: Any, tokenizer: Any) -> list[list[int]]:
+    """`prompt` as OpenAI allows it: a string, a list of strings, a list of token ids, or a list of such lists."""
     prompt = req.prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        if len(prompt) != 1:
-            raise invalid("give one prompt per request (a string); batches of prompts are not supported, use "
-                          "concurrent requests", "prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, list):
+    if isinstance(prompt, str):
+        return [raw_prompt_ids(tokenizer, prompt, req.suffix)]
+    if not prompt:
+        raise invalid("prompt must not be empty", "prompt")
+    nested = not all(isinstance(p, int) for p in prompt)
+    if not nested:
+        prompt = [prompt]
+    vocab = getattr(tokenizer, "vocab_size", None)
+    out = []
+    for i, p in enumerate(prompt):
+        where = f"prompt[{i}]" if nested else "prompt"
+        if isinstance(p, str):
+            out.append(raw_prompt_ids(tokenizer, p, req.suffix))
+            continue
         if req.suffix is not None:
             raise invalid("suffix needs a text prompt, not token ids", "suffix")
-        vocab = getattr(tokenizer, "vocab_size", None)
-        if not prompt or any(not isinstance(t, int) or t < 0 or (vocab and t >= vocab) for t in prompt):
-            raise invalid("prompt token ids must be a non-empty list of ids in the vocabulary", "prompt")
-        ids = list(prompt)
-    else:
-        ids = raw_prompt_ids(tokenizer, prompt, req.suffix)
-    return Plan(prompt_ids=ids, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                top_k=req.top_k, seed=req.seed, stop=req.stop_list(), presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty, n=req.n)
+        if not p or any(not isinstance(t, int) or t < 0 or (vocab and t >= vocab) for t in p):
+            raise invalid(f"{where}: token ids must be a non-empty list of ids in the vocabulary", where)
+        out.append(list(p))
+    return out
 
 
-def usage(choices: list[Choice]) -> dict[str, Any]:
-    prompt = choices[0].run.prompt_tokens if choices else 0
+def logprobs_of(req: Any) -> int | None:
+    """The legacy integer `logprobs` (0-20): the sampled token's log-probability and the N most likely."""
+    if req.top_logprobs is not None:
+        raise invalid("/v1/completions takes the number of alternatives in logprobs (an integer), not "
+                      "top_logprobs", "top_logprobs")
+    value = req.logprobs
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
+        raise invalid("logprobs must be an integer between 0 and 20 on /v1/completions", "logprobs")
+    return value
+
+
+def completion_plan(req: Any, tokenizer: Any) -> Plan:
+    refuse_unsupported(req)
+    return Plan(prompts=_prompts(req, tokenizer), max_tokens=req.max_tokens, temperature=req.temperature,
+                top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop_list(),
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, n=req.n,
+                logprobs=logprobs_of(req))
+
+
+def usage(choices: list[Choice], n: int) -> dict[str, Any]:
+    """Prompt tokens summed over the prompts (each counted once, not once per sample)."""
+    firsts = [c for c in choices if c.index % n == 0]
+    prompt = sum(c.run.prompt_tokens for c in firsts)
     completion = sum(len(c.run.token_ids) for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": choices[0].run.cached_tokens if choices else 0}}
+            "prompt_tokens_details": {"cached_tokens": sum(c.run.cached_tokens for c in firsts)}}
 
 
 def finish(c: Choice) -> str:
     return "length" if c.finish == "length" else "stop"
 
 
-def completion_response(choices: list[Choice], model: str, response_id: str) -> dict[str, Any]:
+def completion_response(plan: Plan, choices: list[Choice], model: str, response_id: str,
+                        tokenizer: Any) -> dict[str, Any]:
     return {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": "deepseek-mcp",
-            "choices": [{"index": c.index, "text": c.run.text, "finish_reason": finish(c), "logprobs": None}
-                        for c in choices],
-            "usage": usage(choices)}
+            "choices": [{"index": c.index, "text": c.run.text, "finish_reason": finish(c),
+                         "logprobs": None if c.logprobs is None else completion_logprobs(c.logprobs, tokenizer)}
+                        for c in sorted(choices, key=lambda c: c.index)],
+            "usage": usage(choices, plan.n)}
 
 
 class TextStream:
-    def __init__(self, model: str, response_id: str, write: Write, include_usage: bool) -> None:
-        self.model, self.id, self.write, self.include_usage = model, response_id, write, include_usage
+    """text_completion chunks: choice i (prompt i // n) as it decodes; with logprobs each chunk carries the
+    entries of the tokens whose text it completes, the last one (finish_reason) the rest."""
+
+    def __init__(self, plan: Plan, model: str, response_id: str, write: Write, include_usage: bool,
+                 tokenizer: Any) -> None:
+        self.plan, self.model, self.id, self.write, self.include_usage = plan, model, response_id, write, \
+            include_usage
+        self.tokenizer = tokenizer
         self.created = int(time.time())
         self.choices: list[Choice] = []
+        self.sent: dict[int, int] = {}
+        self.pending: dict[int, list[TokenLogprob]] = {}
 
     async def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> None:
         body: dict[str, Any] = {"id": self.id, "object": "text_completion", "created": self.created,
@@ -71,14 +110,28 @@ class TextStream:
         body.update(extra)
         await self.write(sse(json.dumps(body, ensure_ascii=False)))
 
-    async def on_item(self, index: int, item: Any) -> None:
+    def _logprobs(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+        if self.plan.logprobs is None:
+            return None
+        self.sent[index] = self.sent.get(index, 0) + len(entries)
+        return completion_logprobs(entries, self.tokenizer)
+
+    async def on_item(self, index: int, item: Item | Choice) -> None:
+        pending = self.pending.setdefault(index, [])
         if isinstance(item, Choice):
             self.choices.append(item)
-            await self.chunk([{"index": index, "text": "", "finish_reason": finish(item), "logprobs": None}])
-        elif item[0]:
-            await self.chunk([{"index": index, "text": item[0], "finish_reason": None, "logprobs": None}])
+            rest = (item.logprobs or [])[self.sent.get(index, 0):]
+            await self.chunk([{"index": index, "text": "", "finish_reason": finish(item),
+                               "logprobs": self._logprobs(index, rest)}])
+            return
+        text, _, entries = item
+        pending += entries
+        if text:
+            carried, pending[:] = list(pending), []
+            await self.chunk([{"index": index, "text": text, "finish_reason": None,
+                               "logprobs": self._logprobs(index, carried)}])
 
     async def end(self) -> None:
         if self.include_usage:
-            await self.chunk([], usage=usage(sorted(self.choices, key=lambda c: c.index)))
+            await self.chunk([], usage=usage(self.choices, self.plan.n))
         await self.write(b"data: [DONE]\n\n")

@@ -18,7 +18,8 @@ from inference.engine.sampling import SamplingParams
 from inference.text.parse import Event, ParseResult, ToolCall
 from inference.text.template import BOS, THINK_END
 from mcp_server.api.errors import ApiError
-from mcp_server.generate import RunResult
+from mcp_server.api.logprobs import StreamLogprobs, TokenLogprob, all_logprobs
+from mcp_server.generate import Decoded, RunResult
 from mcp_server.processors import LogprobRecorder, Penalties
 from mcp_server.progress import Progress
 from mcp_server.schemas import ResponseFormat
@@ -29,10 +30,11 @@ from mcp_server.tool_specs import ToolChoice, ToolSpec
 @dataclass
 class Plan:
     """One API request, in terms of the service. `messages` are template messages (OpenAI-style dicts);
-    `prompt_ids` instead of messages: a raw prompt (completions), no template."""
+    `prompts` instead of messages: raw prompts (completions), no template; choice i answers prompt i // n."""
 
     messages: list[dict[str, Any]] = field(default_factory=list)
-    prompt_ids: list[int] | None = None
+    prompts: list[list[int]] | None = None  # raw prompts (completions): one batch of n choices each
+    continue_final: bool = False  # the last message is an assistant turn to continue (prefill)
     tools: list[ToolSpec] = field(default_factory=list)
     choice: ToolChoice | None = None  # None: no tools offered
     parallel_tool_calls: bool = True
@@ -51,15 +53,32 @@ class Plan:
     n: int = 1
     logprobs: int | None = None  # None: off; else how many top alternatives per token (0-20)
 
+    @property
+    def raw(self) -> bool:
+        return self.prompts is not None
+
 
 @dataclass
 class Prepared:
     plan: Plan
     aengine: Any
     tokenizer: Any
-    prompt_ids: list[int]
-    params: SamplingParams
+    prompts: list[list[int]]  # one per prompt (one for chat and messages)
+    prompt_params: list[SamplingParams]  # the sampling parameters of each prompt (max_tokens fits each)
     budget: int | None  # reasoning budget when thinking
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompts[0]
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.prompt_params[0]
+
+    @property
+    def total(self) -> int:
+        """How many choices (engine requests) the plan makes: prompts x n."""
+        return len(self.prompts) * self.plan.n
 
 
 @dataclass
@@ -72,7 +91,7 @@ class Choice:
     reasoning_tokens: int
     finish: str  # stop | length | tool_calls
     stop_sequence: str | None  # the stop string that ended the output, if one did
-    logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None  # per generated token
+    logprobs: list[TokenLogprob] | None = None  # per generated token (see logprobs.py)
 
 
 def call_limit(plan: Plan) -> int:
@@ -103,7 +122,11 @@ def check_ready(service: ChatService) -> None:
 def check_queue(prep: Prepared) -> None:
     """Refuse up front (429) when the engine's queue cannot take the plan's requests."""
     bound = getattr(prep.aengine, "max_waiting", None)
-    if bound is not None and prep.aengine.num_waiting() + prep.plan.n > bound:
+    if bound and prep.total > bound:  # (a bound of 0 refuses everything: the 429 below)
+        raise ApiError(400, f"this request makes {prep.total} generations (prompts x n), more than the server's "
+                            f"queue holds ({bound}); send fewer prompts or a smaller n", param="prompt",
+                       code="invalid_request")
+    if bound is not None and prep.aengine.num_waiting() + prep.total > bound:
         raise ApiError(429, f"the request queue is full ({prep.aengine.num_waiting()} waiting, bound {bound}); "
                             "retry in a little while", code="queue_full", headers={"Retry-After": "1"})
 
@@ -111,15 +134,23 @@ def check_queue(prep: Prepared) -> None:
 async def prepare(service: ChatService, plan: Plan, progress: Progress | None = None) -> Prepared:
     progress = progress or Progress()
     check_ready(service)
-    if plan.prompt_ids is None:
+    if plan.prompts is None:
         tools = [s.as_openai() for s in plan.tools] or None
         aengine, tokenizer, prompt_ids = await service.render(plan.messages, progress, thinking=plan.thinking,
-                                                              tools=tools)
+                                                              tools=tools, continue_final=plan.continue_final)
+        prompts = [prompt_ids]
     else:
         aengine = await service.host.wait_ready(progress)
-        tokenizer, prompt_ids = service.host.engine.tokenizer, plan.prompt_ids
-    params = service.sampling(len(prompt_ids), max_tokens=plan.max_tokens, temperature=plan.temperature,
-                              top_p=plan.top_p, top_k=plan.top_k, seed=plan.seed, stop=plan.stop)
+        tokenizer, prompts = service.host.engine.tokenizer, plan.prompts
+    prompt_params = []
+    for i, ids in enumerate(prompts):
+        try:
+            prompt_params.append(service.sampling(len(ids), max_tokens=plan.max_tokens,
+                                                  temperature=plan.temperature, top_p=plan.top_p,
+                                                  top_k=plan.top_k, seed=plan.seed, stop=plan.stop))
+        except RequestError as e:
+            raise (RequestError(f"prompt[{i}]: {e}") if len(prompts) > 1 else e) from None
+    params = prompt_params[0]
     budget = None
     if plan.thinking:
         requested = plan.thinking_budget
@@ -127,7 +158,7 @@ async def prepare(service: ChatService, plan: Plan, progress: Progress | None = 
             requested = max(1, min(int(params.max_tokens * plan.thinking_fraction), params.max_tokens - 1))
         budget = service.thinking_budget(requested, params.max_tokens)
     service.check_response_format(plan.response_format)
-    prep = Prepared(plan, aengine, tokenizer, prompt_ids, params, budget)
+    prep = Prepared(plan, aengine, tokenizer, prompts, prompt_params, budget)
     await processors(service, prep)  # compile once now: a bad schema is a 400 before anything streams
     return prep
 
@@ -161,16 +192,33 @@ async def processors(service: ChatService, prep: Prepared) -> list[Any]:
     return out
 
 
+OnEvents = Callable[[str, list[Event], list[TokenLogprob]], None]
+
+
 async def run_choice(service: ChatService, prep: Prepared, index: int, progress: Progress | None = None,
-                     on_events: Callable[[str, list[Event]], None] | None = None) -> Choice:
-    params = prep.params
-    if index and params.seed is not None:  # n > 1 with a seed: distinct, reproducible samples
-        params = replace(params, seed=(params.seed + index) % (1 << 63))
+                     on_events: OnEvents | None = None) -> Choice:
+    """Choice `index`: prompt index // n, sample index % n. `on_events(text delta, parser events, the
+    log-probability entries whose text that delta completes)` as it decodes."""
+    prompt, sample = divmod(index, prep.plan.n)
+    params, prompt_ids = prep.prompt_params[prompt], prep.prompts[prompt]
+    if sample and params.seed is not None:  # n > 1 with a seed: distinct, reproducible samples
+        params = replace(params, seed=(params.seed + sample) % (1 << 63))
     procs = await processors(service, prep)
+    recorder = next((p for p in procs if isinstance(p, LogprobRecorder)), None)
     names = [s.name for s in prep.plan.tools] if prep.plan.tools else None
-    run, parsed = await service.run(prep.aengine, prep.prompt_ids, params, progress or Progress(),
-                                    thinking=prep.plan.thinking, tools=names, processors=procs,
-                                    on_events=on_events)
+    feed = None
+    if on_events is not None:
+        live = StreamLogprobs(recorder, prep.tokenizer, params) if recorder is not None else None
+        fed = 0
+
+        def feed(d: Decoded) -> None:
+            nonlocal fed
+            fed += len(d.text)
+            entries = [] if live is None else live.take(d.token_ids, fed if prep.plan.raw else d.resolved)
+            on_events(d.text, d.events, entries)
+
+    run, parsed = await service.run(prep.aengine, prompt_ids, params, progress or Progress(),
+                                    thinking=prep.plan.thinking, tools=names, processors=procs, on_events=feed)
     calls = parsed.tool_calls[:call_limit(prep.plan)]
     think_end = prep.tokenizer.token_to_id(THINK_END)
     if not prep.plan.thinking:
@@ -183,14 +231,15 @@ async def run_choice(service: ChatService, prep: Prepared, index: int, progress:
         finish = "length"
     else:
         finish = "tool_calls" if calls else "stop"
-    stop_sequence = _stop_sequence(prep, run) if finish == "stop" else None
-    recorder = next((p for p in procs if isinstance(p, LogprobRecorder)), None)
+    stop_sequence = _stop_sequence(prep, params, run) if finish == "stop" else None
+    logprobs = None if recorder is None else all_logprobs(recorder, prep.tokenizer, params, run.token_ids,
+                                                           len(run.text))
     return Choice(index, run, parsed, calls, [new_call_id() for _ in calls], reasoning_tokens, finish,
-                  stop_sequence, None if recorder is None else recorder.entries(run.token_ids))
+                  stop_sequence, logprobs)
 
 
-def _stop_sequence(prep: Prepared, run: RunResult) -> str | None:
-    stops = prep.params.stop
+def _stop_sequence(prep: Prepared, params: SamplingParams, run: RunResult) -> str | None:
+    stops = params.stop
     if not stops or (run.token_ids and run.token_ids[-1] == prep.tokenizer.eos_id):
         return None
     full = prep.tokenizer.decode(run.token_ids)
@@ -202,7 +251,7 @@ def _stop_sequence(prep: Prepared, run: RunResult) -> str | None:
 async def run_all(service: ChatService, prep: Prepared) -> list[Choice]:
     """Every choice, batched together by the engine."""
     check_queue(prep)
-    out: list[Choice | None] = [None] * prep.plan.n
+    out: list[Choice | None] = [None] * prep.total
     errors: list[Exception] = []
 
     async def one(i: int) -> None:
@@ -213,20 +262,21 @@ async def run_all(service: ChatService, prep: Prepared) -> list[Choice]:
             tg.cancel_scope.cancel()
 
     async with anyio.create_task_group() as tg:
-        for i in range(prep.plan.n):
+        for i in range(prep.total):
             tg.start_soon(one, i)
     if errors:
         raise errors[0]
     return [c for c in out if c is not None]
 
 
-OnItem = Callable[[int, "tuple[str, list[Event]] | Choice"], Awaitable[None]]
+Item = tuple[str, list[Event], list[TokenLogprob]]
+OnItem = Callable[[int, "Item | Choice"], Awaitable[None]]
 
 
 async def run_streaming(service: ChatService, prep: Prepared, on_item: OnItem,
                         progress: Progress | None = None) -> None:
-    """Run every choice; `on_item(index, (text delta, events))` as each decodes, then `on_item(index, Choice)`
-    at its end.
+    """Run every choice; `on_item(index, (text delta, events, logprob entries))` as each decodes, then
+    `on_item(index, Choice)` at its end.
     A failure cancels the other choices and is raised; cancelling the caller aborts every request."""
     send, recv = anyio.create_memory_object_stream[tuple[int, Any]](math.inf)
     error: Exception | None = None
@@ -234,13 +284,13 @@ async def run_streaming(service: ChatService, prep: Prepared, on_item: OnItem,
     async def one(i: int) -> None:
         try:
             choice = await run_choice(service, prep, i, progress,
-                                      on_events=lambda delta, events: send.send_nowait((i, (delta, events))))
+                                      on_events=lambda *item: send.send_nowait((i, item)))
             send.send_nowait((i, choice))
         except Exception as e:  # handed to the consumer, which stops everything
             send.send_nowait((i, e))
 
     async with anyio.create_task_group() as tg:
-        for i in range(prep.plan.n):
+        for i in range(prep.total):
             tg.start_soon(one, i)
         done = 0
         async with recv:
@@ -255,7 +305,7 @@ async def run_streaming(service: ChatService, prep: Prepared, on_item: OnItem,
                     break
                 if isinstance(item, Choice):
                     done += 1
-                    if done == prep.plan.n:
+                    if done == prep.total:
                         break
         tg.cancel_scope.cancel()
     send.close()

@@ -9,7 +9,6 @@ are a 400.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 
 from mcp_server.api.errors import ApiError, invalid, unsupported
 from mcp_server.api.generation import Choice, Plan
+from mcp_server.api.logprobs import chat_logprobs
 from mcp_server.schemas import NamedToolChoice
 from mcp_server.tool_specs import BadToolSpec, ToolChoice, normalize_choice, normalize_tools
 
@@ -113,15 +113,13 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def logprobs_of(req: Any) -> int | None:
-    """`logprobs: true` (+ `top_logprobs` 0-20): per-token log-probabilities in the non-streamed response."""
+    """`logprobs: true` (+ `top_logprobs` 0-20): per-token log-probabilities, streamed or not."""
     if req.logprobs not in (None, False, True):
         raise invalid("logprobs must be true or false", "logprobs")
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
     if not req.logprobs:
         return None
-    if req.stream:
-        raise unsupported("logprobs", "log-probabilities come only in non-streamed responses; omit stream")
     top = req.top_logprobs or 0
     if not 0 <= top <= 20:
         raise invalid("top_logprobs must be between 0 and 20", "top_logprobs")
@@ -171,17 +169,7 @@ def message(c: Choice, thinking: bool) -> dict[str, Any]:
 
 
 def logprobs_json(c: Choice, tokenizer: Any) -> dict[str, Any] | None:
-    if c.logprobs is None:
-        return None
-
-    def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
-        text = tokenizer.decode([token_id])
-        if logprob is None or not math.isfinite(logprob):
-            logprob = -9999.0  # OpenAI's value for "as good as impossible"; JSON has no -inf
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]} for t, lp, top in c.logprobs],
-            "refusal": None}
+    return None if c.logprobs is None else chat_logprobs(c.logprobs, tokenizer)
 
 
 def completion_response(plan: Plan, choices: list[Choice], model: str, response_id: str,

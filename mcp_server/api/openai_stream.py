@@ -5,6 +5,7 @@ Each choice opens with `{"role": "assistant", "content": ""}`; reasoning goes to
 `function.name` (arguments ""), later ones its argument text as generated. The joined deltas are the
 non-streamed message byte for byte, since both are the parser's own segments. Then one chunk per choice with
 its `finish_reason` (`tool_calls` only when calls were sent), then usage when `stream_options.include_usage`.
+With `logprobs`, each delta carries the entries of the tokens whose text it completes (logprobs.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import time
 from typing import Any
 
 from inference.text.parse import ContentDelta, Event, ReasoningDelta, ToolArgumentsDelta, ToolCallStarted
-from mcp_server.api.generation import Choice, Plan, call_limit, new_call_id
+from mcp_server.api.generation import Choice, Item, Plan, call_limit, new_call_id
+from mcp_server.api.logprobs import TokenLogprob, chat_logprobs
 from mcp_server.api.openai_chat import usage
 from mcp_server.api.sse import Write, sse
 
@@ -22,7 +24,13 @@ from mcp_server.api.sse import Write, sse
 def event_deltas(events: list[Event], limit: int, call_ids: dict[int, str]) -> list[dict[str, Any]]:
     """Deltas for a batch of parser events, adjacent ones of one kind merged. `call_ids` (index -> id) is
     filled as calls start."""
+    return [d for d, _ in delta_ends(events, limit, call_ids)]
+
+
+def delta_ends(events: list[Event], limit: int, call_ids: dict[int, str]) -> list[tuple[dict[str, Any], int]]:
+    """`event_deltas` with, for each, where its text ends in the output (the parser's `end` of its last event)."""
     out: list[dict[str, Any]] = []
+    ends: list[int] = []
     for ev in events:
         if isinstance(ev, ReasoningDelta):
             delta: dict[str, Any] = {"reasoning_content": ev.text, "reasoning": ev.text}
@@ -37,9 +45,11 @@ def event_deltas(events: list[Event], limit: int, call_ids: dict[int, str]) -> l
         else:
             continue
         if out and _merge(out[-1], delta):
+            ends[-1] = ev.end
             continue
         out.append(delta)
-    return out
+        ends.append(ev.end)
+    return list(zip(out, ends, strict=True))
 
 
 def _merge(prev: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -57,12 +67,15 @@ def _merge(prev: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 class ChunkStream:
-    def __init__(self, plan: Plan, model: str, response_id: str, write: Write, include_usage: bool) -> None:
-        self.plan, self.model, self.id, self.write = plan, model, response_id, write
+    def __init__(self, plan: Plan, model: str, response_id: str, write: Write, include_usage: bool,
+                 tokenizer: Any = None) -> None:
+        self.plan, self.model, self.id, self.write, self.tokenizer = plan, model, response_id, write, tokenizer
         self.include_usage = include_usage
         self.created = int(time.time())
         self.call_ids: dict[int, dict[int, str]] = {i: {} for i in range(plan.n)}
         self.choices: list[Choice] = []
+        self.pending: dict[int, list[TokenLogprob]] = {i: [] for i in range(plan.n)}  # entries for the next delta
+        self.sent: dict[int, int] = {i: 0 for i in range(plan.n)}  # entries sent per choice
 
     def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -77,15 +90,31 @@ class ChunkStream:
             await self.write(self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                           "finish_reason": None, "logprobs": None}]))
 
-    async def on_item(self, index: int, item: tuple[str, list[Event]] | Choice) -> None:
+    async def on_item(self, index: int, item: Item | Choice) -> None:
         if isinstance(item, Choice):
             self.choices.append(item)
+            rest = (item.logprobs or [])[self.sent[index]:]  # what no delta carried yet (see logprobs.py)
             await self.write(self.chunk([{"index": index, "delta": {}, "finish_reason": item.finish,
-                                          "logprobs": None}]))
+                                          "logprobs": self._logprobs(rest)}]))
             return
-        for delta in event_deltas(item[1], call_limit(self.plan), self.call_ids[index]):
+        _, events, entries = item
+        pending = self.pending[index]
+        pending += entries
+        deltas = delta_ends(events, call_limit(self.plan), self.call_ids[index])
+        for k, (delta, end) in enumerate(deltas):
+            # a delta carries the entries of the tokens whose text ends within it; the batch's last one all
+            # that this parser step resolved (up to a marker after its text)
+            last = k == len(deltas) - 1
+            n = len(pending) if last else next((j for j, e in enumerate(pending) if e.end > end), len(pending))
+            carried, pending[:] = pending[:n], pending[n:]
+            self.sent[index] += n
             await self.write(self.chunk([{"index": index, "delta": delta, "finish_reason": None,
-                                          "logprobs": None}]))
+                                          "logprobs": self._logprobs(carried)}]))
+
+    def _logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+        if self.plan.logprobs is None or not entries:
+            return None
+        return chat_logprobs(entries, self.tokenizer)
 
     async def end(self) -> None:
         if self.include_usage:

@@ -78,7 +78,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     suffix: str | None = None
     echo: bool = False
     best_of: int | None = None

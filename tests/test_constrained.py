@@ -90,16 +90,6 @@ CORPUS: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def factory(tok: Tokenizer) -> ConstraintFactory:
-    return ConstraintFactory(tok)
-
-
 class RandomModel:
     """A random model: i.i.d. N(0, 1) logits sampled at temperature 1 (argmax of logits + Gumbel noise, drawn
     from a pre-generated bank to keep the test fast). `bias` adds to chosen logits (to push a behaviour)."""

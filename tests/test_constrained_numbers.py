@@ -36,16 +36,6 @@ NUMBERS: dict[str, Any] = {"type": "object", "properties": {
 }, "required": ["free", "count", "low", "high", "ratio", "maybe", "sevens", "thirds", "any", "list"]}
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def factory(tok: Tokenizer) -> ConstraintFactory:
-    return ConstraintFactory(tok)
-
-
 def number_bias(tok: Tokenizer) -> dict[int, float]:
     """Push the model toward long digit runs and exponents (what overflows a double)."""
     pieces = ["999", "9", "e", "E", "e+", "E+", "1", "00", ".", "-"]

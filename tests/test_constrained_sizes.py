@@ -19,16 +19,6 @@ MANY_INTS = {"type": "array", "items": {"type": "integer"}, "minItems": 100}
 LONG_ARG = {"type": "object", "properties": {"text": {"type": "string", "minLength": 300}}, "required": ["text"]}
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def factory(tok: Tokenizer) -> ConstraintFactory:
-    return ConstraintFactory(tok)
-
-
 @pytest.mark.parametrize("max_tokens", [1000, 300, 400])
 def test_long_shortest_instances_are_accepted(factory: ConstraintFactory, max_tokens: int) -> None:
     for schema in (LONG_STRING, MANY_INTS):

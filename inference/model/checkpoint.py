@@ -150,13 +150,7 @@ def load_weights(model: Transformer, files: CheckpointFiles, *, progress: bool |
                     bar.update(src.numel() * src.element_size())
     if bar is not None:
         bar.close()
-    missing = sorted(expected - loaded)
-    if missing:
-        extra = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{files.root}: missing tensor(s) {', '.join(missing[:5])}{extra}; the checkpoint "
-                              "does not match its config.json")
-    if unknown:
-        log.warning("ignored %d tensor(s) this engine does not use, e.g. %s", len(unknown), unknown[0])
+    check_loaded(files.root, expected, loaded, unknown)
     if skipped_mtp:
         log.info("skipped %d multi-token-prediction tensors", skipped_mtp)
 
@@ -207,3 +201,14 @@ def checkpoint_is_fp8(files: CheckpointFiles, cfg: ModelConfig) -> bool:
     if cfg.quant is not None:
         return True
     return any(name.endswith("weight_scale_inv") for name in files.tensor_to_file)
+
+
+def check_loaded(root: Path, expected: set[str], loaded: set[str], unknown: list[str]) -> None:
+    """Every expected tensor was read (else CheckpointError naming them); unknown ones are logged."""
+    missing = sorted(expected - loaded)
+    if missing:
+        extra = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{root}: missing tensor(s) {', '.join(missing[:5])}{extra}; the checkpoint "
+                              "does not match its config.json")
+    if unknown:
+        log.warning("ignored %d tensor(s) this engine does not use, e.g. %s", len(unknown), unknown[0])

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from inference.model.checkpoint import _EXPERT, _LAYER, CheckpointError, CheckpointFiles, _copy
+from inference.model.checkpoint import _EXPERT, _LAYER, CheckpointError, CheckpointFiles, _copy, check_loaded
 from inference.model.parallel import LocalExperts, Shard
 from inference.model.transformer import FP8_DTYPE, Transformer
 
@@ -114,13 +114,7 @@ def load_weights_sharded(model: Transformer, files: CheckpointFiles) -> None:
                     dst = dst.narrow(shard.dim, 0, src.shape[shard.dim])  # vocabulary padding stays zero
                 _copy(dst, None, src, name, path)
                 loaded.add(name)
-    missing = sorted(set(local) - loaded)
-    if missing:
-        extra = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{files.root}: missing tensor(s) {', '.join(missing[:5])}{extra}; the checkpoint "
-                              "does not match its config.json")
-    if unknown:
-        log.warning("ignored %d tensor(s) this engine does not use, e.g. %s", len(unknown), unknown[0])
+    check_loaded(files.root, set(local), loaded, unknown)
 
 
 def _open(path: Path):

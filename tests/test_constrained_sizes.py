@@ -74,3 +74,13 @@ def test_refusals_name_the_keyword_and_its_tokens(factory: ConstraintFactory) ->
     with pytest.raises(ConstraintError, match=r"no complete output within the 2048 tokens.*minItems 5000 at # "
                                               r"\(response_format\) needs more than the 2048 tokens"):
         factory.for_response_format({"type": "json_schema", "schema": endless}, 4000)
+
+
+def test_fill_resumes_after_a_partial_character(factory: ConstraintFactory, tok: Tokenizer) -> None:
+    """Seed 4219451349 (a CI failure) writes the lead byte of a multi-byte character: no run token is allowed
+    until it completes, and the planner gave up filling the string (then one byte per token overran 40)."""
+    model = RandomModel(factory.vocab.vocab_size, 4219451349)
+    proc = factory.for_response_format({"type": "json_schema", "schema": LONG_STRING}, 40)
+    out = model.generate(proc, 40)
+    assert len(out) <= 40 and out[-1] == tok.eos_id and proc.is_terminated and not proc.over_budget
+    validate(json.loads(tok.decode(out[:-1])), LONG_STRING)

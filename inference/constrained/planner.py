@@ -216,6 +216,8 @@ class Planner:
                 return seq[0] if seq else None
             runs = self.runs[1:][ok[1:]]
             if not len(runs):
+                if not seq:  # none allowed right now (inside a multi-byte character): retry after the next byte
+                    return None
                 break
             f.accept_token(int(runs[0]))
             seq.append(int(runs[0]))

@@ -248,7 +248,8 @@ class Engine:
             self.check_prompt(p, sp.max_tokens)
         num_blocks = sum(-(-(len(p) + sp.max_tokens) // block_size) for p, sp in zip(prompts, plist))
         core = EngineCore(self, max_num_seqs=len(prompts), max_num_batched_tokens=sum(map(len, prompts)),
-                          cache_tokens=num_blocks * block_size, block_size=block_size)
+                          cache_tokens=num_blocks * block_size, block_size=block_size,
+                          warm_up=False)  # a pool per call: compiled on first use, eager
         seqs = [Seq(str(i), p, sp, generator=make_generator(sp, self.device),
                     decoder=self.tokenizer.incremental_decoder(), eos_id=self.tokenizer.eos_id)
                 for i, (p, sp) in enumerate(zip(prompts, plist))]

@@ -78,7 +78,7 @@ def default_async_engine(config: ServerConfig) -> Callable[[Any], Any]:
         from inference.engine.async_engine import AsyncEngine
 
         return AsyncEngine(engine, max_num_seqs=config.max_num_seqs, cache_tokens=config.cache_tokens,
-                           max_waiting=config.limits.max_waiting)
+                           max_waiting=config.limits.max_waiting, enforce_eager=config.enforce_eager)
 
     return make
 

@@ -38,6 +38,12 @@ class CudaGraph:
         self.pool = pool
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One eager run on a side stream first (compiles, tunes, lazy library init outside the capture)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         with torch.cuda.graph(self.graph, pool=self.pool):
             out = fn()
@@ -56,6 +62,7 @@ class EagerGraph:
         self.out: torch.Tensor | None = None
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        fn()  # the warm run, as CudaGraph's
         self.fn = fn
         self.out = fn()
         return self.out
@@ -99,8 +106,8 @@ class DecodeGraphs:
             seq_lens_list=(self.max_context,) * b, query_lens_list=(1,) * b, max_seq_len=self.max_context)
 
     def capture(self, log: Callable[[str], None] | None = None) -> None:
-        """Capture every bucket, largest first (the smaller ones reuse its memory pool). Each bucket runs once
-        eagerly on its buffers first (compiles and tunes outside the capture)."""
+        """Capture every bucket, largest first (the smaller ones reuse its memory pool); the graph runs each
+        once eagerly on its buffers first."""
         pool = None
         for b in reversed(self.buckets):
             if log is not None:
@@ -110,7 +117,6 @@ class DecodeGraphs:
             def forward(b: int = b, meta: AttentionMetadata = meta) -> torch.Tensor:
                 return self.model(self.input_ids[:b], self.positions[:b], meta, self.kv_cache)
 
-            forward()
             graph = self.graph_type(pool)
             self.logits[b] = graph.capture(forward)
             self.graphs[b] = graph

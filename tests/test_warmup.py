@@ -138,3 +138,54 @@ def test_warm_up_is_a_no_op_on_cpu_by_default(tiny):
     lines: list[str] = []
     runner.warm_up(max_num_seqs=2, max_num_batched_tokens=8, max_context=32, log=lines.append)
     assert lines == [] and runner.graphs is None or DEVICE == "cuda"
+
+
+def test_rope_kv_cache_skips_padding_slots():
+    pytest.importorskip("triton")
+    from kernels.rope import rope_kv_cache, rope_kv_cache_torch
+
+    g = torch.Generator().manual_seed(3)
+    t, h, c, r = 3, 2, 16, 8
+    kv, q_pe = torch.randn(t, c + r, generator=g), torch.randn(t, h, r, generator=g)
+    weight, ang = torch.randn(c, generator=g), torch.rand(t, r // 2, generator=g)
+    cache = torch.full((6, c + r), 7.0)
+    ref = cache.clone()
+    rope_kv_cache_torch(kv[1:], weight, q_pe[1:], ang.cos()[1:], ang.sin()[1:], torch.tensor([4, 0]), ref, 1e-6)
+    q = rope_kv_cache(kv, weight, q_pe, ang.cos(), ang.sin(), torch.tensor([-1, 4, 0]), cache, 1e-6)
+    torch.testing.assert_close(cache, ref)  # row 0 (slot -1) wrote nothing
+    assert q.shape == (t, h, r) and torch.isfinite(q).all()
+
+
+class _WarmRunner:
+    num_blocks = 4
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def warm_up(self, **kwargs) -> None:
+        self.calls.append(kwargs)
+
+
+def test_engine_core_warms_its_runner_with_the_pool_limits():
+    from types import SimpleNamespace
+
+    from inference.engine.core import EngineCore
+
+    engine = SimpleNamespace(max_context=96, device="cpu")
+    runner = _WarmRunner()
+    EngineCore(engine, max_num_seqs=3, max_num_batched_tokens=40, runner=runner, enforce_eager=True)
+    assert runner.calls == [dict(max_num_seqs=3, max_num_batched_tokens=40, max_context=96, enforce_eager=True,
+                                 force=None)]
+    EngineCore(engine, runner=runner, warm_up=False)
+    assert len(runner.calls) == 1
+
+
+def test_enforce_eager_flags():
+    from inference.__main__ import build_parser
+    from mcp_server.__main__ import build_parser as server_parser
+    from mcp_server.__main__ import overrides
+
+    assert build_parser().parse_args(["generate", "--prompt", "x", "--enforce-eager"]).enforce_eager
+    assert not build_parser().parse_args(["generate", "--prompt", "x"]).enforce_eager
+    assert overrides(server_parser().parse_args(["--enforce-eager"]))["enforce_eager"] is True
+    assert "enforce_eager" not in overrides(server_parser().parse_args([]))

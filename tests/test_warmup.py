@@ -189,3 +189,20 @@ def test_enforce_eager_flags():
     assert not build_parser().parse_args(["generate", "--prompt", "x"]).enforce_eager
     assert overrides(server_parser().parse_args(["--enforce-eager"]))["enforce_eager"] is True
     assert "enforce_eager" not in overrides(server_parser().parse_args([]))
+
+
+def test_triton_cache_under_the_project_cache(tmp_path, monkeypatch):
+    from kernels.backend import use_user_cache
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    assert use_user_cache(tmp_path) == tmp_path / "triton"
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")  # the user's setting wins
+    assert str(use_user_cache(tmp_path)) == "/elsewhere"
+    pytest.importorskip("triton")
+    import triton
+
+    from kernels.tuning import _persists
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 2):
+        assert _persists()  # autotune results go to the same cache dir (off under the interpreter, which tunes nothing)

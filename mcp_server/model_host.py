@@ -144,7 +144,7 @@ class ModelHost:
         try:
             engine = self._future.result()
             self.engine = engine
-            aengine = self._make_async_engine(engine)
+            aengine = await anyio.to_thread.run_sync(self._make_async_engine, engine)  # warms kernels: off the loop
             async with aengine:
                 self.aengine = aengine
                 self.load_seconds = time.monotonic() - self.load_started

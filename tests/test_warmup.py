@@ -109,7 +109,8 @@ def _requests(runner) -> list[torch.Tensor]:
     return out
 
 
-def test_after_warm_up_a_request_compiles_nothing(tiny):
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_after_warm_up_a_request_compiles_nothing(tiny, enforce_eager):
     from tests.compile_hook import record_compiles
 
     limits = dict(max_num_seqs=3, max_num_batched_tokens=8, max_context=32)
@@ -120,9 +121,12 @@ def test_after_warm_up_a_request_compiles_nothing(tiny):
     runner = tiny.make_runner(8, 4)
     lines: list[str] = []
     with record_compiles() as warm:
-        runner.warm_up(**limits, force=True, log=lines.append, graph=EagerGraph)
-    assert lines[0].startswith("warming kernels 1/") and lines[-1].startswith("capturing CUDA graph: decode batch 1")
-    assert runner.graphs is not None and runner.graphs.buckets == (1, 2, 3)
+        runner.warm_up(**limits, force=True, log=lines.append, graph=EagerGraph, enforce_eager=enforce_eager)
+    assert lines[0].startswith("warming kernels 1/")
+    if enforce_eager:  # decode warmed per batch bucket, nothing captured
+        assert runner.graphs is None and any("decode batch 3" in line for line in lines)
+    else:  # decode warmed by the capture
+        assert lines[-1].startswith("capturing CUDA graph: decode batch 1") and runner.graphs.buckets == (1, 2, 3)
     runner.kv_cache.zero_()
     with record_compiles() as served:
         logits = _requests(runner)

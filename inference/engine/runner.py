@@ -87,6 +87,7 @@ class ModelRunner:
         on_gpu = self.model.rt.backend == "triton" and self.device.type == "cuda"
         if force is False or (force is None and not on_gpu):
             return
+        graphs = not enforce_eager and (graph is not None or on_gpu)
         if self.model.rt.backend == "triton":
             from inference.model.demo import default_cache_dir
             from kernels.backend import use_user_cache
@@ -96,13 +97,13 @@ class ModelRunner:
             heads = next(m.w_uk.shape[0] for m in self.model.modules() if hasattr(m, "w_uk"))  # heads of this rank
             steps = warm_steps(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                max_context=max_context, block_size=self.block_size, heads=heads,
-                               sms=device_sms(self.device))
+                               sms=device_sms(self.device), decode=not graphs)
             with torch.inference_mode():
                 warm_up(self.run, steps, log)
-        if enforce_eager or (graph is None and not on_gpu):
+        if not graphs:
             return
-        graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_num_seqs, max_context,
+        decode = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_num_seqs, max_context,
                               **({} if graph is None else {"graph": graph}))
         with torch.inference_mode():
-            graphs.capture(log)
-        self.graphs = graphs
+            decode.capture(log)
+        self.graphs = decode

@@ -65,11 +65,12 @@ def _seq(tokens: int, start: int, block_size: int) -> ScheduledSeq:
 
 
 def warm_steps(*, max_num_seqs: int, max_num_batched_tokens: int, max_context: int, block_size: int, heads: int,
-               sms: int) -> list[tuple[str, list[ScheduledSeq]]]:
-    """(label, sequences) of every step shape to run once: decode per bucket and split count, prefill and
-    mixed (one decode row + one chunk, the absorbed kernel) per token bucket."""
+               sms: int, decode: bool = True) -> list[tuple[str, list[ScheduledSeq]]]:
+    """(label, sequences) of every step shape to run once: decode per bucket and split count (unless
+    `decode` is False: CUDA graphs replay decode at one split count per bucket, and capturing warms that),
+    prefill and mixed (one decode row + one chunk, the absorbed kernel) per token bucket."""
     steps: list[tuple[str, list[ScheduledSeq]]] = []
-    for b in decode_buckets(max_num_seqs):
+    for b in decode_buckets(max_num_seqs) if decode else ():
         for ctx in split_contexts(b, heads, max_context, sms):  # only the longest row sets the split count
             steps.append((f"decode batch {b} context {ctx}",
                           [_seq(1, ctx - 1, block_size)] + [_seq(1, 0, block_size) for _ in range(b - 1)]))

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command wherever a GPU is available (under 8 minutes on one H100/H200):
 #   bash bench/gpu.sh [--out DIR]
-# 1. the CUDA tests of the kernels (pytest, if the container has it), 2. bench/kernels.py --quick (FP8 GEMM vs
-# torch bf16 at the V3 shapes, mla_decode GB/s vs a device copy), 3. bench/layer.py (one real-size V3.1 MoE layer,
-# eager and CUDA-graph rows). Prints one markdown report and writes it to DIR/gpu.md (default bench/out).
+# 1. the CUDA tests of the kernels, the decode CUDA graphs and the warm-up (pytest, if the container has it),
+# 2. bench/kernels.py --quick (FP8 GEMM vs torch bf16 at the V3 shapes, mla_decode GB/s vs a device copy),
+# 3. bench/layer.py (one real-size V3.1 MoE layer, eager and CUDA-graph rows). Prints one markdown report and
+# writes it to DIR/gpu.md (default bench/out).
 # Installs nothing; the GPU path imports torch, triton and safetensors only. Without CUDA it runs what it can
 # and says where a GPU is needed.
 set -u
@@ -29,8 +30,8 @@ print(f'device: {d}; torch {torch.__version__}; triton {triton.__version__}')" 2
     echo "skipped: no CUDA device (on CPU the same tests run through the Triton interpreter in the normal suite)"
   elif $PY -c "import pytest" 2>/dev/null; then
     echo '```'
-    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_fp8.py tests/test_kernels_mla.py \
-      tests/test_kernels_moe.py tests/test_kernels_fused.py 2>&1 | tail -15
+    timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_fp8.py tests/test_kernels_mla.py \
+      tests/test_kernels_moe.py tests/test_kernels_fused.py tests/test_cuda_graphs.py tests/test_warmup.py 2>&1 | tail -15
     echo '```'
   else
     echo "skipped: pytest is not installed in this container (nothing is installed by this script)"

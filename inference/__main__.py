@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     gen.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
                      help="kernel backend, as deepseek-mcp --kernels (default auto: triton on CUDA, else torch)")
+    gen.add_argument("--enforce-eager", action="store_true",
+                     help="run decode steps eagerly: no CUDA graphs (as deepseek-mcp --enforce-eager)")
     gen.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                      help="split the model over N ranks: N-1 worker processes here, one per GPU (or CPU + gloo)")
     gen.add_argument("--backend", dest="kernels", choices=["auto", "torch", "triton"], action=_DeprecatedAlias,
@@ -88,8 +90,10 @@ class _Printer:
                 self.write("answer", event.text)
 
 
-async def _stream(engine: Any, ids: list[int], params: Any, printer: _Printer, raw: bool) -> Any:
-    """Decode through the serving engine (one request, a cache just big enough) so text arrives per token."""
+async def _stream(engine: Any, ids: list[int], params: Any, printer: _Printer, raw: bool,
+                  enforce_eager: bool = False) -> tuple[Any, float]:
+    """Decode through the serving engine (one request, a cache just big enough) so text arrives per token.
+    -> (last output, seconds the engine took to start: its kernel warm-up and CUDA graphs, load time)."""
     from inference.engine.async_engine import AsyncEngine
     from inference.text.parse import StreamParser
 
@@ -97,7 +101,11 @@ async def _stream(engine: Any, ids: list[int], params: Any, printer: _Printer, r
     block = 16
     cache_tokens = -(-(len(ids) + params.max_tokens + 1) // block) * block
     last = None
-    async with AsyncEngine(engine, max_num_seqs=1, cache_tokens=cache_tokens, block_size=block) as aengine:
+    t0 = time.perf_counter()
+    aengine = AsyncEngine(engine, max_num_seqs=1, cache_tokens=cache_tokens, block_size=block,
+                          enforce_eager=enforce_eager)
+    warm_s = time.perf_counter() - t0
+    async with aengine:
         async for out in aengine.stream(ids, params):
             if raw:
                 printer.write("text", out.text_delta)
@@ -106,7 +114,7 @@ async def _stream(engine: Any, ids: list[int], params: Any, printer: _Printer, r
             last = out
     if not raw:
         printer.events(parser.finish())
-    return last
+    return last, warm_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{engine.name}: the demo checkpoint has random weights, so its text is noise]", file=sys.stderr)
         printer = _Printer(args.thinking and not args.raw)
         t1 = time.perf_counter()
-        out = anyio.run(_stream, engine, ids, params, printer, args.raw)
-        gen_s = time.perf_counter() - t1
+        out, warm_s = anyio.run(_stream, engine, ids, params, printer, args.raw, args.enforce_eager)
+        gen_s = time.perf_counter() - t1 - warm_s
+        load_s += warm_s
     except (ValueError, OSError, MemoryError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

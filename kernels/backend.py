@@ -6,6 +6,8 @@ Pure detection only (cached, nothing mutable): the engine decides once at constr
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 
 import torch
 
@@ -66,3 +68,11 @@ def fp8_unsupported_notice(device: torch.device | str) -> str:
         where = f"device {dev}"
     return (f"FP8 GEMM kernels need compute capability >= 8.9; {where} lacks them, so FP8 weights are "
             "dequantized to bf16 at load (about 2x the weight memory)")
+
+
+def use_user_cache(cache_dir: Path) -> Path:
+    """Triton's cache (compiled kernels and, where Triton can, autotune results: kernels/tuning.py) under the
+    project's cache dir, so a restart compiles and tunes nothing. An explicit TRITON_CACHE_DIR wins. Call before
+    the first launch (Triton reads the variable when it compiles). -> the directory in use."""
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(cache_dir) / "triton"))
+    return Path(os.environ["TRITON_CACHE_DIR"])

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.tuning import autotune
 from kernels.util import cdiv, device_sms, interpreting, next_pow2
 
 
@@ -171,9 +172,9 @@ def m_bucket(m: int) -> int:
     return min(max(16, next_pow2(m)), 8192)
 
 
-_gemm_small = triton.autotune(configs=SMALL_M_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"],
+_gemm_small = autotune(configs=SMALL_M_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"],
                               prune_configs_by={"early_config_prune": _prune_small})(fp8_gemm_kernel)
-_gemm_large = triton.autotune(configs=LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"])(fp8_gemm_kernel)
+_gemm_large = autotune(configs=LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"])(fp8_gemm_kernel)
 
 
 def split_k_for(m: int, n: int, k: int, sms: int, block: int = 128) -> int:

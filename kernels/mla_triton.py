@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.tuning import autotune
 from kernels.util import cdiv, interpreting, next_pow2
 
 LOG2E = 1.4426950408889634
@@ -203,16 +204,19 @@ def _prune_decode(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_H"] <= cap] or configs[-1:]
 
 
-_decode_tuned = triton.autotune(configs=DECODE_CONFIGS, key=["H", "B_BUCKET", "NUM_SPLITS", "KV_LORA", "ROPE"],
+_decode_tuned = autotune(configs=DECODE_CONFIGS, key=["H", "B_BUCKET", "NUM_SPLITS", "KV_LORA", "ROPE"],
                                 prune_configs_by={"early_config_prune": _prune_decode})(mla_decode_kernel)
-_prefill_tuned = triton.autotune(configs=PREFILL_CONFIGS, key=["H", "T_BUCKET", "KV_LORA", "ROPE"])(mla_prefill_kernel)
+_prefill_tuned = autotune(configs=PREFILL_CONFIGS, key=["H", "T_BUCKET", "KV_LORA", "ROPE"])(mla_prefill_kernel)
 
 
 def num_splits_for(batch: int, heads: int, max_seq_len: int, sms: int) -> int:
     """KV splits per sequence: enough programs for one wave (counting 64-head blocks), but >= 1024 tokens per
-    split, since each split writes and re-reads a [H, kv_lora] fp32 partial (256 KB at 128 heads)."""
+    split, since each split writes and re-reads a [H, kv_lora] fp32 partial (256 KB at 128 heads). Rounded down
+    to a power of two (1, 2, 4, ..., 64): NUM_SPLITS is a compile-time constant, so a server compiles (and warms
+    at load) 7 variants per batch bucket instead of one per 1,024 tokens of context."""
     programs = batch * cdiv(heads, 64)
-    return max(1, min(cdiv(sms, programs), cdiv(max(max_seq_len, 1), 1024), 64))
+    want = max(1, min(cdiv(sms, programs), cdiv(max(max_seq_len, 1), 1024), 64))
+    return 1 << (want.bit_length() - 1)
 
 
 def _meta(q: torch.Tensor, cache: torch.Tensor, rope: int) -> dict:

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.tuning import autotune
 from kernels.util import cdiv, interpreting, next_pow2
 
 
@@ -109,7 +110,7 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_tuned = triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N_OUT", "K", "E", "FP8", "SWIGLU"],
+_tuned = autotune(configs=CONFIGS, key=["M_BUCKET", "N_OUT", "K", "E", "FP8", "SWIGLU"],
                          prune_configs_by={"early_config_prune": _prune})(moe_grouped_gemm_kernel)
 
 

@@ -69,7 +69,8 @@ def rope_kv_cache(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """kv [T, C + R] (kv_a_proj's output), weight [C] (kv_a_layernorm), q_pe [T, H, R], cos/sin [T, R/2] fp32,
-    slot_mapping [T], cache [slots, C + R] (the flat paged cache, written) -> roped q_pe [T, H, R]."""
+    slot_mapping [T] (a slot < 0 is not written: CUDA-graph padding rows), cache [slots, C + R] (the flat paged
+    cache, written) -> roped q_pe [T, H, R]."""
     _check(kv, weight, q_pe, cos, sin, slot_mapping, cache)
     check_launchable(q_pe.device, "rope_kv_cache")
     q_out = out_or_new(out, q_pe.shape, q_pe.dtype, q_pe.device)

@@ -38,16 +38,18 @@ def rope_kv_cache_kernel(
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
     w = tl.load(w_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
     c_kv = ((x * inv).to(act).to(tl.float32) * w).to(act)  # cast before the weight, as the reference
-    slot = tl.load(slot_ptr + t * stride_slot).to(tl.int64)
-    row = cache_ptr + slot * stride_cs
-    tl.store(row + offs_c, c_kv.to(cache_ptr.dtype.element_ty), mask=cmask)
+    slot = tl.load(slot_ptr + t * stride_slot).to(tl.int64)  # < 0: a padding row (CUDA graphs), nothing written
+    n_keep = tl.where(slot >= 0, C, 0)  # columns to write: all, or none for a padding row
+    row = cache_ptr + tl.maximum(slot, 0) * stride_cs
+    tl.store(row + offs_c, c_kv.to(cache_ptr.dtype.element_ty), mask=offs_c < n_keep)
     offs_i = tl.arange(0, BLOCK_I)
     imask = offs_i < HALF
+    ikeep = offs_i < tl.where(slot >= 0, HALF, 0)
     c = tl.load(cos_ptr + t * HALF + offs_i, mask=imask, other=0.0)
     s = tl.load(sin_ptr + t * HALF + offs_i, mask=imask, other=0.0)
     o1, o2, i1, i2 = _rotate(kv_ptr + t * stride_kv + C, c, s, offs_i, imask, HALF, INTERLEAVE)
-    tl.store(row + C + i1, o1.to(act).to(cache_ptr.dtype.element_ty), mask=imask)
-    tl.store(row + C + i2, o2.to(act).to(cache_ptr.dtype.element_ty), mask=imask)
+    tl.store(row + C + i1, o1.to(act).to(cache_ptr.dtype.element_ty), mask=ikeep)
+    tl.store(row + C + i2, o2.to(act).to(cache_ptr.dtype.element_ty), mask=ikeep)
     for h in range(H):
         o1, o2, i1, i2 = _rotate(qpe_ptr + t * stride_qt + h * stride_qh, c, s, offs_i, imask, HALF, INTERLEAVE)
         out = qout_ptr + t * stride_ot + h * stride_oh

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache capacity in tokens (default: 8192 per sequence of --max-num-seqs, within free "
                         "memory); it also caps the context a call can use (list_models: context_tokens)")
     m.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default 16)")
+    m.add_argument("--enforce-eager", dest="enforce_eager", action="store_const", const=True,
+                   help="run decode steps eagerly: no CUDA graphs")
     m.add_argument("--tensor-parallel-size", type=int, metavar="N", help="split the model over N ranks: N-1 "
                    "worker processes on this machine, one per GPU (under torchrun: its world size)")
     m.add_argument("--dist-timeout", type=float, metavar="SECONDS", help="timeout of every collective between "
@@ -127,6 +129,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Flags given on the command line, shaped like the configuration file."""
     flat = {"model": args.model, "device": args.device, "dtype": args.dtype, "kernels": args.kernels,
             "cache_tokens": args.cache_tokens, "max_num_seqs": args.max_num_seqs,
+            "enforce_eager": args.enforce_eager,
             "tensor_parallel_size": args.tensor_parallel_size, "dist_timeout_s": args.dist_timeout,
             "constrained_decoding": args.constrained_decoding,
             "trusted_control_tokens": args.trusted_control_tokens, "transport": args.transport,

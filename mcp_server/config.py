@@ -58,6 +58,7 @@ class ServerConfig(_Section):
     kernels: Literal["auto", "triton", "torch"] = Field("auto", description="Kernel backend.")
     cache_tokens: int | None = Field(None, gt=0, description="KV cache capacity in tokens (null = engine default).")
     max_num_seqs: int = Field(16, gt=0, description="Most requests decoded together.")
+    enforce_eager: bool = Field(False, description="No CUDA graphs for decode steps (they are captured at load).")
     tensor_parallel_size: int = Field(
         1, ge=1, description="Ranks the model is split over: N-1 worker processes here (one per GPU), or torchrun's."
     )

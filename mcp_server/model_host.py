@@ -78,7 +78,7 @@ def default_async_engine(config: ServerConfig) -> Callable[[Any], Any]:
         from inference.engine.async_engine import AsyncEngine
 
         return AsyncEngine(engine, max_num_seqs=config.max_num_seqs, cache_tokens=config.cache_tokens,
-                           max_waiting=config.limits.max_waiting)
+                           max_waiting=config.limits.max_waiting, enforce_eager=config.enforce_eager)
 
     return make
 
@@ -144,7 +144,7 @@ class ModelHost:
         try:
             engine = self._future.result()
             self.engine = engine
-            aengine = self._make_async_engine(engine)
+            aengine = await anyio.to_thread.run_sync(self._make_async_engine, engine)  # warms kernels: off the loop
             async with aengine:
                 self.aengine = aengine
                 self.load_seconds = time.monotonic() - self.load_started

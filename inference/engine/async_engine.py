@@ -97,8 +97,9 @@ class AsyncEngine:
         """`engine`: an `inference.engine.engine.Engine` (model, config, tokenizer, device, dtype, make_runner).
         `max_waiting`: most requests submitted but not running; one more raises QueueFullError (None: no bound).
         `options` size the cache and the batch, as `EngineCore` takes them: `max_num_seqs`,
-        `max_num_batched_tokens`, `cache_tokens`, `block_size`, `memory_fraction`, and `runner`, which replaces
-        the engine's model runner (tests; its `num_blocks` then sizes the pool)."""
+        `max_num_batched_tokens`, `cache_tokens`, `block_size`, `memory_fraction`, `warm_up` and `enforce_eager`
+        (kernels warm and decode CUDA graphs at construction), and `runner`, which replaces the engine's model
+        runner (tests; its `num_blocks` then sizes the pool)."""
         if max_waiting is not None and max_waiting < 0:
             raise ValueError(f"max_waiting must be None or >= 0, got {max_waiting}")
         self.max_waiting = max_waiting

@@ -86,9 +86,14 @@ class EngineCore:
         block_size: int = 16,
         memory_fraction: float = DEFAULT_MEMORY_FRACTION,
         runner: Runner | None = None,
+        warm_up: bool | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         """`engine`: an `inference.engine.engine.Engine` (config, device, dtype, max_context, make_runner).
-        `runner` replaces the engine's model runner (tests); its `num_blocks` then sizes the pool."""
+        `runner` replaces the engine's model runner (tests); its `num_blocks` then sizes the pool.
+        A runner with `warm_up` compiles its kernels for this pool's limits and captures the decode CUDA graphs
+        before the first step (`warm_up` None: where that pays, the Triton path on CUDA; `enforce_eager`: no
+        graphs)."""
         if runner is None:
             num_blocks = plan_cache_blocks(engine, block_size=block_size, cache_tokens=cache_tokens,
                                            max_num_seqs=max_num_seqs, memory_fraction=memory_fraction)
@@ -101,6 +106,10 @@ class EngineCore:
                                    max_num_batched_tokens=max_num_batched_tokens,
                                    max_model_len=engine.max_context)
         self._prepare_pool: ThreadPoolExecutor | None = None
+        warm = getattr(runner, "warm_up", None)
+        if warm is not None and warm_up is not False:
+            warm(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                 max_context=engine.max_context, enforce_eager=enforce_eager, force=warm_up)
 
     def step(self) -> StepResult:
         """One model step: schedule, forward, process logits, sample, check stops. An exception in the model

@@ -20,10 +20,10 @@ from inference.engine.sampling import SamplingParams, make_generator
 from inference.engine.sequence import Sequence as Seq
 from inference.model.checkpoint import checkpoint_is_fp8, find_checkpoint_files, load_weights, resolve_model_path
 from inference.model.config import ModelConfig
-from inference.model.demo import DEMO_NAME, demo_checkpoint_path
+from inference.model.demo import DEMO_NAME, default_cache_dir, demo_checkpoint_path
 from inference.model.transformer import Runtime, Transformer
 from inference.text.tokenizer import Tokenizer
-from kernels.backend import select_backend
+from kernels.backend import select_backend, use_user_cache
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ def _resolve(path_or_repo_id: str | os.PathLike | None, device: torch.device | s
     dt = parse_dtype(dtype, config.torch_dtype)
     fp8 = checkpoint_is_fp8(files, config)
     kernel_backend = select_backend(dev, backend)  # fails at load where a forced 'triton' cannot run
+    if kernel_backend == "triton" and dev.type == "cuda":  # before the first compile (every rank resolves here)
+        use_user_cache(default_cache_dir())
     if fp8 and kernel_backend == "triton" and dev.type == "cuda":  # the CPU interpreter emulates FP8
         from kernels.backend import fp8_supported, fp8_unsupported_notice
 
@@ -248,7 +250,8 @@ class Engine:
             self.check_prompt(p, sp.max_tokens)
         num_blocks = sum(-(-(len(p) + sp.max_tokens) // block_size) for p, sp in zip(prompts, plist))
         core = EngineCore(self, max_num_seqs=len(prompts), max_num_batched_tokens=sum(map(len, prompts)),
-                          cache_tokens=num_blocks * block_size, block_size=block_size)
+                          cache_tokens=num_blocks * block_size, block_size=block_size,
+                          warm_up=False)  # a pool per call: compiled on first use, eager
         seqs = [Seq(str(i), p, sp, generator=make_generator(sp, self.device),
                     decoder=self.tokenizer.incremental_decoder(), eos_id=self.tokenizer.eos_id)
                 for i, (p, sp) in enumerate(zip(prompts, plist))]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from inference.engine.batch import ScheduledSeq
+from inference.engine.cuda_graphs import DecodeGraphs
 from inference.engine.step_inputs import StepInputs
+from inference.engine.warmup import warm_steps, warm_up
 from inference.model.config import ModelConfig
 from inference.model.transformer import Transformer
 
@@ -60,6 +62,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(config.num_layers, num_blocks, block_size, config.kv_cache_dim,
                                     dtype=dtype, device=self.device)
         self.inputs = StepInputs(num_blocks, block_size, self.device)  # persistent block table, staged inputs
+        self.graphs: DecodeGraphs | None = None  # set by warm_up on CUDA unless enforce_eager
 
     @property
     def cache_tokens(self) -> int:
@@ -69,4 +72,38 @@ class ModelRunner:
         """Compute the new tokens of every sequence; logits [B, V] float32 of each one's last token
         (or [T, V] for every new token with all_logits)."""
         input_ids, positions, meta = self.inputs.build(seqs, all_logits)  # block ids checked as they arrive
+        bucket = None if self.graphs is None or all_logits else self.graphs.bucket(meta)
+        if bucket is not None:  # a pure-decode step: replay the bucket's CUDA graph
+            return self.graphs.run(input_ids, positions, meta, bucket)
         return self.model(input_ids, positions, meta, self.kv_cache)
+
+    def warm_up(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_context: int,
+                enforce_eager: bool = False, force: bool | None = None,
+                log: Callable[[str], None] | None = None, graph: type | None = None) -> None:
+        """Compile and tune every Triton kernel for the shapes this pool will serve (inference/engine/warmup.py),
+        then capture the decode CUDA graphs unless `enforce_eager`. By default only on the Triton path on CUDA
+        (on CPU the twins compile nothing and the interpreter nothing worth it); `force` True / False overrides.
+        `graph` (tests) replaces torch.cuda.CUDAGraph, e.g. by cuda_graphs.EagerGraph."""
+        on_gpu = self.model.rt.backend == "triton" and self.device.type == "cuda"
+        if force is False or (force is None and not on_gpu):
+            return
+        graphs = not enforce_eager and (graph is not None or on_gpu)
+        if self.model.rt.backend == "triton":
+            from inference.model.demo import default_cache_dir
+            from kernels.backend import use_user_cache
+            from kernels.util import device_sms
+
+            use_user_cache(default_cache_dir())
+            heads = next(m.w_uk.shape[0] for m in self.model.modules() if hasattr(m, "w_uk"))  # heads of this rank
+            steps = warm_steps(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                               max_context=max_context, block_size=self.block_size, heads=heads,
+                               sms=device_sms(self.device), decode=not graphs)
+            with torch.inference_mode():
+                warm_up(self.run, steps, log)
+        if not graphs:
+            return
+        decode = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_num_seqs, max_context,
+                              **({} if graph is None else {"graph": graph}))
+        with torch.inference_mode():
+            decode.capture(log)
+        self.graphs = decode

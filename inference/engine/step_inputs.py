@@ -120,25 +120,32 @@ class StepInputs:
             pos = torch.arange(num_tokens) + starts  # [T]
             slots = self.host_table[row_of, pos // bs] * bs + pos % bs  # [T]
         logits_rows = list(range(num_tokens)) if all_logits else [q - 1 for q in qsl[1:]]
-        packed = torch.cat((torch.tensor(ids, dtype=torch.int64), pos, slots,
-                            torch.tensor(seq_lens + qsl + logits_rows + rows + changes, dtype=torch.int64)))
+        # every section starts on 16 bytes (an even int64 offset): Triton specializes pointers on that alignment,
+        # so an odd token count would otherwise compile a second variant of the kernels that read them
+        sizes = (num_tokens, num_tokens, num_tokens, bsz, bsz + 1, len(logits_rows), bsz, len(changes))
+        pad = [torch.zeros(n % 2, dtype=torch.int64) for n in sizes[:3]]
+        tail = [*seq_lens, *[0] * (bsz % 2), *qsl, *[0] * ((bsz + 1) % 2), *logits_rows,
+                *[0] * (len(logits_rows) % 2), *rows, *[0] * (bsz % 2), *changes]
+        packed = torch.cat((torch.tensor(ids, dtype=torch.int64), pad[0], pos, pad[1], slots, pad[2],
+                            torch.tensor(tail, dtype=torch.int64)))
         if self.device.type == "cuda":
             packed = packed.pin_memory()
         dev = packed.to(self.device, non_blocking=True)
-        o = [0]
-        for n in (num_tokens, num_tokens, num_tokens, bsz, bsz + 1, len(logits_rows), bsz, len(changes)):
-            o.append(o[-1] + n)
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n + n % 2)
+        sec = [dev[a : a + n] for a, n in zip(starts, sizes)]  # ids, pos, slots, seq_lens, qsl, logits, rows, changes
         if changes:
-            tri = dev[o[7] : o[8]].view(-1, 3)
+            tri = sec[7].view(-1, 3)
             self.table[tri[:, 0], tri[:, 1]] = tri[:, 2].to(torch.int32)
         max_seq_len = max(seq_lens)
         width = -(-max_seq_len // bs)
         if rows == list(range(rows[0], rows[0] + bsz)):
             tables = self.table[rows[0] : rows[0] + bsz, :width]  # rows in batch order: a view, nothing copied
         else:
-            tables = self.table.index_select(0, dev[o[6] : o[7]])[:, :width]
+            tables = self.table.index_select(0, sec[6])[:, :width]
         meta = AttentionMetadata(
-            slot_mapping=dev[o[2] : o[3]], block_tables=tables, seq_lens=dev[o[3] : o[4]],
-            query_start_loc=dev[o[4] : o[5]], logits_indices=dev[o[5] : o[6]], block_size=bs,
+            slot_mapping=sec[2], block_tables=tables, seq_lens=sec[3],
+            query_start_loc=sec[4], logits_indices=sec[5], block_size=bs,
             seq_lens_list=tuple(seq_lens), query_lens_list=tuple(query_lens), max_seq_len=max_seq_len)
-        return dev[o[0] : o[1]], dev[o[1] : o[2]], meta
+        return sec[0], sec[1], meta

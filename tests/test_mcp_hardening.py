@@ -523,7 +523,7 @@ def test_generate_streams_and_heads_reasoning_and_answer(engine: Any, capsys: py
     writes: list[str] = []
     monkeypatch.setattr(_Printer, "write", lambda self, part, text: writes.append(text) if text else None)
     ids = render_ids([{"role": "user", "content": "hi"}], engine.tokenizer, thinking=True)
-    out = anyio.run(_stream, engine, ids, SamplingParams(max_tokens=5), _Printer(thinking=True), False)
+    out, _ = anyio.run(_stream, engine, ids, SamplingParams(max_tokens=5), _Printer(thinking=True), False)
     assert out.finished and len(out.token_ids) >= 1
     assert len(writes) >= 2 or len(out.token_ids) == 1  # one write per decoded piece, not one at the end
 

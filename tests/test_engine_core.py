@@ -18,7 +18,7 @@ from inference.engine.sampling import SamplingParams
 from inference.model.checkpoint import CheckpointError
 from inference.model.config import ConfigError, ModelConfig
 from inference.model.demo import DEMO_CONFIG, quantize_fp8_blockwise, write_demo_checkpoint
-from inference.model.transformer import route
+from inference.model.moe import route
 from kernels.fp8 import weight_dequant_torch
 from tests.hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model
 

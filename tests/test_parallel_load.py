@@ -13,8 +13,9 @@ from inference.model import parallel_load
 from inference.model.checkpoint import find_checkpoint_files, load_weights
 from inference.model.config import ModelConfig
 from inference.model.demo import demo_checkpoint_path
+from inference.model.layers import FP8_DTYPE, Runtime
 from inference.model.parallel import ParallelConfigError, TPContext, check_divisible, shard_model
-from inference.model.transformer import FP8_DTYPE, Runtime, Transformer
+from inference.model.transformer import Transformer
 
 RT = Runtime(dtype=torch.float32, scale_fmt="ue8m0")
 

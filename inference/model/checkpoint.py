@@ -19,7 +19,8 @@ import torch
 from safetensors import safe_open
 
 from inference.model.config import ModelConfig
-from inference.model.transformer import FP8_DTYPE, Transformer
+from inference.model.layers import FP8_DTYPE
+from inference.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 

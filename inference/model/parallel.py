@@ -25,7 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference.model.config import ModelConfig
-from inference.model.transformer import MLA, MLP, Experts, Gate, Linear, MoE, Rotary, Runtime, Transformer
+from inference.model.layers import MLP, Linear, Runtime
+from inference.model.moe import Experts, Gate, MoE
+from inference.model.rope import Rotary
+from inference.model.transformer import MLA, Transformer
 
 
 class ParallelConfigError(ValueError):

@@ -17,8 +17,9 @@ import torch
 from safetensors import safe_open
 
 from inference.model.checkpoint import _EXPERT, _LAYER, CheckpointError, CheckpointFiles, _copy, check_loaded
+from inference.model.layers import FP8_DTYPE
 from inference.model.parallel import LocalExperts, Shard
-from inference.model.transformer import FP8_DTYPE, Transformer
+from inference.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""DeepSeek-V3 in the paper's order: embedding, RMSNorm, YaRN rope, MLA, dense MLP, MoE gate, experts, block.
+"""DeepSeek-V3 in the paper's order: embedding, MLA, the block (RMSNorm, Linear and the dense MLP in layers.py; the
+MoE gate and experts in moe.py), the decoder stack and the output head.
 
 One forward runs a flattened batch of new tokens from several sequences (prefill chunks and decodes mixed)
 against a paged latent cache `[num_layers, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]`.
@@ -7,103 +8,16 @@ Module and parameter names follow the Hugging Face checkpoint, so loading is a n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from inference.engine.batch import AttentionMetadata
 from inference.model import attention
 from inference.model.config import ModelConfig
-from inference.model.layout import dequant_fp8, stack_shared_expert
+from inference.model.layers import MLP, Linear, RMSNorm, Runtime, _frozen, fuse_linears
+from inference.model.layout import dequant_fp8
+from inference.model.moe import Experts, Gate, MoE
 from inference.model.rope import Rotary
-
-FP8_DTYPE = torch.float8_e4m3fn
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """How the model computes: activation dtype and which kernels run (set once at construction)."""
-
-    dtype: torch.dtype = torch.bfloat16
-    backend: str = "torch"  # "torch" (twins) or "triton"
-    scale_fmt: str | None = None  # activation scales for FP8 GEMM ("ue8m0" on V3.1)
-    fp8_block: int = 128
-
-
-def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t, requires_grad=False)
-
-
-class Linear(nn.Module):
-    """y = x W^T, with W in the activation dtype or FP8 e4m3 with 128x128 block scales."""
-
-    def __init__(self, in_features: int, out_features: int, rt: Runtime, fp8: bool, device: torch.device):
-        super().__init__()
-        self.in_features, self.out_features, self.rt = in_features, out_features, rt
-        wdtype = FP8_DTYPE if fp8 else rt.dtype
-        self.weight = _frozen(torch.empty(out_features, in_features, dtype=wdtype, device=device))
-        if fp8:
-            b = rt.fp8_block
-            scale = torch.empty(-(-out_features // b), -(-in_features // b), dtype=torch.float32, device=device)
-            self.weight_scale_inv = _frozen(scale)
-        else:
-            self.weight_scale_inv = None
-
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.weight_scale_inv is None:
-            return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
-        return dequant_fp8(self.weight, self.weight_scale_inv, self.rt.fp8_block, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_scale_inv is not None and self.rt.backend == "triton":
-            from kernels.fp8 import fp8_linear
-
-            return fp8_linear(x, self.weight, self.weight_scale_inv, self.rt.scale_fmt).to(x.dtype)
-        return F.linear(x, self.dense_weight(x.dtype))
-
-
-def fuse_linears(parts: list[Linear]) -> Linear | None:
-    """One Linear whose output is the concatenation of `parts`' outputs (same input), or None where FP8 scale
-    blocks would straddle a seam (every part but the last must end on a whole 128-row block)."""
-    first = parts[0]
-    fp8 = first.weight_scale_inv is not None
-    if fp8 and any(p.out_features % first.rt.fp8_block for p in parts[:-1]):
-        return None
-    if any(p.in_features != first.in_features or (p.weight_scale_inv is not None) != fp8 for p in parts):
-        return None
-    fused = Linear(first.in_features, sum(p.out_features for p in parts), first.rt, fp8, torch.device("meta"))
-    fused.weight = _frozen(torch.cat([p.weight for p in parts]))  # [sum N, K]
-    if fp8:
-        fused.weight_scale_inv = _frozen(torch.cat([p.weight_scale_inv for p in parts]))
-    return fused
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, rt: Runtime, device: torch.device):
-        super().__init__()
-        self.eps, self.rt = eps, rt
-        self.weight = _frozen(torch.empty(dim, dtype=rt.dtype, device=device))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> weight * norm(x), normalized in fp32 and cast back before the weight (as the reference)."""
-        if self.rt.backend == "triton":
-            from kernels.norm import rmsnorm
-
-            return rmsnorm(x, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual); residual None: (norm(x), x). One kernel on the Triton path."""
-        if residual is None:
-            return self(x), x
-        if self.rt.backend == "triton":
-            from kernels.norm import rmsnorm_residual
-
-            return rmsnorm_residual(x, residual, self.weight, self.eps)
-        residual = x + residual
-        return self(residual), residual
 
 
 class MLA(nn.Module):
@@ -184,174 +98,6 @@ class MLA(nn.Module):
         o = torch.bmm(o.to(x.dtype).transpose(0, 1), self.w_uv.transpose(1, 2))  # [H, T, v]
         return self.o_proj(o.transpose(0, 1).reshape(t, heads * cfg.v_head_dim))
 
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward: the dense layers and the shared experts (gate and up fused into one GEMM at load)."""
-
-    def __init__(self, dim: int, inter: int, rt: Runtime, fp8: bool, device: torch.device):
-        super().__init__()
-        self.gate_proj = Linear(dim, inter, rt, fp8, device)
-        self.up_proj = Linear(dim, inter, rt, fp8, device)
-        self.down_proj = Linear(inter, dim, rt, fp8, device)
-        self.gate_up_proj: Linear | None = None
-
-    def fuse_gate_up_(self) -> None:
-        fused = fuse_linears([self.gate_proj, self.up_proj])
-        if fused is not None:
-            self.gate_up_proj, self.gate_proj, self.up_proj = fused, None, None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
-
-
-def route(scores_logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, backend: str = "torch",
-          shared_expert: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 routing (kernels/router.py): sigmoid scores, bias for selection only, group-limited top-k.
-
-    scores_logits [T, E] fp32 -> (weights [T, k] fp32, expert ids [T, k] int64). Unselected groups are masked
-    with -inf (as DeepSeek's reference), so a negative biased score in a chosen group still beats them.
-    """
-    from kernels import router
-
-    fn = router.moe_route if backend == "triton" else router.moe_route_torch
-    return fn(scores_logits, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
-              cfg.routed_scaling_factor, shared_expert=shared_expert)
-
-
-class Gate(nn.Module):
-    def __init__(self, cfg: ModelConfig, rt: Runtime, device: torch.device):
-        super().__init__()
-        self.cfg, self.rt = cfg, rt
-        self.shared_expert = False  # route every token to expert E too (MoE.fuse_shared_expert_)
-        self.weight = _frozen(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=rt.dtype, device=device))
-        self.e_score_correction_bias = _frozen(torch.empty(cfg.n_routed_experts, dtype=torch.float32, device=device))
-
-    def prepare_(self) -> None:
-        """The router runs in fp32: cast its weight once at load, not every step."""
-        self.weight = _frozen(self.weight.float())
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())  # [T, E] (.float() is free once prepared)
-        return route(logits, self.e_score_correction_bias, self.cfg, self.rt.backend, self.shared_expert)
-
-
-class Experts(nn.Module):
-    """The routed experts' weights stacked per projection: [E, I, D] (gate, up) and [E, D, I] (down)."""
-
-    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device):
-        super().__init__()
-        self.rt = rt
-        e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        wdtype = FP8_DTYPE if fp8 else rt.dtype
-        b = rt.fp8_block
-        for name, (n, k) in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i))):
-            setattr(self, name, _frozen(torch.empty(e, n, k, dtype=wdtype, device=device)))
-            scale = torch.empty(e, -(-n // b), -(-k // b), dtype=torch.float32, device=device) if fp8 else None
-            setattr(self, name + "_scale_inv", _frozen(scale) if fp8 else None)
-
-    def _weights(self, name: str, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The weights of the given experts, dequantized together: [A, N, K]."""
-        w = getattr(self, name)[experts]
-        scale = getattr(self, name + "_scale_inv")
-        if scale is None:
-            return w if w.dtype == dtype else w.to(dtype)
-        return dequant_fp8(w, scale[experts], self.rt.fp8_block, dtype)
-
-    def _all_experts(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Torch path, dense weights, batches reaching most experts: all experts on all tokens, weight 0 if unused."""
-        xe = x[None].expand(self.gate_proj.shape[0], -1, -1)  # [E, T, D]
-        h = F.silu(torch.bmm(xe, self.gate_proj.transpose(1, 2))) * torch.bmm(xe, self.up_proj.transpose(1, 2))
-        ys = torch.bmm(h, self.down_proj.transpose(1, 2))  # [E, T, D]
-        w = torch.zeros(x.shape[0], ys.shape[0], dtype=torch.float32, device=x.device).scatter_(1, idx, weights)
-        return torch.einsum("etd,te->td", ys.float(), w).to(x.dtype)  # [T, D]
-
-    def set_bounds_(self) -> None:
-        """Expert ids 0..E (E counting a stacked shared expert), searched once per step for the row offsets."""
-        self.register_buffer("bounds", torch.arange(self.down_proj.shape[0] + 1, device=self.down_proj.device),
-                             persistent=False)
-
-    def fuse_gate_up_(self) -> None:
-        """For the grouped GEMM: gate and up as one [E, 2I, D] weight (scales: gate's blocks, then up's)."""
-        self.gate_up_proj = _frozen(torch.cat((self.gate_proj, self.up_proj), dim=1))
-        if self.gate_proj_scale_inv is not None:
-            self.gate_up_proj_scale_inv = _frozen(torch.cat((self.gate_proj_scale_inv, self.up_proj_scale_inv), 1))
-        else:
-            self.gate_up_proj_scale_inv = None
-        self.gate_proj = self.up_proj = self.gate_proj_scale_inv = self.up_proj_scale_inv = None
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x [T, D], weights/idx [T, k] -> [T, D]: rows sorted by expert; only experts with rows do work."""
-        t, k = idx.shape
-        flat = idx.flatten()  # [T*k]
-        if self.rt.backend == "triton":  # 4 ops + 2 grouped GEMMs + the combine, and nothing reads the device
-            from kernels.moe import moe_grouped_gemm
-            from kernels.router import moe_combine
-
-            experts, order = flat.sort(stable=True)  # [T*k] each: rows sorted by expert
-            xs = x[order // k]  # [T*k, D]
-            offsets = torch.searchsorted(experts, self.bounds, out_int32=True)  # [E + 1] first row of each expert
-            h = moe_grouped_gemm(xs, offsets, self.gate_up_proj, self.gate_up_proj_scale_inv, "swiglu",
-                                 scale_fmt=self.rt.scale_fmt)  # [T*k, I]
-            ys = moe_grouped_gemm(h, offsets, self.down_proj, self.down_proj_scale_inv, scale_fmt=self.rt.scale_fmt)
-            return moe_combine(ys, weights, order)
-        n_experts = self.down_proj.shape[0]
-        if self.gate_proj_scale_inv is None and t * k >= n_experts:  # most experts have rows: all at once
-            return self._all_experts(x, weights, idx)
-        order = flat.argsort(stable=True)
-        xs = x[order // k]  # [T*k, D]
-        counts = torch.bincount(flat, minlength=n_experts)  # [E]
-        if self.gate_proj_scale_inv is None:  # dense: views of the stacked weights, nothing copied per step
-            used = [(e, n) for e, n in enumerate(counts.tolist()) if n]  # (expert, rows)
-            w_gate, w_up, w_down = self.gate_proj, self.up_proj, self.down_proj
-        else:  # FP8 on the torch path: the active experts dequantized together
-            active = counts.nonzero().flatten()  # [A]
-            used = list(enumerate(counts[active].tolist()))
-            w_gate = self._weights("gate_proj", active, x.dtype)  # [A, I, D]
-            w_up = self._weights("up_proj", active, x.dtype)  # [A, I, D]
-            w_down = self._weights("down_proj", active, x.dtype)  # [A, D, I]
-        ys = torch.empty_like(xs)
-        start = 0
-        for j, n in used:
-            seg = xs[start : start + n]
-            h = F.silu(F.linear(seg, w_gate[j])) * F.linear(seg, w_up[j])
-            ys[start : start + n] = F.linear(h, w_down[j])
-            start += n
-        from kernels.router import moe_combine_torch
-
-        return moe_combine_torch(ys, weights, order)
-
-
-class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device):
-        super().__init__()
-        self.gate = Gate(cfg, rt, device)
-        self.experts = Experts(cfg, rt, fp8, device)
-        inter = cfg.moe_intermediate_size * cfg.n_shared_experts
-        self.shared_experts = MLP(cfg.hidden_size, inter, rt, fp8, device) if cfg.n_shared_experts else None
-
-    def fuse_shared_expert_(self) -> None:
-        """Triton path: the shared expert becomes routed expert E, taken by every token with weight 1, so the
-        grouped GEMMs and the combine do its work (7 launches fewer per layer). Only where it has the routed
-        experts' shape (n_shared_experts = 1, as V3) and its gate + up are fused."""
-        shared, ex = self.shared_experts, self.experts
-        if shared is None or shared.gate_up_proj is None or ex.gate_up_proj is None:
-            return
-        if shared.gate_up_proj.weight.shape != ex.gate_up_proj.shape[1:]:
-            return
-        ex.gate_up_proj, ex.gate_up_proj_scale_inv = stack_shared_expert(
-            ex.gate_up_proj, ex.gate_up_proj_scale_inv, shared.gate_up_proj)
-        ex.down_proj, ex.down_proj_scale_inv = stack_shared_expert(ex.down_proj, ex.down_proj_scale_inv,
-                                                                   shared.down_proj)
-        self.shared_experts, self.gate.shared_expert = None, True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, idx = self.gate(x)  # [T, k] each (k + 1 with the shared expert stacked last)
-        y = self.experts(x, weights, idx)
-        return y + self.shared_experts(x) if self.shared_experts is not None else y
 
 
 class Block(nn.Module):

@@ -28,6 +28,19 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+def cpu_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T on the CPU. A vocabulary-wide weight (N >= 32768) read by a few rows (M <= 16, a
+    decode step's output head) goes through MKL with the weight as the left operand: a GEMV for one row, a GEMM
+    [N, K] @ [K, M] for a few; oneDNN's linear takes about twice as long on these shapes with bf16 weights (1
+    thread, this repository's CPU machine; bench/engine.py decode is the end-to-end measurement). Else F.linear."""
+    m = x.shape[0] if x.dim() == 2 else -1
+    if not (x.device.type == "cpu" and 0 < m <= 16 and w.shape[0] >= 32768):
+        return F.linear(x, w)
+    if m == 1:
+        return torch.mv(w, x[0])[None]  # [1, N]
+    return torch.mm(w, x.t().contiguous()).t().contiguous()  # [M, N]
+
+
 class Linear(nn.Module):
     """y = x W^T, with W in the activation dtype or FP8 e4m3 with 128x128 block scales."""
 
@@ -53,7 +66,7 @@ class Linear(nn.Module):
             from kernels.fp8 import fp8_linear
 
             return fp8_linear(x, self.weight, self.weight_scale_inv, self.rt.scale_fmt).to(x.dtype)
-        return F.linear(x, self.dense_weight(x.dtype))
+        return cpu_linear(x, self.dense_weight(x.dtype))
 
 
 def fuse_linears(parts: list[Linear]) -> Linear | None:

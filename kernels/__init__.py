@@ -3,6 +3,7 @@
 - kernels.fp8: act_quant, weight_dequant, fp8_gemm, fp8_linear (+ *_torch twins)
 - kernels.mla: mla_decode (split-KV), mla_prefill (+ *_torch twins)
 - kernels.moe: moe_grouped_gemm (+ moe_grouped_gemm_torch)
+- kernels.moe_align: moe_align (routed pairs sorted by expert: offsets, order, inv; + moe_align_torch)
 - kernels.norm: rmsnorm, rmsnorm_residual (RMSNorm with the residual add fused in front)
 - kernels.rope: rope_kv_cache (latent norm + rope of q_pe / k_pe + the paged-cache write, one launch)
 - kernels.router: moe_route (DeepSeek's group-limited top-k router), moe_combine (weighted gather-sum)

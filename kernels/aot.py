@@ -178,6 +178,11 @@ def _moe_builds(all_configs: bool):
             label = (f"{'fp8' if fp8 else 'bf16'}{' swiglu' if swiglu else ''} "
                      f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}")
             yield k.moe_grouped_gemm_kernel, spec, cfg.num_warps, cfg.num_stages, label
+    from kernels import moe_align_triton as a
+
+    yield a.moe_align_kernel, {"ids_ptr": "*i64:16", "off_ptr": "*i32:16", "order_ptr": "*i32:16",
+                               "inv_ptr": "*i32:16", "P": "i32", "E": "i32", "BLOCK_P": a.BLOCK_P,
+                               "BLOCK_E": 512}, 4, 1, f"P{a.BLOCK_P} E512 (257 experts)"
 
 
 def _fused_builds(all_configs: bool):

@@ -164,18 +164,18 @@ def _moe_builds(all_configs: bool):
     from kernels import moe_triton as k
 
     for cfg in k.CONFIGS if all_configs else [k.CONFIGS[0], k.CONFIGS[-1]]:
-        for fp8, swiglu in ((True, True), (True, False), (False, True)):
+        for fp8, swiglu, gather in ((True, True, True), (True, False, False), (False, True, False)):
             if fp8 and swiglu and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] > 8192:
                 continue  # pruned at run time (spills)
             spec = {"x_ptr": "*fp8e4nv:16" if fp8 else "*bf16:16", "xs_ptr": "*fp32:16" if fp8 else "*bf16:16",
                     "w_ptr": "*fp8e4nv:16" if fp8 else "*bf16:16", "ws_ptr": "*fp32:16" if fp8 else "*bf16:16",
-                    "off_ptr": "*i32:16", "o_ptr": "*bf16:16", "E": "i32", "N_OUT": "i32:16", "K": "i32:16",
-                    "M_BUCKET": "i32", "UP_SROW": "i32",
+                    "off_ptr": "*i32:16", "ord_ptr": "*i32:16", "o_ptr": "*bf16:16", "E": "i32", "N_OUT": "i32:16",
+                    "K": "i32:16", "M_BUCKET": "i32", "UP_SROW": "i32", "GATHER_K": "i32",
                     **{n: "i32:16" for n in ("stride_xm", "stride_xsm", "stride_we", "stride_wn", "stride_wse",
                                              "stride_wsn", "stride_om")},
-                    "stride_wsk": 1, "FP8": fp8, "SWIGLU": swiglu, "SCALE_BLOCK": 128, "BLOCK_E": 256,
+                    "stride_wsk": 1, "FP8": fp8, "SWIGLU": swiglu, "GATHER": gather, "SCALE_BLOCK": 128, "BLOCK_E": 256,
                     "BLOCK_K": 128 if fp8 else 64, "UPCAST": False, "PREC": "tf32", **cfg.kwargs}
-            label = (f"{'fp8' if fp8 else 'bf16'}{' swiglu' if swiglu else ''} "
+            label = (f"{'fp8' if fp8 else 'bf16'}{' swiglu' if swiglu else ''}{' gather' if gather else ''} "
                      f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}")
             yield k.moe_grouped_gemm_kernel, spec, cfg.num_warps, cfg.num_stages, label
     from kernels import moe_align_triton as a

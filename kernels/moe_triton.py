@@ -5,6 +5,7 @@ rebuilds the tile schedule on the device from expert_offsets (tiles of expert e 
 numbered expert by expert), finds its expert and row tile, and computes one [BLOCK_M, BLOCK_N] output tile
 with expert e's weight. Experts without rows have no tiles, so they cost nothing; the grid is an upper bound
 (ceil(M / BLOCK_M) + E tiles, at most M) and programs past the last tile return at once. One launch, no sync.
+With GATHER, x holds one row per token and sorted row r reads x row order[r] // GATHER_K (and its scales).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from kernels.util import cdiv, interpreting, next_pow2
 
 @triton.jit
 def moe_grouped_gemm_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, off_ptr, o_ptr,
-    E, N_OUT, K, M_BUCKET, UP_SROW,  # M_BUCKET only keys the autotuner; UP_SROW: first scale row of the up half
+    x_ptr, xs_ptr, w_ptr, ws_ptr, off_ptr, ord_ptr, o_ptr,  # ord_ptr: the pair of each sorted row (GATHER)
+    E, N_OUT, K, M_BUCKET, UP_SROW, GATHER_K,  # M_BUCKET keys the autotuner; UP_SROW: up's first scale row
     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk, stride_om,
-    FP8: tl.constexpr, SWIGLU: tl.constexpr, SCALE_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+    FP8: tl.constexpr, SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCALE_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -46,16 +47,20 @@ def moe_grouped_gemm_kernel(
     rows = tl.sum(tl.where(sel, starts, 0), axis=0) + tile * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
+    if GATHER:  # the token of each sorted row: x is read in place, never copied in sorted order
+        src = tl.load(ord_ptr + rows64, mask=rmask, other=0).to(tl.int64) // GATHER_K
+    else:
+        src = rows64
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N_OUT
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows64[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    x_ptrs = x_ptr + src[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
     w_e = w_ptr + e.to(tl.int64) * stride_we
     g_ptrs = w_e + cols.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]  # [BK, BN], K-major
     u_ptrs = w_e + (cols + N_OUT).to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
     ws_e = ws_ptr + e.to(tl.int64) * stride_wse
-    xs_ptrs = xs_ptr + rows64 * stride_xsm
+    xs_ptrs = xs_ptr + src * stride_xsm
     g_s_ptrs = ws_e + (cols // SCALE_BLOCK) * stride_wsn
     u_s_ptrs = ws_e + (UP_SROW + cols // SCALE_BLOCK) * stride_wsn  # gate's scale blocks, then up's
 
@@ -110,16 +115,18 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_tuned = autotune(configs=CONFIGS, key=["M_BUCKET", "N_OUT", "K", "E", "FP8", "SWIGLU"],
+_tuned = autotune(configs=CONFIGS, key=["M_BUCKET", "N_OUT", "K", "E", "FP8", "SWIGLU", "GATHER"],
                          prune_configs_by={"early_config_prune": _prune})(moe_grouped_gemm_kernel)
 
 
 def launch_moe_grouped_gemm(
     x: torch.Tensor, x_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
     expert_offsets: torch.Tensor, out: torch.Tensor, swiglu: bool, config: dict | None = None,
+    gather: tuple[torch.Tensor, int] | None = None,
 ) -> None:
-    """x [M, K] (e4m3 with x_scale [M, Kb], or w's dtype), w [E, N, K], out [M, N_OUT] (contiguous)."""
-    m, k = x.shape
+    """x [M, K] (e4m3 with x_scale [M, Kb], or w's dtype), w [E, N, K], out [M, N_OUT] (contiguous).
+    gather (order [M], k): x is [T, K] and x_scale [T, Kb], sorted row r reading row order[r] // k."""
+    m, k = out.shape[0], x.shape[1]
     n_experts = w.shape[0]
     n_out = out.shape[1]
     fp8 = w_scale is not None
@@ -136,8 +143,11 @@ def launch_moe_grouped_gemm(
         return (min(cdiv(m, meta["BLOCK_M"]) + n_experts, m), cdiv(n_out, meta["BLOCK_N"]))
 
     up_srow = cdiv(n_out, 128) if swiglu else 0
-    kernel[grid](x, xs, w, ws, expert_offsets, out, n_experts, n_out, k, min(max(16, next_pow2(m)), 1 << 16), up_srow,
+    order, gk = gather if gather is not None else (expert_offsets, 1)
+    kernel[grid](x, xs, w, ws, expert_offsets, order, out, n_experts, n_out, k, min(max(16, next_pow2(m)), 1 << 16),
+                 up_srow, gk,
                  x.stride(0), xs.stride(0) if fp8 else 0, w.stride(0), w.stride(1), *ws_strides, out.stride(0),
-                 FP8=fp8, SWIGLU=swiglu, SCALE_BLOCK=128, BLOCK_E=max(16, next_pow2(n_experts)),
+                 FP8=fp8, SWIGLU=swiglu, GATHER=gather is not None, SCALE_BLOCK=128,
+                 BLOCK_E=max(16, next_pow2(n_experts)),
                  BLOCK_K=128 if fp8 else 64, UPCAST=interpreting() and not fp8,
                  PREC="ieee" if w.dtype == torch.float32 else "tf32", **cfg)

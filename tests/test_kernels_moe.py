@@ -1,7 +1,8 @@
 """Grouped MoE GEMM against its twin and a float64 per-expert reference.
 
 Experts with no rows (first, middle, last), N and K not multiples of 128, SwiGLU with the up half starting
-inside a 128-row scale block, bf16 and FP8 (e4m3 + 128x128 scales, activations through act_quant) weights.
+inside a 128-row scale block, bf16 and FP8 (e4m3 + 128x128 scales, activations through act_quant) weights;
+rows gathered per token in the kernel (gather=(order, k)) and activations that come e4m3 (x_scale).
 Without CUDA in the Triton interpreter at small sizes; with CUDA also DeepSeek-V3 decode/prefill shapes.
 Tolerance: within 1e-2 relative (+1e-4 of max) of float64 on the same (dequantized) inputs.
 """
@@ -22,6 +23,7 @@ from kernels.aot import run_family, toolchain_available  # noqa: E402
 from kernels.backend import triton_available  # noqa: E402
 from kernels.fp8 import act_quant_torch  # noqa: E402
 from kernels.moe import moe_grouped_gemm, moe_grouped_gemm_torch  # noqa: E402
+from kernels.moe_align import moe_align_torch  # noqa: E402
 from kernels.util import FP8_DTYPE  # noqa: E402
 from tests.helpers import assert_close
 
@@ -67,8 +69,13 @@ def reference(x, counts, w, w_scale, activation, scale_fmt=None):
         xd = xq.double() * xs.double().repeat_interleave(128, 1)[:, : x.shape[1]]
     else:
         xd = x.to(w.dtype).double()
+    return reference_rows(xd, counts, w, w_scale, activation)
+
+
+def reference_rows(xd, counts, w, w_scale, activation):
+    """float64 rows xd [M, K] sorted by expert (counts[e] rows each) through each expert's weight."""
     n_out = w.shape[1] // 2 if activation == "swiglu" else w.shape[1]
-    out = torch.zeros(x.shape[0], n_out, dtype=torch.float64, device=x.device)
+    out = torch.zeros(xd.shape[0], n_out, dtype=torch.float64, device=xd.device)
     r0 = 0
     for e, c in enumerate(counts):
         if c:
@@ -165,6 +172,80 @@ def test_moe_rejects_bad_arguments():
         moe_grouped_gemm_torch(x[:, :64], off, w, ws)
     with pytest.raises(ValueError, match="swiglu needs"):
         moe_grouped_gemm_torch(x, off, torch.randn(2, 63, 128), None, "swiglu")
+
+
+def routed(t: int, k: int, e: int, empty: tuple[int, ...]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """t tokens, k distinct experts each, none on `empty` -> (rows per expert, offsets, order [t*k] int32)."""
+    live = torch.tensor([i for i in range(e) if i not in empty])
+    ids = torch.stack([live[torch.randperm(len(live))[:k]] for _ in range(t)])  # [t, k]
+    offsets, order, _ = moe_align_torch(ids, e)
+    counts = torch.bincount(ids.flatten(), minlength=e).tolist()
+    return counts, offsets.to(DEV), order.to(DEV)
+
+
+@needs_triton
+@pytest.mark.parametrize(("fp8", "quantized"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+def test_moe_gather_and_x_scale(fp8, quantized, activation):
+    """gather=(order, k): x is [T, K] per token, read in the kernel; x_scale: x comes e4m3 (FP8 weights)."""
+    t, k, e, kk, n = 7, 3, 6, 200, 300  # 21 sorted rows; swiglu: I = 150, up rows start in block 1
+    counts, off, order = routed(t, k, e, empty=(0, 4))
+    x = torch.randn(t, kk, device=DEV, dtype=torch.bfloat16)
+    w, ws = weights(e, n, kk, fp8, swiglu=activation == "swiglu")
+    src = order.long() // k
+    kw = {"gather": (order if activation else order.long(), k)}  # int32 and int64 orders
+    if quantized:
+        xq, xs = act_quant_torch(x, 128, "ue8m0")
+        xd = xq.double() * xs.double().repeat_interleave(128, 1)[:, :kk]
+        x, kw["x_scale"] = xq, xs
+        ref = reference_rows(xd[src], counts, w, ws, activation)
+    else:
+        ref = reference(x[src], counts, w, ws, activation, "ue8m0")
+    n_out = n // 2 if activation == "swiglu" else n
+    out = torch.full((t * k, n_out), float("nan"), dtype=torch.bfloat16, device=DEV)
+    assert moe_grouped_gemm(x, off, w, ws, activation, scale_fmt="ue8m0", out=out, **kw) is out
+    assert_close(out, ref, what=f"gather fp8={fp8} x_scale={quantized} {activation}")
+    twin = moe_grouped_gemm_torch(x, off, w, ws, activation, scale_fmt="ue8m0", **kw)
+    assert twin.dtype == torch.bfloat16
+    assert_close(twin, ref, what="gather twin")
+
+
+@needs_triton
+def test_moe_x_scale_without_gather_fp32_out():
+    """Sorted e4m3 rows with their scales; out fp32 sets the output dtype (bf16 without out)."""
+    counts = [5, 0, 9, 2]
+    m, kk, n = sum(counts), 260, 200
+    xq, xs = act_quant_torch(torch.randn(m, kk, device=DEV), 128)
+    w, ws = weights(4, n, kk, fp8=True)
+    ref = reference_rows(xq.double() * xs.double().repeat_interleave(128, 1)[:, :kk], counts, w, ws, None)
+    out = torch.full((m, n), float("nan"), device=DEV)
+    moe_grouped_gemm(xq, offsets_for(counts), w, ws, x_scale=xs, out=out)
+    assert_close(out, ref, what="x_scale fp32 out")
+    assert moe_grouped_gemm(xq, offsets_for(counts), w, ws, x_scale=xs).dtype == torch.bfloat16
+
+
+def test_moe_gather_and_x_scale_rejected():
+    x = torch.randn(4, 128)
+    w, ws = weights(2, 64, 128, fp8=True, device="cpu")
+    off = offsets_for([5, 3], "cpu")
+    order = torch.arange(8, dtype=torch.int32)
+    xq, xs = act_quant_torch(x)
+    with pytest.raises(ValueError, match="gather must be a tuple"):
+        moe_grouped_gemm_torch(x, off, w, ws, gather=order)
+    with pytest.raises(ValueError, match="gather's k must be a positive int"):
+        moe_grouped_gemm_torch(x, off, w, ws, gather=(order, 0))
+    with pytest.raises(ValueError, match=r"gather's order has shape \(8,\), expected \(12,\)"):
+        moe_grouped_gemm_torch(x, off, w, ws, gather=(order, 3))
+    with pytest.raises(ValueError, match="gather's order has dtype float32"):
+        moe_grouped_gemm_torch(x, off, w, ws, gather=(order.float(), 2))
+    with pytest.raises(ValueError, match="x_scale .* needs float8_e4m3fn weights"):
+        moe_grouped_gemm_torch(xq, off, w.float(), None, x_scale=xs)
+    with pytest.raises(ValueError, match="x has dtype float32, expected one of: float8_e4m3fn"):
+        moe_grouped_gemm_torch(x, off, w, ws, x_scale=xs)
+    with pytest.raises(ValueError, match="x_scale has shape"):
+        moe_grouped_gemm_torch(xq, off, w, ws, x_scale=xs[:2])
+    with pytest.raises(ValueError, match="x_scale has dtype bfloat16"):
+        moe_grouped_gemm(xq, off, w, ws, x_scale=xs.bfloat16())
 
 
 @needs_cuda

@@ -184,11 +184,12 @@ def _fused_builds(all_configs: bool):
     """The decode step's fused kernels at DeepSeek-V3.1 shapes."""
     from kernels import mla_naive_triton, norm_triton, rope_triton, router_triton
 
-    yield norm_triton.rmsnorm_kernel, {
-        "x_ptr": "*bf16:16", "res_ptr": "*bf16:16", "w_ptr": "*bf16:16", "y_ptr": "*bf16:16",
-        "res_out_ptr": "*bf16:16", "D": "i32:16", "eps": "fp32", **{n: "i32:16" for n in (
-            "stride_x", "stride_r", "stride_y", "stride_ro")}, "HAS_RESIDUAL": True, "BLOCK_D": 8192}, 8, 1, \
-        "D7168 +res"
+    norm = {"x_ptr": "*bf16:16", "res_ptr": "*bf16:16", "w_ptr": "*bf16:16", "y_ptr": "*bf16:16",
+            "res_out_ptr": "*bf16:16", "yq_ptr": "*fp8e4nv:16", "ys_ptr": "*fp32:16", "D": "i32:16", "eps": "fp32",
+            **{n: "i32:16" for n in ("stride_x", "stride_r", "stride_y", "stride_ro", "stride_q")},
+            "stride_s": "i32", "HAS_RESIDUAL": True, "ROWS": 64, "COLS": 128}
+    yield norm_triton.rmsnorm_kernel, {**norm, "QUANT": False, "UE8M0": False}, 8, 1, "D7168 +res"
+    yield norm_triton.rmsnorm_kernel, {**norm, "QUANT": True, "UE8M0": True}, 8, 1, "D7168 +res +ue8m0 quant"
     yield router_triton.moe_route_kernel, {
         "logits_ptr": "*fp32:16", "bias_ptr": "*fp32:16", "w_ptr": "*fp32:16", "ids_ptr": "*i64:16",
         "stride_l": "i32:16", "stride_w": "i32", "stride_i": "i32", "scaling": "fp32", "E": 256, "N_GROUP": 8,

@@ -1,6 +1,7 @@
-"""Fused kernels of the decode step against float64 references: RMSNorm (+ residual add), the DeepSeek router,
-the MoE combine. Triton interpreter at tiny shapes without CUDA; outputs are NaN-poisoned so an unwritten
-element fails. Tolerances: fp32 math against float64, 1e-5 relative for fp32 inputs, 1 bf16 ulp (2^-7) for bf16.
+"""Fused kernels of the decode step against float64 references: RMSNorm (+ residual add, + FP8 quantization of
+its output), the DeepSeek router, the MoE combine. Triton interpreter at small shapes without
+CUDA; outputs are NaN-poisoned so an unwritten element fails. Tolerances: fp32 math against float64, 1e-5
+relative for fp32 inputs, 1 bf16 ulp (2^-7) for bf16; the quantized norm output bit-exact against act_quant.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels.backend import triton_available  # noqa: E402
+from kernels.fp8 import act_quant, act_quant_torch, ceil_pow2_torch  # noqa: E402
 from kernels.norm import rmsnorm, rmsnorm_residual, rmsnorm_residual_torch, rmsnorm_torch  # noqa: E402
 from kernels.router import moe_combine, moe_combine_torch, moe_route, moe_route_torch  # noqa: E402
+from kernels.util import FP8_DTYPE  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -48,6 +51,56 @@ def test_rmsnorm_with_and_without_residual(dtype, rtol, d):
     assert not y2.isnan().any() and ((y2.double() - ref2).abs() <= 2 * rtol * ref2.abs().max()).all()
     t2, th = rmsnorm_residual_torch(x, res, w, 1e-6)
     assert torch.equal(th, x + res) and ((t2.double() - ref2).abs() <= 2 * rtol * ref2.abs().max()).all()
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d", [64, 128, 300, 512])  # D < 128, one group, a partial last group, several groups
+def test_rmsnorm_quant_is_act_quant_of_its_output(residual, scale_fmt, dtype, d):
+    g = torch.Generator().manual_seed(d + 7 * residual)
+    x = (torch.randn(6, d, generator=g) * torch.logspace(-3, 2, d)).to(dtype).to(DEV)  # groups of unlike sizes
+    x[1] = 0  # an all-zero row: every scale from the 1e-4 floor
+    res = torch.randn(6, d, generator=g).to(dtype).to(DEV)
+    w = (1 + 0.2 * torch.randn(d, generator=g)).to(dtype).to(DEV)
+    kb = -(-d // 128)
+    poison = (torch.full((6, d), float("nan"), dtype=dtype, device=DEV), torch.full_like(x, float("nan")),
+              torch.full((6, d), float("nan"), dtype=FP8_DTYPE, device=DEV),
+              torch.full((6, kb), float("nan"), device=DEV))
+    if residual:
+        res[1] = -x[1]
+        y, h, yq, ys = rmsnorm_residual(x, res, w, 1e-6, out=poison, quant=True, scale_fmt=scale_fmt)
+        plain, plain_h = rmsnorm_residual(x, res, w, 1e-6)
+        assert torch.equal(h, plain_h)
+        ty, th, tq, ts = rmsnorm_residual_torch(x, res, w, 1e-6, quant=True, scale_fmt=scale_fmt)
+        assert torch.equal(th, x + res)
+    else:
+        y, yq, ys = rmsnorm(x, w, 1e-6, out=(poison[0], *poison[2:]), quant=True, scale_fmt=scale_fmt)
+        plain = rmsnorm(x, w, 1e-6)
+        ty, tq, ts = rmsnorm_torch(x, w, 1e-6, quant=True, scale_fmt=scale_fmt)
+    assert y.data_ptr() == poison[0].data_ptr() and yq.data_ptr() == poison[2].data_ptr()
+    assert torch.equal(y, plain)  # y is still written, and the same with or without quant
+    rq, rs = act_quant(y, 128, scale_fmt)  # what the GEMM after the norm would have launched
+    assert yq.shape == (6, d) and ys.shape == (6, kb)
+    assert torch.equal(ys, rs) and torch.equal(yq.view(torch.uint8), rq.view(torch.uint8))
+    tq2, ts2 = act_quant_torch(ty, 128, scale_fmt)  # the twin is rmsnorm_torch + act_quant_torch
+    assert torch.equal(ts, ts2) and torch.equal(tq.view(torch.uint8), tq2.view(torch.uint8))
+    floor = torch.full((kb,), 1e-4) / 448  # the all-zero row's scales
+    assert torch.equal(ys[1].cpu(), ceil_pow2_torch(floor) if scale_fmt else floor)
+    if scale_fmt == "ue8m0":
+        assert torch.equal(ys.log2(), ys.log2().round())
+
+
+def test_rmsnorm_quant_rejects_bad_arguments():
+    x, w = torch.ones(2, 64, device=DEV), torch.ones(64, device=DEV)
+    with pytest.raises(ValueError, match="scale_fmt"):
+        rmsnorm(x, w, 1e-6, quant=True, scale_fmt="e5m2")
+    with pytest.raises(ValueError, match="tuple of 3"):
+        rmsnorm(x, w, 1e-6, quant=True, out=torch.empty_like(x))
+    with pytest.raises(ValueError, match="tuple of 4"):
+        rmsnorm_residual(x, x, w, 1e-6, quant=True, out=(torch.empty_like(x), torch.empty_like(x)))
+    with pytest.raises(ValueError, match=r"out\[2\] has dtype"):
+        rmsnorm_residual(x, x, w, 1e-6, quant=True, out=(x.clone(), x.clone(), x.clone(), x[:, :1].clone()))
 
 
 def _route64(logits, bias, n_group, topk_group, k, norm, scaling):

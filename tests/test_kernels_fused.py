@@ -245,6 +245,16 @@ def test_moe_combine(dtype):
     assert not out.isnan().any() and ((out.double().cpu() - ref).abs() <= tol * ref.abs().max()).all()
     twin = moe_combine_torch(ys, w, order)
     assert ((twin.double() - ref).abs() <= tol * ref.abs().max()).all()
+    for inv in (order.argsort(), order.argsort().int()):  # precomputed inverse: no argsort, order not needed
+        got = moe_combine(ys.to(DEV), w.to(DEV), None, inv=inv.to(DEV),
+                          out=torch.full((t, d), float("nan"), dtype=dtype, device=DEV))
+        assert torch.equal(got.cpu(), out.cpu())  # the same launch on the same rows
+        twin_inv = moe_combine_torch(ys, w, None, inv=inv)
+        assert ((twin_inv.double() - ref).abs() <= tol * ref.abs().max()).all()
+    with pytest.raises(ValueError, match="order .* or inv"):
+        moe_combine(ys.to(DEV), w.to(DEV), None)
+    with pytest.raises(ValueError, match="inv has shape"):
+        moe_combine_torch(ys, w, None, inv=order[:-1])
 
 
 def _rope64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:

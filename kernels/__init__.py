@@ -4,9 +4,11 @@
 - kernels.mla: mla_decode (split-KV), mla_prefill (+ *_torch twins)
 - kernels.moe: moe_grouped_gemm (+ moe_grouped_gemm_torch)
 - kernels.moe_align: moe_align (routed pairs sorted by expert: offsets, order, inv; + moe_align_torch)
-- kernels.norm: rmsnorm, rmsnorm_residual (RMSNorm with the residual add fused in front)
+- kernels.norm: rmsnorm, rmsnorm_residual (RMSNorm with the residual add fused in front; quant=True also
+  writes the output as act_quant's e4m3 + scales)
 - kernels.rope: rope_kv_cache (latent norm + rope of q_pe / k_pe + the paged-cache write, one launch)
-- kernels.router: moe_route (DeepSeek's group-limited top-k router), moe_combine (weighted gather-sum)
+- kernels.router: moe_gate_route (the gate GEMM, split-K, + the router: two launches), moe_route (DeepSeek's
+  group-limited top-k router), moe_combine (weighted gather-sum)
 - kernels.mla_naive: mla_prefill_naive (prefill over K / V expanded per head)
 - kernels.backend: select_backend, fp8_supported, fp8_unsupported_notice
 - kernels.aot: compile every kernel for sm_90a without a GPU (registers, spills, wgmma use)

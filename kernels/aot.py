@@ -189,16 +189,22 @@ def _fused_builds(all_configs: bool):
     """The decode step's fused kernels at DeepSeek-V3.1 shapes."""
     from kernels import mla_naive_triton, norm_triton, rope_triton, router_triton
 
-    yield norm_triton.rmsnorm_kernel, {
-        "x_ptr": "*bf16:16", "res_ptr": "*bf16:16", "w_ptr": "*bf16:16", "y_ptr": "*bf16:16",
-        "res_out_ptr": "*bf16:16", "D": "i32:16", "eps": "fp32", **{n: "i32:16" for n in (
-            "stride_x", "stride_r", "stride_y", "stride_ro")}, "HAS_RESIDUAL": True, "BLOCK_D": 8192}, 8, 1, \
-        "D7168 +res"
+    norm = {"x_ptr": "*bf16:16", "res_ptr": "*bf16:16", "w_ptr": "*bf16:16", "y_ptr": "*bf16:16",
+            "res_out_ptr": "*bf16:16", "yq_ptr": "*fp8e4nv:16", "ys_ptr": "*fp32:16", "D": "i32:16", "eps": "fp32",
+            **{n: "i32:16" for n in ("stride_x", "stride_r", "stride_y", "stride_ro", "stride_q")},
+            "stride_s": "i32", "HAS_RESIDUAL": True, "ROWS": 64, "COLS": 128}
+    yield norm_triton.rmsnorm_kernel, {**norm, "QUANT": False, "UE8M0": False}, 8, 1, "D7168 +res"
+    yield norm_triton.rmsnorm_kernel, {**norm, "QUANT": True, "UE8M0": True}, 8, 1, "D7168 +res +ue8m0 quant"
+    gemm = {"x_ptr": "*bf16:16", "w_ptr": "*fp32:16", "p_ptr": "*fp32:16", "T": "i32", "E": "i32:16",
+            "D": "i32:16", "STEPS": "i32", **{n: "i32:16" for n in ("stride_x", "stride_w", "stride_ps", "stride_pt")},
+            "BLOCK_E": router_triton.GEMM_BLOCK_E, "BLOCK_K": router_triton.GEMM_BLOCK_K}
+    for block_t in (16, 64):
+        yield router_triton.router_gemm_kernel, {**gemm, "BLOCK_T": block_t}, 4, 1, f"T{block_t} D7168 E256"
     yield router_triton.moe_route_kernel, {
-        "logits_ptr": "*fp32:16", "bias_ptr": "*fp32:16", "w_ptr": "*fp32:16", "ids_ptr": "*i64:16",
-        "stride_l": "i32:16", "stride_w": "i32", "stride_i": "i32", "scaling": "fp32", "E": 256, "N_GROUP": 8,
-        "TOPK_GROUP": 4, "K": 8, "NORM": True, "SHARED": True, "BLOCK_G": 8, "BLOCK_EG": 32, "BLOCK_K": 16}, 4, 1, \
-        "E256 G8/4 k8+1"
+        "logits_ptr": "*fp32:16", "bias_ptr": "*fp32:16", "w_ptr": "*fp32:16", "ids_ptr": "*i64:16", "S": "i32",
+        "stride_ls": "i32:16", "stride_l": "i32:16", "stride_w": "i32", "stride_i": "i32", "scaling": "fp32",
+        "E": 256, "N_GROUP": 8, "TOPK_GROUP": 4, "K": 8, "NORM": True, "SHARED": True, "BLOCK_G": 8, "BLOCK_EG": 32,
+        "BLOCK_K": 16}, 4, 1, "E256 G8/4 k8+1 split-K"
     yield router_triton.moe_combine_kernel, {
         "ys_ptr": "*bf16:16", "w_ptr": "*fp32:16", "inv_ptr": "*i64:16", "out_ptr": "*bf16:16", "D": "i32:16",
         "stride_y": "i32:16", "stride_w": "i32", "stride_o": "i32:16", "K": 9, "BLOCK_D": 1024}, 4, 1, "k9 D7168"

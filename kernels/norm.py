@@ -4,6 +4,11 @@ imported on first use) and their twins `*_torch`.
 y = weight * cast(x * rsqrt(mean(x^2) + eps)), normalized in fp32 and cast to x's dtype before the weight (as
 DeepSeek's and transformers' references do). With a residual: h = x + residual (rounded to x's dtype, as a
 separate add would be), returns (rmsnorm(h), h).
+
+quant=True also quantizes y for the FP8 GEMM after the norm, in the same launch: per 1 x 128 group exactly as
+`kernels.fp8.act_quant(y, 128, scale_fmt)` would from the y written (y is still written: the MoE gate reads
+it). The outputs, and `out` when given, are then (y, yq, ys) / (y, h, yq, ys): yq [M, D] e4m3, ys [M,
+ceil(D/128)] fp32.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.util import check_launchable, check_tensor, out_or_new
+from kernels.fp8 import BLOCK, _check_scale_fmt, act_quant_torch
+from kernels.util import FP8_DTYPE, cdiv, check_launchable, check_tensor, out_or_new
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+Out = torch.Tensor | tuple[torch.Tensor, ...] | None  # the outputs returned, preallocated
+Result = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def _triton():
@@ -30,43 +38,81 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None)
                      last_contiguous=True)
 
 
-def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """Twin of `rmsnorm`."""
+def _quant_outs(x: torch.Tensor, out: Out, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(yq, ys) from out[first:] or new."""
+    yq = out_or_new(None if out is None else out[first], x.shape, FP8_DTYPE, x.device, f"out[{first}]")
+    ys = out_or_new(None if out is None else out[first + 1], (x.shape[0], cdiv(x.shape[1], BLOCK)),
+                    torch.float32, x.device, f"out[{first + 1}]")
+    return yq, ys
+
+
+def _out_len(out: Out, n: int) -> None:
+    if out is not None and (not isinstance(out, (tuple, list)) or len(out) != n):
+        raise ValueError(f"out must be a tuple of {n} tensors here (the outputs returned)")
+
+
+def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: Out = None, quant: bool = False,
+                  scale_fmt: str | None = None) -> Result:
+    """Twin of `rmsnorm`: rmsnorm, then act_quant_torch of y with quant."""
     _check(x, weight, None)
+    ue8m0 = _check_scale_fmt(scale_fmt)
     y = weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-    return y if out is None else out_or_new(out, x.shape, x.dtype, x.device).copy_(y)
+    if not quant:
+        return y if out is None else out_or_new(out, x.shape, x.dtype, x.device).copy_(y)
+    _out_len(out, 3)
+    y = y if out is None else out_or_new(out[0], x.shape, x.dtype, x.device, "out[0]").copy_(y)
+    yq, ys = act_quant_torch(y, BLOCK, "ue8m0" if ue8m0 else None, out=_quant_outs(x, out, 1))
+    return y, yq, ys
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, D] -> [M, D] in x's dtype, one program per row."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: Out = None, quant: bool = False,
+            scale_fmt: str | None = None) -> Result:
+    """x [M, D] -> y [M, D] in x's dtype, one program per row; quant: (y, yq, ys) (see the module docstring;
+    scale_fmt as act_quant's: None or "ue8m0")."""
     _check(x, weight, None)
+    ue8m0 = _check_scale_fmt(scale_fmt)
     check_launchable(x.device, "rmsnorm")
-    y = out_or_new(out, x.shape, x.dtype, x.device)
+    if not quant:
+        y = out_or_new(out, x.shape, x.dtype, x.device)
+        if x.numel():
+            _triton().launch_rmsnorm(x, None, weight, eps, y, None)
+        return y
+    _out_len(out, 3)
+    y = out_or_new(None if out is None else out[0], x.shape, x.dtype, x.device, "out[0]")
+    yq, ys = _quant_outs(x, out, 1)
     if x.numel():
-        _triton().launch_rmsnorm(x, None, weight, eps, y, None)
-    return y
+        _triton().launch_rmsnorm(x, None, weight, eps, y, None, (yq, ys), ue8m0)
+    return y, yq, ys
 
 
 def rmsnorm_residual_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           out: Out = None, quant: bool = False, scale_fmt: str | None = None) -> Result:
     """Twin of `rmsnorm_residual`."""
     _check(x, weight, residual)
+    _check_scale_fmt(scale_fmt)
+    _out_len(out, 4 if quant else 2)
     h = x + residual
     y = rmsnorm_torch(h, weight, eps)
-    if out is None:
+    if out is not None:
+        y = out_or_new(out[0], x.shape, x.dtype, x.device, "out[0]").copy_(y)
+        h = out_or_new(out[1], x.shape, x.dtype, x.device, "out[1]").copy_(h)
+    if not quant:
         return y, h
-    return out_or_new(out[0], x.shape, x.dtype, x.device).copy_(y), out_or_new(out[1], x.shape, x.dtype,
-                                                                               x.device).copy_(h)
+    yq, ys = act_quant_torch(y, BLOCK, scale_fmt, out=_quant_outs(x, out, 2))
+    return y, h, yq, ys
 
 
 def rmsnorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                     out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual [M, D] -> (rmsnorm(x + residual) [M, D], x + residual [M, D]) in one kernel."""
+                     out: Out = None, quant: bool = False, scale_fmt: str | None = None) -> Result:
+    """x, residual [M, D] -> (rmsnorm(x + residual) [M, D], x + residual [M, D]) in one kernel; quant: (y, h,
+    yq, ys) (see the module docstring)."""
     _check(x, weight, residual)
+    ue8m0 = _check_scale_fmt(scale_fmt)
     check_launchable(x.device, "rmsnorm_residual")
+    _out_len(out, 4 if quant else 2)
     y = out_or_new(None if out is None else out[0], x.shape, x.dtype, x.device, "out[0]")
     h = out_or_new(None if out is None else out[1], x.shape, x.dtype, x.device, "out[1]")
+    q = _quant_outs(x, out, 2) if quant else None
     if x.numel():
-        _triton().launch_rmsnorm(x, residual, weight, eps, y, h)
-    return y, h
+        _triton().launch_rmsnorm(x, residual, weight, eps, y, h, q, ue8m0)
+    return (y, h) if q is None else (y, h, *q)

@@ -1,5 +1,7 @@
-"""DeepSeek-V3 MoE routing and combine: `moe_route` / `moe_combine` (Triton, kernels/router_triton.py, imported
-on first use) and their twins `moe_route_torch` / `moe_combine_torch`.
+"""DeepSeek-V3 MoE gate, routing and combine: `moe_gate_route` / `moe_route` / `moe_combine` (Triton,
+kernels/router_triton.py, imported on first use) and their twins `*_torch`.
+
+Gate: logits = x W^T in fp32 (x upcast; fp32 products, no tf32: the routing hangs on small differences).
 
 Routing (noaux_tc): scores = sigmoid(logits); the bias (e_score_correction_bias) is added for the selection
 only; with n_group > 1 the experts are split into groups, each group scored by the sum of its two best biased
@@ -12,8 +14,11 @@ Combine: the expert outputs sorted by expert [T*k, D] summed back into their tok
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from kernels.util import check_launchable, check_tensor, out_or_new
+from kernels.util import check_launchable, check_tensor, device_sms, out_or_new
+
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _triton():
@@ -24,8 +29,12 @@ def _triton():
 
 def _check_route(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> None:
     check_tensor(logits, "logits", ndim=2, dtypes=(torch.float32,), last_contiguous=True)
-    e = logits.shape[1]
-    check_tensor(bias, "bias", shape=(e,), device=logits.device)
+    _check_groups(logits.shape[1], bias, logits.device, n_group, topk_group, top_k)
+
+
+def _check_groups(e: int, bias: torch.Tensor, device: torch.device, n_group: int, topk_group: int, top_k: int
+                  ) -> None:
+    check_tensor(bias, "bias", shape=(e,), device=device)
     if n_group < 1 or e % n_group or not 1 <= topk_group <= n_group:
         raise ValueError(f"{e} experts cannot form {n_group} groups with {topk_group} kept")
     if not 1 <= top_k <= e * topk_group // n_group:
@@ -74,32 +83,99 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group
     return weights, ids
 
 
-def _check_combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> None:
+def _check_gate(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int
+                ) -> None:
+    check_tensor(x, "x", ndim=2, dtypes=_FLOATS, last_contiguous=True)
+    check_tensor(w, "w", ndim=2, dtypes=(torch.float32,), device=x.device, last_contiguous=True)
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"x [T, D] = {tuple(x.shape)} and w [E, D] = {tuple(w.shape)} disagree on D")
+    _check_groups(w.shape[0], bias, x.device, n_group, topk_group, top_k)
+
+
+def moe_gate_route_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
+                         top_k: int, norm_topk_prob: bool, scaling: float, *, shared_expert: bool = False,
+                         out: tuple[torch.Tensor, torch.Tensor] | None = None, split_k: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of `moe_gate_route`: moe_route_torch of the fp32 logits F.linear(x.float(), w) (split_k ignored)."""
+    _check_gate(x, w, bias, n_group, topk_group, top_k)
+    weights, ids = moe_route_torch(F.linear(x.float(), w.float()), bias, n_group, topk_group, top_k,
+                                   norm_topk_prob, scaling, shared_expert=shared_expert)
+    if out is None:
+        return weights, ids
+    return (out_or_new(out[0], weights.shape, torch.float32, x.device, "out[0]").copy_(weights),
+            out_or_new(out[1], ids.shape, torch.int64, x.device, "out[1]").copy_(ids))
+
+
+def moe_gate_route(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
+                   top_k: int, norm_topk_prob: bool, scaling: float, *, shared_expert: bool = False,
+                   out: tuple[torch.Tensor, torch.Tensor] | None = None, split_k: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and router in two launches: x [T, D] (bf16/fp16/fp32), w [E, D] fp32 -> (weights [T, k(+1)]
+    fp32, ids [T, k(+1)] int64) as `moe_route` of x W^T. Launch 1 (router_gemm) writes split-K fp32 partial
+    logits [S, T, E]; launch 2 (moe_route) sums them in order and routes. split_k: S, by default chosen from
+    the shapes (router_triton.router_split_k) so a decode batch spreads the weight read over the SMs."""
+    _check_gate(x, w, bias, n_group, topk_group, top_k)
+    check_launchable(x.device, "moe_gate_route")
+    t, cols = x.shape[0], top_k + int(shared_expert)
+    weights = out_or_new(None if out is None else out[0], (t, cols), torch.float32, x.device, "out[0]")
+    ids = out_or_new(None if out is None else out[1], (t, cols), torch.int64, x.device, "out[1]")
+    if t == 0:
+        return weights, ids
+    k = _triton()
+    e, d = w.shape
+    if split_k is None:
+        split, per_split = k.router_split_k(t, d, e, device_sms(x.device))
+    else:
+        steps = max(1, -(-d // k.GEMM_BLOCK_K))
+        if not 1 <= split_k <= steps:
+            raise ValueError(f"split_k {split_k} outside 1..{steps} (K steps of {k.GEMM_BLOCK_K})")
+        per_split = -(-steps // split_k)
+        split = -(-steps // per_split)
+    parts = k.launch_router_gemm(x, w, split, per_split)  # [S, T, E]
+    k.launch_moe_route(parts, bias, weights, ids, n_group, topk_group, top_k, norm_topk_prob, scaling,
+                       shared_expert)
+    return weights, ids
+
+
+def _check_combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | None,
+                   inv: torch.Tensor | None) -> None:
     check_tensor(ys, "ys", ndim=2, dtypes=(torch.bfloat16, torch.float16, torch.float32), last_contiguous=True)
     check_tensor(weights, "weights", ndim=2, dtypes=(torch.float32,), device=ys.device)
-    check_tensor(order, "order", shape=(weights.numel(),), dtypes=(torch.int32, torch.int64), device=ys.device)
+    if order is None and inv is None:
+        raise ValueError("moe_combine needs order (sorted row -> pair) or inv (pair -> sorted row)")
+    for name, perm in (("order", order), ("inv", inv)):
+        if perm is not None:
+            check_tensor(perm, name, shape=(weights.numel(),), dtypes=(torch.int32, torch.int64), device=ys.device)
     if ys.shape[0] != weights.numel():
         raise ValueError(f"ys has {ys.shape[0]} rows for {weights.numel()} (token, expert) pairs")
 
 
-def moe_combine_torch(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def moe_combine_torch(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | None, *,
+                      out: torch.Tensor | None = None, inv: torch.Tensor | None = None) -> torch.Tensor:
     """Twin of `moe_combine`."""
-    _check_combine(ys, weights, order)
+    _check_combine(ys, weights, order, inv)
     t, k = weights.shape
-    scaled = ys.float() * weights.flatten()[order, None]  # [T*k, D]
-    out = torch.zeros(t, ys.shape[1], dtype=torch.float32, device=ys.device)
-    return out.index_add_(0, order // k, scaled).to(ys.dtype)
+    if inv is not None:  # gather each token's k rows
+        y = (ys.float()[inv.long()].view(t, k, -1) * weights[:, :, None]).sum(1).to(ys.dtype)
+    else:
+        scaled = ys.float() * weights.flatten()[order, None]  # [T*k, D]
+        acc = torch.zeros(t, ys.shape[1], dtype=torch.float32, device=ys.device)
+        y = acc.index_add_(0, order // k, scaled).to(ys.dtype)
+    return y if out is None else out_or_new(out, y.shape, ys.dtype, ys.device).copy_(y)
 
 
-def moe_combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, *, out: torch.Tensor | None = None
-                ) -> torch.Tensor:
+def moe_combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | None, *,
+                out: torch.Tensor | None = None, inv: torch.Tensor | None = None) -> torch.Tensor:
     """ys [T*k, D]: row r is the output of pair order[r] = t * k + j (token t's j-th expert), rows sorted by
-    expert; weights [T, k] fp32 -> [T, D] in ys' dtype, sum_j weights[t, j] * that pair's row, in fp32."""
-    _check_combine(ys, weights, order)
+    expert; weights [T, k] fp32 -> [T, D] in ys' dtype, sum_j weights[t, j] * that pair's row, in fp32.
+    inv [T*k] (pair -> its sorted row, the inverse permutation of order): given, it is used as it is (no
+    argsort launch; order may be None)."""
+    _check_combine(ys, weights, order, inv)
     check_launchable(ys.device, "moe_combine")
     t, k = weights.shape
     out = out_or_new(out, (t, ys.shape[1]), ys.dtype, ys.device)
     if out.numel():
-        inv = order.argsort()  # [T*k] pair -> its sorted row (order is a permutation)
+        if inv is None:
+            inv = order.argsort()  # [T*k] pair -> its sorted row (order is a permutation)
         _triton().launch_moe_combine(ys, weights.contiguous(), inv, out)
     return out

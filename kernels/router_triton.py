@@ -1,4 +1,4 @@
-"""Triton kernels of the MoE routing and combine (see kernels/router.py for the checked wrappers)."""
+"""Triton kernels of the MoE gate GEMM, routing and combine (see kernels/router.py for the checked wrappers)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,55 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.util import next_pow2
+from kernels.util import cdiv, next_pow2
+
+# router_gemm tiles over experts and K (tokens: gemm_block_t); fp32 operands at ieee precision, no tensor cores
+GEMM_BLOCK_E = 64
+GEMM_BLOCK_K = 64
+GEMM_MIN_STEPS = 4  # K steps per split at least (256 columns: 64 KB of the weight per program)
+
+
+@triton.jit
+def router_gemm_kernel(
+    x_ptr, w_ptr, p_ptr,  # x [T, D] float, w [E, D] fp32, partial logits p [S, T, E] fp32
+    T, E, D, STEPS,  # STEPS: K steps (of BLOCK_K) per split
+    stride_x, stride_w, stride_ps, stride_pt,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """p[s] = x[:, ks] @ w[:, ks]^T over split s's K range ks, fp32 multiply-accumulate at full precision (the
+    routing hangs on small differences of the logits, so no tf32); x is upcast in registers."""
+    pid_t = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, BLOCK_K)
+    tmask = offs_t < T
+    emask = offs_e < E
+    x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_x + offs_k[None, :]  # [BT, BK]
+    w_ptrs = w_ptr + offs_e.to(tl.int64)[None, :] * stride_w + offs_k[:, None]  # [BK, BE], K-major
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    k_begin = pid_s * STEPS * BLOCK_K
+    k_end = tl.minimum(k_begin + STEPS * BLOCK_K, D)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        kmask = (k0 + offs_k) < k_end
+        x = tl.load(x_ptrs + k0, mask=tmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs + k0, mask=kmask[:, None] & emask[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+    p_ptrs = p_ptr + pid_s * stride_ps + offs_t.to(tl.int64)[:, None] * stride_pt + offs_e[None, :]
+    tl.store(p_ptrs, acc, mask=tmask[:, None] & emask[None, :])
 
 
 @triton.jit
 def moe_route_kernel(
-    logits_ptr, bias_ptr, w_ptr, ids_ptr,  # logits [T, E] fp32, bias [E], weights [T, K] fp32, ids [T, K] int64
-    stride_l, stride_w, stride_i,
+    logits_ptr, bias_ptr, w_ptr, ids_ptr,  # logits [S, T, E] fp32 partials, bias [E], w [T, K] fp32, ids [T, K] i64
+    S, stride_ls, stride_l, stride_w, stride_i,
     scaling,
     E: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr,
     SHARED: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_EG: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One token per program: sigmoid scores, bias for selection only, group-limited top-k (unselected groups
+    """One token per program: the logits summed over the S partial slices in order (deterministic; S=1 reads
+    them as they are), sigmoid scores, bias for selection only, group-limited top-k (unselected groups
     at -inf), weights from the unbiased scores, normalized and scaled. Ties go to the lower expert id."""
     t = tl.program_id(0).to(tl.int64)
     EG: tl.constexpr = E // N_GROUP
@@ -26,6 +63,8 @@ def moe_route_kernel(
     valid = (g < N_GROUP) & (j < EG)
     flat = g * EG + j  # [BLOCK_G, BLOCK_EG] expert id
     x = tl.load(logits_ptr + t * stride_l + flat, mask=valid, other=0.0).to(tl.float32)
+    for s in range(1, S):
+        x += tl.load(logits_ptr + s * stride_ls + t * stride_l + flat, mask=valid, other=0.0).to(tl.float32)
     scores = 1.0 / (1.0 + tl.exp(-x))
     neg = float("-inf")
     biased = tl.where(valid, scores + tl.load(bias_ptr + flat, mask=valid, other=0.0).to(tl.float32), neg)
@@ -81,12 +120,43 @@ def moe_combine_kernel(
     tl.store(out_ptr + t * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def gemm_block_t(t: int) -> int:
+    return min(max(16, next_pow2(t)), 64)  # a decode batch (<= 64 tokens) in one row tile: w read once
+
+
+def router_split_k(t: int, d: int, e: int, sms: int) -> tuple[int, int]:
+    """-> (S splits, K steps per split) for router_gemm. Double S while the (token, expert) tiles times S stay
+    under one program per SM and each split keeps >= GEMM_MIN_STEPS K steps; then S = cdiv(steps, per split),
+    so no split is empty. Decode (T <= 64, D 7168, E 256): 4 tiles x 28 splits of 4 steps = 112 programs."""
+    tiles = cdiv(t, gemm_block_t(t)) * cdiv(e, GEMM_BLOCK_E)
+    steps, split = max(1, cdiv(d, GEMM_BLOCK_K)), 1
+    while tiles * split < sms and cdiv(steps, split * 2) >= GEMM_MIN_STEPS:
+        split *= 2
+    per_split = cdiv(steps, split)
+    return cdiv(steps, per_split), per_split
+
+
+def launch_router_gemm(x: torch.Tensor, w: torch.Tensor, split: int, per_split: int) -> torch.Tensor:
+    """x [T, D], w [E, D] fp32 (unit last strides) -> partial logits [split, T, E] fp32."""
+    t, d = x.shape
+    e = w.shape[0]
+    parts = torch.empty((split, t, e), dtype=torch.float32, device=x.device)
+    block_t = gemm_block_t(t)
+    grid = (cdiv(t, block_t), cdiv(e, GEMM_BLOCK_E), split)
+    router_gemm_kernel[grid](x, w, parts, t, e, d, per_split, x.stride(0), w.stride(0), parts.stride(0),
+                             parts.stride(1), BLOCK_T=block_t, BLOCK_E=GEMM_BLOCK_E, BLOCK_K=GEMM_BLOCK_K,
+                             num_warps=4)
+    return parts
+
+
 def launch_moe_route(logits: torch.Tensor, bias: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                      n_group: int, topk_group: int, top_k: int, norm: bool, scaling: float, shared: bool) -> None:
-    t, e = logits.shape
-    moe_route_kernel[(t,)](logits, bias, weights, ids, logits.stride(0), weights.stride(0), ids.stride(0),
-                           float(scaling), E=e, N_GROUP=n_group, TOPK_GROUP=topk_group, K=top_k, NORM=norm,
-                           SHARED=shared, BLOCK_G=next_pow2(n_group), BLOCK_EG=next_pow2(e // n_group),
+    """logits [T, E] or [S, T, E] (S partial sums) fp32 with unit last stride."""
+    parts = logits if logits.dim() == 3 else logits[None]
+    s, t, e = parts.shape
+    moe_route_kernel[(t,)](parts, bias, weights, ids, s, parts.stride(0), parts.stride(1), weights.stride(0),
+                           ids.stride(0), float(scaling), E=e, N_GROUP=n_group, TOPK_GROUP=topk_group, K=top_k,
+                           NORM=norm, SHARED=shared, BLOCK_G=next_pow2(n_group), BLOCK_EG=next_pow2(e // n_group),
                            BLOCK_K=next_pow2(top_k + int(shared)), num_warps=4)
 
 

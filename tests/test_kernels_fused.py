@@ -1,6 +1,7 @@
-"""Fused kernels of the decode step against float64 references: RMSNorm (+ residual add), the DeepSeek router,
-the MoE combine. Triton interpreter at tiny shapes without CUDA; outputs are NaN-poisoned so an unwritten
-element fails. Tolerances: fp32 math against float64, 1e-5 relative for fp32 inputs, 1 bf16 ulp (2^-7) for bf16.
+"""Fused kernels of the decode step against float64 references: RMSNorm (+ residual add, + FP8 quantization of
+its output), the DeepSeek gate GEMM and router, the MoE combine. Triton interpreter at small shapes without
+CUDA; outputs are NaN-poisoned so an unwritten element fails. Tolerances: fp32 math against float64, 1e-5
+relative for fp32 inputs, 1 bf16 ulp (2^-7) for bf16; the quantized norm output bit-exact against act_quant.
 """
 
 from __future__ import annotations
@@ -15,8 +16,17 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels.backend import triton_available  # noqa: E402
+from kernels.fp8 import act_quant, act_quant_torch, ceil_pow2_torch  # noqa: E402
 from kernels.norm import rmsnorm, rmsnorm_residual, rmsnorm_residual_torch, rmsnorm_torch  # noqa: E402
-from kernels.router import moe_combine, moe_combine_torch, moe_route, moe_route_torch  # noqa: E402
+from kernels.router import (  # noqa: E402
+    moe_combine,
+    moe_combine_torch,
+    moe_gate_route,
+    moe_gate_route_torch,
+    moe_route,
+    moe_route_torch,
+)
+from kernels.util import FP8_DTYPE, cdiv  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -48,6 +58,56 @@ def test_rmsnorm_with_and_without_residual(dtype, rtol, d):
     assert not y2.isnan().any() and ((y2.double() - ref2).abs() <= 2 * rtol * ref2.abs().max()).all()
     t2, th = rmsnorm_residual_torch(x, res, w, 1e-6)
     assert torch.equal(th, x + res) and ((t2.double() - ref2).abs() <= 2 * rtol * ref2.abs().max()).all()
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d", [64, 128, 300, 512])  # D < 128, one group, a partial last group, several groups
+def test_rmsnorm_quant_is_act_quant_of_its_output(residual, scale_fmt, dtype, d):
+    g = torch.Generator().manual_seed(d + 7 * residual)
+    x = (torch.randn(6, d, generator=g) * torch.logspace(-3, 2, d)).to(dtype).to(DEV)  # groups of unlike sizes
+    x[1] = 0  # an all-zero row: every scale from the 1e-4 floor
+    res = torch.randn(6, d, generator=g).to(dtype).to(DEV)
+    w = (1 + 0.2 * torch.randn(d, generator=g)).to(dtype).to(DEV)
+    kb = -(-d // 128)
+    poison = (torch.full((6, d), float("nan"), dtype=dtype, device=DEV), torch.full_like(x, float("nan")),
+              torch.full((6, d), float("nan"), dtype=FP8_DTYPE, device=DEV),
+              torch.full((6, kb), float("nan"), device=DEV))
+    if residual:
+        res[1] = -x[1]
+        y, h, yq, ys = rmsnorm_residual(x, res, w, 1e-6, out=poison, quant=True, scale_fmt=scale_fmt)
+        plain, plain_h = rmsnorm_residual(x, res, w, 1e-6)
+        assert torch.equal(h, plain_h)
+        ty, th, tq, ts = rmsnorm_residual_torch(x, res, w, 1e-6, quant=True, scale_fmt=scale_fmt)
+        assert torch.equal(th, x + res)
+    else:
+        y, yq, ys = rmsnorm(x, w, 1e-6, out=(poison[0], *poison[2:]), quant=True, scale_fmt=scale_fmt)
+        plain = rmsnorm(x, w, 1e-6)
+        ty, tq, ts = rmsnorm_torch(x, w, 1e-6, quant=True, scale_fmt=scale_fmt)
+    assert y.data_ptr() == poison[0].data_ptr() and yq.data_ptr() == poison[2].data_ptr()
+    assert torch.equal(y, plain)  # y is still written, and the same with or without quant
+    rq, rs = act_quant(y, 128, scale_fmt)  # what the GEMM after the norm would have launched
+    assert yq.shape == (6, d) and ys.shape == (6, kb)
+    assert torch.equal(ys, rs) and torch.equal(yq.view(torch.uint8), rq.view(torch.uint8))
+    tq2, ts2 = act_quant_torch(ty, 128, scale_fmt)  # the twin is rmsnorm_torch + act_quant_torch
+    assert torch.equal(ts, ts2) and torch.equal(tq.view(torch.uint8), tq2.view(torch.uint8))
+    floor = torch.full((kb,), 1e-4) / 448  # the all-zero row's scales
+    assert torch.equal(ys[1].cpu(), ceil_pow2_torch(floor) if scale_fmt else floor)
+    if scale_fmt == "ue8m0":
+        assert torch.equal(ys.log2(), ys.log2().round())
+
+
+def test_rmsnorm_quant_rejects_bad_arguments():
+    x, w = torch.ones(2, 64, device=DEV), torch.ones(64, device=DEV)
+    with pytest.raises(ValueError, match="scale_fmt"):
+        rmsnorm(x, w, 1e-6, quant=True, scale_fmt="e5m2")
+    with pytest.raises(ValueError, match="tuple of 3"):
+        rmsnorm(x, w, 1e-6, quant=True, out=torch.empty_like(x))
+    with pytest.raises(ValueError, match="tuple of 4"):
+        rmsnorm_residual(x, x, w, 1e-6, quant=True, out=(torch.empty_like(x), torch.empty_like(x)))
+    with pytest.raises(ValueError, match=r"out\[2\] has dtype"):
+        rmsnorm_residual(x, x, w, 1e-6, quant=True, out=(x.clone(), x.clone(), x.clone(), x[:, :1].clone()))
 
 
 def _route64(logits, bias, n_group, topk_group, k, norm, scaling):
@@ -102,6 +162,72 @@ def test_moe_route_rejects_bad_groups():
         moe_route_torch(torch.zeros(2, 10), torch.zeros(10), 3, 1, 2, True, 1.0)
 
 
+# (T, D, E, n_group, topk_group, k, split_k, x dtype): T=1; D not a multiple of the 64-wide K step; split_k
+# forced (3 and 2, the last split short) or chosen (S=2 at D 520; S=28 at DeepSeek-V3's D 7168, E 256)
+GATE_CASES = [(1, 200, 16, 4, 2, 4, None, torch.bfloat16), (7, 300, 32, 8, 3, 6, 3, torch.float32),
+              (20, 130, 12, 3, 2, 3, 2, torch.float16), (65, 520, 16, 1, 1, 2, None, torch.bfloat16),
+              (3, 7168, 256, 8, 4, 8, None, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("t,d,e,n_group,topk_group,k,split_k,dtype", GATE_CASES)
+def test_moe_gate_route(t, d, e, n_group, topk_group, k, split_k, dtype):
+    from kernels.router_triton import launch_router_gemm, router_split_k
+
+    g = torch.Generator().manual_seed(t * d + e)
+    x = torch.randn(t, d, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(e, d, generator=g) / d**0.5).to(DEV)
+    bias = (0.1 * torch.randn(e, generator=g)).to(DEV)
+    logits64 = x.double() @ w.double().T
+    split, per_split = router_split_k(t, d, e, 132) if split_k is None else (split_k, cdiv(cdiv(d, 64), split_k))
+    parts = launch_router_gemm(x, w, split, per_split)  # [S, T, E] fp32, ieee products: far inside tf32's 2^-11
+    assert parts.shape == (split, t, e) and (split > 1 or split_k is None)
+    bound = 2e-6 * (x.double().abs() @ w.double().abs().T) + 1e-30
+    assert ((parts.double().sum(0) - logits64).abs() <= bound).all()
+    ref_w, ref_i = _route64(logits64.cpu(), bias.cpu(), n_group, topk_group, k, True, 2.5)
+    for shared in (False, True):
+        cols = k + shared
+        poison = (torch.full((t, cols), float("nan"), device=DEV), torch.full((t, cols), -1, device=DEV))
+        got_w, got_i = moe_gate_route(x, w, bias, n_group, topk_group, k, True, 2.5, shared_expert=shared,
+                                      out=poison, split_k=split_k)
+        assert got_w.data_ptr() == poison[0].data_ptr()
+        tw, ti = moe_gate_route_torch(x, w, bias, n_group, topk_group, k, True, 2.5, shared_expert=shared)
+        assert torch.equal(got_i, ti) and torch.equal(got_i[:, :k].cpu(), ref_i)  # no near-ties at these seeds
+        assert torch.allclose(got_w[:, :k].double().cpu(), ref_w, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(tw[:, :k].double().cpu(), ref_w, rtol=1e-5, atol=1e-7)
+        if shared:
+            assert (got_i[:, k] == e).all() and (got_w[:, k] == 1).all()
+    again = moe_gate_route(x, w, bias, n_group, topk_group, k, True, 2.5, split_k=split_k)
+    assert torch.equal(again[0], got_w[:, :k]) and torch.equal(again[1], got_i[:, :k])  # deterministic
+
+
+def test_router_split_k_spreads_a_decode_batch():
+    from kernels.router_triton import GEMM_BLOCK_K, gemm_block_t, router_split_k
+
+    for t in (1, 8, 64, 65, 512, 4096):
+        split, per_split = router_split_k(t, 7168, 256, 132)
+        steps = 7168 // GEMM_BLOCK_K
+        assert (split - 1) * per_split < steps <= split * per_split  # every split has work, all K covered
+        programs = -(-t // gemm_block_t(t)) * 4 * split
+        assert programs > 100 and (t < 4096 or split == 1), (t, split)
+    assert router_split_k(1, 200, 16, 132) == (1, 4)  # too few K steps to split
+
+
+def test_moe_gate_route_rejects_bad_inputs():
+    x, w, bias = torch.zeros(2, 64, device=DEV), torch.zeros(16, 64, device=DEV), torch.zeros(16, device=DEV)
+    with pytest.raises(ValueError, match="w has dtype bfloat16"):
+        moe_gate_route(x, w.bfloat16(), bias, 4, 2, 2, True, 1.0)
+    with pytest.raises(ValueError, match="disagree on D"):
+        moe_gate_route(x[:, :32], w, bias, 4, 2, 2, True, 1.0)
+    with pytest.raises(ValueError, match="bias has shape"):
+        moe_gate_route_torch(x, w, bias[:8], 4, 2, 2, True, 1.0)
+    with pytest.raises(ValueError, match="groups"):
+        moe_gate_route(x, w, bias, 3, 2, 2, True, 1.0)
+    with pytest.raises(ValueError, match="split_k 2 outside 1..1"):
+        moe_gate_route(x, w, bias, 4, 2, 2, True, 1.0, split_k=2)
+    with pytest.raises(ValueError, match="x must have 2 dims"):
+        moe_gate_route(x[None], w, bias, 4, 2, 2, True, 1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_combine(dtype):
     g = torch.Generator().manual_seed(2)
@@ -119,6 +245,16 @@ def test_moe_combine(dtype):
     assert not out.isnan().any() and ((out.double().cpu() - ref).abs() <= tol * ref.abs().max()).all()
     twin = moe_combine_torch(ys, w, order)
     assert ((twin.double() - ref).abs() <= tol * ref.abs().max()).all()
+    for inv in (order.argsort(), order.argsort().int()):  # precomputed inverse: no argsort, order not needed
+        got = moe_combine(ys.to(DEV), w.to(DEV), None, inv=inv.to(DEV),
+                          out=torch.full((t, d), float("nan"), dtype=dtype, device=DEV))
+        assert torch.equal(got.cpu(), out.cpu())  # the same launch on the same rows
+        twin_inv = moe_combine_torch(ys, w, None, inv=inv)
+        assert ((twin_inv.double() - ref).abs() <= tol * ref.abs().max()).all()
+    with pytest.raises(ValueError, match="order .* or inv"):
+        moe_combine(ys.to(DEV), w.to(DEV), None)
+    with pytest.raises(ValueError, match="inv has shape"):
+        moe_combine_torch(ys, w, None, inv=order[:-1])
 
 
 def _rope64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:

@@ -24,6 +24,21 @@ class Runtime:
     fp8_block: int = 128
 
 
+@dataclass(frozen=True)
+class Fp8Act:
+    """An activation together with its FP8 copy, quantized per 1x128 group by the RMSNorm kernel that wrote it
+    (Triton path), so the FP8 GEMMs reading it skip their own act_quant launch. x [T, K] in the activation
+    dtype (what the MoE gate reads), q [T, K] e4m3, scale [T, ceil(K/128)] fp32."""
+
+    x: torch.Tensor
+    q: torch.Tensor
+    scale: torch.Tensor
+
+
+def plain(x: torch.Tensor | Fp8Act) -> torch.Tensor:
+    return x.x if isinstance(x, Fp8Act) else x
+
+
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
@@ -61,11 +76,20 @@ class Linear(nn.Module):
             return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
         return dequant_fp8(self.weight, self.weight_scale_inv, self.rt.fp8_block, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_scale_inv is not None and self.rt.backend == "triton":
-            from kernels.fp8 import fp8_linear
+    @property
+    def takes_fp8(self) -> bool:
+        """Whether this layer's forward runs the FP8 GEMM (so an `Fp8Act` input saves its act_quant)."""
+        return self.weight_scale_inv is not None and self.rt.backend == "triton"
 
+    def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:
+        if self.takes_fp8:
+            from kernels.fp8 import fp8_gemm, fp8_linear
+
+            if isinstance(x, Fp8Act):  # quantized by the norm before: the GEMM alone
+                out = torch.empty(x.x.shape[0], self.out_features, dtype=x.x.dtype, device=x.x.device)
+                return fp8_gemm(x.q, x.scale, self.weight, self.weight_scale_inv, out=out)
             return fp8_linear(x, self.weight, self.weight_scale_inv, self.rt.scale_fmt).to(x.dtype)
+        x = plain(x)
         return cpu_linear(x, self.dense_weight(x.dtype))
 
 
@@ -90,22 +114,31 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.rt = eps, rt
         self.weight = _frozen(torch.empty(dim, dtype=rt.dtype, device=device))
+        self.quantize = False  # Triton path: also write the FP8 copy its FP8 consumers read (prepare_for_kernels_)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> weight * norm(x), normalized in fp32 and cast back before the weight (as the reference)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | Fp8Act:
+        """x [T, D] -> weight * norm(x), normalized in fp32 and cast back before the weight (as the reference);
+        an `Fp8Act` (the same values and their FP8 copy, one kernel) when `quantize` is set."""
         if self.rt.backend == "triton":
             from kernels.norm import rmsnorm
 
+            if self.quantize:
+                return Fp8Act(*rmsnorm(x, self.weight, self.eps, quant=True, scale_fmt=self.rt.scale_fmt))
             return rmsnorm(x, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None
+                    ) -> tuple[torch.Tensor | Fp8Act, torch.Tensor]:
         """(norm(x + residual), x + residual); residual None: (norm(x), x). One kernel on the Triton path."""
         if residual is None:
             return self(x), x
         if self.rt.backend == "triton":
             from kernels.norm import rmsnorm_residual
 
+            if self.quantize:
+                y, h, q, s = rmsnorm_residual(x, residual, self.weight, self.eps, quant=True,
+                                              scale_fmt=self.rt.scale_fmt)
+                return Fp8Act(y, q, s), h
             return rmsnorm_residual(x, residual, self.weight, self.eps)
         residual = x + residual
         return self(residual), residual
@@ -126,7 +159,11 @@ class MLP(nn.Module):
         if fused is not None:
             self.gate_up_proj, self.gate_proj, self.up_proj = fused, None, None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_fp8(self) -> bool:
+        return all(p is None or p.takes_fp8 for p in (self.gate_up_proj, self.gate_proj, self.up_proj))
+
+    def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
         else:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference.model.config import ModelConfig
-from inference.model.layers import FP8_DTYPE, MLP, Runtime, _frozen
+from inference.model.layers import FP8_DTYPE, MLP, Fp8Act, Runtime, _frozen, plain
 from inference.model.layout import dequant_fp8, stack_shared_expert
 
 
@@ -39,6 +39,14 @@ class Gate(nn.Module):
         self.weight = _frozen(self.weight.float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights, expert ids) [T, k] each (k + 1 with the shared expert stacked)."""
+        cfg = self.cfg
+        if self.rt.backend == "triton":  # the fp32 GEMM reading x as it is, then the routing: two launches
+            from kernels.router import moe_gate_route
+
+            return moe_gate_route(x, self.weight.float(), self.e_score_correction_bias, cfg.n_group, cfg.topk_group,
+                                  cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor,
+                                  shared_expert=self.shared_expert)
         logits = F.linear(x.float(), self.weight.float())  # [T, E] (.float() is free once prepared)
         return route(logits, self.e_score_correction_bias, self.cfg, self.rt.backend, self.shared_expert)
 
@@ -73,11 +81,6 @@ class Experts(nn.Module):
         w = torch.zeros(x.shape[0], ys.shape[0], dtype=torch.float32, device=x.device).scatter_(1, idx, weights)
         return torch.einsum("etd,te->td", ys.float(), w).to(x.dtype)  # [T, D]
 
-    def set_bounds_(self) -> None:
-        """Expert ids 0..E (E counting a stacked shared expert), searched once per step for the row offsets."""
-        self.register_buffer("bounds", torch.arange(self.down_proj.shape[0] + 1, device=self.down_proj.device),
-                             persistent=False)
-
     def fuse_gate_up_(self) -> None:
         """For the grouped GEMM: gate and up as one [E, 2I, D] weight (scales: gate's blocks, then up's)."""
         self.gate_up_proj = _frozen(torch.cat((self.gate_proj, self.up_proj), dim=1))
@@ -87,21 +90,28 @@ class Experts(nn.Module):
             self.gate_up_proj_scale_inv = None
         self.gate_proj = self.up_proj = self.gate_proj_scale_inv = self.up_proj_scale_inv = None
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_fp8(self) -> bool:
+        return self.down_proj_scale_inv is not None and self.rt.backend == "triton"
+
+    def forward(self, x: torch.Tensor | Fp8Act, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights/idx [T, k] -> [T, D]: rows sorted by expert; only experts with rows do work."""
         t, k = idx.shape
-        flat = idx.flatten()  # [T*k]
-        if self.rt.backend == "triton":  # 4 ops + 2 grouped GEMMs + the combine, and nothing reads the device
+        if self.rt.backend == "triton":  # the sort, 2 grouped GEMMs, the combine; nothing reads the device
             from kernels.moe import moe_grouped_gemm
+            from kernels.moe_align import moe_align
             from kernels.router import moe_combine
 
-            experts, order = flat.sort(stable=True)  # [T*k] each: rows sorted by expert
-            xs = x[order // k]  # [T*k, D]
-            offsets = torch.searchsorted(experts, self.bounds, out_int32=True)  # [E + 1] first row of each expert
-            h = moe_grouped_gemm(xs, offsets, self.gate_up_proj, self.gate_up_proj_scale_inv, "swiglu",
-                                 scale_fmt=self.rt.scale_fmt)  # [T*k, I]
+            # [E + 1] first row per expert (E + 1 with the shared expert stacked), [T*k] sorted row -> pair,
+            # [T*k] pair -> sorted row: one launch (the aten sort past 4096 pairs)
+            offsets, order, inv = moe_align(idx, self.down_proj.shape[0])
+            xq, xs = (x.q, x.scale) if isinstance(x, Fp8Act) else (x, None)  # quantized by the norm before
+            h = moe_grouped_gemm(xq, offsets, self.gate_up_proj, self.gate_up_proj_scale_inv, "swiglu",
+                                 scale_fmt=self.rt.scale_fmt, gather=(order, k), x_scale=xs)  # [T*k, I]
             ys = moe_grouped_gemm(h, offsets, self.down_proj, self.down_proj_scale_inv, scale_fmt=self.rt.scale_fmt)
-            return moe_combine(ys, weights, order)
+            return moe_combine(ys, weights, order, inv=inv)  # [T, D]
+        x = plain(x)
+        flat = idx.flatten()  # [T*k]
         n_experts = self.down_proj.shape[0]
         if self.gate_proj_scale_inv is None and t * k >= n_experts:  # most experts have rows: all at once
             return self._all_experts(x, weights, idx)
@@ -152,8 +162,14 @@ class MoE(nn.Module):
                                                                    shared.down_proj)
         self.shared_experts, self.gate.shared_expert = None, True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, idx = self.gate(x)  # [T, k] each (k + 1 with the shared expert stacked last)
+    @property
+    def takes_fp8(self) -> bool:
+        """Whether every reader of the input but the gate runs the FP8 GEMM (the norm before then quantizes)."""
+        return type(self.experts) is Experts and self.experts.takes_fp8 and \
+            (self.shared_experts is None or self.shared_experts.takes_fp8)
+
+    def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:
+        weights, idx = self.gate(plain(x))  # [T, k] each (k + 1 with the shared expert stacked last)
         y = self.experts(x, weights, idx)
         return y + self.shared_experts(x) if self.shared_experts is not None else y
 

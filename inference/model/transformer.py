@@ -14,7 +14,7 @@ from torch import nn
 from inference.engine.batch import AttentionMetadata
 from inference.model import attention
 from inference.model.config import ModelConfig
-from inference.model.layers import MLP, Linear, RMSNorm, Runtime, _frozen, fuse_linears
+from inference.model.layers import MLP, Fp8Act, Linear, RMSNorm, Runtime, _frozen, fuse_linears, plain
 from inference.model.layout import dequant_fp8
 from inference.model.moe import Experts, Gate, MoE
 from inference.model.rope import Rotary
@@ -61,10 +61,18 @@ class MLA(nn.Module):
             if fused is not None:
                 self.qkv_a_proj, self.q_a_proj, self.kv_a_proj_with_mqa = fused, None, None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: Rotary,
+    def first_projections(self) -> list[Linear]:
+        """The projections that read the block's normalized input (the input norm quantizes for them when all
+        run the FP8 GEMM)."""
+        if self.qkv_a_proj is not None:
+            return [self.qkv_a_proj]
+        return [self.kv_a_proj_with_mqa, self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj]
+
+    def forward(self, x: torch.Tensor | Fp8Act, cos: torch.Tensor, sin: torch.Tensor, rotary: Rotary,
                 meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        t, c, nope, r = x.shape[0], cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        t, dtype, device = plain(x).shape[0], plain(x).dtype, plain(x).device
+        c, nope, r = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         heads = self.w_uk.shape[0]
         if self.qkv_a_proj is not None:
             q, kv = self.qkv_a_proj(x).split([cfg.q_lora_rank, c + r], dim=-1)  # [T, q_lora], [T, C + R]
@@ -82,7 +90,7 @@ class MLA(nn.Module):
         if not meta.is_decode and (self.rt.backend == "torch" or min(meta.query_lens_list) > 1):  # naive form
             naive = attention.prefill_attention_naive if self.rt.backend == "torch" else attention.prefill_naive_kernel
             o = naive(q_nope, q_pe, cache, meta, self.w_uk, self.w_uv, cfg.softmax_scale)  # [T, H, v]
-            return self.o_proj(o.to(x.dtype).reshape(t, heads * cfg.v_head_dim))
+            return self.o_proj(o.to(dtype).reshape(t, heads * cfg.v_head_dim))
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, C]
         if self.rt.backend == "triton":
             from kernels.mla import mla_decode, mla_prefill
@@ -95,9 +103,10 @@ class MLA(nn.Module):
                                 cfg.softmax_scale)
         else:
             o = attention.decode_attention(q_latent, q_pe, cache, meta, cfg.softmax_scale)  # [T, H, C]
-        o = torch.bmm(o.to(x.dtype).transpose(0, 1), self.w_uv.transpose(1, 2))  # [H, T, v]
-        return self.o_proj(o.transpose(0, 1).reshape(t, heads * cfg.v_head_dim))
-
+        out = torch.empty(t, heads, cfg.v_head_dim, dtype=dtype, device=device)  # [T, H, v]
+        # W_UV per head, written through a [H, T, v] view so o_proj reads [T, H * v] as is (no reshape copy)
+        torch.bmm(o.to(dtype).transpose(0, 1), self.w_uv.transpose(1, 2), out=out.transpose(0, 1))
+        return self.o_proj(out.view(t, heads * cfg.v_head_dim))
 
 
 class Block(nn.Module):
@@ -158,8 +167,9 @@ class Transformer(nn.Module):
 
     def prepare_for_kernels_(self) -> None:
         """After loading (and after any dequantization or tensor-parallel slicing), lay the weights out once as
-        the step reads them: W_UK / W_UV split, q_a + kv_a and MLP gate + up fused, the router weight in fp32,
-        and for the Triton path the routed experts' gate + up stacked with the shared expert as one more. Idempotent."""
+        the step reads them: W_UK / W_UV split, q_a + kv_a and MLP gate + up fused, the router weight in fp32;
+        on the Triton path the routed experts' gate + up stacked with the shared expert as one more, and every
+        norm whose readers all run the FP8 GEMM set to write their quantized input too. Idempotent."""
         if self.prepared:
             return
         for module in self.modules():
@@ -173,9 +183,14 @@ class Transformer(nn.Module):
                 module.fuse_gate_up_()
         for module in self.modules():
             if isinstance(module, MoE) and self.rt.backend == "triton":
-                module.fuse_shared_expert_()  # before its experts' bounds (modules() visits parents first)
-            elif isinstance(module, Experts) and self.rt.backend == "triton":
-                module.set_bounds_()  # also a tensor-parallel rank's LocalExperts
+                module.fuse_shared_expert_()
+        if self.rt.backend == "triton":  # norms whose readers all run the FP8 GEMM also write the FP8 copy
+            for block in self.model.layers:
+                attn = block.self_attn
+                block.input_layernorm.quantize = all(p.takes_fp8 for p in attn.first_projections())
+                if self.cfg.q_lora_rank is not None:
+                    attn.q_a_layernorm.quantize = attn.q_b_proj.takes_fp8
+                block.post_attention_layernorm.quantize = getattr(block.mlp, "takes_fp8", False)
         self.prepared = True
 
     def dequantize_fp8_(self) -> None:

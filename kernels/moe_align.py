@@ -9,10 +9,11 @@ around it but torch.empty. It runs as a single program, which suits the decode s
 MOE_ALIGN_MAX_PAIRS pairs (prefill) or MOE_ALIGN_MAX_EXPERTS experts it returns `moe_align_torch` instead,
 decided from the shapes alone. `moe_align_torch` is its twin: a stable sort, searchsorted and argsort.
 
-Expert ids must lie in [0, E) (the router guarantees it); they are never read on the host. An id outside is
-not dropped or written out of bounds: both versions sort it into one more bucket after expert E - 1, so order
-and inv stay permutations and offsets[E] < T*k shows it (with TRITON_DEBUG=1 the compiled kernel also
-device-asserts; the interpreter ignores device asserts).
+Expert ids are never read on the host. An id outside [0, E), negative or >= E, is not dropped or written out
+of bounds: both versions sort it into one more bucket after expert E - 1, so order and inv stay permutations
+and offsets[E] < T*k counts the in-range pairs. Under tensor parallelism that is how other ranks' experts are
+passed over (LocalExperts hands over the ids minus its first expert): the grouped GEMM computes no row past
+offsets[E] and moe_combine(..., valid_rows=offsets[-1:]) reads none.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def moe_align_torch(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
 
 
 def moe_align(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids [T, k] int64/int32 in [0, E) -> (offsets [E+1], order [T*k], inv [T*k]) int32 in one launch (or the
-    twin above MOE_ALIGN_MAX_PAIRS pairs / MOE_ALIGN_MAX_EXPERTS experts)."""
+    """ids [T, k] int64/int32 -> (offsets [E+1], order [T*k], inv [T*k]) int32 in one launch (or the twin above
+    MOE_ALIGN_MAX_PAIRS pairs / MOE_ALIGN_MAX_EXPERTS experts); ids outside [0, E) sorted last, past offsets[E]."""
     _check(ids, num_experts)
     if ids.numel() > MOE_ALIGN_MAX_PAIRS or num_experts > MOE_ALIGN_MAX_EXPERTS:
         return moe_align_torch(ids, num_experts)

@@ -138,7 +138,7 @@ def moe_gate_route(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, n_group
 
 
 def _check_combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | None,
-                   inv: torch.Tensor | None) -> None:
+                   inv: torch.Tensor | None, valid_rows: torch.Tensor | None) -> None:
     check_tensor(ys, "ys", ndim=2, dtypes=(torch.bfloat16, torch.float16, torch.float32), last_contiguous=True)
     check_tensor(weights, "weights", ndim=2, dtypes=(torch.float32,), device=ys.device)
     if order is None and inv is None:
@@ -146,36 +146,48 @@ def _check_combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor 
     for name, perm in (("order", order), ("inv", inv)):
         if perm is not None:
             check_tensor(perm, name, shape=(weights.numel(),), dtypes=(torch.int32, torch.int64), device=ys.device)
+    if valid_rows is not None:
+        check_tensor(valid_rows, "valid_rows", shape=(1,), dtypes=(torch.int32, torch.int64), device=ys.device)
     if ys.shape[0] != weights.numel():
         raise ValueError(f"ys has {ys.shape[0]} rows for {weights.numel()} (token, expert) pairs")
 
 
 def moe_combine_torch(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | None, *,
-                      out: torch.Tensor | None = None, inv: torch.Tensor | None = None) -> torch.Tensor:
-    """Twin of `moe_combine`."""
-    _check_combine(ys, weights, order, inv)
+                      out: torch.Tensor | None = None, inv: torch.Tensor | None = None,
+                      valid_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Twin of `moe_combine` (valid_rows compared on the device too: no host read)."""
+    _check_combine(ys, weights, order, inv, valid_rows)
     t, k = weights.shape
     if inv is not None:  # gather each token's k rows
-        y = (ys.float()[inv.long()].view(t, k, -1) * weights[:, :, None]).sum(1).to(ys.dtype)
+        rows = ys.float()[inv.long()]  # [T*k, D] in pair order
+        if valid_rows is not None:  # where, not a multiply: skipped rows may hold NaN
+            rows = torch.where((inv < valid_rows)[:, None], rows, 0.0)
+        y = (rows.view(t, k, -1) * weights[:, :, None]).sum(1).to(ys.dtype)
     else:
         scaled = ys.float() * weights.flatten()[order, None]  # [T*k, D]
+        if valid_rows is not None:
+            live = torch.arange(ys.shape[0], device=ys.device) < valid_rows  # [T*k] sorted rows kept
+            scaled = torch.where(live[:, None], scaled, 0.0)
         acc = torch.zeros(t, ys.shape[1], dtype=torch.float32, device=ys.device)
         y = acc.index_add_(0, order // k, scaled).to(ys.dtype)
     return y if out is None else out_or_new(out, y.shape, ys.dtype, ys.device).copy_(y)
 
 
 def moe_combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | None, *,
-                out: torch.Tensor | None = None, inv: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, inv: torch.Tensor | None = None,
+                valid_rows: torch.Tensor | None = None) -> torch.Tensor:
     """ys [T*k, D]: row r is the output of pair order[r] = t * k + j (token t's j-th expert), rows sorted by
     expert; weights [T, k] fp32 -> [T, D] in ys' dtype, sum_j weights[t, j] * that pair's row, in fp32.
     inv [T*k] (pair -> its sorted row, the inverse permutation of order): given, it is used as it is (no
-    argsort launch; order may be None)."""
-    _check_combine(ys, weights, order, inv)
+    argsort launch; order may be None). valid_rows [1] int on ys' device (e.g. moe_align's offsets[-1:]): sorted
+    rows r >= valid_rows[0] are skipped, never read (they may hold garbage or NaN), so a token whose rows are
+    all skipped gets exactly 0; the kernel loads the limit itself, no host read."""
+    _check_combine(ys, weights, order, inv, valid_rows)
     check_launchable(ys.device, "moe_combine")
     t, k = weights.shape
     out = out_or_new(out, (t, ys.shape[1]), ys.dtype, ys.device)
     if out.numel():
         if inv is None:
             inv = order.argsort()  # [T*k] pair -> its sorted row (order is a permutation)
-        _triton().launch_moe_combine(ys, weights.contiguous(), inv, out)
+        _triton().launch_moe_combine(ys, weights.contiguous(), inv, out, valid_rows)
     return out

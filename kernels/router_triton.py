@@ -104,19 +104,28 @@ def moe_route_kernel(
 
 @triton.jit
 def moe_combine_kernel(
-    ys_ptr, w_ptr, inv_ptr, out_ptr,  # ys [T*K, D] sorted by expert, w [T, K] fp32, inv [T*K], out [T, D]
-    D, stride_y, stride_w, stride_o,
-    K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ys_ptr, w_ptr, inv_ptr, out_ptr, valid_ptr,  # ys [T*K, D] sorted by expert, w [T, K] fp32, inv [T*K],
+    D, stride_y, stride_w, stride_o,  # out [T, D], valid [1] (read only with LIMIT)
+    K: tl.constexpr, BLOCK_D: tl.constexpr, LIMIT: tl.constexpr,
 ):
-    """out[t] = sum_j w[t, j] * ys[inv[t * K + j]] in fp32: the weighted scatter-add as a gather, no atomics."""
+    """out[t] = sum_j w[t, j] * ys[inv[t * K + j]] in fp32: the weighted scatter-add as a gather, no atomics.
+    LIMIT: rows r >= valid[0] are masked off the load (never read, so garbage there cannot leak) and add 0."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
+    if LIMIT:
+        limit = tl.load(valid_ptr).to(tl.int64)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for j in tl.static_range(K):
         r = tl.load(inv_ptr + t * K + j).to(tl.int64)
         w = tl.load(w_ptr + t * stride_w + j)
-        acc += w * tl.load(ys_ptr + r * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
+        if LIMIT:
+            keep = r < limit
+            cols = tl.where(keep, D, 0)  # a skipped row: no column loaded
+            acc += tl.where(keep, w, 0.0) * tl.load(ys_ptr + r * stride_y + offs, mask=offs < cols,
+                                                    other=0.0).to(tl.float32)
+        else:
+            acc += w * tl.load(ys_ptr + r * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -160,9 +169,13 @@ def launch_moe_route(logits: torch.Tensor, bias: torch.Tensor, weights: torch.Te
                            BLOCK_K=next_pow2(top_k + int(shared)), num_warps=4)
 
 
-def launch_moe_combine(ys: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor, out: torch.Tensor) -> None:
+def launch_moe_combine(ys: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor, out: torch.Tensor,
+                       valid_rows: torch.Tensor | None = None) -> None:
+    """valid_rows [1] int or None (every row read)."""
     t, k = weights.shape
     d = ys.shape[1]
     block = min(1024, next_pow2(d))
-    moe_combine_kernel[(t, -(-d // block))](ys, weights, inv, out, d, ys.stride(0), weights.stride(0),
-                                            out.stride(0), K=k, BLOCK_D=block, num_warps=4)
+    limit = inv if valid_rows is None else valid_rows  # any pointer when unused (LIMIT=False never loads it)
+    moe_combine_kernel[(t, -(-d // block))](ys, weights, inv, out, limit, d, ys.stride(0), weights.stride(0),
+                                            out.stride(0), K=k, BLOCK_D=block, LIMIT=valid_rows is not None,
+                                            num_warps=4)

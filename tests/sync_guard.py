@@ -1,5 +1,6 @@
 """A guard that fails on any host read of a tensor (`.item()`, `.tolist()`, `bool()`, `int()`, `float()`,
-`.cpu()`, `.numpy()`) made by our code: on a GPU each one waits for the device. Triton's own frames (its CPU
+`.cpu()`, `.numpy()`, and `nonzero`, whose output size is read back) made by our code: on a GPU each one waits
+for the device. Triton's own frames (its CPU
 interpreter reads tensors to emulate kernels) are allowed."""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _BANNED = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
-           torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
+           torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy, torch.nonzero,
+           torch.Tensor.nonzero}
 
 
 class HostSyncError(AssertionError):

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 
 from kernels.backend import triton_available  # noqa: E402
 from kernels.fp8 import act_quant, act_quant_torch, ceil_pow2_torch  # noqa: E402
+from kernels.moe_align import moe_align_torch  # noqa: E402
 from kernels.norm import rmsnorm, rmsnorm_residual, rmsnorm_residual_torch, rmsnorm_torch  # noqa: E402
 from kernels.router import (  # noqa: E402
     moe_combine,
@@ -255,6 +256,45 @@ def test_moe_combine(dtype):
         moe_combine(ys.to(DEV), w.to(DEV), None)
     with pytest.raises(ValueError, match="inv has shape"):
         moe_combine_torch(ys, w, None, inv=order[:-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_combine_skips_rows_past_valid_rows(dtype):
+    """Rows from valid_rows[0] on (other ranks' experts, left unwritten by the grouped GEMM) are NaN here: never
+    read, they add nothing; token 0 has no row before the limit and must come out exactly 0."""
+    g = torch.Generator().manual_seed(3)
+    t, k, d, e = 5, 3, 40, 6
+    ids = torch.randint(-3, e + 3, (t, k), generator=g)
+    ids[0] = torch.tensor([-1, e, -(2**40)])  # all foreign
+    ids[1, 0] = 2  # some rows in range
+    offsets, order, inv = moe_align_torch(ids, e)
+    n = int(offsets[-1])
+    assert 0 < n < t * k
+    ys = torch.randn(t * k, d, generator=g).to(dtype)
+    ys[n:] = float("nan")
+    w = torch.rand(t, k, generator=g)
+    ref = torch.zeros(t, d, dtype=torch.float64)
+    for pair, r in enumerate(inv.tolist()):
+        if r < n:
+            ref[pair // k] += w[pair // k, pair % k].double() * ys[r].double()
+    tol = (1e-5 if dtype == torch.float32 else 2**-7) * ref.abs().max()
+    for valid in (offsets[-1:], offsets[-1:].long()):
+        for o, i in ((order, None), (None, inv), (order, inv.long())):
+            got = moe_combine(ys.to(DEV), w.to(DEV), None if o is None else o.to(DEV),
+                              inv=None if i is None else i.to(DEV), valid_rows=valid.to(DEV),
+                              out=torch.full((t, d), float("nan"), dtype=dtype, device=DEV)).cpu()
+            twin = moe_combine_torch(ys, w, o, inv=i, valid_rows=valid)
+            for y in (got, twin):
+                assert not y.isnan().any() and ((y.double() - ref).abs() <= tol).all()
+                assert torch.equal(y[0], torch.zeros(d, dtype=dtype))
+    full = torch.tensor([t * k], dtype=torch.int32)  # no row skipped: the same as without a limit
+    ys_all = torch.randn(t * k, d, generator=g).to(dtype)
+    assert torch.equal(moe_combine(ys_all.to(DEV), w.to(DEV), None, inv=inv.to(DEV), valid_rows=full.to(DEV)).cpu(),
+                       moe_combine(ys_all.to(DEV), w.to(DEV), None, inv=inv.to(DEV)).cpu())
+    with pytest.raises(ValueError, match="valid_rows has shape"):
+        moe_combine_torch(ys, w, order, valid_rows=offsets[-2:])
+    with pytest.raises(ValueError, match="valid_rows"):
+        moe_combine(ys.to(DEV), w.to(DEV), order.to(DEV), valid_rows=offsets[-1:].float().to(DEV))
 
 
 def _rope64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:

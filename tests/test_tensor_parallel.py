@@ -168,6 +168,48 @@ def test_triton_kernels_on_local_heads_and_experts_match_one_process(tmp_path: P
         assert got_ids == [o.token_ids for o in want]
 
 
+def test_local_experts_triton_path_has_no_host_sync_and_equals_the_torch_path() -> None:
+    """Rank 1 of 2 holds experts 4..7 of 8: on the Triton path (interpreter on CPU) LocalExperts hands the
+    shifted ids to moe_align as they are, under the sync guard (nonzero included); it must equal the
+    torch path's pair gather, with token 0 routed only to rank 0's experts coming out exactly 0."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and the Triton interpreter is off")
+    from dataclasses import replace
+
+    from inference.model.config import ModelConfig
+    from inference.model.demo import DEMO_CONFIG
+    from inference.model.layers import Runtime
+    from inference.model.parallel import LocalExperts, TPContext
+    from tests.helpers import assert_close
+    from tests.sync_guard import HostSyncError, NoHostSync
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = replace(ModelConfig.from_dict(DEMO_CONFIG), n_routed_experts=8, hidden_size=32, moe_intermediate_size=16)
+    tp = TPContext(rank=1, world_size=2)
+    g = torch.Generator().manual_seed(5)
+    mods = {}
+    for backend in ("torch", "triton"):
+        mods[backend] = LocalExperts(cfg, Runtime(dtype=torch.float32, backend=backend), False, dev, tp)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            w = getattr(mods[backend], name)
+            w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    mods["triton"].fuse_gate_up_()
+    t, k = 6, 3
+    idx = torch.stack([torch.randperm(8, generator=g)[:k] for _ in range(t)])
+    idx[0], idx[1] = torch.tensor([3, 0, 2]), torch.tensor([5, 7, 4])  # none here; all here
+    x = torch.randn(t, cfg.hidden_size, generator=g).to(dev)
+    weights = torch.rand(t, k, generator=g).to(dev)
+    idx = idx.to(dev)
+    want = mods["torch"](x, weights, idx)
+    with torch.inference_mode(), NoHostSync():
+        got = mods["triton"](x, weights, idx)
+    assert_close(got, want, rtol=1e-5, what="LocalExperts triton vs torch")
+    assert torch.equal(got[0].cpu(), torch.zeros(cfg.hidden_size))
+    with pytest.raises(HostSyncError), NoHostSync():  # the guard sees the torch path's host reads
+        mods["torch"](x, weights, idx)
+
+
 def test_sizes_that_do_not_split_are_refused_before_any_start(tmp_path: Path) -> None:
     tiny_hf_model(tmp_path, seed=1)  # 4 heads, 8 experts, intermediate 96, shared 32
     before = _children()

@@ -109,7 +109,8 @@ class Experts(nn.Module):
             h = moe_grouped_gemm(xq, offsets, self.gate_up_proj, self.gate_up_proj_scale_inv, "swiglu",
                                  scale_fmt=self.rt.scale_fmt, gather=(order, k), x_scale=xs)  # [T*k, I]
             ys = moe_grouped_gemm(h, offsets, self.down_proj, self.down_proj_scale_inv, scale_fmt=self.rt.scale_fmt)
-            return moe_combine(ys, weights, order, inv=inv)  # [T, D]
+            # rows from offsets[E] on (ids outside [0, E): other ranks' experts) are unwritten: never read
+            return moe_combine(ys, weights, order, inv=inv, valid_rows=offsets[-1:])  # [T, D]
         x = plain(x)
         flat = idx.flatten()  # [T*k]
         n_experts = self.down_proj.shape[0]

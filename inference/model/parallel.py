@@ -172,8 +172,13 @@ class LocalExperts(Experts):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights/idx [T, k] over all experts -> [T, D]: the weighted sum of this rank's experts only.
-        The (token, expert) pairs routed here run as a batch of single-expert rows through `Experts.forward`."""
+        Triton: `Experts.forward` on the local ids as they are; other ranks' experts fall outside [0, n) and
+        moe_align sorts them past offsets[n], where the GEMMs and the combine skip them (no host sync, shapes
+        fixed by T and k; a token with no expert here gets 0). Torch: the pairs routed here, found on the host,
+        run as a batch of single-expert rows."""
         local = idx - self.start  # [T, k]
+        if self.rt.backend == "triton":
+            return super().forward(x, weights, local)
         pairs = ((local >= 0) & (local < self.num_local)).flatten().nonzero().flatten()  # [P]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if pairs.numel() == 0:

@@ -37,6 +37,8 @@ def describe_model(host: ModelHost, config: ServerConfig, num_parameters: int | 
         first_k_dense_replace=cfg.first_k_dense_replace,
     )
     info.parameters = num_parameters
+    weight_bytes = getattr(engine, "weight_bytes", None)
+    info.weight_bytes = weight_bytes if isinstance(weight_bytes, int) else None
     info.dtype = str(engine.dtype).removeprefix("torch.") + (" (fp8 e4m3 weights)" if engine.fp8 else "")
     info.device = str(engine.device)
     if getattr(engine, "parallel_description", None):

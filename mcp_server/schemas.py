@@ -279,6 +279,9 @@ class ModelInfo(BaseModel):
     load_seconds: float | None = None
     architecture: Architecture | None = None
     parameters: int | None = None
+    weight_bytes: int | None = Field(None, description="Memory the weights take as laid out for the step (FP8 kept "
+                                     "or dequantized, W_UK / W_UV dense, fused projections); on rank 0 under tensor "
+                                     "parallelism.")
     dtype: str | None = None
     device: str | None = None
     kernels: str | None = Field(None, description="Which kernels run: triton or torch.")

@@ -247,6 +247,8 @@ async def test_list_models_tool_and_resource(served: tuple[Client, ChatService],
     assert info["model"] == DEMO and info["demo"] is True and info["status"] == "ready"
     assert info["kernels"] == engine.backend in ("torch", "triton") and info["device"] == str(engine.device)
     assert info["architecture"]["num_layers"] == 4 and info["parameters"] > 10_000_000
+    assert info["weight_bytes"] == engine.weight_bytes == sum(p.numel() * p.element_size()
+                                                              for p in engine.model.parameters())
     assert info["cache_capacity_tokens"] == 4096 and info["context_tokens"] == 4096
     assert {"running", "waiting", "cache_usage"} <= set(info["stats"])
     resource = await client.read_resource(MODELS_URI)

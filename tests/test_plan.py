@@ -47,6 +47,7 @@ def _kind(name: str) -> str:
 def _meta_bytes(cfg: ModelConfig, n: int, rank: int, fp8: bool) -> dict[str, int]:
     rt = Runtime(dtype=torch.bfloat16, scale_fmt=cfg.quant.scale_fmt if cfg.quant else None)
     model = shard_model(cfg, rt, fp8, "meta", TPContext(rank, n))
+    model.prepare_for_kernels_()  # the step's layout: W_UK / W_UV dense, the router in fp32, fusions
     out = dict.fromkeys(KINDS, 0)
     for name, p in model.named_parameters():
         out[_kind(name)] += p.numel() * p.element_size()

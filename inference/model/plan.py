@@ -45,7 +45,9 @@ def _split(n_full: int, k_full: int, dim: int, rank: int, world: int, fp8: bool,
 
 
 def weight_bytes(cfg: ModelConfig, world: int, rank: int = 0, *, fp8: bool, dtype_bytes: int = 2) -> dict[str, int]:
-    """One rank's parameter bytes by kind (the multi-token-prediction layer is not loaded)."""
+    """One rank's parameter bytes by kind as laid out for the step (`Transformer.prepare_for_kernels_`: kv_b_proj
+    as dense W_UK / W_UV in the activation dtype, the router weight in fp32); the multi-token-prediction layer is
+    not loaded."""
     b, dt, d, h = cfg.quant.block_size[0] if cfg.quant else 128, dtype_bytes, cfg.hidden_size, cfg.num_heads
     out = dict.fromkeys(KINDS, 0)
     attn = _linear(cfg.kv_lora_rank + cfg.qk_rope_head_dim, d, fp8, b, dt) + cfg.kv_lora_rank * dt
@@ -54,7 +56,7 @@ def weight_bytes(cfg: ModelConfig, world: int, rank: int = 0, *, fp8: bool, dtyp
     else:
         attn += _linear(cfg.q_lora_rank, d, fp8, b, dt) + cfg.q_lora_rank * dt
         attn += _split(h * cfg.qk_head_dim, cfg.q_lora_rank, 0, rank, world, fp8, b, dt)
-    attn += _split(h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, 0, rank, world, fp8, b, dt)
+    attn += _split(h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, 0, rank, world, False, b, dt)
     attn += _split(d, h * cfg.v_head_dim, 1, rank, world, fp8, b, dt)
 
     def mlp(inter: int) -> int:
@@ -66,7 +68,7 @@ def weight_bytes(cfg: ModelConfig, world: int, rank: int = 0, *, fp8: bool, dtyp
         if cfg.is_moe_layer(layer):
             i = cfg.moe_intermediate_size
             out["routed_experts"] += cfg.n_routed_experts // world * 3 * _linear(i, d, fp8, b, dt)
-            out["norms_and_router"] += cfg.n_routed_experts * (d * dt + 4)
+            out["norms_and_router"] += cfg.n_routed_experts * (d + 1) * 4  # fp32 weight and bias
             if cfg.n_shared_experts:
                 out["shared_experts"] += mlp(i * cfg.n_shared_experts)
         else:

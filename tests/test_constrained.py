@@ -257,6 +257,47 @@ def test_plan_after_a_partial_character_stays_short(factory: ConstraintFactory, 
         assert lengths[1] <= lengths[0] + 4, (ch, lengths)  # 3 continuation bytes + one token boundary
 
 
+def test_plan_keeps_its_op_budget_in_a_string_that_cannot_close_soon(factory: ConstraintFactory,
+                                                                     tok: Tokenizer, monkeypatch) -> None:
+    """A string that may only close after a byte the quote search does not try ('q'): the search (iterative
+    deepening over 10 representative bytes, up to ~1,100 grammar masks) once ignored the plan's op budget, so a
+    plan meant to stop at max_ops ran on; with a few such plans per step a constrained step near max_tokens took
+    tens of seconds (a CI run stalled in test_required_among_many_tools_and_named_choice)."""
+    from inference.constrained import planner as planner_mod
+
+    fmt = {"type": "json_schema", "schema": {"type": "object", "properties": {
+        "s": {"type": "string", "pattern": "^[a0.@:/A_-]{3,}q$"}}, "required": ["s"]}}
+    proc = factory.for_response_format(fmt, 4096)
+    ids = tok.encode('{"s":"' + "a0.@:/A_-" * 2)
+    proc.update(ids)
+    lex = Lex()
+    for t in ids:
+        lex = factory.planner.lex(lex, t)
+    calls = 0
+    allowed = planner_mod._Walk.allowed
+
+    def counted(self, m, pool):
+        nonlocal calls
+        calls += 1
+        return allowed(self, m, pool)
+
+    monkeypatch.setattr(planner_mod._Walk, "allowed", counted)
+    mask = torch.empty((1, (factory.vocab.vocab_size + 31) // 32), dtype=torch.int32)
+    for budget in (5, 50, 300):
+        walk = planner_mod._Walk(budget, mask)
+        walk.clock = factory.planner.search_after  # this string has run long enough to search for its end
+        calls = 0
+        assert factory.planner._toward_quote(proc._matcher.fork(), walk) is None  # 'q' is not among the tries
+        assert calls <= budget, (budget, calls)
+    for budget in (50, 400, 4000):  # and the whole plan
+        calls = 0
+        plan = factory.planner.plan(proc._matcher, lex, max_ops=budget)
+        assert calls <= budget + 1, (budget, calls)
+        if plan is not None:  # whatever it found within the budget completes the grammar
+            f = proc._matcher.fork()
+            assert all(f.accept_token(t) for t in plan) and f.is_terminated()
+
+
 BIG = {"type": "object", "properties": {f"x{i}": {"type": "string", "format": "date"} for i in range(8)},
        "required": [f"x{i}" for i in range(8)]}
 JUMPY = {"type": "object", "properties": {"a": {"type": "string"}, "b": BIG, "c": {"type": "array", "items": BIG},

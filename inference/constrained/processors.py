@@ -80,6 +80,9 @@ class GrammarProcessor:
         self.guard = 2 * compiled.commit  # a token may commit twice (e.g. `},{` opens an item and a key)
         self.top_k = top_k
         self.fresh_plans = 3
+        # a candidate's plan is optional (without one the token is refused), so it gets a smaller budget than the
+        # step's own plan: a string that cannot close within reach costs each of them its whole budget
+        self.candidate_ops = 4000
         self.max_jump = 0  # largest growth of the completion seen after one token
         self.phase = FREE if gate is not None else GRAMMAR
         self.opened = gate is None
@@ -262,7 +265,7 @@ class GrammarProcessor:
                     p: list[int] | None = plan
                 elif fresh > 0:
                     fresh -= 1
-                    p = self._planner.plan(f, self._planner.lex(self._lex, t))
+                    p = self._planner.plan(f, self._planner.lex(self._lex, t), self.candidate_ops)
                 else:
                     continue
                 if p is not None and 1 + len(p) <= remaining:

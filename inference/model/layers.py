@@ -44,16 +44,13 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 def cpu_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w [N, K]^T on the CPU. A vocabulary-wide weight (N >= 32768) read by a few rows (M <= 16, a
-    decode step's output head) goes through MKL with the weight as the left operand: a GEMV for one row, a GEMM
-    [N, K] @ [K, M] for a few; oneDNN's linear takes about twice as long on these shapes with bf16 weights (1
-    thread, this repository's CPU machine; bench/engine.py decode is the end-to-end measurement). Else F.linear."""
-    m = x.shape[0] if x.dim() == 2 else -1
-    if not (x.device.type == "cpu" and 0 < m <= 16 and w.shape[0] >= 32768):
-        return F.linear(x, w)
-    if m == 1:
+    """x [M, K] @ w [N, K]^T on the CPU. One row against a vocabulary-wide weight (N >= 32768: a batch-1 decode
+    step's output head) runs as MKL's GEMV, about 1.3x oneDNN's linear for the demo's bf16 head on one thread
+    (`bench/head.py`); more rows (a GEMM with the weight on the left measured 0.7-1.4x there) and other shapes
+    take F.linear."""
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] == 1 and w.shape[0] >= 32768:
         return torch.mv(w, x[0])[None]  # [1, N]
-    return torch.mm(w, x.t().contiguous()).t().contiguous()  # [M, N]
+    return F.linear(x, w)
 
 
 class Linear(nn.Module):

@@ -40,7 +40,7 @@ def main() -> None:
           f"torch {torch.__version__}: median ms of 20 calls")
     print("| batch | round | F.linear ms | cpu_linear ms | read the weight ms | cpu_linear speed-up |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for batch in (1, 2, 8):
+    for batch in (1, 2, 8, 16):
         x = torch.randn(batch, args.hidden, dtype=torch.bfloat16)
         for r in range(args.rounds):
             a = _median_ms(lambda x=x: F.linear(x, w))

@@ -44,13 +44,16 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 def cpu_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w [N, K]^T on the CPU. One row against a vocabulary-wide weight (N >= 32768: a batch-1 decode
-    step's output head) runs as MKL's GEMV, about 1.3x oneDNN's linear for the demo's bf16 head on one thread
-    (`bench/head.py`); more rows (a GEMM with the weight on the left measured 0.7-1.4x there) and other shapes
-    take F.linear."""
-    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] == 1 and w.shape[0] >= 32768:
+    """x [M, K] @ w [N, K]^T on the CPU. A vocabulary-wide weight (N >= 32768: a decode step's output head) read
+    by one row runs as MKL's GEMV, by 2-8 rows as a GEMM with the weight on the left; oneDNN's linear is slower
+    on these bf16 shapes on one thread (`bench/head.py`; at 16 rows the GEMM was slower, so F.linear). Else
+    F.linear."""
+    m = x.shape[0] if x.dim() == 2 else 0
+    if not (x.device.type == "cpu" and 0 < m <= 8 and w.shape[0] >= 32768):
+        return F.linear(x, w)
+    if m == 1:
         return torch.mv(w, x[0])[None]  # [1, N]
-    return F.linear(x, w)
+    return torch.mm(w, x.t().contiguous()).t().contiguous()  # [M, N]
 
 
 class Linear(nn.Module):

@@ -2,15 +2,19 @@
 bf16 weight, and a plain read of the same bytes (the bandwidth floor of one thread).
 
     python bench/head.py [--vocab 129280] [--hidden 256] [--threads 1] [--rounds 3]
+    python bench/head.py --engine-batch 8 [--rounds 10]
 
 Per round and batch: the median of 20 calls of each, run alternately in one process so a slow phase of a shared
-machine hits all three alike. Prints one markdown table.
+machine hits all three alike. Prints one markdown table. With --engine-batch B: the whole decode step instead
+(`EngineCore.step` on the bf16 copy of the demo, B sequences, 32 steps, the median step), with the model's head
+through `cpu_linear` and through `F.linear`, alternated per round.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,14 +30,60 @@ def _median_ms(fn) -> float:
     return _timed(fn, repeats=20) * 1e3
 
 
+def engine_ab(batch: int, rounds: int) -> None:
+    from bench.engine import _median, _prompts, dequantized_copy
+    from inference.engine.core import EngineCore
+    from inference.engine.engine import Engine
+    from inference.engine.sampling import SamplingParams
+    from inference.engine.sequence import Sequence
+    from inference.model import layers
+    from inference.model.demo import default_cache_dir, demo_checkpoint_path
+
+    path = dequantized_copy(demo_checkpoint_path(), default_cache_dir() / "demo-dequantized-bfloat16", torch.bfloat16)
+    eng = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", backend="torch")
+
+    def step_ms() -> float:
+        core = EngineCore(eng, max_num_seqs=batch, max_num_batched_tokens=16 * batch, cache_tokens=batch * 64,
+                          block_size=16)
+        for i, p in enumerate(_prompts(batch, 16)):
+            core.scheduler.add(Sequence(str(i), p, SamplingParams(max_tokens=33, ignore_eos=True)))
+        core.step()
+        times = []
+        while core.scheduler.has_work():
+            t = time.perf_counter()
+            core.step()
+            times.append(time.perf_counter() - t)
+        return _median(times) * 1e3
+
+    print(f"# decode step, bf16 copy of the demo, batch {batch}, {cpu_name()}, {torch.get_num_threads()} thread(s): "
+          "median ms per step, the head through F.linear then cpu_linear each round")
+    print("| round | F.linear ms | cpu_linear ms | cpu_linear speed-up |")
+    print("|---:|---:|---:|---:|")
+    ours = layers.cpu_linear
+    step_ms()  # warm-up
+    try:
+        for r in range(rounds):
+            layers.cpu_linear = F.linear
+            a = step_ms()
+            layers.cpu_linear = ours
+            b = step_ms()
+            print(f"| {r + 1} | {a:.2f} | {b:.2f} | {a / b:.2f}x |", flush=True)
+    finally:
+        layers.cpu_linear = ours
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", type=int, default=129280)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engine-batch", type=int, default=0, help="instead: the whole decode step at this batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.engine_batch:
+        engine_ab(args.engine_batch, args.rounds)
+        return
     w = torch.randn(args.vocab, args.hidden, dtype=torch.bfloat16)  # [V, D]
     mb = w.numel() * w.element_size() / 1e6
     print(f"# output head {args.vocab} x {args.hidden} bf16 ({mb:.0f} MB), {cpu_name()}, {args.threads} thread(s), "

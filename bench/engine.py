@@ -176,31 +176,37 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def decode_step_times(eng, batch: int, decode_tokens: int) -> list[float]:
+    """Seconds of each decode step (`EngineCore.step`) of `batch` 16-token prompts, after their prefill step."""
+    from inference.engine.core import EngineCore
+    from inference.engine.sampling import SamplingParams
+    from inference.engine.sequence import Sequence
+
+    core = EngineCore(eng, max_num_seqs=batch, max_num_batched_tokens=16 * batch,
+                      cache_tokens=batch * (32 + decode_tokens), block_size=16)
+    for i, p in enumerate(_prompts(batch, 16)):
+        core.scheduler.add(Sequence(str(i), p, SamplingParams(max_tokens=decode_tokens + 1, ignore_eos=True)))
+    core.step()
+    steps = []
+    while core.scheduler.has_work():
+        t = time.perf_counter()
+        core.step()
+        steps.append(time.perf_counter() - t)
+    return steps
+
+
 def interleaved(path: Path, dtype: str, decode_tokens: int, rounds: int) -> None:
     """Both implementations in one process on the same weights, their decode passes alternated, so a noisy
     neighbour slows both alike: per round and batch, the ratio of median step times."""
     from transformers import DeepseekV3ForCausalLM
 
-    from inference.engine.core import EngineCore
     from inference.engine.engine import Engine
-    from inference.engine.sampling import SamplingParams
-    from inference.engine.sequence import Sequence
 
     eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch")
     hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
 
     def ours(batch: int) -> list[float]:
-        core = EngineCore(eng, max_num_seqs=batch, max_num_batched_tokens=16 * batch,
-                          cache_tokens=batch * (32 + decode_tokens), block_size=16)
-        for i, p in enumerate(_prompts(batch, 16)):
-            core.scheduler.add(Sequence(str(i), p, SamplingParams(max_tokens=decode_tokens + 1, ignore_eos=True)))
-        core.step()
-        steps = []
-        while core.scheduler.has_work():
-            t = time.perf_counter()
-            core.step()
-            steps.append(time.perf_counter() - t)
-        return steps
+        return decode_step_times(eng, batch, decode_tokens)
 
     def theirs(batch: int) -> list[float]:
         steps = []

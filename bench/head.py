@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,11 +30,8 @@ def _median_ms(fn) -> float:
 
 
 def engine_ab(batch: int, rounds: int) -> None:
-    from bench.engine import _median, _prompts, dequantized_copy
-    from inference.engine.core import EngineCore
+    from bench.engine import _median, decode_step_times, dequantized_copy
     from inference.engine.engine import Engine
-    from inference.engine.sampling import SamplingParams
-    from inference.engine.sequence import Sequence
     from inference.model import layers
     from inference.model.demo import default_cache_dir, demo_checkpoint_path
 
@@ -43,17 +39,7 @@ def engine_ab(batch: int, rounds: int) -> None:
     eng = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", backend="torch")
 
     def step_ms() -> float:
-        core = EngineCore(eng, max_num_seqs=batch, max_num_batched_tokens=16 * batch, cache_tokens=batch * 64,
-                          block_size=16)
-        for i, p in enumerate(_prompts(batch, 16)):
-            core.scheduler.add(Sequence(str(i), p, SamplingParams(max_tokens=33, ignore_eos=True)))
-        core.step()
-        times = []
-        while core.scheduler.has_work():
-            t = time.perf_counter()
-            core.step()
-            times.append(time.perf_counter() - t)
-        return _median(times) * 1e3
+        return _median(decode_step_times(eng, batch, 32)) * 1e3
 
     print(f"# decode step, bf16 copy of the demo, batch {batch}, {cpu_name()}, {torch.get_num_threads()} thread(s): "
           "median ms per step, the head through F.linear then cpu_linear each round")

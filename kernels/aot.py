@@ -206,9 +206,9 @@ def _fused_builds(all_configs: bool):
         "E": 256, "N_GROUP": 8, "TOPK_GROUP": 4, "K": 8, "NORM": True, "SHARED": True, "BLOCK_G": 8, "BLOCK_EG": 32,
         "BLOCK_K": 16}, 4, 1, "E256 G8/4 k8+1 split-K"
     yield router_triton.moe_combine_kernel, {
-        "ys_ptr": "*bf16:16", "w_ptr": "*fp32:16", "inv_ptr": "*i64:16", "out_ptr": "*bf16:16",
+        "ys_ptr": "*bf16:16", "w_ptr": "*fp32:16", "inv_ptr": "*i32:16", "out_ptr": "*bf16:16",
         "valid_ptr": "*i32", "D": "i32:16", "stride_y": "i32:16", "stride_w": "i32", "stride_o": "i32:16", "K": 9,
-        "BLOCK_D": 1024, "LIMIT": True}, 4, 1, "k9 D7168 valid_rows"  # offsets[E:]: 4-byte aligned only
+        "BLOCK_D": 1024, "LIMIT": True}, 4, 1, "k9 D7168 valid_rows"  # inv: moe_align int32; offsets[E:]: 4-B aligned
     yield rope_triton.rope_kv_cache_kernel, {
         "kv_ptr": "*bf16:16", "w_ptr": "*bf16:16", "qpe_ptr": "*bf16:16", "cos_ptr": "*fp32:16", "sin_ptr": "*fp32:16",
         "slot_ptr": "*i64:16", "cache_ptr": "*bf16:16", "qout_ptr": "*bf16:16", "C": "i32", "H": "i32", "eps": "fp32",

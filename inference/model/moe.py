@@ -12,18 +12,18 @@ from inference.model.layers import FP8_DTYPE, MLP, Fp8Act, Runtime, _frozen, pla
 from inference.model.layout import dequant_fp8, stack_shared_expert
 
 
-def route(scores_logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, backend: str = "torch",
-          shared_expert: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 routing (kernels/router.py): sigmoid scores, bias for selection only, group-limited top-k.
+def route(scores_logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, shared_expert: bool = False
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 routing on the torch path (kernels/router.py; the Triton path runs `moe_gate_route`): sigmoid
+    scores, bias for selection only, group-limited top-k.
 
     scores_logits [T, E] fp32 -> (weights [T, k] fp32, expert ids [T, k] int64). Unselected groups are masked
     with -inf (as DeepSeek's reference), so a negative biased score in a chosen group still beats them.
     """
-    from kernels import router
+    from kernels.router import moe_route_torch
 
-    fn = router.moe_route if backend == "triton" else router.moe_route_torch
-    return fn(scores_logits, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
-              cfg.routed_scaling_factor, shared_expert=shared_expert)
+    return moe_route_torch(scores_logits, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
+                           cfg.norm_topk_prob, cfg.routed_scaling_factor, shared_expert=shared_expert)
 
 
 class Gate(nn.Module):
@@ -44,11 +44,11 @@ class Gate(nn.Module):
         if self.rt.backend == "triton":  # the fp32 GEMM reading x as it is, then the routing: two launches
             from kernels.router import moe_gate_route
 
-            return moe_gate_route(x, self.weight.float(), self.e_score_correction_bias, cfg.n_group, cfg.topk_group,
+            return moe_gate_route(x, self.weight, self.e_score_correction_bias, cfg.n_group, cfg.topk_group,
                                   cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor,
                                   shared_expert=self.shared_expert)
         logits = F.linear(x.float(), self.weight.float())  # [T, E] (.float() is free once prepared)
-        return route(logits, self.e_score_correction_bias, self.cfg, self.rt.backend, self.shared_expert)
+        return route(logits, self.e_score_correction_bias, cfg, self.shared_expert)
 
 
 class Experts(nn.Module):

@@ -116,6 +116,25 @@ def run_ours(path: Path, dtype: str, prompt_len: int, decode_tokens: int) -> dic
     return res
 
 
+def hf_decode_step_times(model, batch: int, decode_tokens: int) -> list[float]:
+    """Seconds of each greedy decode step of transformers' model over `batch` 16-token prompts, called step by step
+    with its KV cache (what generate() runs, minus its bookkeeping). The cache argument is `cache` in
+    transformers 5.2x and `past_key_values` before (deprecated in 5.2x, removed in 5.40)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    steps = []
+    with torch.inference_mode():
+        out = model(torch.tensor(_prompts(batch, 16)), use_cache=True, logits_to_keep=1)
+        past, nxt = getattr(out, name), out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(decode_tokens):
+            t = time.perf_counter()  # the forward and the greedy pick (ours: EngineCore.step, sampling included)
+            out = model(nxt, use_cache=True, **{name: past})
+            past, nxt = getattr(out, name), out.logits[:, -1].argmax(-1, keepdim=True)
+            steps.append(time.perf_counter() - t)
+    return steps
+
+
 def run_hf(path: Path, dtype: str, prompt_len: int, decode_tokens: int) -> dict:
     from transformers import DeepseekV3ForCausalLM
 
@@ -126,19 +145,11 @@ def run_hf(path: Path, dtype: str, prompt_len: int, decode_tokens: int) -> dict:
         prefill_s = _timed(lambda: model(ids, logits_to_keep=1))
     res = {"prefill_tok_s": prompt_len / prefill_s}
     for batch in (1, 8):
-        # greedy decode with the KV cache, each step timed (what generate() runs, minus its bookkeeping)
         steps: list[float] = []
-        bids = torch.tensor(_prompts(batch, 16))
-        with torch.inference_mode():
-            for rep in range(4):
-                out = model(bids, use_cache=True, logits_to_keep=1)
-                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-                for _ in range(decode_tokens):
-                    t = time.perf_counter()
-                    out = model(nxt, past_key_values=past, use_cache=True)
-                    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-                    if rep:
-                        steps.append(time.perf_counter() - t)
+        for rep in range(4):
+            times = hf_decode_step_times(model, batch, decode_tokens)
+            if rep:  # the first pass warms up
+                steps += times
         res[f"decode_b{batch}_tok_s"] = batch / _median(steps)
     cfg = model.config
     elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
@@ -209,16 +220,7 @@ def interleaved(path: Path, dtype: str, decode_tokens: int, rounds: int) -> None
         return decode_step_times(eng, batch, decode_tokens)
 
     def theirs(batch: int) -> list[float]:
-        steps = []
-        with torch.inference_mode():
-            out = hf(torch.tensor(_prompts(batch, 16)), use_cache=True, logits_to_keep=1)
-            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            for _ in range(decode_tokens):
-                t = time.perf_counter()
-                out = hf(nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-                steps.append(time.perf_counter() - t)
-        return steps
+        return hf_decode_step_times(hf, batch, decode_tokens)
 
     print(f"# interleaved decode, {dtype} copy of the demo, {cpu_name()}, {torch.get_num_threads()} thread(s): "
           "median ms per step, each round ours then transformers")

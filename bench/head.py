@@ -1,13 +1,15 @@
-"""The decode step's output head on the CPU: `inference.model.layers.cpu_linear` against `F.linear` on the same
-bf16 weight, and a plain read of the same bytes (the bandwidth floor of one thread).
+"""The CPU's linear layers on the demo's decode shapes: oneDNN with the weight packed once at load
+(`inference/model/onednn.py`, what the engine runs) against `F.linear` on the same bf16 weight, with a plain
+read of the same bytes (the bandwidth floor of one thread) for the output head.
 
-    python bench/head.py [--vocab 129280] [--hidden 256] [--threads 1] [--rounds 3]
+    python bench/head.py [--threads 1] [--rounds 3]
     python bench/head.py --engine-batch 8 [--rounds 10]
 
-Per round and batch: the median of 20 calls of each, run alternately in one process so a slow phase of a shared
-machine hits all three alike. Prints one markdown table. With --engine-batch B: the whole decode step instead
-(`EngineCore.step` on the bf16 copy of the demo, B sequences, 32 steps, the median step), with the model's head
-through `cpu_linear` and through `F.linear`, alternated per round.
+Per round, shape and batch: the median of 20 calls of each, run alternately in one process so a slow phase of a
+shared machine hits them alike. Shapes: the output head (129,280 x 256) and the demo's projections. Prints one
+markdown table. With --engine-batch B: the whole decode step instead (`EngineCore.step` on the bf16 copy of the
+demo, B sequences, 32 steps, the median step) of an engine with packed weights and one without
+(`cpu_prepack=False`), alternated per round.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import _timed, cpu_name  # noqa: E402
-from inference.model.layers import cpu_linear  # noqa: E402
+from inference.model import onednn  # noqa: E402
+
+# (name, out features, in features) of the demo's bf16 weights a decode step reads
+SHAPES = [("lm_head", 129280, 256), ("qkv_a (fused)", 288, 256), ("q_b", 384, 128), ("o_proj", 256, 256),
+          ("dense gate+up", 1024, 256), ("dense down", 256, 512), ("shared down", 256, 128)]
 
 
 def _median_ms(fn) -> float:
@@ -32,57 +38,54 @@ def _median_ms(fn) -> float:
 def engine_ab(batch: int, rounds: int) -> None:
     from bench.engine import _median, decode_step_times, dequantized_copy
     from inference.engine.engine import Engine
-    from inference.model import layers
     from inference.model.demo import default_cache_dir, demo_checkpoint_path
 
     path = dequantized_copy(demo_checkpoint_path(), default_cache_dir() / "demo-dequantized-bfloat16", torch.bfloat16)
-    eng = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", backend="torch")
+    packed = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", backend="torch")
+    plain = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", backend="torch", cpu_prepack=False)
 
-    def step_ms() -> float:
+    def step_ms(eng: Engine) -> float:
         return _median(decode_step_times(eng, batch, 32)) * 1e3
 
     print(f"# decode step, bf16 copy of the demo, batch {batch}, {cpu_name()}, {torch.get_num_threads()} thread(s): "
-          "median ms per step, the head through F.linear then cpu_linear each round")
-    print("| round | F.linear ms | cpu_linear ms | cpu_linear speed-up |")
+          "median ms per step, unpacked (F.linear) then packed (oneDNN) each round")
+    print("| round | F.linear ms | packed ms | packed speed-up |")
     print("|---:|---:|---:|---:|")
-    ours = layers.cpu_linear
-    step_ms()  # warm-up
-    try:
-        for r in range(rounds):
-            layers.cpu_linear = F.linear
-            a = step_ms()
-            layers.cpu_linear = ours
-            b = step_ms()
-            print(f"| {r + 1} | {a:.2f} | {b:.2f} | {a / b:.2f}x |", flush=True)
-    finally:
-        layers.cpu_linear = ours
+    step_ms(plain), step_ms(packed)  # warm-up
+    for r in range(rounds):
+        a = step_ms(plain)
+        b = step_ms(packed)
+        print(f"| {r + 1} | {a:.2f} | {b:.2f} | {a / b:.2f}x |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab", type=int, default=129280)
-    ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engine-batch", type=int, default=0, help="instead: the whole decode step at this batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if not onednn.probe(torch.bfloat16):
+        sys.exit("this torch build cannot run oneDNN's packed bf16 linear: nothing to compare")
     if args.engine_batch:
         engine_ab(args.engine_batch, args.rounds)
         return
-    w = torch.randn(args.vocab, args.hidden, dtype=torch.bfloat16)  # [V, D]
-    mb = w.numel() * w.element_size() / 1e6
-    print(f"# output head {args.vocab} x {args.hidden} bf16 ({mb:.0f} MB), {cpu_name()}, {args.threads} thread(s), "
-          f"torch {torch.__version__}: median ms of 20 calls")
-    print("| batch | round | F.linear ms | cpu_linear ms | read the weight ms | cpu_linear speed-up |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for batch in (1, 2, 8, 16):
-        x = torch.randn(batch, args.hidden, dtype=torch.bfloat16)
-        for r in range(args.rounds):
-            a = _median_ms(lambda x=x: F.linear(x, w))
-            b = _median_ms(lambda x=x: cpu_linear(x, w))
-            c = _median_ms(lambda: w.view(torch.int16).max())
-            print(f"| {batch} | {r + 1} | {a:.2f} | {b:.2f} | {c:.2f} | {a / b:.2f}x |", flush=True)
+    print(f"# bf16 linear layers, {cpu_name()}, {args.threads} thread(s), torch {torch.__version__}: median ms of "
+          "20 calls (the read: of the weight's bytes)")
+    print("| weight | N x K | batch | round | F.linear ms | packed ms | read ms | packed speed-up |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    with torch.inference_mode():
+        for name, n, k in SHAPES:
+            w = torch.randn(n, k, dtype=torch.bfloat16)  # [N, K]
+            wp = onednn.pack(w)
+            for batch in (1, 8) if name != "lm_head" else (1, 2, 8, 16):
+                x = torch.randn(batch, k, dtype=torch.bfloat16)
+                for r in range(args.rounds):
+                    a = _median_ms(lambda x=x, w=w: F.linear(x, w))
+                    b = _median_ms(lambda x=x, wp=wp: onednn.linear(x, wp))
+                    c = f"{_median_ms(lambda w=w: w.view(torch.int16).max()):.2f}" if name == "lm_head" else "-"
+                    print(f"| {name} | {n} x {k} | {batch} | {r + 1} | {a:.3f} | {b:.3f} | {c} | {a / b:.2f}x |",
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ class Engine:
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike | None = None, device: torch.device | str = "auto",
                         dtype: torch.dtype | str | None = None, *, backend: str = "auto",
                         dequantize_fp8: bool | str = False, progress: bool | None = None, tensor_parallel_size: int = 1,
-                        dist_timeout_s: float | None = None) -> Engine:
+                        dist_timeout_s: float | None = None, cpu_prepack: bool = True) -> Engine:
         """Load a DeepseekV3ForCausalLM checkpoint (None: the demo checkpoint, written on first use).
 
         dequantize_fp8: True replaces FP8 weights by dense ones at load, False keeps them FP8 (the CPU torch
@@ -134,7 +134,10 @@ class Engine:
 
         `tensor_parallel_size` N > 1 starts N-1 worker processes on this machine (cuda:1..N-1 with NCCL, or CPU
         processes with gloo) and serves from this one, rank 0 (under torchrun: joins the ranks it started);
-        `dist_timeout_s` bounds every collective. Use the engine as a context manager, or `close()` it."""
+        `dist_timeout_s` bounds every collective. Use the engine as a context manager, or `close()` it.
+
+        `cpu_prepack` False keeps the CPU's bf16 weights as loaded (`F.linear` every call) instead of reordered
+        once into oneDNN's layout (`Transformer.prepare_for_kernels_`): for comparisons."""
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         path, config, files, dev, dt, fp8, kernel_backend, dequantize_fp8 = _resolve(
@@ -164,7 +167,7 @@ class Engine:
         if fp8 and dequantize_fp8:
             model.dequantize_fp8_()
             fp8 = False
-        model.prepare_for_kernels_()
+        model.prepare_for_kernels_(cpu_prepack=cpu_prepack)
         model.eval()
         return cls(model, config, tokenizer, dev, dt, name, path, kernel_backend, fp8)
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference.model import onednn
 from inference.model.layout import dequant_fp8
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -43,19 +44,6 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-def cpu_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w [N, K]^T on the CPU. A vocabulary-wide weight (N >= 32768: a decode step's output head) read
-    by one row runs as MKL's GEMV, by 2-8 rows as a GEMM with the weight on the left; oneDNN's linear is slower
-    on these bf16 shapes on one thread (`bench/head.py`; at 16 rows the GEMM was slower, so F.linear). Else
-    F.linear."""
-    m = x.shape[0] if x.dim() == 2 else 0
-    if not (x.device.type == "cpu" and 0 < m <= 8 and w.shape[0] >= 32768):
-        return F.linear(x, w)
-    if m == 1:
-        return torch.mv(w, x[0])[None]  # [1, N]
-    return torch.mm(w, x.t().contiguous()).t().contiguous()  # [M, N]
-
-
 class Linear(nn.Module):
     """y = x W^T, with W in the activation dtype or FP8 e4m3 with 128x128 block scales."""
 
@@ -70,11 +58,21 @@ class Linear(nn.Module):
             self.weight_scale_inv = _frozen(scale)
         else:
             self.weight_scale_inv = None
+        self.packed = False  # weight in oneDNN's layout (CPU, `pack_cpu_`)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.packed:
+            return onednn.unpack(self.weight).to(dtype)
         if self.weight_scale_inv is None:
             return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
         return dequant_fp8(self.weight, self.weight_scale_inv, self.rt.fp8_block, dtype)
+
+    def pack_cpu_(self, dtype_ok: bool) -> None:
+        """A dense CPU weight in the activation dtype reordered once into oneDNN's layout (inference/model/
+        onednn.py); `dtype_ok` is `onednn.probe(dtype)`. Other weights stay as they are."""
+        if self.weight_scale_inv is None and self.weight.dtype == self.rt.dtype and \
+                onednn.supported(self.weight, dtype_ok):
+            self.weight, self.packed = _frozen(onednn.pack(self.weight)), True
 
     @property
     def takes_fp8(self) -> bool:
@@ -90,7 +88,9 @@ class Linear(nn.Module):
                 return fp8_gemm(x.q, x.scale, self.weight, self.weight_scale_inv, out=out)
             return fp8_linear(x, self.weight, self.weight_scale_inv, self.rt.scale_fmt).to(x.dtype)
         x = plain(x)
-        return cpu_linear(x, self.dense_weight(x.dtype))
+        if self.packed and x.dtype == self.weight.dtype:
+            return onednn.linear(x, self.weight)
+        return F.linear(x, self.dense_weight(x.dtype))
 
 
 def fuse_linears(parts: list[Linear]) -> Linear | None:

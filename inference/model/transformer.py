@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from inference.engine.batch import AttentionMetadata
-from inference.model import attention
+from inference.model import attention, onednn
 from inference.model.config import ModelConfig
 from inference.model.layers import MLP, Fp8Act, Linear, RMSNorm, Runtime, _frozen, fuse_linears, plain
 from inference.model.layout import dequant_fp8
@@ -165,11 +165,13 @@ class Transformer(nn.Module):
         h, _ = self.model.norm.add_forward(x[rows], residual[rows])  # [N, D]
         return self.lm_head(h).float()
 
-    def prepare_for_kernels_(self) -> None:
+    def prepare_for_kernels_(self, cpu_prepack: bool = True) -> None:
         """After loading (and after any dequantization or tensor-parallel slicing), lay the weights out once as
         the step reads them: W_UK / W_UV split, q_a + kv_a and MLP gate + up fused, the router weight in fp32;
         on the Triton path the routed experts' gate + up stacked with the shared expert as one more, and every
-        norm whose readers all run the FP8 GEMM set to write their quantized input too. Idempotent."""
+        norm whose readers all run the FP8 GEMM set to write their quantized input too; on the CPU torch path
+        (`cpu_prepack`) the dense bf16 Linear weights reordered into oneDNN's layout (inference/model/onednn.py;
+        not a head tied to the embedding, which would need a second copy). Idempotent."""
         if self.prepared:
             return
         for module in self.modules():
@@ -191,6 +193,11 @@ class Transformer(nn.Module):
                 if self.cfg.q_lora_rank is not None:
                     attn.q_a_layernorm.quantize = attn.q_b_proj.takes_fp8
                 block.post_attention_layernorm.quantize = getattr(block.mlp, "takes_fp8", False)
+        if cpu_prepack and self.rt.backend == "torch" and onednn.probe(self.rt.dtype):
+            tied = self.lm_head.weight is self.model.embed_tokens.weight
+            for module in self.modules():
+                if isinstance(module, Linear) and not (tied and module is self.lm_head):
+                    module.pack_cpu_(dtype_ok=True)
         self.prepared = True
 
     def dequantize_fp8_(self) -> None:

@@ -8,8 +8,8 @@ read of the same bytes (the bandwidth floor of one thread) for the output head.
 Per round, shape and batch: the median of 20 calls of each, run alternately in one process so a slow phase of a
 shared machine hits them alike. Shapes: the output head (129,280 x 256) and the demo's projections. Prints one
 markdown table. With --engine-batch B: the whole decode step instead (`EngineCore.step` on the bf16 copy of the
-demo, B sequences, 32 steps, the median step) of an engine with packed weights and one without
-(`cpu_prepack=False`), alternated per round.
+demo, B sequences, 32 steps, the median step) and the prefill of a 512-token prompt, of an engine with packed
+weights and one without (`cpu_prepack=False`), alternated per round.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def _median_ms(fn) -> float:
 
 
 def engine_ab(batch: int, rounds: int) -> None:
-    from bench.engine import _median, decode_step_times, dequantized_copy
+    from bench.engine import _median, _prompts, decode_step_times, dequantized_copy
+    from inference.engine.batch import ScheduledSeq
     from inference.engine.engine import Engine
     from inference.model.demo import default_cache_dir, demo_checkpoint_path
 
@@ -44,18 +45,27 @@ def engine_ab(batch: int, rounds: int) -> None:
     packed = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", backend="torch")
     plain = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", backend="torch", cpu_prepack=False)
 
+    (prompt,) = _prompts(1, 512)
+    runners = {id(e): e.make_runner(512 // 16, 16) for e in (packed, plain)}  # bench/engine.py's prefill
+
     def step_ms(eng: Engine) -> float:
         return _median(decode_step_times(eng, batch, 32)) * 1e3
 
+    def prefill_ms(eng: Engine) -> float:
+        runner = runners[id(eng)]
+        return _timed(lambda: runner.run([ScheduledSeq(prompt, 0, list(range(runner.num_blocks)))]), repeats=3) * 1e3
+
     print(f"# decode step, bf16 copy of the demo, batch {batch}, {cpu_name()}, {torch.get_num_threads()} thread(s): "
-          "median ms per step, unpacked (F.linear) then packed (oneDNN) each round")
-    print("| round | F.linear ms | packed ms | packed speed-up |")
-    print("|---:|---:|---:|---:|")
+          "median ms per decode step and of 3 prefills of a 512-token prompt (the last token's logits), "
+          "unpacked (F.linear) then packed (oneDNN) each round")
+    print("| round | decode F.linear ms | decode packed ms | decode speed-up | prefill F.linear ms | prefill packed ms "
+          "| prefill speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     step_ms(plain), step_ms(packed)  # warm-up
     for r in range(rounds):
-        a = step_ms(plain)
-        b = step_ms(packed)
-        print(f"| {r + 1} | {a:.2f} | {b:.2f} | {a / b:.2f}x |", flush=True)
+        a, b = step_ms(plain), step_ms(packed)
+        c, d = prefill_ms(plain), prefill_ms(packed)
+        print(f"| {r + 1} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {c:.1f} | {d:.1f} | {c / d:.2f}x |", flush=True)
 
 
 def main() -> None:

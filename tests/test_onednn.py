@@ -90,6 +90,7 @@ def test_bf16_engine_packed_against_unpacked_and_transformers(tmp_path):
     linears = [m for m in packed.model.modules() if isinstance(m, Linear)]
     assert linears and all(m.packed for m in linears)  # every dense bf16 projection, the output head included
     assert not any(m.packed for m in plain.model.modules() if isinstance(m, Linear))
+    assert packed.weight_bytes == plain.weight_bytes  # the packed layout holds the same bytes (list_models)
     ids = torch.randint(0, 256, (37,), generator=torch.Generator().manual_seed(9)).tolist()
     ref = hf_logits(hf, ids)  # fp32 weights: the bf16 engines round them
     got, base = packed.logits(ids), plain.logits(ids)

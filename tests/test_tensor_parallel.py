@@ -138,6 +138,26 @@ def test_transformers_checkpoints_match_one_process(case: str, tmp_path: Path) -
     _assert_gone(pids)
 
 
+def test_bf16_ranks_with_packed_cpu_weights_match(tmp_path: Path) -> None:
+    """bf16 on the CPU: every rank's column- and row-parallel projections and its vocabulary slice of the head run
+    oneDNN-packed (inference/model/onednn.py). bf16 rounds differently per split (partial sums added after
+    rounding), so the logits within bf16 tolerance (3% of the largest) of one process."""
+    from inference.model import onednn
+    from inference.model.layers import Linear
+
+    if not onednn.probe(torch.bfloat16):
+        pytest.skip("this torch build cannot run oneDNN's packed bf16 linear")
+    tiny_hf_model(tmp_path, seed=3, hidden=128)
+    ref = Engine.from_pretrained(tmp_path, device="cpu", dtype="bfloat16")
+    assert all(m.packed for m in ref.model.modules() if isinstance(m, Linear))
+    ids = _prompt(40, 9)
+    with Engine.from_pretrained(tmp_path, device="cpu", dtype="bfloat16", tensor_parallel_size=2,
+                                dist_timeout_s=60) as tp:
+        assert all(m.packed for m in tp.model.modules() if isinstance(m, Linear))  # rank 0's shards
+        want, got = ref.logits(ids), tp.logits(ids)
+        assert (got - want).abs().max().item() <= 0.03 * want.abs().max().item()
+
+
 def test_fp8_checkpoint_with_cut_scale_blocks_matches(tmp_path: Path) -> None:
     """hidden 192 and 4 heads: q_b/kv_b/o splits land inside 128x128 scale blocks; handled exactly at load."""
     dirs = fp8_checkpoint_pair(tmp_path, hidden=192)

@@ -392,3 +392,43 @@ def test_workers_wait_for_a_slow_rank_0_without_timing_out(tmp_path: Path, monke
         time.sleep(1)
         assert tp.failure is None
         assert len(tp.generate([_prompt(5, 1)], GREEDY)[0].token_ids) == 32
+
+
+@pytest.mark.slow
+def test_warm_up_and_decode_graphs_run_on_every_rank(tmp_path: Path) -> None:
+    """Warm-up under tensor parallelism: every rank warms the same step shapes and captures the same decode graphs
+    at once (their collectives line up), reports its graph count, and a decode step replays on every rank,
+    giving the logits of one process without graphs. EagerGraph stands in for CUDA graphs (Triton interpreter)."""
+    pytest.importorskip("triton")
+    from inference.engine.batch import ScheduledSeq
+    from inference.engine.cuda_graphs import EagerGraph
+
+    path = tmp_path / "m"
+    tiny_hf_model(path, hidden=32, vocab_size=64)
+    ref = Engine.from_pretrained(path, device="cpu", dtype="float32", backend="triton")
+    tables = [[0, 1], [2, 3]]
+
+    def served(runner) -> list[torch.Tensor]:  # a prefill of two sequences, a decode of both, a decode of one
+        out = [runner.run([ScheduledSeq([5, 6, 7], 0, tables[0]), ScheduledSeq([1, 2, 3, 4, 9], 0, tables[1])])]
+        out.append(runner.run([ScheduledSeq([8], 3, tables[0]), ScheduledSeq([3], 5, tables[1])]))
+        out.append(runner.run([ScheduledSeq([2], 6, tables[1])]))
+        return out
+
+    want = served(ref.make_runner(8, 4))
+    with Engine.from_pretrained(path, device="cpu", dtype="float32", backend="triton", tensor_parallel_size=2,
+                                dist_timeout_s=120) as tp:
+        runner = tp.make_runner(8, 4)
+        runner.warm_up(max_num_seqs=2, max_num_batched_tokens=4, max_context=16, log=[].append)  # CPU: no-op
+        assert runner.graphs_per_rank is None and runner.graphs is None
+        with pytest.raises(ValueError, match="EagerGraph"):
+            runner.warm_up(max_num_seqs=2, max_num_batched_tokens=4, max_context=16, force=True, graph=object)
+        lines: list[str] = []
+        runner.warm_up(max_num_seqs=2, max_num_batched_tokens=4, max_context=16, force=True, log=lines.append,
+                       graph=EagerGraph)
+        assert runner.graphs_per_rank == [2, 2]  # buckets 1 and 2 on both ranks
+        assert lines[0].startswith("warming kernels 1/") and lines[-1] == "capturing CUDA graph: decode batch 1"
+        runner.local.kv_cache.zero_()  # (the workers' pools hold the warm-up's writes to block 0: never read)
+        for got, expect in zip(served(runner), want):
+            torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+        assert [o.token_ids for o in tp.generate([[3, 4, 5]], GREEDY)] == \
+            [o.token_ids for o in ref.generate([[3, 4, 5]], GREEDY)]  # the engine serves on after warm-up

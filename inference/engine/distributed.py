@@ -21,6 +21,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from inference.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
-NOOP, NEW_CACHE, FREE_CACHE, RUN, STOP = range(5)
+NOOP, NEW_CACHE, FREE_CACHE, RUN, STOP, WARM_UP = range(6)
 HEADER = 5
 MESSAGE = 512  # int64 slots per broadcast: the header, then a payload that fits inline (a decode step of ~100
 # sequences with short tables); a longer payload follows in a second broadcast
@@ -146,6 +147,24 @@ class ControlPlane:
                 raise MemoryError(f"tensor-parallel cache of {num_blocks} blocks could not be allocated ({msgs})")
             return cache_id
 
+    def warm_up(self, cache_id: int, local: ModelRunner, limits: WarmUpLimits,
+                log: Callable[[str], None] | None) -> list[int]:
+        """Every rank warms its runner of this pool with the same limits at once (`ModelRunner.warm_up`: the same
+        step shapes in the same order, so their collectives line up; CUDA graphs captured together, so a replay
+        on rank 0 meets the same replay on every worker) -> the number of decode graphs each rank holds."""
+        with self._lock:
+            self.check()
+            try:
+                self._flush_frees()
+                self._send(WARM_UP, cache_id, payload=limits.encode())
+                limits.run(local, log)
+                mine = torch.tensor([0 if local.graphs is None else len(local.graphs.graphs)], dtype=torch.int64)
+                counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+                dist.all_gather(counts, mine, group=self.group)
+            except Exception as e:
+                raise self._fail(e) from e
+            return [int(c) for c in counts]
+
     def release(self, cache_id: int) -> None:
         self._frees.append(cache_id)  # sent before the next command (this may run in a finalizer)
 
@@ -229,6 +248,36 @@ class ControlPlane:
         self._keepalive.join(timeout=2)
 
 
+@dataclass(frozen=True)
+class WarmUpLimits:
+    """`ModelRunner.warm_up`'s arguments as every rank receives them. `eager_graph`: cuda_graphs.EagerGraph stands
+    in for CUDA graphs (CPU tests); no other graph type crosses processes."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_context: int
+    enforce_eager: bool
+    force: bool | None
+    eager_graph: bool
+
+    def encode(self) -> torch.Tensor:
+        force = -1 if self.force is None else int(self.force)
+        return torch.tensor([self.max_num_seqs, self.max_num_batched_tokens, self.max_context,
+                             int(self.enforce_eager), force, int(self.eager_graph)], dtype=torch.int64)
+
+    @classmethod
+    def decode(cls, payload: torch.Tensor) -> WarmUpLimits:
+        seqs, tokens, context, eager, force, eager_graph = payload.tolist()
+        return cls(seqs, tokens, context, bool(eager), None if force < 0 else bool(force), bool(eager_graph))
+
+    def run(self, runner: ModelRunner, log: Callable[[str], None] | None) -> None:
+        from inference.engine.cuda_graphs import EagerGraph
+
+        runner.warm_up(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                       max_context=self.max_context, enforce_eager=self.enforce_eager, force=self.force, log=log,
+                       graph=EagerGraph if self.eager_graph else None)
+
+
 class DistributedRunner:
     """`ModelRunner.run` across the ranks: one cache pool per rank (the latent cache, replicated)."""
 
@@ -236,7 +285,29 @@ class DistributedRunner:
         self.local, self.plane = local, plane
         self.num_blocks, self.block_size = local.num_blocks, local.block_size
         self.cache_id = plane.new_cache(local.num_blocks, local.block_size)
+        self.graphs_per_rank: list[int] | None = None  # after warm_up: decode graphs each rank captured
         weakref.finalize(self, plane.release, self.cache_id)
+
+    @property
+    def graphs(self) -> object | None:
+        return self.local.graphs
+
+    def warm_up(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_context: int,
+                enforce_eager: bool = False, force: bool | None = None,
+                log: Callable[[str], None] | None = None, graph: type | None = None) -> None:
+        """`ModelRunner.warm_up` on every rank at once (progress on rank 0's `log`; the workers are quiet): kernels
+        compiled and tuned for the pool's shapes, then the decode CUDA graphs captured on every rank together.
+        By default only on the Triton path on CUDA, as on one device; `graph` None or cuda_graphs.EagerGraph."""
+        from inference.engine.cuda_graphs import EagerGraph
+
+        if graph not in (None, EagerGraph):
+            raise ValueError("under tensor parallelism warm_up takes graph=None or cuda_graphs.EagerGraph")
+        on_gpu = self.local.model.rt.backend == "triton" and self.local.device.type == "cuda"
+        if force is False or (force is None and not on_gpu):
+            return  # nothing to do on any rank: no message sent
+        limits = WarmUpLimits(max_num_seqs, max_num_batched_tokens, max_context, enforce_eager, force,
+                              graph is EagerGraph)
+        self.graphs_per_rank = self.plane.warm_up(self.cache_id, self.local, limits, log)
 
     @property
     def cache_tokens(self) -> int:
@@ -284,6 +355,12 @@ def worker_loop(rank: int, model: Any, control_group: Any, store: Any, device: t
                     flag += 1
                 dist.all_gather([torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(
                     control_group))], flag, group=control_group)
+            elif cmd == WARM_UP:  # the same steps as rank 0, in the same order; then report the graphs
+                runner = caches[cache_id]
+                WarmUpLimits.decode(payload).run(runner, log=lambda line: None)
+                mine = torch.tensor([0 if runner.graphs is None else len(runner.graphs.graphs)], dtype=torch.int64)
+                dist.all_gather([torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(
+                    control_group))], mine, group=control_group)
             elif cmd == FREE_CACHE:
                 caches.pop(cache_id, None)
             elif cmd == STOP:

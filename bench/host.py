@@ -5,7 +5,8 @@
 Drives the real `EngineCore` step (scheduler, block manager, the runner's step inputs with its persistent block
 table, sampling, stop checks) over B sequences already holding C tokens of context; the runner's model is
 replaced by one returning zero logits, so what is timed is the host work of a step. Target: under 1 ms per step
-at batch 64, flat in context. Prints one markdown table (ms per step: total, schedule, inputs, sample+postprocess).
+at batch 64, flat in context. Prints one markdown table (ms per step: total, schedule, inputs, sample+postprocess;
+with --tensor-parallel also rank 0's step encoding and one worker's decoding + inputs, not counted in the total).
 """
 
 from __future__ import annotations
@@ -25,20 +26,38 @@ sys.path.insert(0, str(ROOT))
 from inference.engine.core import EngineCore  # noqa: E402
 from inference.engine.sampling import SamplingParams  # noqa: E402
 from inference.engine.sequence import Sequence, SequenceStatus  # noqa: E402
+from inference.engine.step_codec import StepDecoder, StepEncoder  # noqa: E402
 from inference.engine.step_inputs import StepInputs  # noqa: E402
 
 VOCAB = 1024
 
 
 class NullRunner:
-    """ModelRunner.run without the model: the step's inputs are built and staged as for a real forward."""
+    """ModelRunner.run without the model: the step's inputs are built and staged as for a real forward. With
+    `tp` it also does the host work tensor parallelism adds (without the broadcast): rank 0 encodes the step's
+    payload ("deltas": `StepEncoder` as the engine runs it; "full": a fresh encoder every step, so the whole
+    block tables, as before the deltas) and one worker decodes it and builds its own step inputs."""
 
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks = num_blocks
+    def __init__(self, num_blocks: int, block_size: int, tp: str | None = None):
+        self.num_blocks, self.block_size, self.tp = num_blocks, block_size, tp
         self.inputs = StepInputs(num_blocks, block_size, torch.device("cpu"))
-        self.build_s = 0.0
+        self.build_s = self.encode_s = self.worker_s = 0.0
+        self.payload = 0  # int64 values sent, summed over steps
+        if tp is not None:
+            self.encoder, self.decoder = StepEncoder(num_blocks, block_size), StepDecoder()
+            self.worker_inputs = StepInputs(num_blocks, block_size, torch.device("cpu"))
 
     def run(self, seqs, all_logits: bool = False) -> torch.Tensor:
+        if self.tp is not None:
+            t = time.perf_counter()
+            if self.tp == "full":
+                self.encoder, self.decoder = StepEncoder(self.num_blocks, self.block_size), StepDecoder()
+            payload = self.encoder.encode(seqs)
+            t1 = time.perf_counter()
+            self.worker_inputs.build(self.decoder.decode(payload, len(seqs)), all_logits)
+            self.encode_s += t1 - t
+            self.worker_s += time.perf_counter() - t1
+            self.payload += payload.numel()
         t = time.perf_counter()
         _, _, meta = self.inputs.build(seqs, all_logits)
         self.build_s += time.perf_counter() - t
@@ -62,15 +81,17 @@ def fast_forward(core: EngineCore, batch: int, context: int, steps: int) -> None
         sched._by_id[seq.request_id] = seq
 
 
-def measure(batch: int, context: int, steps: int, block_size: int, no_gc: bool = False) -> dict[str, float]:
+def measure(batch: int, context: int, steps: int, block_size: int, no_gc: bool = False,
+            tp: str | None = None) -> dict[str, float]:
     num_blocks = batch * (-(-(context + steps + 8) // block_size)) + 8
-    runner = NullRunner(num_blocks, block_size)
+    runner = NullRunner(num_blocks, block_size, tp)
     engine = SimpleNamespace(max_context=context + steps + 16)
     core = EngineCore(engine, max_num_seqs=batch, max_num_batched_tokens=max(batch, 512), runner=runner)
     fast_forward(core, batch, context, steps)
     for _ in range(3):  # warm-up: first sight of every block table
         core.step()
-    runner.build_s = 0.0
+    runner.build_s = runner.encode_s = runner.worker_s = 0.0
+    runner.payload = 0
     sched_s = 0.0
     schedule = core.scheduler.schedule
 
@@ -92,8 +113,11 @@ def measure(batch: int, context: int, steps: int, block_size: int, no_gc: bool =
         assert len(res.updates) == batch
     total = (time.perf_counter() - t0) / steps * 1e3
     gc.enable()
-    return {"total": total, "schedule": sched_s / steps * 1e3, "inputs": runner.build_s / steps * 1e3,
-            "rest": total - (sched_s + runner.build_s) / steps * 1e3}
+    tp_s = runner.encode_s + runner.worker_s
+    return {"total": total - tp_s / steps * 1e3, "schedule": sched_s / steps * 1e3,
+            "inputs": runner.build_s / steps * 1e3, "rest": total - (sched_s + runner.build_s + tp_s) / steps * 1e3,
+            "encode": runner.encode_s / steps * 1e3, "worker": runner.worker_s / steps * 1e3,
+            "payload": runner.payload / steps}
 
 
 def main() -> None:
@@ -103,6 +127,9 @@ def main() -> None:
     ap.add_argument("--contexts", default="1024,32768,131072")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tensor-parallel", choices=["deltas", "full"], help="also time the host work tensor "
+                    "parallelism adds: rank 0's step encoding and one worker's decoding + step inputs; 'full' sends "
+                    "the whole block tables every step (the behavior before the deltas)")
     ap.add_argument("--no-gc", action="store_true", help="Python's cyclic GC off while timing (it walks every "
                     "token list, so with it on a step's cost grows with the contexts held)")
     args = ap.parse_args()
@@ -110,14 +137,17 @@ def main() -> None:
     print(f"# host ms per decode step (null model, vocab {VOCAB}), block size {args.block_size}, "
           f"{args.steps} steps, torch {torch.__version__}, {args.threads} thread(s), "
           f"cyclic GC {'off' if args.no_gc else 'on'}")
-    print("| batch | context | ms/step | schedule | inputs | sample+postprocess |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    tp = args.tensor_parallel
+    extra = f" tp encode ({tp}) | tp worker | payload int64/step |" if tp else ""
+    print("| batch | context | ms/step | schedule | inputs | sample+postprocess |" + extra)
+    print("|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if tp else ""))
     for b in (int(x) for x in args.batches.split(",")):
         for c in (int(x) for x in args.contexts.split(",")):
-            r = measure(b, c, args.steps, args.block_size, args.no_gc)
+            r = measure(b, c, args.steps, args.block_size, args.no_gc, tp)
             gc.collect()
-            print(f"| {b} | {c} | {r['total']:.3f} | {r['schedule']:.3f} | {r['inputs']:.3f} | {r['rest']:.3f} |",
-                  flush=True)
+            cells = f" {r['encode']:.3f} | {r['worker']:.3f} | {r['payload']:.0f} |" if tp else ""
+            print(f"| {b} | {c} | {r['total']:.3f} | {r['schedule']:.3f} | {r['inputs']:.3f} | {r['rest']:.3f} |"
+                  + cells, flush=True)
 
 
 if __name__ == "__main__":

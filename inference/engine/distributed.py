@@ -3,9 +3,10 @@
 Rank 0 owns the scheduler, block manager, sampling and the front end. Each step `DistributedRunner.run` (the
 `ModelRunner` interface, so `EngineCore` does not change) broadcasts the step's inputs on a CPU gloo group: one
 fixed-size int64 message, a header `[command, cache id, a, b, payload length]` then the payload (per sequence:
-new-token count, start position, block count; then the token ids; then the block tables), with a second
-broadcast only for a payload too long to fit inline. Every worker rebuilds the same batch
-and runs the same forward; only rank 0 gets the logits. Workers run no per-request Python.
+new-token count, start position, its block list's handle and length; the token ids; only the blocks added since
+the last step, `step_codec.py`), with a second broadcast only for a payload too long to fit inline. Every worker
+rebuilds the same batch and runs the same forward; only rank 0 gets the logits. Workers run no per-request
+Python beyond extending each live block list by its new blocks.
 
 Failure: every process group has a timeout; a keep-alive thread sends no-op commands while idle, so a worker
 waiting for a command notices a dead rank 0 and a dead worker is noticed even between requests. Workers write a
@@ -29,6 +30,7 @@ import torch.distributed as dist
 
 from inference.engine.batch import ScheduledSeq
 from inference.engine.runner import ModelRunner
+from inference.engine.step_codec import StepDecoder, StepEncoder
 
 log = logging.getLogger(__name__)
 
@@ -41,46 +43,6 @@ HEARTBEAT_S = 0.5
 
 class WorkerFailure(RuntimeError):
     """A tensor-parallel rank died, hung or failed; the message names it. The engine cannot serve any more."""
-
-
-def encode_step(seqs: Sequence[ScheduledSeq]) -> torch.Tensor:
-    """[3B + T + sum(blocks)] int64: (new tokens, start, blocks) per sequence, the token ids, the tables."""
-    head: list[int] = []
-    tokens: list[int] = []
-    blocks: list[int] = []
-    for s in seqs:
-        head += [len(s.token_ids), s.start_pos, len(s.block_table)]
-        tokens += s.token_ids
-        blocks += s.block_table
-    return torch.tensor(head + tokens + blocks, dtype=torch.int64)
-
-
-def decode_step(payload: torch.Tensor, num_seqs: int) -> list[ScheduledSeq]:
-    values = payload.tolist()
-    head, rest = values[: 3 * num_seqs], values[3 * num_seqs :]
-    n_tokens = sum(head[0::3])
-    tokens, blocks = rest[:n_tokens], rest[n_tokens:]
-    seqs, t, b = [], 0, 0
-    for i in range(num_seqs):
-        n, start, nb = head[3 * i : 3 * i + 3]
-        seqs.append(ScheduledSeq(tokens[t : t + n], start, blocks[b : b + nb]))
-        t, b = t + n, b + nb
-    return seqs
-
-
-def validate_step(seqs: Sequence[ScheduledSeq], num_blocks: int, block_size: int) -> None:
-    """What `build_batch` and `ModelRunner.run` would refuse, checked before the workers see the step."""
-    if not seqs:
-        raise ValueError("build_batch needs at least one sequence")
-    for i, s in enumerate(seqs):
-        if not s.token_ids:
-            raise ValueError(f"sequence {i} has no new tokens to compute")
-        if len(s.block_table) * block_size < s.start_pos + len(s.token_ids):
-            raise ValueError(f"sequence {i}: block table of {len(s.block_table)} blocks x {block_size} tokens "
-                             f"cannot hold {s.start_pos + len(s.token_ids)} tokens")
-        for b in s.block_table:
-            if not 0 <= b < num_blocks:
-                raise ValueError(f"block id {b} outside the pool of {num_blocks} blocks")
 
 
 class ControlPlane:
@@ -168,13 +130,14 @@ class ControlPlane:
     def release(self, cache_id: int) -> None:
         self._frees.append(cache_id)  # sent before the next command (this may run in a finalizer)
 
-    def run(self, cache_id: int, seqs: Sequence[ScheduledSeq], all_logits: bool, local: ModelRunner) -> torch.Tensor:
-        validate_step(seqs, local.num_blocks, local.block_size)
+    def run(self, cache_id: int, seqs: Sequence[ScheduledSeq], all_logits: bool, local: ModelRunner,
+            encoder: StepEncoder) -> torch.Tensor:
         with self._lock:
             self.check()
+            payload = encoder.encode(seqs)  # a bad step raises ValueError here: nothing sent, nothing recorded
             try:
                 self._flush_frees()
-                self._send(RUN, cache_id, len(seqs), int(all_logits), encode_step(seqs))
+                self._send(RUN, cache_id, len(seqs), int(all_logits), payload)
                 return local.run(seqs, all_logits)
             except Exception as e:
                 raise self._fail(e) from e
@@ -285,6 +248,7 @@ class DistributedRunner:
         self.local, self.plane = local, plane
         self.num_blocks, self.block_size = local.num_blocks, local.block_size
         self.cache_id = plane.new_cache(local.num_blocks, local.block_size)
+        self.encoder = StepEncoder(local.num_blocks, local.block_size)  # block tables as deltas (step_codec.py)
         self.graphs_per_rank: list[int] | None = None  # after warm_up: decode graphs each rank captured
         weakref.finalize(self, plane.release, self.cache_id)
 
@@ -314,7 +278,7 @@ class DistributedRunner:
         return self.local.cache_tokens
 
     def run(self, seqs: Sequence[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
-        return self.plane.run(self.cache_id, seqs, all_logits, self.local)
+        return self.plane.run(self.cache_id, seqs, all_logits, self.local, self.encoder)
 
 
 def worker_loop(rank: int, model: Any, control_group: Any, store: Any, device: torch.device,
@@ -323,6 +287,7 @@ def worker_loop(rank: int, model: Any, control_group: Any, store: Any, device: t
     names it) and raised."""
     cfg = model.cfg
     caches: dict[int, ModelRunner] = {}
+    decoders: dict[int, StepDecoder] = {}  # per cache: the live block lists rank 0 sends as deltas
     stop = threading.Event()
 
     def beat() -> None:
@@ -345,11 +310,12 @@ def worker_loop(rank: int, model: Any, control_group: Any, store: Any, device: t
                 payload = torch.empty(n, dtype=torch.int64)
                 dist.broadcast(payload, src=0, group=control_group)
             if cmd == RUN:
-                caches[cache_id].run(decode_step(payload, a), bool(b))
+                caches[cache_id].run(decoders[cache_id].decode(payload, a), bool(b))
             elif cmd == NEW_CACHE:
                 flag = torch.zeros(1, dtype=torch.int64)
                 try:
                     caches[cache_id] = ModelRunner(model, cfg, a, b, device, dtype)
+                    decoders[cache_id] = StepDecoder()
                 except Exception as e:  # noqa: BLE001 - reported to rank 0, which raises it
                     store.set(f"err{rank}", f"{type(e).__name__}: {e}")
                     flag += 1
@@ -363,6 +329,7 @@ def worker_loop(rank: int, model: Any, control_group: Any, store: Any, device: t
                     control_group))], mine, group=control_group)
             elif cmd == FREE_CACHE:
                 caches.pop(cache_id, None)
+                decoders.pop(cache_id, None)
             elif cmd == STOP:
                 return
     except Exception as e:

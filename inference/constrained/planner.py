@@ -26,11 +26,12 @@ class _Walk:
         self.start = 0  # clock when the open string started
         self.no_fill = False  # filling the open string with character runs failed: do not retry it
         self.fill: list[int] = []  # the rest of the runs that fill the open string
+        self.fill_tokens = 0  # the most run tokens a fill may take (set by Planner.plan)
 
     def fork(self) -> _Walk:
         w = _Walk(self.ops, self.mask)
         w.clock, w.used, w.skip, w.start = self.clock, dict(self.used), self.skip, self.start
-        w.no_fill, w.fill = self.no_fill, list(self.fill)
+        w.no_fill, w.fill, w.fill_tokens = self.no_fill, list(self.fill), self.fill_tokens
         return w
 
     def allowed(self, m: xgr.GrammarMatcher, pool: np.ndarray) -> np.ndarray:
@@ -104,12 +105,17 @@ class Planner:
     def lex(self, lex: Lex, token: int) -> Lex:
         return Lex() if token in self.specials else lex_step(lex, self.vocab.token_bytes[token])
 
-    def plan(self, matcher: xgr.GrammarMatcher, lex: Lex, max_ops: int | None = None) -> list[int] | None:
+    def plan(self, matcher: xgr.GrammarMatcher, lex: Lex, max_ops: int | None = None,
+             max_tokens: int | None = None) -> list[int] | None:
         """Completion of `matcher` (left unchanged) given the lexer state; None when none was found within
-        max_bytes / max_ops (grammar-mask computations: the planner's cost, each ~0.1 ms at V3's vocabulary)."""
+        max_bytes / max_ops (grammar-mask computations: the planner's cost, each ~0.1 ms at V3's vocabulary).
+        `max_tokens`: a plan longer than this is of no use to the caller, so a string fill (whose run tokens are
+        final tokens) gives up past it instead of trying up to max_bytes runs."""
         mask = torch.empty((1, (self.vocab.vocab_size + 31) // 32), dtype=torch.int32)
         ops = self.max_ops if max_ops is None else max_ops
-        raw = self._run(matcher.fork(), lex, _Walk(ops, mask), True, self.max_bytes)
+        walk = _Walk(ops, mask)
+        walk.fill_tokens = self.max_bytes if max_tokens is None else max(0, min(self.max_bytes, max_tokens))
+        raw = self._run(matcher.fork(), lex, walk, True, self.max_bytes)
         return None if raw is None else self._compress(matcher, raw)
 
     def _run(self, m: xgr.GrammarMatcher, lex: Lex, walk: _Walk, lookahead: bool, limit: int,
@@ -210,7 +216,7 @@ class Planner:
             return None
         f = m.fork()
         seq: list[int] = []
-        while len(seq) < self.max_bytes and walk.ops > 0:
+        while len(seq) < walk.fill_tokens and walk.ops > 0:  # e.g. an e-mail's local part: runs never close it
             ok = walk.allowed(f, self.runs)
             if ok[0]:
                 walk.fill = seq[1:]

@@ -265,7 +265,8 @@ class GrammarProcessor:
                     p: list[int] | None = plan
                 elif fresh > 0:
                     fresh -= 1
-                    p = self._planner.plan(f, self._planner.lex(self._lex, t), self.candidate_ops)
+                    p = self._planner.plan(f, self._planner.lex(self._lex, t), self.candidate_ops,
+                                           max_tokens=remaining - 1)  # a longer plan would be refused below
                 else:
                     continue
                 if p is not None and 1 + len(p) <= remaining:

@@ -257,6 +257,21 @@ def test_plan_after_a_partial_character_stays_short(factory: ConstraintFactory, 
         assert lengths[1] <= lengths[0] + 4, (ch, lengths)  # 3 continuation bytes + one token boundary
 
 
+def _count_masks(monkeypatch) -> list[int]:
+    """The planner's grammar-mask computations from now on, as count[0]."""
+    from inference.constrained import planner as planner_mod
+
+    count = [0]
+    allowed = planner_mod._Walk.allowed
+
+    def counted(self, m, pool):
+        count[0] += 1
+        return allowed(self, m, pool)
+
+    monkeypatch.setattr(planner_mod._Walk, "allowed", counted)
+    return count
+
+
 def test_plan_keeps_its_op_budget_in_a_string_that_cannot_close_soon(factory: ConstraintFactory,
                                                                      tok: Tokenizer, monkeypatch) -> None:
     """A string that may only close after a byte the quote search does not try ('q'): the search (iterative
@@ -273,26 +288,18 @@ def test_plan_keeps_its_op_budget_in_a_string_that_cannot_close_soon(factory: Co
     lex = Lex()
     for t in ids:
         lex = factory.planner.lex(lex, t)
-    calls = 0
-    allowed = planner_mod._Walk.allowed
-
-    def counted(self, m, pool):
-        nonlocal calls
-        calls += 1
-        return allowed(self, m, pool)
-
-    monkeypatch.setattr(planner_mod._Walk, "allowed", counted)
+    count = _count_masks(monkeypatch)
     mask = torch.empty((1, (factory.vocab.vocab_size + 31) // 32), dtype=torch.int32)
     for budget in (5, 50, 300):
         walk = planner_mod._Walk(budget, mask)
         walk.clock = factory.planner.search_after  # this string has run long enough to search for its end
-        calls = 0
+        count[0] = 0
         assert factory.planner._toward_quote(proc._matcher.fork(), walk) is None  # 'q' is not among the tries
-        assert calls <= budget, (budget, calls)
+        assert count[0] <= budget, (budget, count[0])
     for budget in (50, 400, 4000):  # and the whole plan
-        calls = 0
+        count[0] = 0
         plan = factory.planner.plan(proc._matcher, lex, max_ops=budget)
-        assert calls <= budget + 1, (budget, calls)
+        assert count[0] <= budget + 1, (budget, count[0])
         if plan is not None:  # whatever it found within the budget completes the grammar
             f = proc._matcher.fork()
             assert all(f.accept_token(t) for t in plan) and f.is_terminated()
@@ -612,7 +619,6 @@ def test_fill_of_a_string_runs_never_close_is_bounded_by_bytes(factory: Constrai
     plan at V3's vocabulary; three candidate plans a step made a batch-4 tool call 5x slower to plan), though a
     candidate plan is only of use within the tokens left. Given `max_tokens`, the fill stops there; the plan
     found is the same short completion."""
-    from inference.constrained import planner as planner_mod
 
     fmt = {"type": "json_schema", "schema": {"type": "object", "properties": {
         "to": {"type": "array", "items": {"type": "string", "format": "email"}}}, "required": ["to"]}}
@@ -622,19 +628,11 @@ def test_fill_of_a_string_runs_never_close_is_bounded_by_bytes(factory: Constrai
     lex = Lex()
     for t in ids:
         lex = factory.planner.lex(lex, t)
-    calls = 0
-    allowed = planner_mod._Walk.allowed
-
-    def counted(self, m, pool):
-        nonlocal calls
-        calls += 1
-        return allowed(self, m, pool)
-
-    monkeypatch.setattr(planner_mod._Walk, "allowed", counted)
+    count = _count_masks(monkeypatch)
     plan = factory.planner.plan(proc._matcher, lex, max_ops=4000, max_tokens=63)
     assert plan is not None and len(plan) <= 12
     f = proc._matcher.fork()
     assert all(f.accept_token(t) for t in plan) and f.is_terminated()
-    assert calls <= 200, calls  # 2,000+ before
-    calls = 0
+    assert count[0] <= 200, count[0]  # 2,000+ before
+    count[0] = 0
     assert factory.planner.plan(proc._matcher, lex, max_ops=4000) == plan  # no limit: the same, at full cost

@@ -120,7 +120,7 @@ class ControlPlane:
                 self._flush_frees()
                 self._send(WARM_UP, cache_id, payload=limits.encode())
                 limits.run(local, log)
-                mine = torch.tensor([0 if local.graphs is None else len(local.graphs.graphs)], dtype=torch.int64)
+                mine = torch.tensor([local.graph_count], dtype=torch.int64)
                 counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
                 dist.all_gather(counts, mine, group=self.group)
             except Exception as e:
@@ -266,8 +266,7 @@ class DistributedRunner:
 
         if graph not in (None, EagerGraph):
             raise ValueError("under tensor parallelism warm_up takes graph=None or cuda_graphs.EagerGraph")
-        on_gpu = self.local.model.rt.backend == "triton" and self.local.device.type == "cuda"
-        if force is False or (force is None and not on_gpu):
+        if not self.local.warms(force):
             return  # nothing to do on any rank: no message sent
         limits = WarmUpLimits(max_num_seqs, max_num_batched_tokens, max_context, enforce_eager, force,
                               graph is EagerGraph)
@@ -324,7 +323,7 @@ def worker_loop(rank: int, model: Any, control_group: Any, store: Any, device: t
             elif cmd == WARM_UP:  # the same steps as rank 0, in the same order; then report the graphs
                 runner = caches[cache_id]
                 WarmUpLimits.decode(payload).run(runner, log=lambda line: None)
-                mine = torch.tensor([0 if runner.graphs is None else len(runner.graphs.graphs)], dtype=torch.int64)
+                mine = torch.tensor([runner.graph_count], dtype=torch.int64)
                 dist.all_gather([torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(
                     control_group))], mine, group=control_group)
             elif cmd == FREE_CACHE:

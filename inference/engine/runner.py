@@ -77,6 +77,16 @@ class ModelRunner:
             return self.graphs.run(input_ids, positions, meta, bucket)
         return self.model(input_ids, positions, meta, self.kv_cache)
 
+    def warms(self, force: bool | None) -> bool:
+        """Whether `warm_up(force=force)` does anything: by default only on the Triton path on CUDA."""
+        on_gpu = self.model.rt.backend == "triton" and self.device.type == "cuda"
+        return force is True or (force is None and on_gpu)
+
+    @property
+    def graph_count(self) -> int:
+        """Decode CUDA graphs captured (0 before warm_up or with enforce_eager)."""
+        return 0 if self.graphs is None else len(self.graphs.graphs)
+
     def warm_up(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_context: int,
                 enforce_eager: bool = False, force: bool | None = None,
                 log: Callable[[str], None] | None = None, graph: type | None = None) -> None:
@@ -84,9 +94,9 @@ class ModelRunner:
         then capture the decode CUDA graphs unless `enforce_eager`. By default only on the Triton path on CUDA
         (on CPU the twins compile nothing and the interpreter nothing worth it); `force` True / False overrides.
         `graph` (tests) replaces torch.cuda.CUDAGraph, e.g. by cuda_graphs.EagerGraph."""
-        on_gpu = self.model.rt.backend == "triton" and self.device.type == "cuda"
-        if force is False or (force is None and not on_gpu):
+        if not self.warms(force):
             return
+        on_gpu = self.model.rt.backend == "triton" and self.device.type == "cuda"
         graphs = not enforce_eager and (graph is not None or on_gpu)
         if self.model.rt.backend == "triton":
             from inference.model.demo import default_cache_dir

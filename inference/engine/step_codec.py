@@ -41,6 +41,13 @@ class StepEncoder:
         self._next_handle = 0
         self._dropped: list[int] = []
 
+    def _held(self, table: Sequence[int]) -> _Sent | None:
+        """What the workers hold of this live list, None when they must get it whole."""
+        entry = self._lists.get(id(table))
+        if entry is None or entry.table is not table or len(table) < entry.sent:
+            return None
+        return entry
+
     def _check(self, seqs: Sequence[ScheduledSeq]) -> None:
         """What `StepInputs.build` would refuse, checked on the blocks not yet sent (the rest were checked then)."""
         if not seqs:
@@ -52,9 +59,8 @@ class StepEncoder:
             if n * self.block_size < s.start_pos + len(s.token_ids):
                 raise ValueError(f"sequence {i}: block table of {n} blocks x {self.block_size} tokens "
                                  f"cannot hold {s.start_pos + len(s.token_ids)} tokens")
-            entry = self._lists.get(id(s.block_table))
-            sent = entry.sent if entry is not None and entry.table is s.block_table and entry.sent <= n else 0
-            for b in s.block_table[sent:]:
+            entry = self._held(s.block_table)
+            for b in s.block_table[0 if entry is None else entry.sent:]:
                 if not 0 <= b < self.num_blocks:
                     raise ValueError(f"block id {b} outside the pool of {self.num_blocks} blocks")
 
@@ -67,10 +73,10 @@ class StepEncoder:
         in_step: set[int] = set()
         for s in seqs:
             key, n = id(s.block_table), len(s.block_table)
-            entry = self._lists.get(key)
-            if entry is None or entry.table is not s.block_table or n < entry.sent:  # new, reused id, or shrunk
-                if entry is not None:
-                    self._dropped.append(entry.handle)
+            entry = self._held(s.block_table)
+            if entry is None:  # new, a dead list's id reused, or shrunk in place: a new handle, sent whole
+                if key in self._lists:
+                    self._dropped.append(self._lists[key].handle)
                 entry = _Sent(s.block_table, self._next_handle, 0)
                 self._next_handle += 1
                 self._lists[key] = entry

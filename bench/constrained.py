@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,11 @@ from typing import Any
 import anyio
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from inference.constrained.factory import ConstraintFactory  # noqa: E402
-from inference.constrained.processors import GrammarProcessor  # noqa: E402
-from inference.engine.async_engine import AsyncEngine  # noqa: E402
-from inference.engine.engine import Engine  # noqa: E402
-from inference.engine.sampling import SamplingParams  # noqa: E402
+from deepseek_mcp.inference.constrained.factory import ConstraintFactory
+from deepseek_mcp.inference.constrained.processors import GrammarProcessor
+from deepseek_mcp.inference.engine.async_engine import AsyncEngine
+from deepseek_mcp.inference.engine.engine import Engine
+from deepseek_mcp.inference.engine.sampling import SamplingParams
 
 TOOLS = [
     {"name": "get_weather", "parameters": {"type": "object", "properties": {

@@ -16,15 +16,11 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 class Counter:
@@ -55,8 +51,8 @@ class Counter:
 
 
 def measure(n: int, batch: int, steps: int, runs: int, dtype: str) -> dict:
-    from inference.engine.batch import ScheduledSeq
-    from inference.engine.engine import Engine
+    from deepseek_mcp.inference.engine.batch import ScheduledSeq
+    from deepseek_mcp.inference.engine.engine import Engine
 
     counter = Counter()
     engine = Engine.from_pretrained(None, device="cpu", dtype=dtype, tensor_parallel_size=n, dist_timeout_s=120)
@@ -112,8 +108,8 @@ def measure(n: int, batch: int, steps: int, runs: int, dtype: str) -> dict:
 def v31_model(config: Path, allreduce_b_tok_layer_per_hidden: float) -> str:
     """The V3.1 decode step on 8xH200 as a model: weights and latent cache read per rank at HBM speed, the
     all-reduces at NVLink bandwidth plus a fixed latency each. Not a measurement."""
-    from inference.model.config import ModelConfig
-    from inference.model.plan import weight_bytes
+    from deepseek_mcp.inference.model.config import ModelConfig
+    from deepseek_mcp.inference.model.plan import weight_bytes
 
     cfg = ModelConfig.from_file(config)
     n, hbm, link, lat = 8, 4.8e12, 900e9 / 2, 15e-6  # unidirectional NVLink; ~15 us per small NCCL all-reduce

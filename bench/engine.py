@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def dequantized_copy(src: Path, dst: Path, dtype: torch.dtype) -> Path:
@@ -33,7 +32,7 @@ def dequantized_copy(src: Path, dst: Path, dtype: torch.dtype) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from kernels.fp8 import weight_dequant_torch
+    from deepseek_mcp.kernels.fp8 import weight_dequant_torch
 
     if (dst / "config.json").is_file():
         return dst
@@ -82,12 +81,12 @@ def _timed(fn, repeats: int = 5) -> float:
 
 
 def run_ours(path: Path, dtype: str, prompt_len: int, decode_tokens: int) -> dict:
-    from inference.engine.batch import ScheduledSeq
-    from inference.engine.core import EngineCore
-    from inference.engine.engine import Engine
-    from inference.engine.runner import cache_bytes_per_token
-    from inference.engine.sampling import SamplingParams
-    from inference.engine.sequence import Sequence
+    from deepseek_mcp.inference.engine.batch import ScheduledSeq
+    from deepseek_mcp.inference.engine.core import EngineCore
+    from deepseek_mcp.inference.engine.engine import Engine
+    from deepseek_mcp.inference.engine.runner import cache_bytes_per_token
+    from deepseek_mcp.inference.engine.sampling import SamplingParams
+    from deepseek_mcp.inference.engine.sequence import Sequence
 
     eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch", dequantize_fp8="auto")
     (prompt,) = _prompts(1, prompt_len)
@@ -189,9 +188,9 @@ def cpu_name() -> str:
 
 def decode_step_times(eng, batch: int, decode_tokens: int) -> list[float]:
     """Seconds of each decode step (`EngineCore.step`) of `batch` 16-token prompts, after their prefill step."""
-    from inference.engine.core import EngineCore
-    from inference.engine.sampling import SamplingParams
-    from inference.engine.sequence import Sequence
+    from deepseek_mcp.inference.engine.core import EngineCore
+    from deepseek_mcp.inference.engine.sampling import SamplingParams
+    from deepseek_mcp.inference.engine.sequence import Sequence
 
     core = EngineCore(eng, max_num_seqs=batch, max_num_batched_tokens=16 * batch,
                       cache_tokens=batch * (32 + decode_tokens), block_size=16)
@@ -211,7 +210,7 @@ def interleaved(path: Path, dtype: str, decode_tokens: int, rounds: int) -> None
     neighbour slows both alike: per round and batch, the ratio of median step times."""
     from transformers import DeepseekV3ForCausalLM
 
-    from inference.engine.engine import Engine
+    from deepseek_mcp.inference.engine.engine import Engine
 
     eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch")
     hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
@@ -249,7 +248,7 @@ def main() -> None:
         child(args)
         return
 
-    from inference.model.demo import default_cache_dir, demo_checkpoint_path
+    from deepseek_mcp.inference.model.demo import default_cache_dir, demo_checkpoint_path
 
     demo = demo_checkpoint_path()
     deq = dequantized_copy(demo, default_cache_dir() / f"demo-dequantized-{args.dtype}", getattr(torch, args.dtype))

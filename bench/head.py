@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from engine import _timed, cpu_name
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.engine import _timed, cpu_name  # noqa: E402
-from inference.model import onednn  # noqa: E402
+from deepseek_mcp.inference.model import onednn
 
 # (name, out features, in features) of the demo's bf16 weights a decode step reads
 SHAPES = [("lm_head", 129280, 256), ("qkv_a (fused)", 288, 256), ("q_b", 384, 128), ("o_proj", 256, 256),
@@ -36,10 +33,11 @@ def _median_ms(fn) -> float:
 
 
 def engine_ab(batch: int, rounds: int) -> None:
-    from bench.engine import _median, _prompts, decode_step_times, dequantized_copy
-    from inference.engine.batch import ScheduledSeq
-    from inference.engine.engine import Engine
-    from inference.model.demo import default_cache_dir, demo_checkpoint_path
+    from engine import _median, _prompts, decode_step_times, dequantized_copy
+
+    from deepseek_mcp.inference.engine.batch import ScheduledSeq
+    from deepseek_mcp.inference.engine.engine import Engine
+    from deepseek_mcp.inference.model.demo import default_cache_dir, demo_checkpoint_path
 
     path = dequantized_copy(demo_checkpoint_path(), default_cache_dir() / "demo-dequantized-bfloat16", torch.bfloat16)
     packed = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", backend="torch")

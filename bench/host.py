@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from inference.engine.core import EngineCore  # noqa: E402
-from inference.engine.sampling import SamplingParams  # noqa: E402
-from inference.engine.sequence import Sequence, SequenceStatus  # noqa: E402
-from inference.engine.step_codec import StepDecoder, StepEncoder  # noqa: E402
-from inference.engine.step_inputs import StepInputs  # noqa: E402
+from deepseek_mcp.inference.engine.core import EngineCore
+from deepseek_mcp.inference.engine.sampling import SamplingParams
+from deepseek_mcp.inference.engine.sequence import Sequence, SequenceStatus
+from deepseek_mcp.inference.engine.step_codec import StepDecoder, StepEncoder
+from deepseek_mcp.inference.engine.step_inputs import StepInputs
 
 VOCAB = 1024
 

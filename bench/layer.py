@@ -14,13 +14,9 @@ byte model and says that timings need a GPU. Imports torch and triton only (thro
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 V31 = dict(vocab_size=1024, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
            num_hidden_layers=1, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
@@ -36,8 +32,8 @@ PEAK_BW = {"H200": 4.8e12, "H100": 3.35e12, "H800": 3.35e12, "H20": 4.0e12}  # b
 
 
 def build_layer(device: torch.device):
-    from inference.model.config import ModelConfig
-    from inference.model.transformer import Runtime, Transformer
+    from deepseek_mcp.inference.model.config import ModelConfig
+    from deepseek_mcp.inference.model.transformer import Runtime, Transformer
 
     cfg = ModelConfig.from_dict(V31, "bench/layer.py")
     rt = Runtime(dtype=torch.bfloat16, backend="triton", scale_fmt="ue8m0")
@@ -72,8 +68,8 @@ def bytes_touched(cfg, batch: int, context: int) -> int:
 
 
 def time_layer(model, cfg, batch: int, context: int, device: torch.device, graphs: bool) -> float:
-    from inference.engine.batch import ScheduledSeq
-    from inference.engine.step_inputs import StepInputs
+    from deepseek_mcp.inference.engine.batch import ScheduledSeq
+    from deepseek_mcp.inference.engine.step_inputs import StepInputs
 
     bs = 64
     per_seq = -(-(context + 1) // bs)
@@ -119,7 +115,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,32768")
     ap.add_argument("--out", type=Path, default=None, help="also write the table to DIR/layer.md")
     args = ap.parse_args()
-    from inference.model.config import ModelConfig
+    from deepseek_mcp.inference.model.config import ModelConfig
 
     cfg = ModelConfig.from_dict(V31, "bench/layer.py")
     cuda = torch.cuda.is_available()

@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import anyio
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from inference.engine.async_engine import AsyncEngine  # noqa: E402
-from inference.engine.engine import Engine  # noqa: E402
-from inference.engine.sampling import SamplingParams  # noqa: E402
+from deepseek_mcp.inference.engine.async_engine import AsyncEngine
+from deepseek_mcp.inference.engine.engine import Engine
+from deepseek_mcp.inference.engine.sampling import SamplingParams
 
 
 def cpu_model() -> str:

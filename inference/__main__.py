@@ -1,4 +1,4 @@
-"""`python -m inference generate --model PATH --prompt TEXT`: a quick generation from the command line.
+"""`python -m deepseek_mcp.inference generate --model PATH --prompt TEXT`: a quick generation from the command line.
 
 The text streams to stdout as it decodes; with `--thinking` the reasoning and the answer come under their own
 headings. Timings and the model's description go to stderr.
@@ -33,7 +33,7 @@ class _DeprecatedAlias(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m deepseek_mcp.inference", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,7 +81,7 @@ class _Printer:
         sys.stdout.flush()
 
     def events(self, events: list[Any]) -> None:
-        from inference.text.parse import ContentDelta, ReasoningDelta
+        from deepseek_mcp.inference.text.parse import ContentDelta, ReasoningDelta
 
         for event in events:
             if isinstance(event, ReasoningDelta):
@@ -94,8 +94,8 @@ async def _stream(engine: Any, ids: list[int], params: Any, printer: _Printer, r
                   enforce_eager: bool = False) -> tuple[Any, float]:
     """Decode through the serving engine (one request, a cache just big enough) so text arrives per token.
     -> (last output, seconds the engine took to start: its kernel warm-up and CUDA graphs, load time)."""
-    from inference.engine.async_engine import AsyncEngine
-    from inference.text.parse import StreamParser
+    from deepseek_mcp.inference.engine.async_engine import AsyncEngine
+    from deepseek_mcp.inference.text.parse import StreamParser
 
     parser = StreamParser(thinking=printer.thinking)
     block = 16
@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import anyio
 
-    from inference.engine.engine import Engine
-    from inference.engine.launch import torchrun_rank
-    from inference.engine.sampling import SamplingParams
+    from deepseek_mcp.inference.engine.engine import Engine
+    from deepseek_mcp.inference.engine.launch import torchrun_rank
+    from deepseek_mcp.inference.engine.sampling import SamplingParams
 
     if torchrun_rank() > 0:  # torchrun started every rank: those but 0 run the model loop
         return Engine.run_rank(args.model, device=args.device, dtype=args.dtype, backend=args.kernels)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.raw:
             ids = engine.tokenizer.encode(args.prompt)
         else:
-            from inference.text.template import render_ids
+            from deepseek_mcp.inference.text.template import render_ids
 
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             messages.append({"role": "user", "content": args.prompt})

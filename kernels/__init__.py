@@ -1,5 +1,9 @@
 """Triton kernels for DeepSeek-V3 inference, each with a pure-torch twin of the same signature.
 
+The twins are the references the tests hold each kernel to; the CPU path runs the model's own torch code and calls
+only a few of them (rope_kv_cache_torch, moe_route_torch, moe_combine_torch; moe_align_torch past the kernel's
+size limit on the Triton path).
+
 - kernels.fp8: act_quant, weight_dequant, fp8_gemm, fp8_linear (+ *_torch twins)
 - kernels.mla: mla_decode (split-KV), mla_prefill (+ *_torch twins)
 - kernels.moe: moe_grouped_gemm (+ moe_grouped_gemm_torch)

@@ -1,6 +1,6 @@
 """Compile every Triton kernel ahead of time for a GPU architecture, on a machine without a GPU.
 
-    python -m kernels.aot [--arch 90] [--all-configs] [--sass]
+    python -m deepseek_mcp.kernels.aot [--arch 90] [--all-configs] [--sass]
 
 Uses Triton's bundled ptxas: reports per kernel and config the registers, spilled bytes, static shared
 memory and which matrix instructions the SASS uses (HGMMA / QGMMA = Hopper wgmma for bf16 / fp8; HMMA = the
@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.util import interpreting
+from deepseek_mcp.kernels.util import interpreting
 
 _SCALARS = ("i32", "i64", "u32", "fp32", "fp16", "bf16")
 
@@ -65,7 +65,7 @@ def run_family(family: str, sass: bool = True, timeout: float = 600) -> list[lis
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    cmd = [sys.executable, "-m", "kernels.aot", "--family", family] + (["--sass"] if sass else [])
+    cmd = [sys.executable, "-m", "deepseek_mcp.kernels.aot", "--family", family] + (["--sass"] if sass else [])
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=timeout)
     rows = []
@@ -113,7 +113,7 @@ def compile_kernel(fn, spec: dict[str, object], num_warps: int, num_stages: int,
 
 
 def _fp8_builds(all_configs: bool):
-    from kernels import fp8_triton as k
+    from deepseek_mcp.kernels import fp8_triton as k
 
     ptr = {"a_ptr": "*fp8e4nv:16", "a_s_ptr": "*fp32:16", "b_ptr": "*fp8e4nv:16", "b_s_ptr": "*fp32:16"}
     ints = {n: "i32:16" for n in ("M", "N", "K", "M_BUCKET", "stride_am", "stride_asm", "stride_bn", "stride_bsn",
@@ -136,7 +136,7 @@ def _fp8_builds(all_configs: bool):
 
 
 def _mla_builds(all_configs: bool):
-    from kernels import mla_triton as k
+    from deepseek_mcp.kernels import mla_triton as k
 
     dims = {"KV_LORA": 512, "ROPE": 64, "BLOCK_L": 512, "BLOCK_R": 64, "PAGE": 64, "UPCAST": False, "PREC": "tf32"}
     common = {"q_ptr": "*bf16:16", "qpe_ptr": "*bf16:16", "cache_ptr": "*bf16:16", "bt_ptr": "*i32:16",
@@ -161,7 +161,7 @@ def _mla_builds(all_configs: bool):
 
 
 def _moe_builds(all_configs: bool):
-    from kernels import moe_triton as k
+    from deepseek_mcp.kernels import moe_triton as k
 
     for cfg in k.CONFIGS if all_configs else [k.CONFIGS[0], k.CONFIGS[-1]]:
         for fp8, swiglu, gather in ((True, True, True), (True, False, False), (False, True, False)):
@@ -178,7 +178,7 @@ def _moe_builds(all_configs: bool):
             label = (f"{'fp8' if fp8 else 'bf16'}{' swiglu' if swiglu else ''}{' gather' if gather else ''} "
                      f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}")
             yield k.moe_grouped_gemm_kernel, spec, cfg.num_warps, cfg.num_stages, label
-    from kernels import moe_align_triton as a
+    from deepseek_mcp.kernels import moe_align_triton as a
 
     yield a.moe_align_kernel, {"ids_ptr": "*i64:16", "off_ptr": "*i32:16", "order_ptr": "*i32:16",
                                "inv_ptr": "*i32:16", "P": "i32", "E": "i32", "BLOCK_P": a.BLOCK_P,
@@ -187,7 +187,7 @@ def _moe_builds(all_configs: bool):
 
 def _fused_builds(all_configs: bool):
     """The decode step's fused kernels at DeepSeek-V3.1 shapes."""
-    from kernels import mla_naive_triton, norm_triton, rope_triton, router_triton
+    from deepseek_mcp.kernels import mla_naive_triton, norm_triton, rope_triton, router_triton
 
     norm = {"x_ptr": "*bf16:16", "res_ptr": "*bf16:16", "w_ptr": "*bf16:16", "y_ptr": "*bf16:16",
             "res_out_ptr": "*bf16:16", "yq_ptr": "*fp8e4nv:16", "ys_ptr": "*fp32:16", "D": "i32:16", "eps": "fp32",

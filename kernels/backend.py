@@ -1,4 +1,4 @@
-"""Which kernels the engine runs: the Triton ones on CUDA, the torch twins elsewhere.
+"""Which path the engine runs: the Triton kernels on CUDA ("triton"), the model's own torch code elsewhere ("torch").
 
 Pure detection only (cached, nothing mutable): the engine decides once at construction and passes the answer on.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.util import interpreting
+from deepseek_mcp.kernels.util import interpreting
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -27,7 +27,7 @@ def triton_available() -> bool:
 
 
 def select_backend(device: torch.device | str, force: str | None = None) -> str:
-    """-> "triton" or "torch". force None/"auto": Triton on CUDA when it imports, the twins elsewhere.
+    """-> "triton" or "torch". force None/"auto": Triton on CUDA when it imports, torch elsewhere.
     force "triton" fails loudly where it cannot run (no Triton, or a non-CUDA device outside the interpreter)."""
     dev = torch.device(device)
     choice = "auto" if force is None else force

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.util import FP8_DTYPE, FP8_MAX, cdiv, check_launchable, check_tensor, out_or_new
+from deepseek_mcp.kernels.util import FP8_DTYPE, FP8_MAX, cdiv, check_launchable, check_tensor, out_or_new
 
 BLOCK = 128  # the checkpoint's scale block; fp8_gemm's K step
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -20,7 +20,7 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _triton():
-    from kernels import fp8_triton
+    from deepseek_mcp.kernels import fp8_triton
 
     return fp8_triton
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels.util import cdiv, check_launchable, check_tensor, device_sms
+from deepseek_mcp.kernels.util import cdiv, check_launchable, check_tensor, device_sms
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 _INDEX = (torch.int32, torch.int64)
 
 
 def _triton():
-    from kernels import mla_triton
+    from deepseek_mcp.kernels import mla_triton
 
     return mla_triton
 

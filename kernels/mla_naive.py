@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels.util import check_launchable, check_tensor, out_or_new
+from deepseek_mcp.kernels.util import check_launchable, check_tensor, out_or_new
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 _INDEX = (torch.int32, torch.int64)
 
 
 def _triton():
-    from kernels import mla_naive_triton
+    from deepseek_mcp.kernels import mla_naive_triton
 
     return mla_naive_triton
 

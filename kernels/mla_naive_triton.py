@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.util import interpreting
+from deepseek_mcp.kernels.util import interpreting
 
 LOG2E = 1.4426950408889634
 

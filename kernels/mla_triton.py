@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tuning import autotune
-from kernels.util import cdiv, interpreting, next_pow2
+from deepseek_mcp.kernels.tuning import autotune
+from deepseek_mcp.kernels.util import cdiv, interpreting, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -191,8 +191,8 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, rows: str) -> triton.Config:
 
 
 # acc [rows, 512] fp32 lives in registers: 64 rows need 8 warps (255 registers, wgmma), 16-32 rows use mma.sync.
-# Checked with sm_90 ptxas (python -m kernels.aot --all-configs): none of the decode configs spill; the prefill
-# 64-row ones spill 136-268 bytes (its causal mask keeps a few more values live), the others none.
+# Checked with sm_90 ptxas (python -m deepseek_mcp.kernels.aot --all-configs): none of the decode configs spill;
+# the prefill 64-row ones spill 136-268 bytes (its causal mask keeps a few more values live), the others none.
 DECODE_CONFIGS = [_cfg(64, 32, 8, 2, "BLOCK_H"), _cfg(64, 16, 8, 3, "BLOCK_H"), _cfg(32, 32, 8, 2, "BLOCK_H"),
                   _cfg(32, 16, 4, 3, "BLOCK_H"), _cfg(16, 32, 4, 2, "BLOCK_H"), _cfg(16, 16, 4, 3, "BLOCK_H")]
 PREFILL_CONFIGS = [_cfg(64, 16, 8, 3, "BLOCK_M"), _cfg(64, 32, 8, 1, "BLOCK_M"), _cfg(64, 32, 8, 2, "BLOCK_M"),

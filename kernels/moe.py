@@ -20,14 +20,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.fp8 import act_quant, act_quant_torch, weight_dequant_torch
-from kernels.util import FP8_DTYPE, cdiv, check_launchable, check_tensor, out_or_new
+from deepseek_mcp.kernels.fp8 import act_quant, act_quant_torch, weight_dequant_torch
+from deepseek_mcp.kernels.util import FP8_DTYPE, cdiv, check_launchable, check_tensor, out_or_new
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _triton():
-    from kernels import moe_triton
+    from deepseek_mcp.kernels import moe_triton
 
     return moe_triton
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels.util import check_launchable, check_tensor
+from deepseek_mcp.kernels.util import check_launchable, check_tensor
 
 MOE_ALIGN_MAX_PAIRS = 4096  # one program walks T*k / 32 chunks in turn: a decode-sized cap, not yet timed
 MOE_ALIGN_MAX_EXPERTS = 511  # the one-hot tile is [32, next_pow2(E + 1)]: experts and the out-of-range bucket
 
 
 def _triton():
-    from kernels import moe_align_triton
+    from deepseek_mcp.kernels import moe_align_triton
 
     return moe_align_triton
 

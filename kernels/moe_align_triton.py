@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.util import next_pow2
+from deepseek_mcp.kernels.util import next_pow2
 
 # Pairs per chunk: the one-hot tile is [BLOCK_P, BLOCK_E], 32 x 512 at V3's 256 + 1 experts (+ the bucket); with 4 warps
-# ptxas (sm_90a) gives 96 registers and no spills (python -m kernels.aot --family moe).
+# ptxas (sm_90a) gives 96 registers and no spills (python -m deepseek_mcp.kernels.aot --family moe).
 BLOCK_P = 32
 
 

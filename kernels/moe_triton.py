@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tuning import autotune
-from kernels.util import cdiv, interpreting, next_pow2
+from deepseek_mcp.kernels.tuning import autotune
+from deepseek_mcp.kernels.util import cdiv, interpreting, next_pow2
 
 
 @triton.jit

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.fp8 import BLOCK, _check_scale_fmt, act_quant_torch
-from kernels.util import FP8_DTYPE, cdiv, check_launchable, check_tensor, out_or_new
+from deepseek_mcp.kernels.fp8 import BLOCK, _check_scale_fmt, act_quant_torch
+from deepseek_mcp.kernels.util import FP8_DTYPE, cdiv, check_launchable, check_tensor, out_or_new
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 Out = torch.Tensor | tuple[torch.Tensor, ...] | None  # the outputs returned, preallocated
@@ -25,7 +25,7 @@ Result = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def _triton():
-    from kernels import norm_triton
+    from deepseek_mcp.kernels import norm_triton
 
     return norm_triton
 

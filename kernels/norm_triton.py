@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_triton import _ceil_pow2, _round_e4m3
-from kernels.util import cdiv, next_pow2
+from deepseek_mcp.kernels.fp8_triton import _ceil_pow2, _round_e4m3
+from deepseek_mcp.kernels.util import cdiv, next_pow2
 
 QUANT_GROUP = 128  # act_quant's 1 x 128 groups
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.util import check_launchable, check_tensor, out_or_new
+from deepseek_mcp.kernels.util import check_launchable, check_tensor, out_or_new
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -81,6 +81,6 @@ def rope_kv_cache(
 
 
 def _triton():
-    from kernels import rope_triton
+    from deepseek_mcp.kernels import rope_triton
 
     return rope_triton

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.util import next_pow2
+from deepseek_mcp.kernels.util import next_pow2
 
 
 @triton.jit

@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.util import check_launchable, check_tensor, device_sms, out_or_new
+from deepseek_mcp.kernels.util import check_launchable, check_tensor, device_sms, out_or_new
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _triton():
-    from kernels import router_triton
+    from deepseek_mcp.kernels import router_triton
 
     return router_triton
 

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.util import cdiv, next_pow2
+from deepseek_mcp.kernels.util import cdiv, next_pow2
 
 # router_gemm tiles over experts and K (tokens: gemm_block_t); fp32 operands at ieee precision, no tensor cores
 GEMM_BLOCK_E = 64

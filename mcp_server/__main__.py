@@ -1,4 +1,4 @@
-"""`deepseek-mcp` / `python -m mcp_server`: serve a local DeepSeek-V3.1 over MCP (stdio by default)."""
+"""`deepseek-mcp` / `python -m deepseek_mcp.mcp_server`: serve a local DeepSeek-V3.1 over MCP (stdio by default)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from mcp_server.config import (
+from deepseek_mcp.mcp_server.config import (
     CONFIG_ENV,
     TOKEN_ENV,
     ConfigError,
@@ -37,7 +37,7 @@ Examples:
   deepseek-mcp --transport http --port 8000       streamable HTTP at http://127.0.0.1:8000/mcp
   deepseek-mcp --transport http --host 0.0.0.0 --token SECRET   beyond loopback (token required)
   deepseek-mcp --model /models/DeepSeek-V3.1 --tensor-parallel-size 8     8 GPUs on this machine
-  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:PORT -m mcp_server --model ...   two nodes
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:PORT -m deepseek_mcp.mcp_server --model ...   two nodes
   deepseek-mcp plan --model deepseek-ai/DeepSeek-V3.1 --tensor-parallel-size 8 --gpu-memory-gib 139
 """
 
@@ -194,11 +194,11 @@ async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received:
 
 async def serve(config: ServerConfig) -> int:
     """Serve until the transport ends (stdin closes) or a signal arrives; the exit status (128 + signal)."""
-    from mcp_server.api.app import ApiApp, serve_api
-    from mcp_server.model_host import ModelHost
-    from mcp_server.server import build_server
-    from mcp_server.service import ChatService
-    from mcp_server.transports import serve_http, serve_stdio
+    from deepseek_mcp.mcp_server.api.app import ApiApp, serve_api
+    from deepseek_mcp.mcp_server.model_host import ModelHost
+    from deepseek_mcp.mcp_server.server import build_server
+    from deepseek_mcp.mcp_server.service import ChatService
+    from deepseek_mcp.mcp_server.transports import serve_http, serve_stdio
 
     host = ModelHost(config)
     service = ChatService(host, config)
@@ -225,7 +225,7 @@ async def serve(config: ServerConfig) -> int:
 
 def run_rank(config: ServerConfig) -> int:
     """A torchrun rank other than 0: no front end, only this rank's part of the model, driven by rank 0."""
-    from inference.engine.engine import Engine
+    from deepseek_mcp.inference.engine.engine import Engine
 
     os.dup2(2, 1)  # torchrun gives every rank the same stdout, which carries rank 0's protocol
     return Engine.run_rank(config.model, config.device, config.dtype, backend=config.kernels,
@@ -235,7 +235,7 @@ def run_rank(config: ServerConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plan"]:
-        from inference.model.plan import main as plan_main
+        from deepseek_mcp.inference.model.plan import main as plan_main
 
         return plan_main(argv[1:], prog="deepseek-mcp plan")
     args = build_parser().parse_args(argv)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(printable(config))
         return 0
     setup_logging(config.log_level)
-    from inference.engine.launch import torchrun_rank
+    from deepseek_mcp.inference.engine.launch import torchrun_rank
 
     if torchrun_rank() > 0:
         return run_rank(config)

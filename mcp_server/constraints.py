@@ -17,7 +17,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mcp_server.tool_specs import ToolChoice, ToolSpec
+from deepseek_mcp.mcp_server.tool_specs import ToolChoice, ToolSpec
 
 
 def grammar_available() -> bool:
@@ -38,7 +38,7 @@ class GrammarConstraints:
         self._factories: dict[tuple[int, int | None], Any] = {}
 
     def factory(self, tokenizer: Any, vocab_size: int | None) -> Any:
-        from inference.constrained.factory import ConstraintFactory
+        from deepseek_mcp.inference.constrained.factory import ConstraintFactory
 
         key = (id(tokenizer), vocab_size)
         with self._lock:

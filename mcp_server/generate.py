@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from mcp_server.progress import Progress
+from deepseek_mcp.mcp_server.progress import Progress
 
 log = logging.getLogger(__name__)
 

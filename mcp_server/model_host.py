@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 import anyio
 
-from inference.model.demo import DEMO_NAME
-from mcp_server.config import ServerConfig
-from mcp_server.progress import Progress
+from deepseek_mcp.inference.model.demo import DEMO_NAME
+from deepseek_mcp.mcp_server.config import ServerConfig
+from deepseek_mcp.mcp_server.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ def display_name(model: str | None) -> str:
 
 def default_loader(config: ServerConfig) -> Callable[[], Any]:
     def load() -> Any:
-        from inference.engine.engine import Engine
-        from inference.model.plan import check_before_load
+        from deepseek_mcp.inference.engine.engine import Engine
+        from deepseek_mcp.inference.model.plan import check_before_load
 
         check_before_load(config.model, config.tensor_parallel_size, config.device, config.dtype,
                           max_num_seqs=config.max_num_seqs, cache_tokens=config.cache_tokens)  # refuse before loading
@@ -58,7 +58,7 @@ def default_loader(config: ServerConfig) -> Callable[[], Any]:
 
 def logging_demo_write(load: Callable[[], Any]) -> Any:
     """Run `load` (of the demo checkpoint), logging where the demo is written, and its size, on first use."""
-    from inference.model.demo import DEMO_VERSION, default_cache_dir
+    from deepseek_mcp.inference.model.demo import DEMO_VERSION, default_cache_dir
 
     target = default_cache_dir() / f"demo-{DEMO_VERSION}"
     first = not (target / "model.safetensors.index.json").is_file()  # demo_checkpoint_path's test
@@ -75,7 +75,7 @@ def logging_demo_write(load: Callable[[], Any]) -> Any:
 
 def default_async_engine(config: ServerConfig) -> Callable[[Any], Any]:
     def make(engine: Any) -> Any:
-        from inference.engine.async_engine import AsyncEngine
+        from deepseek_mcp.inference.engine.async_engine import AsyncEngine
 
         return AsyncEngine(engine, max_num_seqs=config.max_num_seqs, cache_tokens=config.cache_tokens,
                            max_waiting=config.limits.max_waiting, enforce_eager=config.enforce_eager)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from mcp_server.config import ServerConfig
-from mcp_server.model_host import ModelHost
-from mcp_server.schemas import Architecture, ModelInfo
+from deepseek_mcp.mcp_server.config import ServerConfig
+from deepseek_mcp.mcp_server.model_host import ModelHost
+from deepseek_mcp.mcp_server.schemas import Architecture, ModelInfo
 
 
 def count_parameters(engine: Any) -> int:

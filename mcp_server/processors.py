@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from mcp_server.tool_specs import ToolChoice, ToolSpec
+from deepseek_mcp.mcp_server.tool_specs import ToolChoice, ToolSpec
 
 
 class ToolCallProcessors(Protocol):

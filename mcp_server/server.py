@@ -13,11 +13,11 @@ from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetad
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ValidationError
 
-from mcp_server.errors import readable_errors
-from mcp_server.json_schema import input_schema, output_schema
-from mcp_server.model_host import ModelUnavailable
-from mcp_server.progress import Progress
-from mcp_server.schemas import (
+from deepseek_mcp.mcp_server.errors import readable_errors
+from deepseek_mcp.mcp_server.json_schema import input_schema, output_schema
+from deepseek_mcp.mcp_server.model_host import ModelUnavailable
+from deepseek_mcp.mcp_server.progress import Progress
+from deepseek_mcp.mcp_server.schemas import (
     ChatInput,
     ChatOutput,
     ListModelsInput,
@@ -29,8 +29,8 @@ from mcp_server.schemas import (
     ToolCallInput,
     ToolCallOutput,
 )
-from mcp_server.service import ChatService, GenerationFailed, RequestError
-from mcp_server.transports import auth_kwargs
+from deepseek_mcp.mcp_server.service import ChatService, GenerationFailed, RequestError
+from deepseek_mcp.mcp_server.transports import auth_kwargs
 
 log = logging.getLogger(__name__)
 

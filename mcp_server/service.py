@@ -16,23 +16,23 @@ from typing import Any, TypeVar
 
 import anyio
 
-from inference.constrained.tool_ban import ToolBan
-from inference.engine.async_engine import QueueFullError
-from inference.engine.distributed import WorkerFailure
-from inference.engine.logits_process import ThinkingBudget
-from inference.engine.sampling import SamplingParams
-from inference.text.control import THINK_END
-from inference.text.parse import StreamParser
-from inference.text.template import render_ids
-from mcp_server.config import ServerConfig
-from mcp_server.constraints import GrammarConstraints, grammar_available, steered
-from mcp_server.conversations import Conversation, ConversationStore, TurnLocks, UnknownConversation
-from mcp_server.generate import Decoded, RunResult, new_request_id, run_request
-from mcp_server.model_host import ModelHost
-from mcp_server.model_info import count_parameters, describe_model
-from mcp_server.processors import ToolCallProcessors
-from mcp_server.progress import Progress
-from mcp_server.schemas import (
+from deepseek_mcp.inference.constrained.tool_ban import ToolBan
+from deepseek_mcp.inference.engine.async_engine import QueueFullError
+from deepseek_mcp.inference.engine.distributed import WorkerFailure
+from deepseek_mcp.inference.engine.logits_process import ThinkingBudget
+from deepseek_mcp.inference.engine.sampling import SamplingParams
+from deepseek_mcp.inference.text.control import THINK_END
+from deepseek_mcp.inference.text.parse import StreamParser
+from deepseek_mcp.inference.text.template import render_ids
+from deepseek_mcp.mcp_server.config import ServerConfig
+from deepseek_mcp.mcp_server.constraints import GrammarConstraints, grammar_available, steered
+from deepseek_mcp.mcp_server.conversations import Conversation, ConversationStore, TurnLocks, UnknownConversation
+from deepseek_mcp.mcp_server.generate import Decoded, RunResult, new_request_id, run_request
+from deepseek_mcp.mcp_server.model_host import ModelHost
+from deepseek_mcp.mcp_server.model_info import count_parameters, describe_model
+from deepseek_mcp.mcp_server.processors import ToolCallProcessors
+from deepseek_mcp.mcp_server.progress import Progress
+from deepseek_mcp.mcp_server.schemas import (
     ChatInput,
     ChatOutput,
     GenerationInput,
@@ -49,7 +49,7 @@ from mcp_server.schemas import (
     ToolCallOutput,
     Usage,
 )
-from mcp_server.tool_specs import (
+from deepseek_mcp.mcp_server.tool_specs import (
     BadToolSpec,
     ToolChoice,
     ToolSpec,

@@ -9,10 +9,10 @@ from typing import Any
 import jsonschema
 from jsonschema.validators import validator_for
 
-from inference.text.finite_json import NonFiniteNumber, loads_finite, non_finite
-from inference.text.tools import BadToolSpec, ToolSpec
-from inference.text.tools import normalize_tools as _normalize_tools
-from mcp_server.schemas import McpTool, NamedToolChoice, OpenAITool, ToolChoiceMode
+from deepseek_mcp.inference.text.finite_json import NonFiniteNumber, loads_finite, non_finite
+from deepseek_mcp.inference.text.tools import BadToolSpec, ToolSpec
+from deepseek_mcp.inference.text.tools import normalize_tools as _normalize_tools
+from deepseek_mcp.mcp_server.schemas import McpTool, NamedToolChoice, OpenAITool, ToolChoiceMode
 
 __all__ = ["BadToolSpec", "ToolChoice", "ToolSpec", "check_call", "check_json", "normalize_choice", "normalize_tools"]
 

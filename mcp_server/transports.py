@@ -26,8 +26,8 @@ from mcp.shared.message import SessionMessage
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from mcp_server.config import ServerConfig, is_loopback
-from mcp_server.hosts import LOOPBACK_HOSTS, HostGate, allowed_hosts
+from deepseek_mcp.mcp_server.config import ServerConfig, is_loopback
+from deepseek_mcp.mcp_server.hosts import LOOPBACK_HOSTS, HostGate, allowed_hosts
 
 log = logging.getLogger(__name__)
 

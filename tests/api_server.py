@@ -12,12 +12,12 @@ from typing import Any
 
 import anyio
 
-from mcp_server.api.app import ApiApp
-from mcp_server.config import ServerConfig
-from mcp_server.model_host import ModelHost
-from mcp_server.server import build_server
-from mcp_server.service import ChatService
-from mcp_server.transports import http_app
+from deepseek_mcp.mcp_server.api.app import ApiApp
+from deepseek_mcp.mcp_server.config import ServerConfig
+from deepseek_mcp.mcp_server.model_host import ModelHost
+from deepseek_mcp.mcp_server.server import build_server
+from deepseek_mcp.mcp_server.service import ChatService
+from deepseek_mcp.mcp_server.transports import http_app
 
 
 def free_port() -> int:

@@ -39,7 +39,7 @@ def record_compiles() -> Iterator[list]:
     import triton
 
     seen: list = []
-    from kernels.util import interpreting
+    from deepseek_mcp.kernels.util import interpreting
 
     if interpreting():
         from triton.runtime.interpreter import InterpretedFunction

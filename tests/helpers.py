@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -14,6 +15,12 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-2, what:
     atol = 1e-4 * ref.abs().max().item() + 1e-30
     excess = (out - ref).abs() - rtol * ref.abs() - atol
     assert excess.max().item() <= 0, f"{what}: max excess {excess.max().item():.3e} over tolerance"
+
+
+def fresh_seed() -> int:
+    """A seed for a test's own generator: drawn from `random`, which conftest starts from the session's seed
+    before every test, so the test reruns with the same one (`--seed N`)."""
+    return random.getrandbits(32)
 
 
 def fixtures_dir() -> Path:

@@ -72,8 +72,8 @@ def fp8_checkpoint_pair(root: Path, hidden: int = 192, seed: int = 7, **model_kw
     hidden 192 = one full 128 block plus a 64-wide edge block."""
     from safetensors.torch import load_file, save_file
 
-    from inference.model.demo import quantize_fp8_blockwise
-    from kernels.fp8 import weight_dequant_torch
+    from deepseek_mcp.inference.model.demo import quantize_fp8_blockwise
+    from deepseek_mcp.kernels.fp8 import weight_dequant_torch
 
     base = root / "hf"
     base.mkdir()

@@ -25,7 +25,7 @@ def _caller_is_triton() -> bool:
         name = frame.f_globals.get("__name__", "")
         if name.startswith("triton"):
             return True
-        if not name.startswith(("torch", "tests.sync_guard")):
+        if not name.startswith(("torch", __name__)):
             return False
         frame = frame.f_back
     return False

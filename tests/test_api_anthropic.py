@@ -11,11 +11,11 @@ import anthropic
 import httpx2 as httpx
 import jsonschema
 import pytest
+from api_server import LiveServer, live_server
 
-from inference.engine.engine import Engine
-from mcp_server.api import anthropic_stream
-from mcp_server.config import Limits, SamplingDefaults, ServerConfig
-from tests.api_server import LiveServer, live_server
+from deepseek_mcp.inference.engine.engine import Engine
+from deepseek_mcp.mcp_server.api import anthropic_stream
+from deepseek_mcp.mcp_server.config import Limits, SamplingDefaults, ServerConfig
 
 TOKEN = "api-test-token-" + os.urandom(6).hex()
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
@@ -153,8 +153,8 @@ def test_tool_round_trip_and_count_tokens(client: anthropic.Anthropic) -> None:
 
 
 def test_prefill_continues_the_assistant_message(client: anthropic.Anthropic, server: LiveServer) -> None:
-    from inference.text.parse import parse
-    from inference.text.template import render_ids
+    from deepseek_mcp.inference.text.parse import parse
+    from deepseek_mcp.inference.text.template import render_ids
 
     prefill = "The answer is"
     messages: list[Any] = [*HI, {"role": "assistant", "content": prefill}]

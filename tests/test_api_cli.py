@@ -14,9 +14,8 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+from api_server import free_port
 from openai import OpenAI
-
-from tests.api_server import free_port
 
 SCRIPT = Path(sys.executable).parent / "deepseek-mcp"
 if not SCRIPT.exists():

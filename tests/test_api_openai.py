@@ -14,11 +14,11 @@ import httpx2 as httpx
 import jsonschema
 import openai
 import pytest
+from api_server import LiveServer, live_server
 from openai import OpenAI
 
-from inference.engine.engine import Engine
-from mcp_server.config import Limits, SamplingDefaults, ServerConfig
-from tests.api_server import LiveServer, live_server
+from deepseek_mcp.inference.engine.engine import Engine
+from deepseek_mcp.mcp_server.config import Limits, SamplingDefaults, ServerConfig
 
 TOKEN = "api-test-token-" + os.urandom(6).hex()
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
@@ -513,9 +513,9 @@ def test_16_api_calls_with_mcp_calls(server: LiveServer) -> None:
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/messages"])
 def test_failure_mid_stream_ends_with_an_error_event(server: LiveServer, monkeypatch: pytest.MonkeyPatch,
                                                      route: str) -> None:
-    from inference.text.parse import ContentDelta
-    from mcp_server.generate import Decoded
-    from mcp_server.service import GenerationFailed
+    from deepseek_mcp.inference.text.parse import ContentDelta
+    from deepseek_mcp.mcp_server.generate import Decoded
+    from deepseek_mcp.mcp_server.service import GenerationFailed
 
     async def failing_run(*args: Any, on_events: Any = None, **kw: Any) -> Any:
         on_events(Decoded("partial", [ContentDelta("partial")], [], 7))

@@ -11,17 +11,23 @@ import anyio
 import pytest
 import torch
 
-from inference.text.parse import StreamParser, parse
-from inference.text.template import THINK_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END
-from inference.text.template import TOOL_SEP as SEP
-from mcp_server.api import anthropic_messages, openai_chat
-from mcp_server.api.anthropic_stream import MessageStream
-from mcp_server.api.errors import ApiError
-from mcp_server.api.generation import Choice, Plan, call_limit
-from mcp_server.api.openai_stream import event_deltas
-from mcp_server.api.requests import ChatCompletionRequest, MessagesRequest
-from mcp_server.generate import RunResult
-from mcp_server.processors import Penalties
+from deepseek_mcp.inference.text.parse import StreamParser, parse
+from deepseek_mcp.inference.text.template import (
+    THINK_END,
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+)
+from deepseek_mcp.inference.text.template import TOOL_SEP as SEP
+from deepseek_mcp.mcp_server.api import anthropic_messages, openai_chat
+from deepseek_mcp.mcp_server.api.anthropic_stream import MessageStream
+from deepseek_mcp.mcp_server.api.errors import ApiError
+from deepseek_mcp.mcp_server.api.generation import Choice, Plan, call_limit
+from deepseek_mcp.mcp_server.api.openai_stream import event_deltas
+from deepseek_mcp.mcp_server.api.requests import ChatCompletionRequest, MessagesRequest
+from deepseek_mcp.mcp_server.generate import RunResult
+from deepseek_mcp.mcp_server.processors import Penalties
 
 
 def block(*calls: tuple[str, str]) -> str:
@@ -209,7 +215,7 @@ def test_penalties_processor() -> None:
 
 
 def test_api_port_beyond_loopback_needs_a_token() -> None:
-    from mcp_server.config import ConfigError, check_serving_security, load_config
+    from deepseek_mcp.mcp_server.config import ConfigError, check_serving_security, load_config
 
     config = load_config(None, {"host": "0.0.0.0", "api_port": 8001}, environ={})
     with pytest.raises(ConfigError, match="API on 0.0.0.0"):
@@ -262,8 +268,8 @@ def test_stream_logprobs_each_token_once_with_the_text_that_completes_it(thinkin
     # service.run's feeding, simulated: the parser holds "<" back (a possible marker), the decoder an
     # unfinished character; EOS has no text and no delta. Each entry is handed out once, in order, only once
     # its text is resolved; what is left (EOS) is the final chunk's, and all of them are the non-streamed list.
-    from inference.engine.sampling import SamplingParams
-    from mcp_server.api.logprobs import StreamLogprobs, all_logprobs
+    from deepseek_mcp.inference.engine.sampling import SamplingParams
+    from deepseek_mcp.mcp_server.api.logprobs import StreamLogprobs, all_logprobs
 
     tok, params = _Tok(), SamplingParams(max_tokens=16)
     tokens = ([7] if thinking else []) + [1, 2, 3, 4, 5, 6, 0]
@@ -295,8 +301,8 @@ def test_stream_logprobs_each_token_once_with_the_text_that_completes_it(thinkin
 def test_stream_logprobs_ride_the_delta_that_ends_their_text() -> None:
     # one parser step that yields reasoning and then answer text (a stop string's hold-back releases several
     # tokens at once): each delta carries the tokens whose text ends within it, the marker rides the next
-    from mcp_server.api.logprobs import TokenLogprob
-    from mcp_server.api.openai_stream import ChunkStream
+    from deepseek_mcp.mcp_server.api.logprobs import TokenLogprob
+    from deepseek_mcp.mcp_server.api.openai_stream import ChunkStream
 
     class Tok:
         def decode(self, ids: list[int]) -> str:

@@ -12,13 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import anyio
 import pytest
 import torch
+from hf_checkpoints import tiny_hf_model
 
-from inference.engine.async_engine import AsyncEngine, EngineClosedError, RequestOutput
-from inference.engine.engine import Engine
-from inference.engine.logits_process import ThinkingBudget
-from inference.engine.runner import CacheMemoryError
-from inference.engine.sampling import SamplingParams
-from tests.hf_checkpoints import tiny_hf_model
+from deepseek_mcp.inference.engine.async_engine import AsyncEngine, EngineClosedError, RequestOutput
+from deepseek_mcp.inference.engine.engine import Engine
+from deepseek_mcp.inference.engine.logits_process import ThinkingBudget
+from deepseek_mcp.inference.engine.runner import CacheMemoryError
+from deepseek_mcp.inference.engine.sampling import SamplingParams
 
 pytest.importorskip("transformers")
 
@@ -334,7 +334,7 @@ def test_errors_and_memory_check(engine: Engine) -> None:
 
 
 def test_bounded_waiting_queue_refuses_at_once(engine: Engine) -> None:
-    from inference.engine.async_engine import QueueFullError
+    from deepseek_mcp.inference.engine.async_engine import QueueFullError
 
     params = SamplingParams(max_tokens=200, ignore_eos=True)
 

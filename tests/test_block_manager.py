@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
+from helpers import fresh_seed
 
-from inference.engine.block_manager import BlockManager, block_hash, chain_block_hashes
+from deepseek_mcp.inference.engine.block_manager import BlockManager, block_hash, chain_block_hashes
 
 
 def test_allocate_free_refcounts() -> None:
@@ -101,7 +102,7 @@ def test_lru_eviction_order() -> None:
 
 
 def test_random_operations_keep_invariants() -> None:
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     bm = BlockManager(num_blocks=16, block_size=2)
     tables: list[list[int]] = []
     for step in range(400):

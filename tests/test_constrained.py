@@ -5,7 +5,6 @@ schemas fail before generation. A few end-to-end runs go through the demo checkp
 from __future__ import annotations
 
 import json
-import os
 import random
 from typing import Any
 
@@ -13,16 +12,16 @@ import jsonschema
 import pytest
 import torch
 import xgrammar as xgr
+from helpers import fixtures_dir, fresh_seed
 
-from inference.constrained.errors import ConstraintError
-from inference.constrained.factory import ConstraintFactory
-from inference.constrained.lexer import OUTSIDE, Lex, lex_step
-from inference.constrained.processors import GrammarProcessor
-from inference.constrained.schema import constrained_tools
-from inference.constrained.tool_ban import ToolBan, marker_tail
-from inference.text.parse import StreamParser
-from inference.text.tokenizer import Tokenizer
-from tests.helpers import fixtures_dir
+from deepseek_mcp.inference.constrained.errors import ConstraintError
+from deepseek_mcp.inference.constrained.factory import ConstraintFactory
+from deepseek_mcp.inference.constrained.lexer import OUTSIDE, Lex, lex_step
+from deepseek_mcp.inference.constrained.processors import GrammarProcessor
+from deepseek_mcp.inference.constrained.schema import constrained_tools
+from deepseek_mcp.inference.constrained.tool_ban import ToolBan, marker_tail
+from deepseek_mcp.inference.text.parse import StreamParser
+from deepseek_mcp.inference.text.tokenizer import Tokenizer
 
 FIXTURES = fixtures_dir()
 TEMPLATE = FIXTURES / "deepseek_v31_chat_template.jinja"
@@ -116,10 +115,6 @@ class RandomModel:
         if hasattr(proc, "update"):
             proc.update(out)
         return out
-
-
-def fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
 
 
 def parse_text(text: str, tools: list[str] | None, thinking: bool = False):
@@ -259,7 +254,7 @@ def test_plan_after_a_partial_character_stays_short(factory: ConstraintFactory, 
 
 def _count_masks(monkeypatch) -> list[int]:
     """The planner's grammar-mask computations from now on, as count[0]."""
-    from inference.constrained import planner as planner_mod
+    from deepseek_mcp.inference.constrained import planner as planner_mod
 
     count = [0]
     allowed = planner_mod._Walk.allowed
@@ -278,7 +273,7 @@ def test_plan_keeps_its_op_budget_in_a_string_that_cannot_close_soon(factory: Co
     deepening over 10 representative bytes, up to ~1,100 grammar masks) once ignored the plan's op budget, so a
     plan meant to stop at max_ops ran on; with a few such plans per step a constrained step near max_tokens took
     tens of seconds (a CI run stalled in test_required_among_many_tools_and_named_choice)."""
-    from inference.constrained import planner as planner_mod
+    from deepseek_mcp.inference.constrained import planner as planner_mod
 
     fmt = {"type": "json_schema", "schema": {"type": "object", "properties": {
         "s": {"type": "string", "pattern": "^[a0.@:/A_-]{3,}q$"}}, "required": ["s"]}}
@@ -565,9 +560,9 @@ def test_grammar_cache_is_an_lru_on_canonical_schemas(tok: Tokenizer) -> None:
 
 def test_demo_model_end_to_end(factory: ConstraintFactory) -> None:
     anyio = pytest.importorskip("anyio")
-    from inference.engine.async_engine import AsyncEngine
-    from inference.engine.engine import Engine
-    from inference.engine.sampling import SamplingParams
+    from deepseek_mcp.inference.engine.async_engine import AsyncEngine
+    from deepseek_mcp.inference.engine.engine import Engine
+    from deepseek_mcp.inference.engine.sampling import SamplingParams
 
     engine = Engine.from_pretrained(None, device="cpu")
     tok = engine.tokenizer

@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 import xgrammar as xgr
+from test_constrained import RandomModel, check_calls, fresh_seed, validate
 
-from inference.constrained.errors import ConstraintError
-from inference.constrained.factory import ConstraintFactory
-from inference.constrained.schema import check_schema
-from inference.text.finite_json import loads_finite, non_finite
-from inference.text.parse import parse_arguments
-from inference.text.tokenizer import Tokenizer
-from mcp_server.tool_specs import ToolSpec, check_call, check_json
-from tests.test_constrained import RandomModel, check_calls, fresh_seed, validate
+from deepseek_mcp.inference.constrained.errors import ConstraintError
+from deepseek_mcp.inference.constrained.factory import ConstraintFactory
+from deepseek_mcp.inference.constrained.schema import check_schema
+from deepseek_mcp.inference.text.finite_json import loads_finite, non_finite
+from deepseek_mcp.inference.text.parse import parse_arguments
+from deepseek_mcp.inference.text.tokenizer import Tokenizer
+from deepseek_mcp.mcp_server.tool_specs import ToolSpec, check_call, check_json
 
 NUMBERS: dict[str, Any] = {"type": "object", "properties": {
     "free": {"type": "number"},

@@ -7,12 +7,12 @@ import json
 from typing import Any
 
 import pytest
+from test_constrained import RandomModel, check_calls, fresh_seed, validate
 
-from inference.constrained.errors import ConstraintError
-from inference.constrained.factory import ConstraintFactory
-from inference.constrained.processors import GrammarProcessor
-from inference.text.tokenizer import Tokenizer
-from tests.test_constrained import RandomModel, check_calls, fresh_seed, validate
+from deepseek_mcp.inference.constrained.errors import ConstraintError
+from deepseek_mcp.inference.constrained.factory import ConstraintFactory
+from deepseek_mcp.inference.constrained.processors import GrammarProcessor
+from deepseek_mcp.inference.text.tokenizer import Tokenizer
 
 LONG_STRING = {"type": "string", "minLength": 200}
 MANY_INTS = {"type": "array", "items": {"type": "integer"}, "minItems": 100}

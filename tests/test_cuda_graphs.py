@@ -18,8 +18,9 @@ LIMITS = dict(max_num_seqs=MAX_SEQS, max_num_batched_tokens=64, max_context=512)
 @pytest.fixture(scope="module", params=["fp8", "float32"])
 def engine(request, tmp_path_factory):
     pytest.importorskip("triton")
-    from inference.engine.engine import Engine
-    from tests.hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model
+    from hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model
+
+    from deepseek_mcp.inference.engine.engine import Engine
 
     root = tmp_path_factory.mktemp("graphs")
     if request.param == "fp8":
@@ -31,13 +32,13 @@ def engine(request, tmp_path_factory):
 
 
 def _prefill(runner, batch: int, tables: list[list[int]]) -> None:
-    from inference.engine.batch import ScheduledSeq
+    from deepseek_mcp.inference.engine.batch import ScheduledSeq
 
     runner.run([ScheduledSeq([(7 * i + j) % 50 for j in range(5 + i % 7)], 0, tables[i]) for i in range(batch)])
 
 
 def _decode(runner, batch: int, tables: list[list[int]], step: int) -> torch.Tensor:
-    from inference.engine.batch import ScheduledSeq
+    from deepseek_mcp.inference.engine.batch import ScheduledSeq
 
     return runner.run([ScheduledSeq([(3 * i + step) % 50], 5 + i % 7 + step, tables[i]) for i in range(batch)])
 
@@ -72,7 +73,7 @@ def test_replay_equals_eager(runners, batch):
 
 
 def test_nothing_compiles_after_ready(runners):
-    from tests.compile_hook import record_compiles
+    from compile_hook import record_compiles
 
     graphed, _ = runners
     tables = [[4 * i, 4 * i + 1] for i in range(5)]

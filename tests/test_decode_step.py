@@ -11,13 +11,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from inference.engine.batch import ScheduledSeq, build_batch  # noqa: E402
-from inference.engine.engine import Engine  # noqa: E402
-from inference.engine.sampling import SamplingParams, make_generator, sample  # noqa: E402
-from inference.engine.step_inputs import StepInputs  # noqa: E402
-from inference.model import attention  # noqa: E402
-from tests.hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model  # noqa: E402
-from tests.sync_guard import HostSyncError, NoHostSync  # noqa: E402
+from hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model  # noqa: E402
+from sync_guard import HostSyncError, NoHostSync  # noqa: E402
+
+from deepseek_mcp.inference.engine.batch import ScheduledSeq, build_batch  # noqa: E402
+from deepseek_mcp.inference.engine.engine import Engine  # noqa: E402
+from deepseek_mcp.inference.engine.sampling import SamplingParams, make_generator, sample  # noqa: E402
+from deepseek_mcp.inference.engine.step_inputs import StepInputs  # noqa: E402
+from deepseek_mcp.inference.model import attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from inference.engine.batch import ScheduledSeq
-from inference.engine.engine import Engine
-from inference.engine.runner import CacheMemoryError, cache_bytes_per_token
-from inference.engine.sampling import SamplingParams
-from inference.model.checkpoint import CheckpointError
-from inference.model.config import ConfigError, ModelConfig
-from inference.model.demo import DEMO_CONFIG, quantize_fp8_blockwise, write_demo_checkpoint
-from inference.model.moe import route
-from kernels.fp8 import weight_dequant_torch
-from tests.hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model
+from deepseek_mcp.inference.engine.batch import ScheduledSeq
+from deepseek_mcp.inference.engine.engine import Engine
+from deepseek_mcp.inference.engine.runner import CacheMemoryError, cache_bytes_per_token
+from deepseek_mcp.inference.engine.sampling import SamplingParams
+from deepseek_mcp.inference.model.checkpoint import CheckpointError
+from deepseek_mcp.inference.model.config import ConfigError, ModelConfig
+from deepseek_mcp.inference.model.demo import DEMO_CONFIG, quantize_fp8_blockwise, write_demo_checkpoint
+from deepseek_mcp.inference.model.moe import route
+from deepseek_mcp.kernels.fp8 import weight_dequant_torch
 
 
 def _rand_ids(n: int, seed: int, vocab: int = 256) -> list[int]:

@@ -16,9 +16,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from inference.engine.engine import Engine  # noqa: E402
-from inference.engine.sampling import SamplingParams  # noqa: E402
-from tests.hf_checkpoints import fp8_checkpoint_pair  # noqa: E402
+from hf_checkpoints import fp8_checkpoint_pair  # noqa: E402
+
+from deepseek_mcp.inference.engine.engine import Engine  # noqa: E402
+from deepseek_mcp.inference.engine.sampling import SamplingParams  # noqa: E402
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,14 +62,13 @@ def test_kernel_logits_match_torch_path_bf16_weights(ckpts):
 def test_kernel_logits_match_twins_fp8(ckpts, monkeypatch):
     """FP8 weights: the kernels quantize activations to e4m3 per 1x128 group (as DeepSeek's FP8 GEMM does), which
     the dequantize-then-matmul torch path does not; so compare with the same engine running the kernels' twins."""
-    import kernels.fp8
-    import kernels.mla
-    import kernels.moe
+
+    from deepseek_mcp.kernels import fp8, mla, moe
 
     got = _load(ckpts["fp8"], "bfloat16", "triton").logits(IDS, block_size=8)
-    monkeypatch.setattr(kernels.fp8, "fp8_linear", kernels.fp8.fp8_linear_torch)
-    monkeypatch.setattr(kernels.mla, "mla_prefill", kernels.mla.mla_prefill_torch)
-    monkeypatch.setattr(kernels.moe, "moe_grouped_gemm", kernels.moe.moe_grouped_gemm_torch)
+    monkeypatch.setattr(fp8, "fp8_linear", fp8.fp8_linear_torch)
+    monkeypatch.setattr(mla, "mla_prefill", mla.mla_prefill_torch)
+    monkeypatch.setattr(moe, "moe_grouped_gemm", moe.moe_grouped_gemm_torch)
     twins = _load(ckpts["fp8"], "bfloat16", "triton").logits(IDS, block_size=8)
     twins32 = _load(ckpts["fp8"], "float32", "triton").logits(IDS, block_size=8)
     noise = _rel(twins, twins32)  # what bf16 does to this FP8-activation path

@@ -16,10 +16,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
 import pytest  # noqa: E402
+from helpers import assert_close
 
-from kernels import backend  # noqa: E402
-from kernels.aot import run_family, toolchain_available  # noqa: E402
-from kernels.fp8 import (  # noqa: E402
+from deepseek_mcp.kernels import backend  # noqa: E402
+from deepseek_mcp.kernels.aot import run_family, toolchain_available  # noqa: E402
+from deepseek_mcp.kernels.fp8 import (  # noqa: E402
     act_quant,
     act_quant_torch,
     ceil_pow2_torch,
@@ -30,8 +31,7 @@ from kernels.fp8 import (  # noqa: E402
     weight_dequant,
     weight_dequant_torch,
 )
-from kernels.util import FP8_DTYPE  # noqa: E402
-from tests.helpers import assert_close
+from deepseek_mcp.kernels.util import FP8_DTYPE  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -181,7 +181,7 @@ def test_fp8_gemm_against_float64_and_twin(m):
 ])
 def test_fp8_gemm_explicit_configs(cfg):
     """Decode (split-K) and prefill tilings the autotuner may pick, each checked on its own."""
-    from kernels.fp8_triton import launch_fp8_gemm
+    from deepseek_mcp.kernels.fp8_triton import launch_fp8_gemm
 
     m, n, k = 70, 260, 520  # 2 full + 1 partial row tiles at 32, 3 column blocks of 128, 5 K steps (1 partial)
     a, a_s, b, b_s, ref = gemm_inputs(m, n, k)
@@ -191,7 +191,7 @@ def test_fp8_gemm_explicit_configs(cfg):
 
 
 def test_split_k_heuristic():
-    from kernels.fp8_triton import split_k_for
+    from deepseek_mcp.kernels.fp8_triton import split_k_for
 
     assert split_k_for(1, 24576, 1536, 132) == 1  # enough column tiles already
     assert split_k_for(1, 2112, 7168, 132) == 8  # 33 column tiles -> 264 programs, 7 K steps each

@@ -15,11 +15,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.backend import triton_available  # noqa: E402
-from kernels.fp8 import act_quant, act_quant_torch, ceil_pow2_torch  # noqa: E402
-from kernels.moe_align import moe_align_torch  # noqa: E402
-from kernels.norm import rmsnorm, rmsnorm_residual, rmsnorm_residual_torch, rmsnorm_torch  # noqa: E402
-from kernels.router import (  # noqa: E402
+from deepseek_mcp.kernels.backend import triton_available  # noqa: E402
+from deepseek_mcp.kernels.fp8 import act_quant, act_quant_torch, ceil_pow2_torch  # noqa: E402
+from deepseek_mcp.kernels.moe_align import moe_align_torch  # noqa: E402
+from deepseek_mcp.kernels.norm import rmsnorm, rmsnorm_residual, rmsnorm_residual_torch, rmsnorm_torch  # noqa: E402
+from deepseek_mcp.kernels.router import (  # noqa: E402
     moe_combine,
     moe_combine_torch,
     moe_gate_route,
@@ -27,7 +27,7 @@ from kernels.router import (  # noqa: E402
     moe_route,
     moe_route_torch,
 )
-from kernels.util import FP8_DTYPE, cdiv  # noqa: E402
+from deepseek_mcp.kernels.util import FP8_DTYPE, cdiv  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -172,7 +172,7 @@ GATE_CASES = [(1, 200, 16, 4, 2, 4, None, torch.bfloat16), (7, 300, 32, 8, 3, 6,
 
 @pytest.mark.parametrize("t,d,e,n_group,topk_group,k,split_k,dtype", GATE_CASES)
 def test_moe_gate_route(t, d, e, n_group, topk_group, k, split_k, dtype):
-    from kernels.router_triton import launch_router_gemm, router_split_k
+    from deepseek_mcp.kernels.router_triton import launch_router_gemm, router_split_k
 
     g = torch.Generator().manual_seed(t * d + e)
     x = torch.randn(t, d, generator=g).to(dtype).to(DEV)
@@ -202,7 +202,7 @@ def test_moe_gate_route(t, d, e, n_group, topk_group, k, split_k, dtype):
 
 
 def test_router_split_k_spreads_a_decode_batch():
-    from kernels.router_triton import GEMM_BLOCK_K, gemm_block_t, router_split_k
+    from deepseek_mcp.kernels.router_triton import GEMM_BLOCK_K, gemm_block_t, router_split_k
 
     for t in (1, 8, 64, 65, 512, 4096):
         split, per_split = router_split_k(t, 7168, 256, 132)
@@ -311,7 +311,7 @@ def _rope64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: b
 @pytest.mark.parametrize("interleave", [True, False])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
 def test_rope_kv_cache(interleave, dtype, rtol):
-    from kernels.rope import rope_kv_cache, rope_kv_cache_torch
+    from deepseek_mcp.kernels.rope import rope_kv_cache, rope_kv_cache_torch
 
     g = torch.Generator().manual_seed(5)
     t, h, c, r = 5, 3, 24, 8
@@ -340,7 +340,7 @@ def test_rope_kv_cache(interleave, dtype, rtol):
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_mla_prefill_naive(dtype, rtol):
-    from kernels.mla_naive import mla_prefill_naive, mla_prefill_naive_torch
+    from deepseek_mcp.kernels.mla_naive import mla_prefill_naive, mla_prefill_naive_torch
 
     g = torch.Generator().manual_seed(7)
     h, nope, r, dv = 2, 16, 8, 16

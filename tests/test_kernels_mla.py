@@ -16,11 +16,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
 import pytest  # noqa: E402
+from helpers import assert_close
 
-from kernels.aot import run_family, toolchain_available  # noqa: E402
-from kernels.backend import triton_available  # noqa: E402
-from kernels.mla import mla_decode, mla_decode_torch, mla_prefill, mla_prefill_torch  # noqa: E402
-from tests.helpers import assert_close
+from deepseek_mcp.kernels.aot import run_family, toolchain_available  # noqa: E402
+from deepseek_mcp.kernels.backend import triton_available  # noqa: E402
+from deepseek_mcp.kernels.mla import mla_decode, mla_decode_torch, mla_prefill, mla_prefill_torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -114,7 +114,7 @@ def test_mla_decode_empty_sequence_gives_zeros_and_fp32_cache():
 @pytest.mark.parametrize("cfg", [{"BLOCK_H": 32, "BLOCK_N": 32, "num_warps": 4},
                                  {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8}])
 def test_mla_decode_explicit_configs(cfg):
-    from kernels.mla_triton import launch_mla_decode
+    from deepseek_mcp.kernels.mla_triton import launch_mla_decode
 
     q, qpe, cache, bt, sl = decode_inputs([50, 3], 40, SMALL)  # 40 heads: a partial head block
     for splits in (1, 4):
@@ -124,7 +124,7 @@ def test_mla_decode_explicit_configs(cfg):
 
 
 def test_num_splits_heuristic():
-    from kernels.mla_triton import num_splits_for
+    from deepseek_mcp.kernels.mla_triton import num_splits_for
 
     assert num_splits_for(1, 128, 65536, 132) == 64  # one long sequence spreads over the GPU
     assert num_splits_for(1, 128, 100, 132) == 1  # short context: one split
@@ -164,7 +164,7 @@ def test_mla_prefill(heads):
 @needs_triton
 @pytest.mark.parametrize("cfg", [{"BLOCK_M": 32, "BLOCK_N": 32}, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8}])
 def test_mla_prefill_explicit_configs(cfg):
-    from kernels.mla_triton import launch_mla_prefill
+    from deepseek_mcp.kernels.mla_triton import launch_mla_prefill
 
     q, qpe, cache, bt, sl, qsl = prefill_inputs([70, 12], [6, 12], 5, SMALL)  # 5 heads: tiles span tokens
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV)

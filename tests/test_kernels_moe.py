@@ -18,14 +18,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from helpers import assert_close
 
-from kernels.aot import run_family, toolchain_available  # noqa: E402
-from kernels.backend import triton_available  # noqa: E402
-from kernels.fp8 import act_quant_torch  # noqa: E402
-from kernels.moe import moe_grouped_gemm, moe_grouped_gemm_torch  # noqa: E402
-from kernels.moe_align import moe_align_torch  # noqa: E402
-from kernels.util import FP8_DTYPE  # noqa: E402
-from tests.helpers import assert_close
+from deepseek_mcp.kernels.aot import run_family, toolchain_available  # noqa: E402
+from deepseek_mcp.kernels.backend import triton_available  # noqa: E402
+from deepseek_mcp.kernels.fp8 import act_quant_torch  # noqa: E402
+from deepseek_mcp.kernels.moe import moe_grouped_gemm, moe_grouped_gemm_torch  # noqa: E402
+from deepseek_mcp.kernels.moe_align import moe_align_torch  # noqa: E402
+from deepseek_mcp.kernels.util import FP8_DTYPE  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -135,8 +135,8 @@ def test_moe_many_experts_few_rows_decode_like():
 @pytest.mark.parametrize("cfg", [{"BLOCK_M": 32, "BLOCK_N": 64}, {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8}])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_moe_explicit_configs(cfg, fp8):
-    from kernels.fp8 import act_quant
-    from kernels.moe_triton import launch_moe_grouped_gemm
+    from deepseek_mcp.kernels.fp8 import act_quant
+    from deepseek_mcp.kernels.moe_triton import launch_moe_grouped_gemm
 
     counts = [40, 0, 70, 3]
     m, k, n = sum(counts), 260, 200

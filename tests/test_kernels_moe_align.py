@@ -16,8 +16,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.backend import triton_available  # noqa: E402
-from kernels.moe_align import MOE_ALIGN_MAX_PAIRS, moe_align, moe_align_torch  # noqa: E402
+from deepseek_mcp.kernels.backend import triton_available  # noqa: E402
+from deepseek_mcp.kernels.moe_align import MOE_ALIGN_MAX_PAIRS, moe_align, moe_align_torch  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -60,8 +60,7 @@ def check(ids: torch.Tensor, num_experts: int, what: str) -> None:
 
 
 def random_ids(t: int, k: int, e: int, live: list[int] | None = None, dtype=torch.int64) -> torch.Tensor:
-    """[t, k] ids drawn from `live` experts (all by default), fresh seed each call."""
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    """[t, k] ids drawn from `live` experts (all by default), from torch's generator (the test's seed)."""
     pool = torch.tensor(live if live is not None else list(range(e)))
     return pool[torch.randint(0, len(pool), (t, k))].to(dtype).to(DEV)
 

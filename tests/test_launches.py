@@ -16,9 +16,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from inference.engine.batch import ScheduledSeq  # noqa: E402
-from inference.engine.engine import Engine  # noqa: E402
-from tests.hf_checkpoints import fp8_checkpoint_pair  # noqa: E402
+from hf_checkpoints import fp8_checkpoint_pair  # noqa: E402
+
+from deepseek_mcp.inference.engine.batch import ScheduledSeq  # noqa: E402
+from deepseek_mcp.inference.engine.engine import Engine  # noqa: E402
 
 pytest.importorskip("triton")
 MOE_LAYER_LAUNCHES = 18  # measured: 16 Triton + the 2 bmm of W_UK / W_UV; the target is 20 (bench/RESULTS.md
@@ -27,7 +28,7 @@ MOE_LAYER_LAUNCHES = 18  # measured: 16 Triton + the 2 bmm of W_UK / W_UV; the t
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreter launches")
 def test_moe_layer_decode_launches(tmp_path):
-    from tests.launch_count import count_launches
+    from launch_count import count_launches
 
     ck = fp8_checkpoint_pair(tmp_path, hidden=128, q_lora_rank=128, moe_intermediate_size=128, top_k=2,
                              n_group=2, topk_group=1)

@@ -20,12 +20,12 @@ import pytest
 from mcp import Client
 from pydantic import ValidationError
 
-from mcp_server.config import ServerConfig
-from mcp_server.errors import readable_errors
-from mcp_server.model_host import ModelHost
-from mcp_server.schemas import ChatInput, ToolCallInput
-from mcp_server.server import build_server
-from mcp_server.service import ChatService
+from deepseek_mcp.mcp_server.config import ServerConfig
+from deepseek_mcp.mcp_server.errors import readable_errors
+from deepseek_mcp.mcp_server.model_host import ModelHost
+from deepseek_mcp.mcp_server.schemas import ChatInput, ToolCallInput
+from deepseek_mcp.mcp_server.server import build_server
+from deepseek_mcp.mcp_server.service import ChatService
 
 SCRIPT = Path(sys.executable).parent / "deepseek-mcp"
 
@@ -142,7 +142,7 @@ def test_bad_arguments_reach_the_client_readably() -> None:
 
 
 def test_generation_failure_is_logged_with_its_request_id(caplog: pytest.LogCaptureFixture) -> None:
-    from mcp_server.service import GenerationFailed
+    from deepseek_mcp.mcp_server.service import GenerationFailed
 
     class Broken:
         def stream(self, *args: Any, **kwargs: Any) -> Any:
@@ -154,9 +154,9 @@ def test_generation_failure_is_logged_with_its_request_id(caplog: pytest.LogCapt
     service = _offline_service()
 
     async def run() -> str:
-        from inference.engine.sampling import SamplingParams
-        from mcp_server.progress import Progress
-        from mcp_server.service import _Prepared
+        from deepseek_mcp.inference.engine.sampling import SamplingParams
+        from deepseek_mcp.mcp_server.progress import Progress
+        from deepseek_mcp.mcp_server.service import _Prepared
 
         prep = _Prepared(None, [], [1, 2], SamplingParams(max_tokens=2), Broken(), None)  # type: ignore[arg-type]
         with pytest.raises(GenerationFailed) as info:
@@ -175,7 +175,7 @@ def test_generation_failure_is_logged_with_its_request_id(caplog: pytest.LogCapt
 
 
 def test_conversation_store_is_bounded_by_tokens() -> None:
-    from mcp_server.conversations import Conversation, ConversationStore, UnknownConversation
+    from deepseek_mcp.mcp_server.conversations import Conversation, ConversationStore, UnknownConversation
 
     store = ConversationStore(capacity=10, max_tokens=100)
     store.put(Conversation("a", num_tokens=40))
@@ -194,13 +194,13 @@ def test_conversation_store_is_bounded_by_tokens() -> None:
 
 @pytest.fixture(scope="module")
 def engine() -> Any:
-    from inference.engine.engine import Engine
+    from deepseek_mcp.inference.engine.engine import Engine
 
     return Engine.from_pretrained(None)
 
 
 def _demo_config(**limits: Any) -> ServerConfig:
-    from mcp_server.config import Limits, SamplingDefaults
+    from deepseek_mcp.mcp_server.config import Limits, SamplingDefaults
 
     return ServerConfig(cache_tokens=4096, sampling=SamplingDefaults(temperature=0.0),
                         limits=Limits(**{"max_tokens": 2, "progress_interval_s": 0.2, **limits}))
@@ -271,7 +271,7 @@ class SlowEngine:
     async def stream(self, prompt_ids: list[int], params: Any, *, request_id: str, **_: Any) -> Any:
         from types import SimpleNamespace
 
-        from inference.engine.sequence import SequenceStatus
+        from deepseek_mcp.inference.engine.sequence import SequenceStatus
 
         def out(ids: list[int], delta: str, reason: str | None) -> Any:
             return SimpleNamespace(new_token_ids=ids[-1:] if delta else [], token_ids=list(ids), text_delta=delta,
@@ -302,9 +302,9 @@ class SlowEngine:
 
 
 def test_progress_says_queued_prefill_chunks_and_text_and_the_limit_starts_at_admission() -> None:
-    from inference.engine.sampling import SamplingParams
-    from mcp_server.generate import run_request
-    from mcp_server.progress import Progress
+    from deepseek_mcp.inference.engine.sampling import SamplingParams
+    from deepseek_mcp.mcp_server.generate import run_request
+    from deepseek_mcp.mcp_server.progress import Progress
 
     messages: list[str] = []
 
@@ -404,8 +404,8 @@ def test_signals_stop_the_server_within_two_seconds(transport: str, signum: int)
 
 
 def test_non_loopback_bind_admits_this_machines_addresses_on_the_bound_port() -> None:
-    from mcp_server.hosts import interface_addresses
-    from mcp_server.transports import security_settings
+    from deepseek_mcp.mcp_server.hosts import interface_addresses
+    from deepseek_mcp.mcp_server.transports import security_settings
 
     config = ServerConfig(transport="http", host="0.0.0.0", port=8123, token="t" * 20,
                           allowed_hosts=["mcp.example:443"])
@@ -422,7 +422,7 @@ def test_non_loopback_bind_admits_this_machines_addresses_on_the_bound_port() ->
 
 
 def test_421_names_the_host_and_the_flag() -> None:
-    from mcp_server.hosts import host_admitted, refusal
+    from deepseek_mcp.mcp_server.hosts import host_admitted, refusal
 
     body = refusal("10.1.2.3:8000").body.decode()
     assert "'10.1.2.3:8000'" in body and "--allowed-host 10.1.2.3:8000" in body
@@ -435,8 +435,8 @@ def test_a_request_by_interface_address_is_admitted() -> None:
     import httpx2
     import uvicorn
 
-    from mcp_server.hosts import interface_addresses
-    from mcp_server.transports import http_app
+    from deepseek_mcp.mcp_server.hosts import interface_addresses
+    from deepseek_mcp.mcp_server.transports import http_app
 
     address = next((a for a in interface_addresses(ipv6=False) if not a.startswith("127.")), None)
     if address is None:
@@ -476,7 +476,7 @@ def test_a_request_by_interface_address_is_admitted() -> None:
 
 def test_server_cli_version_print_config_and_token_warnings(capsys: pytest.CaptureFixture[str],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from mcp_server.__main__ import main
+    from deepseek_mcp.mcp_server.__main__ import main
 
     monkeypatch.delenv("DEEPSEEK_MCP_TOKEN", raising=False)
     monkeypatch.delenv("DEEPSEEK_MCP_CONFIG", raising=False)
@@ -497,7 +497,7 @@ def test_server_cli_version_print_config_and_token_warnings(capsys: pytest.Captu
 def test_generate_cli_has_one_kernel_flag_and_help_for_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from inference.__main__ import build_parser
+    from deepseek_mcp.inference.__main__ import build_parser
 
     parser = build_parser()
     generate = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
@@ -512,10 +512,10 @@ def test_generate_cli_has_one_kernel_flag_and_help_for_every_flag(capsys: pytest
 
 def test_generate_streams_and_heads_reasoning_and_answer(engine: Any, capsys: pytest.CaptureFixture[str],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from inference.__main__ import _Printer, _stream
-    from inference.engine.sampling import SamplingParams
-    from inference.text.parse import ContentDelta, ReasoningDelta
-    from inference.text.template import render_ids
+    from deepseek_mcp.inference.__main__ import _Printer, _stream
+    from deepseek_mcp.inference.engine.sampling import SamplingParams
+    from deepseek_mcp.inference.text.parse import ContentDelta, ReasoningDelta
+    from deepseek_mcp.inference.text.template import render_ids
 
     printer = _Printer(thinking=True)
     printer.events([ReasoningDelta("why"), ReasoningDelta(" so"), ContentDelta("because")])
@@ -530,8 +530,8 @@ def test_generate_streams_and_heads_reasoning_and_answer(engine: Any, capsys: py
 
 def test_demo_write_is_logged_with_path_and_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    from inference.model.demo import DEMO_VERSION
-    from mcp_server.model_host import logging_demo_write
+    from deepseek_mcp.inference.model.demo import DEMO_VERSION
+    from deepseek_mcp.mcp_server.model_host import logging_demo_write
 
     monkeypatch.setenv("DEEPSEEK_MCP_CACHE", str(tmp_path))
     target = tmp_path / f"demo-{DEMO_VERSION}"
@@ -559,9 +559,10 @@ def test_one_log_line_per_request_and_one_context_number(engine: Any, caplog: py
             await client.call_tool("chat", {"prompt": "hello", "max_tokens": 2})
             return (await client.call_tool("list_models", {})).structured_content["models"][0]
 
-    with caplog.at_level(logging.INFO, logger="mcp_server.service"):
+    logger = "deepseek_mcp.mcp_server.service"
+    with caplog.at_level(logging.INFO, logger=logger):
         info = anyio.run(run)
-    lines = [r.getMessage() for r in caplog.records if r.name == "mcp_server.service" and " tok/s" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if r.name == logger and " tok/s" in r.getMessage()]
     assert len(lines) == 1, lines
     assert lines[0].startswith("chat mcp-") and "prompt tokens (0 cached), 2 completion tokens" in lines[0]
     assert "finish length" in lines[0]
@@ -570,7 +571,7 @@ def test_one_log_line_per_request_and_one_context_number(engine: Any, caplog: py
 
 
 def test_printed_config_with_its_token_placeholder_is_refused(tmp_path: Path) -> None:
-    from mcp_server.config import ConfigError, load_config, printable
+    from deepseek_mcp.mcp_server.config import ConfigError, load_config, printable
 
     path = tmp_path / "config.json"
     path.write_text(printable(ServerConfig(token="a-long-enough-token-value")))
@@ -583,7 +584,7 @@ def test_printed_config_with_its_token_placeholder_is_refused(tmp_path: Path) ->
 def test_stdin_lines_from_a_pipe_and_a_regular_file(tmp_path: Path) -> None:
     import threading
 
-    from mcp_server.transports import StdinLines
+    from deepseek_mcp.mcp_server.transports import StdinLines
 
     data = b'{"a":1}\n' + b"x" * 200_000 + b"\n\xc3\xa9tail"
     read_fd, write_fd = os.pipe()

@@ -6,7 +6,6 @@ One demo Engine is loaded per module; each scenario runs its own ModelHost (and 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -17,18 +16,19 @@ import anyio
 import jsonschema
 import pytest
 import torch
+from helpers import fresh_seed
 from mcp import Client
 from mcp.types import CallToolResult, Tool
 
-from inference.constrained.tool_ban import ToolBan
-from inference.engine.engine import Engine
-from inference.engine.sampling import SamplingParams
-from inference.text.parse import parse
-from inference.text.template import render_ids
-from mcp_server.config import Limits, SamplingDefaults, ServerConfig
-from mcp_server.model_host import ModelHost
-from mcp_server.server import MODELS_URI, build_server
-from mcp_server.service import ChatService
+from deepseek_mcp.inference.constrained.tool_ban import ToolBan
+from deepseek_mcp.inference.engine.engine import Engine
+from deepseek_mcp.inference.engine.sampling import SamplingParams
+from deepseek_mcp.inference.text.parse import parse
+from deepseek_mcp.inference.text.template import render_ids
+from deepseek_mcp.mcp_server.config import Limits, SamplingDefaults, ServerConfig
+from deepseek_mcp.mcp_server.model_host import ModelHost
+from deepseek_mcp.mcp_server.server import MODELS_URI, build_server
+from deepseek_mcp.mcp_server.service import ChatService
 
 pytestmark = pytest.mark.anyio
 DEMO = "deepseek-v3.1-demo (random weights)"
@@ -478,7 +478,7 @@ async def test_tool_call_required_always_returns_valid_calls(served: tuple[Clien
     assert "not constrain" not in tools["tool_call"].description
     order_tool = {"name": "place_order", "inputSchema": ORDER}
     schemas = {"get_weather": WEATHER["inputSchema"], "search": SEARCH["inputSchema"], "place_order": ORDER}
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = fresh_seed()
     for i, (choice, max_tokens) in enumerate([("required", 40), ("required", 90), ({"name": "place_order"}, 60),
                                               ({"name": "search"}, 24)]):
         args = {"prompt": "Do it.", "tools": [WEATHER, SEARCH, order_tool], "tool_choice": choice,
@@ -495,7 +495,7 @@ async def test_tool_call_required_always_returns_valid_calls(served: tuple[Clien
 
 async def test_chat_response_format_validates(served: tuple[Client, ChatService], tools: dict[str, Tool]) -> None:
     client = served[0]
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = fresh_seed()
     fmt = {"type": "json_schema", "schema": ORDER}
     out = (await call(client, tools, "chat", {"prompt": "An order.", "response_format": fmt, "max_tokens": 48,
                                               "temperature": 1.0, "seed": seed})).structured_content
@@ -520,7 +520,7 @@ async def test_think_then_json_answer(served: tuple[Client, ChatService], tools:
     """Reasoning is free text; the answer after </think> is JSON for the schema, also when the reasoning would
     use up the budget (the grammar closes it in time)."""
     client = served[0]
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = fresh_seed()
     for budget, max_tokens in ((6, 60), (59, 60)):
         args = {"prompt": "Order?", "response_format": {"type": "json_schema", "schema": ORDER},
                 "thinking_budget": budget, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed}

@@ -5,23 +5,23 @@ text unless the server trusts its clients, forced tool calls and JSON replies ho
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import jsonschema
 import pytest
+from helpers import fresh_seed
 from mcp import Client
 from mcp.types import CallToolResult
 
-from inference.engine.engine import Engine
-from inference.text.control import EOS, USER
-from inference.text.template import render_ids
-from mcp_server.config import Limits, SamplingDefaults, ServerConfig
-from mcp_server.model_host import ModelHost
-from mcp_server.server import build_server
-from mcp_server.service import ChatService
+from deepseek_mcp.inference.engine.engine import Engine
+from deepseek_mcp.inference.text.control import EOS, USER
+from deepseek_mcp.inference.text.template import render_ids
+from deepseek_mcp.mcp_server.config import Limits, SamplingDefaults, ServerConfig
+from deepseek_mcp.mcp_server.model_host import ModelHost
+from deepseek_mcp.mcp_server.server import build_server
+from deepseek_mcp.mcp_server.service import ChatService
 
 pytestmark = pytest.mark.anyio
 
@@ -50,10 +50,6 @@ async def structured(client: Client, tool: str, args: dict[str, Any]) -> dict[st
     assert not result.is_error, result.content[0].text
     assert isinstance(result.structured_content, dict)
     return result.structured_content
-
-
-def fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
 
 
 async def test_spelled_control_tokens_in_a_prompt_are_text(engine: Engine) -> None:

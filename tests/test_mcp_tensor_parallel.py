@@ -14,8 +14,7 @@ from typing import Any
 import anyio
 import pytest
 from mcp import Client, StdioServerParameters
-
-from tests.test_mcp_stdio import WEATHER, server_env
+from test_mcp_stdio import WEATHER, server_env
 
 pytestmark = pytest.mark.anyio
 SCRIPT = Path(sys.executable).parent / "deepseek-mcp"
@@ -63,7 +62,7 @@ def _server_and_workers() -> tuple[int, list[int]]:
     procs = _procs()
     servers = [p for p in mine if "deepseek-mcp" in procs[p][1] and procs[p][0] == os.getpid()]
     assert len(servers) == 1, servers
-    workers = [p for p in mine if "inference.engine.launch" in procs[p][1]]
+    workers = [p for p in mine if "deepseek_mcp.inference.engine.launch" in procs[p][1]]
     return servers[0], workers
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import anyio
 import pytest
 
-from mcp_server.__main__ import build_parser, main, overrides
-from mcp_server.config import ConfigError, ServerConfig, check_serving_security, is_loopback, load_config
-from mcp_server.conversations import Conversation, ConversationStore, UnknownConversation
-from mcp_server.progress import Progress
-from mcp_server.schemas import McpTool, Message, NamedToolChoice, OpenAITool, ToolCallIn, ToolCallInput
-from mcp_server.tool_specs import BadToolSpec, check_call, normalize_choice, normalize_tools
-from mcp_server.transports import _jsonrpc_error, security_settings
+from deepseek_mcp.mcp_server.__main__ import build_parser, main, overrides
+from deepseek_mcp.mcp_server.config import ConfigError, ServerConfig, check_serving_security, is_loopback, load_config
+from deepseek_mcp.mcp_server.conversations import Conversation, ConversationStore, UnknownConversation
+from deepseek_mcp.mcp_server.progress import Progress
+from deepseek_mcp.mcp_server.schemas import McpTool, Message, NamedToolChoice, OpenAITool, ToolCallIn, ToolCallInput
+from deepseek_mcp.mcp_server.tool_specs import BadToolSpec, check_call, normalize_choice, normalize_tools
+from deepseek_mcp.mcp_server.transports import _jsonrpc_error, security_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "deepseek-mcp"

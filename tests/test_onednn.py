@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inference.model import onednn
-from inference.model.layers import Linear, Runtime
+from deepseek_mcp.inference.model import onednn
+from deepseek_mcp.inference.model.layers import Linear, Runtime
 
 HAVE = onednn.probe(torch.bfloat16)
 needs_onednn = pytest.mark.skipif(not HAVE, reason="this torch build cannot run oneDNN's packed bf16 linear")
@@ -81,8 +81,9 @@ def test_packed_linear_module():
 @needs_onednn
 def test_bf16_engine_packed_against_unpacked_and_transformers(tmp_path):
     pytest.importorskip("transformers")
-    from inference.engine.engine import Engine
-    from tests.hf_checkpoints import hf_logits, tiny_hf_model
+    from hf_checkpoints import hf_logits, tiny_hf_model
+
+    from deepseek_mcp.inference.engine.engine import Engine
 
     hf = tiny_hf_model(tmp_path, seed=5, hidden=128)
     packed = Engine.from_pretrained(tmp_path, device="cpu", dtype="bfloat16", backend="torch")

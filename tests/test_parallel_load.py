@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from inference.model import parallel_load
-from inference.model.checkpoint import find_checkpoint_files, load_weights
-from inference.model.config import ModelConfig
-from inference.model.demo import demo_checkpoint_path
-from inference.model.layers import FP8_DTYPE, Runtime
-from inference.model.parallel import ParallelConfigError, TPContext, check_divisible, shard_model
-from inference.model.transformer import Transformer
+from deepseek_mcp.inference.model import parallel_load
+from deepseek_mcp.inference.model.checkpoint import find_checkpoint_files, load_weights
+from deepseek_mcp.inference.model.config import ModelConfig
+from deepseek_mcp.inference.model.demo import demo_checkpoint_path
+from deepseek_mcp.inference.model.layers import FP8_DTYPE, Runtime
+from deepseek_mcp.inference.model.parallel import ParallelConfigError, TPContext, check_divisible, shard_model
+from deepseek_mcp.inference.model.transformer import Transformer
 
 RT = Runtime(dtype=torch.float32, scale_fmt="ue8m0")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_checkpoints import hf_greedy, hf_logits, tiny_hf_model
 
-from inference.engine.engine import Engine
-from inference.engine.sampling import SamplingParams
-from tests.hf_checkpoints import hf_greedy, hf_logits, tiny_hf_model
+from deepseek_mcp.inference.engine.engine import Engine
+from deepseek_mcp.inference.engine.sampling import SamplingParams
 
 pytest.importorskip("transformers")
 

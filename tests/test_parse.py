@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inference.text.parse import (
+from deepseek_mcp.inference.text.parse import (
     ALL_MARKERS,
     ContentDelta,
     ParseResult,
@@ -22,7 +22,7 @@ from inference.text.parse import (
     ToolCallStarted,
     parse,
 )
-from inference.text.template import render_prompt
+from deepseek_mcp.inference.text.template import render_prompt
 
 CB, CE = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 B, E, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"

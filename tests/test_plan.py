@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.model.config import ModelConfig
-from inference.model.demo import demo_checkpoint_path
-from inference.model.parallel import TPContext, shard_model
-from inference.model.plan import GIB, KINDS, main, plan, weight_bytes
-from inference.model.transformer import Runtime
+from deepseek_mcp.inference.model.config import ModelConfig
+from deepseek_mcp.inference.model.demo import demo_checkpoint_path
+from deepseek_mcp.inference.model.parallel import TPContext, shard_model
+from deepseek_mcp.inference.model.plan import GIB, KINDS, main, plan, weight_bytes
+from deepseek_mcp.inference.model.transformer import Runtime
 
 
 def _fixtures() -> Path | None:
@@ -90,8 +90,8 @@ def test_plan_cli_names_what_would_fit(capsys) -> None:
 def test_server_refuses_a_plan_that_does_not_fit_before_loading() -> None:
     import anyio
 
-    from mcp_server.config import ServerConfig
-    from mcp_server.model_host import ModelHost
+    from deepseek_mcp.mcp_server.config import ServerConfig
+    from deepseek_mcp.mcp_server.model_host import ModelHost
 
     host = ModelHost(ServerConfig(model=str(V31), tensor_parallel_size=8, device="cpu"))
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from inference.engine.sampling import (
+from deepseek_mcp.inference.engine.sampling import (
     SamplingParams,
     StopChecker,
     apply_top_k_top_p,
@@ -14,7 +14,7 @@ from inference.engine.sampling import (
     make_generator,
     sample,
 )
-from inference.text.tokenizer import Tokenizer
+from deepseek_mcp.inference.text.tokenizer import Tokenizer
 
 
 def _gens(params: list[SamplingParams]) -> list[torch.Generator | None]:

@@ -14,12 +14,12 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from inference.engine.batch import ScheduledSeq
-from inference.engine.block_manager import BlockManager, chain_block_hashes
-from inference.engine.sampling import SamplingParams
-from inference.engine.scheduler import Scheduler, SchedulerOutput
-from inference.engine.sequence import Sequence as Seq
-from inference.engine.sequence import SeqUpdate
+from deepseek_mcp.inference.engine.batch import ScheduledSeq
+from deepseek_mcp.inference.engine.block_manager import BlockManager, chain_block_hashes
+from deepseek_mcp.inference.engine.sampling import SamplingParams
+from deepseek_mcp.inference.engine.scheduler import Scheduler, SchedulerOutput
+from deepseek_mcp.inference.engine.sequence import Sequence as Seq
+from deepseek_mcp.inference.engine.sequence import SeqUpdate
 
 VOCAB = 50
 EOS = 0

@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from inference.engine.batch import ScheduledSeq
-from inference.engine.step_codec import StepDecoder, StepEncoder
-from inference.engine.step_inputs import StepInputs
+from deepseek_mcp.inference.engine.batch import ScheduledSeq
+from deepseek_mcp.inference.engine.step_codec import StepDecoder, StepEncoder
+from deepseek_mcp.inference.engine.step_inputs import StepInputs
 
 
 def _same(got: list[ScheduledSeq], want: list[ScheduledSeq]) -> None:

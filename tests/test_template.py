@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import fixtures_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inference.text.template import (
+from deepseek_mcp.inference.text.template import (
     BOS,
     TOOL_FORMAT_RULES,
     ChatTemplate,
@@ -20,7 +21,6 @@ from inference.text.template import (
     render_prompt,
     render_tools,
 )
-from tests.helpers import fixtures_dir
 
 FIXTURES = fixtures_dir()
 JINJA_FILE = FIXTURES / "deepseek_v31_chat_template.jinja"
@@ -380,7 +380,7 @@ def test_invalid_input_raises_value_error(messages, tools, message) -> None:
 @pytest.fixture(scope="module")
 def tokenizer():
     try:
-        from inference.text.tokenizer import Tokenizer
+        from deepseek_mcp.inference.text.tokenizer import Tokenizer
     except ImportError as e:  # pragma: no cover - the tokenizer module is part of the project
         pytest.skip(f"inference.text.tokenizer not importable: {e}")
     try:

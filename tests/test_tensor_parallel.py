@@ -16,13 +16,13 @@ from pathlib import Path
 import anyio
 import pytest
 import torch
+from hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model
 
-from inference.engine.async_engine import AsyncEngine
-from inference.engine.distributed import WorkerFailure
-from inference.engine.engine import Engine
-from inference.engine.sampling import SamplingParams
-from inference.model.parallel import ParallelConfigError
-from tests.hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model
+from deepseek_mcp.inference.engine.async_engine import AsyncEngine
+from deepseek_mcp.inference.engine.distributed import WorkerFailure
+from deepseek_mcp.inference.engine.engine import Engine
+from deepseek_mcp.inference.engine.sampling import SamplingParams
+from deepseek_mcp.inference.model.parallel import ParallelConfigError
 
 pytest.importorskip("transformers")
 
@@ -142,8 +142,8 @@ def test_bf16_ranks_with_packed_cpu_weights_match(tmp_path: Path) -> None:
     """bf16 on the CPU: every rank's column- and row-parallel projections and its vocabulary slice of the head run
     oneDNN-packed (inference/model/onednn.py). bf16 rounds differently per split (partial sums added after
     rounding), so the logits within bf16 tolerance (3% of the largest) of one process."""
-    from inference.model import onednn
-    from inference.model.layers import Linear
+    from deepseek_mcp.inference.model import onednn
+    from deepseek_mcp.inference.model.layers import Linear
 
     if not onednn.probe(torch.bfloat16):
         pytest.skip("this torch build cannot run oneDNN's packed bf16 linear")
@@ -197,12 +197,13 @@ def test_local_experts_triton_path_has_no_host_sync_and_equals_the_torch_path() 
         pytest.skip("no GPU and the Triton interpreter is off")
     from dataclasses import replace
 
-    from inference.model.config import ModelConfig
-    from inference.model.demo import DEMO_CONFIG
-    from inference.model.layers import Runtime
-    from inference.model.parallel import LocalExperts, TPContext
-    from tests.helpers import assert_close
-    from tests.sync_guard import HostSyncError, NoHostSync
+    from helpers import assert_close
+    from sync_guard import HostSyncError, NoHostSync
+
+    from deepseek_mcp.inference.model.config import ModelConfig
+    from deepseek_mcp.inference.model.demo import DEMO_CONFIG
+    from deepseek_mcp.inference.model.layers import Runtime
+    from deepseek_mcp.inference.model.parallel import LocalExperts, TPContext
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = replace(ModelConfig.from_dict(DEMO_CONFIG), n_routed_experts=8, hidden_size=32, moe_intermediate_size=16)
@@ -316,17 +317,17 @@ def test_hung_worker_times_out_naming_its_rank(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_ranks_generate_like_one_process(capsys) -> None:
-    """`torchrun --nproc-per-node 2 -m inference generate`: rank 0 generates, rank 1 runs the model loop."""
-    from inference.__main__ import main
+def test_torchrun_ranks_generate_like_one_process(capsys, tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m deepseek_mcp.inference generate`: rank 0 generates, rank 1 runs the model
+    loop."""
+    from deepseek_mcp.inference.__main__ import main
 
     args = ["generate", "--prompt", "hello", "--max-tokens", "8", "--dtype", "float32", "--device", "cpu"]
     assert main(args) == 0
     want = capsys.readouterr().out
-    root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "inference", *args], cwd=root, capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=str(root)))
+                          "-m", "deepseek_mcp.inference", *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == want and "x2 ranks" in out.stderr
 
@@ -336,14 +337,12 @@ def test_workers_never_outlive_rank_0(tmp_path: Path) -> None:
     tiny_hf_model(tmp_path, seed=4)
     script = textwrap.dedent(f"""
         import sys, time
-        from inference.engine.engine import Engine
+        from deepseek_mcp.inference.engine.engine import Engine
         e = Engine.from_pretrained({str(tmp_path)!r}, device="cpu", dtype="float32", tensor_parallel_size=2)
         print(*[p.pid for p in e.ranks[0].procs.values()], flush=True)
         time.sleep(600)
     """)
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(root)))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         pids = [int(p) for p in line.split()]
@@ -357,7 +356,7 @@ def test_workers_never_outlive_rank_0(tmp_path: Path) -> None:
 def test_worker_that_cannot_start_is_named_at_once(tmp_path: Path, monkeypatch) -> None:
     """A worker that dies before joining (here: a broken spec) fails the start naming it, without waiting out
     the start timeout, and leaves nothing running."""
-    from inference.engine import launch
+    from deepseek_mcp.inference.engine import launch
 
     tiny_hf_model(tmp_path, seed=6)
     monkeypatch.setattr(launch, "asdict", lambda spec: {"no_such_field": 1})
@@ -375,7 +374,7 @@ def test_worker_that_cannot_start_is_named_at_once(tmp_path: Path, monkeypatch) 
 @pytest.mark.slow
 def test_workers_wait_for_a_slow_rank_0_without_timing_out(tmp_path: Path, monkeypatch) -> None:
     """Rank 0 loading slower than the collective timeout: the workers, ready first, must still be there."""
-    from inference.engine import launch
+    from deepseek_mcp.inference.engine import launch
 
     tiny_hf_model(tmp_path, seed=7)
     build = launch.build_rank_model
@@ -400,8 +399,8 @@ def test_warm_up_and_decode_graphs_run_on_every_rank(tmp_path: Path) -> None:
     at once (their collectives line up), reports its graph count, and a decode step replays on every rank,
     giving the logits of one process without graphs. EagerGraph stands in for CUDA graphs (Triton interpreter)."""
     pytest.importorskip("triton")
-    from inference.engine.batch import ScheduledSeq
-    from inference.engine.cuda_graphs import EagerGraph
+    from deepseek_mcp.inference.engine.batch import ScheduledSeq
+    from deepseek_mcp.inference.engine.cuda_graphs import EagerGraph
 
     path = tmp_path / "m"
     tiny_hf_model(path, hidden=32, vocab_size=64)

@@ -9,7 +9,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-from inference.text.tokenizer import (
+from deepseek_mcp.inference.text.tokenizer import (
     DEEPSEEK_V31_VOCAB_SIZE,
     V31_SPECIAL_TOKENS,
     Tokenizer,

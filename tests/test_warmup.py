@@ -12,11 +12,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from inference.engine.batch import AttentionMetadata, ScheduledSeq  # noqa: E402
-from inference.engine.cuda_graphs import DecodeGraphs, EagerGraph  # noqa: E402
-from inference.engine.engine import Engine  # noqa: E402
-from inference.engine.warmup import bucket_for, decode_buckets, split_contexts, token_buckets, warm_steps  # noqa: E402
-from tests.hf_checkpoints import tiny_hf_model  # noqa: E402
+from hf_checkpoints import tiny_hf_model  # noqa: E402
+
+from deepseek_mcp.inference.engine.batch import AttentionMetadata, ScheduledSeq  # noqa: E402
+from deepseek_mcp.inference.engine.cuda_graphs import DecodeGraphs, EagerGraph  # noqa: E402
+from deepseek_mcp.inference.engine.engine import Engine  # noqa: E402
+from deepseek_mcp.inference.engine.warmup import bucket_for, decode_buckets, split_contexts, token_buckets, warm_steps  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -34,7 +35,7 @@ def test_buckets():
 
 def test_split_count_takes_seven_values():
     pytest.importorskip("triton")
-    from kernels.mla_triton import num_splits_for
+    from deepseek_mcp.kernels.mla_triton import num_splits_for
 
     values = {num_splits_for(b, h, n, 132) for b in (1, 2, 3, 8, 64, 128) for h in (16, 128)
               for n in range(1, 163_841, 997)}
@@ -111,7 +112,7 @@ def _requests(runner) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_after_warm_up_a_request_compiles_nothing(tiny, enforce_eager):
-    from tests.compile_hook import record_compiles
+    from compile_hook import record_compiles
 
     limits = dict(max_num_seqs=3, max_num_batched_tokens=8, max_context=32)
     cold = tiny.make_runner(8, 4)
@@ -146,7 +147,7 @@ def test_warm_up_is_a_no_op_on_cpu_by_default(tiny):
 
 def test_rope_kv_cache_skips_padding_slots():
     pytest.importorskip("triton")
-    from kernels.rope import rope_kv_cache, rope_kv_cache_torch
+    from deepseek_mcp.kernels.rope import rope_kv_cache, rope_kv_cache_torch
 
     g = torch.Generator().manual_seed(3)
     t, h, c, r = 3, 2, 16, 8
@@ -173,7 +174,7 @@ class _WarmRunner:
 def test_engine_core_warms_its_runner_with_the_pool_limits():
     from types import SimpleNamespace
 
-    from inference.engine.core import EngineCore
+    from deepseek_mcp.inference.engine.core import EngineCore
 
     engine = SimpleNamespace(max_context=96, device="cpu")
     runner = _WarmRunner()
@@ -185,9 +186,9 @@ def test_engine_core_warms_its_runner_with_the_pool_limits():
 
 
 def test_enforce_eager_flags():
-    from inference.__main__ import build_parser
-    from mcp_server.__main__ import build_parser as server_parser
-    from mcp_server.__main__ import overrides
+    from deepseek_mcp.inference.__main__ import build_parser
+    from deepseek_mcp.mcp_server.__main__ import build_parser as server_parser
+    from deepseek_mcp.mcp_server.__main__ import overrides
 
     assert build_parser().parse_args(["generate", "--prompt", "x", "--enforce-eager"]).enforce_eager
     assert not build_parser().parse_args(["generate", "--prompt", "x"]).enforce_eager
@@ -196,7 +197,7 @@ def test_enforce_eager_flags():
 
 
 def test_triton_cache_under_the_project_cache(tmp_path, monkeypatch):
-    from kernels.backend import use_user_cache
+    from deepseek_mcp.kernels.backend import use_user_cache
 
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     assert use_user_cache(tmp_path) == tmp_path / "triton"
@@ -206,7 +207,7 @@ def test_triton_cache_under_the_project_cache(tmp_path, monkeypatch):
     pytest.importorskip("triton")
     import triton
 
-    from kernels.tuning import _persists
+    from deepseek_mcp.kernels.tuning import _persists
 
     if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 2):
         assert _persists()  # autotune results go to the same cache dir (off under the interpreter, which tunes nothing)

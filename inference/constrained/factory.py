@@ -12,14 +12,14 @@ from typing import Any
 
 import xgrammar as xgr
 
-from inference.constrained.errors import ConstraintError
-from inference.constrained.grammars import Compiled, GrammarCache
-from inference.constrained.lexer import Lex
-from inference.constrained.processors import Gate, GrammarProcessor
-from inference.constrained.schema import check_schema, constrained_tools, size_keywords
-from inference.constrained.tool_ban import ToolBan
-from inference.constrained.vocab import GrammarVocab
-from inference.text.tokenizer import Tokenizer
+from deepseek_mcp.inference.constrained.errors import ConstraintError
+from deepseek_mcp.inference.constrained.grammars import Compiled, GrammarCache
+from deepseek_mcp.inference.constrained.lexer import Lex
+from deepseek_mcp.inference.constrained.processors import Gate, GrammarProcessor
+from deepseek_mcp.inference.constrained.schema import check_schema, constrained_tools, size_keywords
+from deepseek_mcp.inference.constrained.tool_ban import ToolBan
+from deepseek_mcp.inference.constrained.vocab import GrammarVocab
+from deepseek_mcp.inference.text.tokenizer import Tokenizer
 
 
 def parse_tool_choice(choice: Any) -> tuple[str, str | None]:

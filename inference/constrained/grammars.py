@@ -16,13 +16,13 @@ from typing import Any
 import xgrammar as xgr
 from xgrammar import structural_tag as st
 
-from inference.constrained.errors import ConstraintError, first_line
-from inference.constrained.lexer import Lex
-from inference.constrained.numbers import bounded_number_rules
-from inference.constrained.planner import Planner
-from inference.constrained.schema import SEPARATORS, canonical, commit_cost
-from inference.constrained.vocab import GrammarVocab
-from inference.text.tools import ToolSpec
+from deepseek_mcp.inference.constrained.errors import ConstraintError, first_line
+from deepseek_mcp.inference.constrained.lexer import Lex
+from deepseek_mcp.inference.constrained.numbers import bounded_number_rules
+from deepseek_mcp.inference.constrained.planner import Planner
+from deepseek_mcp.inference.constrained.schema import SEPARATORS, canonical, commit_cost
+from deepseek_mcp.inference.constrained.vocab import GrammarVocab
+from deepseek_mcp.inference.text.tools import ToolSpec
 
 
 def json_ebnf(schema: Mapping[str, Any], where: str) -> str:

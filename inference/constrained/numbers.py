@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from inference.constrained.errors import ConstraintError
+from deepseek_mcp.inference.constrained.errors import ConstraintError
 
 FINITE_BOUND = 10**15  # magnitudes the grammar writes for a number bounded on one side
 MAX_ENUMERATED_MULTIPLES = 1024

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import xgrammar as xgr
 
-from inference.constrained.lexer import ESCAPE, OUTSIDE, STRING, Lex, lex_step
-from inference.constrained.vocab import GrammarVocab
+from deepseek_mcp.inference.constrained.lexer import ESCAPE, OUTSIDE, STRING, Lex, lex_step
+from deepseek_mcp.inference.constrained.vocab import GrammarVocab
 
 
 class _Walk:

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 import torch
 import xgrammar as xgr
 
-from inference.constrained.errors import ConstraintError
-from inference.constrained.grammars import Compiled
-from inference.constrained.lexer import OUTSIDE, Lex
-from inference.constrained.planner import Planner, completes
-from inference.constrained.tool_ban import ban_ids, ban_marker, marker_tail
-from inference.constrained.vocab import GrammarVocab
+from deepseek_mcp.inference.constrained.errors import ConstraintError
+from deepseek_mcp.inference.constrained.grammars import Compiled
+from deepseek_mcp.inference.constrained.lexer import OUTSIDE, Lex
+from deepseek_mcp.inference.constrained.planner import Planner, completes
+from deepseek_mcp.inference.constrained.tool_ban import ban_ids, ban_marker, marker_tail
+from deepseek_mcp.inference.constrained.vocab import GrammarVocab
 
 _NEG_INF = float("-inf")
 

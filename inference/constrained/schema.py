@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from inference.constrained.errors import ConstraintError
-from inference.constrained.numbers import bound_numbers
-from inference.text.tools import BadToolSpec, ToolSpec, normalize_tools, schema_error
+from deepseek_mcp.inference.constrained.errors import ConstraintError
+from deepseek_mcp.inference.constrained.numbers import bound_numbers
+from deepseek_mcp.inference.text.tools import BadToolSpec, ToolSpec, normalize_tools, schema_error
 
 SEPARATORS = (",", ":")  # compact JSON: json.dumps(..., separators=(",", ":"))
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from inference.text.control import TOOL_CALL_MARKERS, TOOL_OUTPUT_MARKERS
+from deepseek_mcp.inference.text.control import TOOL_CALL_MARKERS, TOOL_OUTPUT_MARKERS
 
 MARKER_PREFIX = "<｜".encode()  # every DeepSeek control marker starts with these bytes
 _NEG_INF = float("-inf")

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import xgrammar as xgr
 
-from inference.constrained.errors import ConstraintError
-from inference.constrained.tool_ban import marker_ban
-from inference.text.control import (
+from deepseek_mcp.inference.constrained.errors import ConstraintError
+from deepseek_mcp.inference.constrained.tool_ban import marker_ban
+from deepseek_mcp.inference.text.control import (
     THINK_END,
     TOOL_CALL_BEGIN,
     TOOL_CALL_END,
@@ -28,7 +28,7 @@ from inference.text.control import (
     TOOL_OUTPUT_MARKERS,
     TOOL_SEP,
 )
-from inference.text.tokenizer import Tokenizer
+from deepseek_mcp.inference.text.tokenizer import Tokenizer
 
 _STRUCTURAL = frozenset(b'"\\{}[],:')
 

@@ -29,13 +29,13 @@ import anyio.lowlevel
 import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from inference.engine.block_manager import BlockManager
-from inference.engine.core import EngineCore, Runner, StepResult
-from inference.engine.logits_process import LogitsProcessor
-from inference.engine.sampling import SamplingParams, make_generator
-from inference.engine.scheduler import Scheduler
-from inference.engine.sequence import Sequence as Seq
-from inference.engine.sequence import SeqUpdate
+from deepseek_mcp.inference.engine.block_manager import BlockManager
+from deepseek_mcp.inference.engine.core import EngineCore, Runner, StepResult
+from deepseek_mcp.inference.engine.logits_process import LogitsProcessor
+from deepseek_mcp.inference.engine.sampling import SamplingParams, make_generator
+from deepseek_mcp.inference.engine.scheduler import Scheduler
+from deepseek_mcp.inference.engine.sequence import Sequence as Seq
+from deepseek_mcp.inference.engine.sequence import SeqUpdate
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,19 @@ from typing import Any, Protocol
 
 import torch
 
-from inference.engine.batch import ScheduledSeq
-from inference.engine.block_manager import BlockManager
-from inference.engine.logits_process import apply_logits_processors, has_prepare, start_prepare
-from inference.engine.runner import CacheMemoryError, available_memory, cache_bytes_per_token, check_cache_fits
-from inference.engine.sampling import sample
-from inference.engine.scheduler import Scheduler, SchedulerOutput
-from inference.engine.sequence import Sequence as Seq
-from inference.engine.sequence import SeqUpdate
+from deepseek_mcp.inference.engine.batch import ScheduledSeq
+from deepseek_mcp.inference.engine.block_manager import BlockManager
+from deepseek_mcp.inference.engine.logits_process import apply_logits_processors, has_prepare, start_prepare
+from deepseek_mcp.inference.engine.runner import (
+    CacheMemoryError,
+    available_memory,
+    cache_bytes_per_token,
+    check_cache_fits,
+)
+from deepseek_mcp.inference.engine.sampling import sample
+from deepseek_mcp.inference.engine.scheduler import Scheduler, SchedulerOutput
+from deepseek_mcp.inference.engine.sequence import Sequence as Seq
+from deepseek_mcp.inference.engine.sequence import SeqUpdate
 
 DEFAULT_TOKENS_PER_SEQ = 8192  # default cache size: this many tokens per concurrent sequence ...
 DEFAULT_MEMORY_FRACTION = 0.5  # ... if that much of the available memory allows

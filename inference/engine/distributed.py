@@ -28,9 +28,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from inference.engine.batch import ScheduledSeq
-from inference.engine.runner import ModelRunner
-from inference.engine.step_codec import StepDecoder, StepEncoder
+from deepseek_mcp.inference.engine.batch import ScheduledSeq
+from deepseek_mcp.inference.engine.runner import ModelRunner
+from deepseek_mcp.inference.engine.step_codec import StepDecoder, StepEncoder
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class WarmUpLimits:
         return cls(seqs, tokens, context, bool(eager), None if force < 0 else bool(force), bool(eager_graph))
 
     def run(self, runner: ModelRunner, log: Callable[[str], None] | None) -> None:
-        from inference.engine.cuda_graphs import EagerGraph
+        from deepseek_mcp.inference.engine.cuda_graphs import EagerGraph
 
         runner.warm_up(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                        max_context=self.max_context, enforce_eager=self.enforce_eager, force=self.force, log=log,
@@ -262,7 +262,7 @@ class DistributedRunner:
         """`ModelRunner.warm_up` on every rank at once (progress on rank 0's `log`; the workers are quiet): kernels
         compiled and tuned for the pool's shapes, then the decode CUDA graphs captured on every rank together.
         By default only on the Triton path on CUDA, as on one device; `graph` None or cuda_graphs.EagerGraph."""
-        from inference.engine.cuda_graphs import EagerGraph
+        from deepseek_mcp.inference.engine.cuda_graphs import EagerGraph
 
         if graph not in (None, EagerGraph):
             raise ValueError("under tensor parallelism warm_up takes graph=None or cuda_graphs.EagerGraph")

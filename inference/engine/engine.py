@@ -13,17 +13,22 @@ from typing import Any
 
 import torch
 
-from inference.engine.batch import ScheduledSeq
-from inference.engine.core import EngineCore
-from inference.engine.runner import ModelRunner, available_memory
-from inference.engine.sampling import SamplingParams, make_generator
-from inference.engine.sequence import Sequence as Seq
-from inference.model.checkpoint import checkpoint_is_fp8, find_checkpoint_files, load_weights, resolve_model_path
-from inference.model.config import ModelConfig
-from inference.model.demo import DEMO_NAME, default_cache_dir, demo_checkpoint_path
-from inference.model.transformer import Runtime, Transformer
-from inference.text.tokenizer import Tokenizer
-from kernels.backend import select_backend, use_user_cache
+from deepseek_mcp.inference.engine.batch import ScheduledSeq
+from deepseek_mcp.inference.engine.core import EngineCore
+from deepseek_mcp.inference.engine.runner import ModelRunner, available_memory
+from deepseek_mcp.inference.engine.sampling import SamplingParams, make_generator
+from deepseek_mcp.inference.engine.sequence import Sequence as Seq
+from deepseek_mcp.inference.model.checkpoint import (
+    checkpoint_is_fp8,
+    find_checkpoint_files,
+    load_weights,
+    resolve_model_path,
+)
+from deepseek_mcp.inference.model.config import ModelConfig
+from deepseek_mcp.inference.model.demo import DEMO_NAME, default_cache_dir, demo_checkpoint_path
+from deepseek_mcp.inference.model.transformer import Runtime, Transformer
+from deepseek_mcp.inference.text.tokenizer import Tokenizer
+from deepseek_mcp.kernels.backend import select_backend, use_user_cache
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,7 @@ def _resolve(path_or_repo_id: str | os.PathLike | None, device: torch.device | s
     if kernel_backend == "triton" and dev.type == "cuda":  # before the first compile (every rank resolves here)
         use_user_cache(default_cache_dir())
     if fp8 and kernel_backend == "triton" and dev.type == "cuda":  # the CPU interpreter emulates FP8
-        from kernels.backend import fp8_supported, fp8_unsupported_notice
+        from deepseek_mcp.kernels.backend import fp8_supported, fp8_unsupported_notice
 
         if not fp8_supported(dev):
             log.warning(fp8_unsupported_notice(dev))
@@ -107,7 +112,7 @@ class Engine:
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do on one device). Idempotent."""
         if self.ranks is not None:
-            from inference.engine.launch import shutdown
+            from deepseek_mcp.inference.engine.launch import shutdown
 
             group, plane = self.ranks
             self.ranks = None
@@ -147,7 +152,7 @@ class Engine:
                      fp8_block=config.quant.block_size[0] if config.quant else 128)
         tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else None)
         name = DEMO_NAME if path_or_repo_id is None else str(path_or_repo_id)
-        from inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, start_ranks, under_torchrun
+        from deepseek_mcp.inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, start_ranks, under_torchrun
 
         if tensor_parallel_size == 1 and under_torchrun():  # torchrun's world size is the tensor-parallel size
             tensor_parallel_size = int(os.environ["WORLD_SIZE"])
@@ -176,7 +181,7 @@ class Engine:
                  dtype: torch.dtype | str | None = None, *, backend: str = "auto", dequantize_fp8: bool = False,
                  dist_timeout_s: float | None = None) -> int:
         """A rank > 0 that torchrun started: load this rank's slices and run rank 0's steps until it stops."""
-        from inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, run_worker
+        from deepseek_mcp.inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, run_worker
 
         path, _, _, dev, dt, fp8, kernel_backend, dequantize_fp8 = _resolve(
             path_or_repo_id, device, dtype, backend, dequantize_fp8)
@@ -215,7 +220,7 @@ class Engine:
         runner = ModelRunner(self.model, self.config, num_blocks, block_size, self.device, self.dtype, setting)
         if self.ranks is None:
             return runner
-        from inference.engine.distributed import DistributedRunner
+        from deepseek_mcp.inference.engine.distributed import DistributedRunner
 
         return DistributedRunner(runner, self.ranks[1])
 

@@ -1,7 +1,7 @@
 """Start the tensor-parallel ranks: local worker processes (one per GPU, or CPU processes with gloo), or the
 ranks `torchrun` started; build and load each rank's part of the model.
 
-`python -m inference.engine.launch` is a local worker's entry point (rank 0 starts it with the spec in the
+`python -m deepseek_mcp.inference.engine.launch` is a local worker's entry point (rank 0 starts it with the spec in the
 environment); `run_worker(spec)` is the loop every rank but 0 runs, also under torchrun.
 """
 
@@ -23,12 +23,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from inference.engine.distributed import ControlPlane, worker_loop
-from inference.model.checkpoint import checkpoint_is_fp8, find_checkpoint_files
-from inference.model.config import ModelConfig
-from inference.model.parallel import TPContext, check_divisible, shard_model
-from inference.model.parallel_load import load_weights_sharded
-from inference.model.transformer import Runtime, Transformer
+from deepseek_mcp.inference.engine.distributed import ControlPlane, worker_loop
+from deepseek_mcp.inference.model.checkpoint import checkpoint_is_fp8, find_checkpoint_files
+from deepseek_mcp.inference.model.config import ModelConfig
+from deepseek_mcp.inference.model.parallel import TPContext, check_divisible, shard_model
+from deepseek_mcp.inference.model.parallel_load import load_weights_sharded
+from deepseek_mcp.inference.model.transformer import Runtime, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def start_local(world_size: int, spec: RankSpec) -> Group:
         for r in range(1, world_size):
             env = dict(base, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(store.port), **{SPEC_ENV: json.dumps(asdict(spec)), PARENT_FD_ENV: str(read_fd)})
-            procs[r] = subprocess.Popen([sys.executable, "-m", "inference.engine.launch"], env=env,
+            procs[r] = subprocess.Popen([sys.executable, "-m", "deepseek_mcp.inference.engine.launch"], env=env,
                                         stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), pass_fds=(read_fd,))
         _wait_joined(store, procs)
         device = rank_device(spec, 0)

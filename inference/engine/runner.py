@@ -7,12 +7,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from inference.engine.batch import ScheduledSeq
-from inference.engine.cuda_graphs import DecodeGraphs
-from inference.engine.step_inputs import StepInputs
-from inference.engine.warmup import warm_steps, warm_up
-from inference.model.config import ModelConfig
-from inference.model.transformer import Transformer
+from deepseek_mcp.inference.engine.batch import ScheduledSeq
+from deepseek_mcp.inference.engine.cuda_graphs import DecodeGraphs
+from deepseek_mcp.inference.engine.step_inputs import StepInputs
+from deepseek_mcp.inference.engine.warmup import warm_steps, warm_up
+from deepseek_mcp.inference.model.config import ModelConfig
+from deepseek_mcp.inference.model.transformer import Transformer
 
 
 class CacheMemoryError(MemoryError):
@@ -99,9 +99,9 @@ class ModelRunner:
         on_gpu = self.model.rt.backend == "triton" and self.device.type == "cuda"
         graphs = not enforce_eager and (graph is not None or on_gpu)
         if self.model.rt.backend == "triton":
-            from inference.model.demo import default_cache_dir
-            from kernels.backend import use_user_cache
-            from kernels.util import device_sms
+            from deepseek_mcp.inference.model.demo import default_cache_dir
+            from deepseek_mcp.kernels.backend import use_user_cache
+            from deepseek_mcp.kernels.util import device_sms
 
             use_user_cache(default_cache_dir())
             heads = next(m.w_uk.shape[0] for m in self.model.modules() if hasattr(m, "w_uk"))  # heads of this rank

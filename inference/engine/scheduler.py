@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from inference.engine.batch import ScheduledSeq
-from inference.engine.block_manager import BlockManager, chain_block_hashes
-from inference.engine.sequence import Sequence, SequenceStatus, SeqUpdate
+from deepseek_mcp.inference.engine.batch import ScheduledSeq
+from deepseek_mcp.inference.engine.block_manager import BlockManager, chain_block_hashes
+from deepseek_mcp.inference.engine.sequence import Sequence, SequenceStatus, SeqUpdate
 
 
 @dataclass(frozen=True)

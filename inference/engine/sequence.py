@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from inference.engine.sampling import SamplingParams, StopChecker, TextDecoder
+from deepseek_mcp.inference.engine.sampling import SamplingParams, StopChecker, TextDecoder
 
 if TYPE_CHECKING:
     import torch
 
-    from inference.engine.logits_process import LogitsProcessor
+    from deepseek_mcp.inference.engine.logits_process import LogitsProcessor
 
 
 class SequenceStatus(enum.Enum):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inference.engine.batch import ScheduledSeq
+from deepseek_mcp.inference.engine.batch import ScheduledSeq
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inference.engine.batch import AttentionMetadata, ScheduledSeq
+from deepseek_mcp.inference.engine.batch import AttentionMetadata, ScheduledSeq
 
 
 @dataclass

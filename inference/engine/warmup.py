@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from inference.engine.batch import ScheduledSeq
+from deepseek_mcp.inference.engine.batch import ScheduledSeq
 
 
 def _pow2_upto(n: int) -> list[int]:
@@ -49,7 +49,7 @@ def token_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
 
 def split_contexts(batch: int, heads: int, max_context: int, sms: int) -> list[int]:
     """One context length per MLA split count a decode batch of `batch` can reach (the longest first)."""
-    from kernels.mla_triton import num_splits_for
+    from deepseek_mcp.kernels.mla_triton import num_splits_for
 
     seen: dict[int, int] = {}
     length = max_context

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from inference.engine.batch import AttentionMetadata
+from deepseek_mcp.inference.engine.batch import AttentionMetadata
 
 
 def decode_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
@@ -90,7 +90,7 @@ def prefill_naive_kernel(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.
                          w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float) -> torch.Tensor:
     """The Triton path of the naive form: the step's contexts gathered from the paged cache, K and V expanded
     per head by two GEMMs (once per step), then `kernels.mla_naive.mla_prefill_naive` -> [T, H, v]."""
-    from kernels.mla_naive import mla_prefill_naive
+    from deepseek_mcp.kernels.mla_naive import mla_prefill_naive
 
     bs, c, dev = meta.block_size, w_uk.shape[-1], cache.device
     in_block = torch.arange(bs, device=dev)

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from inference.model.config import ModelConfig
-from inference.model.layers import FP8_DTYPE
-from inference.model.transformer import Transformer
+from deepseek_mcp.inference.model.config import ModelConfig
+from deepseek_mcp.inference.model.layers import FP8_DTYPE
+from deepseek_mcp.inference.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.model import onednn
-from inference.model.layout import dequant_fp8
+from deepseek_mcp.inference.model import onednn
+from deepseek_mcp.inference.model.layout import dequant_fp8
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -20,7 +20,7 @@ class Runtime:
     """How the model computes: activation dtype and which kernels run (set once at construction)."""
 
     dtype: torch.dtype = torch.bfloat16
-    backend: str = "torch"  # "torch" (twins) or "triton"
+    backend: str = "torch"  # "torch" (the model's torch code) or "triton"
     scale_fmt: str | None = None  # activation scales for FP8 GEMM ("ue8m0" on V3.1)
     fp8_block: int = 128
 
@@ -81,7 +81,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:
         if self.takes_fp8:
-            from kernels.fp8 import fp8_gemm, fp8_linear
+            from deepseek_mcp.kernels.fp8 import fp8_gemm, fp8_linear
 
             if isinstance(x, Fp8Act):  # quantized by the norm before: the GEMM alone
                 out = torch.empty(x.x.shape[0], self.out_features, dtype=x.x.dtype, device=x.x.device)
@@ -120,7 +120,7 @@ class RMSNorm(nn.Module):
         """x [T, D] -> weight * norm(x), normalized in fp32 and cast back before the weight (as the reference);
         an `Fp8Act` (the same values and their FP8 copy, one kernel) when `quantize` is set."""
         if self.rt.backend == "triton":
-            from kernels.norm import rmsnorm
+            from deepseek_mcp.kernels.norm import rmsnorm
 
             if self.quantize:
                 return Fp8Act(*rmsnorm(x, self.weight, self.eps, quant=True, scale_fmt=self.rt.scale_fmt))
@@ -133,7 +133,7 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self(x), x
         if self.rt.backend == "triton":
-            from kernels.norm import rmsnorm_residual
+            from deepseek_mcp.kernels.norm import rmsnorm_residual
 
             if self.quantize:
                 y, h, q, s = rmsnorm_residual(x, residual, self.weight, self.eps, quant=True,

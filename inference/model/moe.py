@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.model.config import ModelConfig
-from inference.model.layers import FP8_DTYPE, MLP, Fp8Act, Runtime, _frozen, plain
-from inference.model.layout import dequant_fp8, stack_shared_expert
+from deepseek_mcp.inference.model.config import ModelConfig
+from deepseek_mcp.inference.model.layers import FP8_DTYPE, MLP, Fp8Act, Runtime, _frozen, plain
+from deepseek_mcp.inference.model.layout import dequant_fp8, stack_shared_expert
 
 
 def route(scores_logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, shared_expert: bool = False
@@ -20,7 +20,7 @@ def route(scores_logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, sha
     scores_logits [T, E] fp32 -> (weights [T, k] fp32, expert ids [T, k] int64). Unselected groups are masked
     with -inf (as DeepSeek's reference), so a negative biased score in a chosen group still beats them.
     """
-    from kernels.router import moe_route_torch
+    from deepseek_mcp.kernels.router import moe_route_torch
 
     return moe_route_torch(scores_logits, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
                            cfg.norm_topk_prob, cfg.routed_scaling_factor, shared_expert=shared_expert)
@@ -42,7 +42,7 @@ class Gate(nn.Module):
         """x [T, D] -> (weights, expert ids) [T, k] each (k + 1 with the shared expert stacked)."""
         cfg = self.cfg
         if self.rt.backend == "triton":  # the fp32 GEMM reading x as it is, then the routing: two launches
-            from kernels.router import moe_gate_route
+            from deepseek_mcp.kernels.router import moe_gate_route
 
             return moe_gate_route(x, self.weight, self.e_score_correction_bias, cfg.n_group, cfg.topk_group,
                                   cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor,
@@ -98,9 +98,9 @@ class Experts(nn.Module):
         """x [T, D], weights/idx [T, k] -> [T, D]: rows sorted by expert; only experts with rows do work."""
         t, k = idx.shape
         if self.rt.backend == "triton":  # the sort, 2 grouped GEMMs, the combine; nothing reads the device
-            from kernels.moe import moe_grouped_gemm
-            from kernels.moe_align import moe_align
-            from kernels.router import moe_combine
+            from deepseek_mcp.kernels.moe import moe_grouped_gemm
+            from deepseek_mcp.kernels.moe_align import moe_align
+            from deepseek_mcp.kernels.router import moe_combine
 
             # [E + 1] first row per expert (E + 1 with the shared expert stacked), [T*k] sorted row -> pair,
             # [T*k] pair -> sorted row: one launch (the aten sort past 4096 pairs)
@@ -135,7 +135,7 @@ class Experts(nn.Module):
             h = F.silu(F.linear(seg, w_gate[j])) * F.linear(seg, w_up[j])
             ys[start : start + n] = F.linear(h, w_down[j])
             start += n
-        from kernels.router import moe_combine_torch
+        from deepseek_mcp.kernels.router import moe_combine_torch
 
         return moe_combine_torch(ys, weights, order)
 

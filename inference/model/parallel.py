@@ -24,11 +24,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from inference.model.config import ModelConfig
-from inference.model.layers import MLP, Linear, Runtime
-from inference.model.moe import Experts, Gate, MoE
-from inference.model.rope import Rotary
-from inference.model.transformer import MLA, Transformer
+from deepseek_mcp.inference.model.config import ModelConfig
+from deepseek_mcp.inference.model.layers import MLP, Linear, Runtime
+from deepseek_mcp.inference.model.moe import Experts, Gate, MoE
+from deepseek_mcp.inference.model.rope import Rotary
+from deepseek_mcp.inference.model.transformer import MLA, Transformer
 
 
 class ParallelConfigError(ValueError):

@@ -16,10 +16,17 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from inference.model.checkpoint import _EXPERT, _LAYER, CheckpointError, CheckpointFiles, _copy, check_loaded
-from inference.model.layers import FP8_DTYPE
-from inference.model.parallel import LocalExperts, Shard
-from inference.model.transformer import Transformer
+from deepseek_mcp.inference.model.checkpoint import (
+    _EXPERT,
+    _LAYER,
+    CheckpointError,
+    CheckpointFiles,
+    _copy,
+    check_loaded,
+)
+from deepseek_mcp.inference.model.layers import FP8_DTYPE
+from deepseek_mcp.inference.model.parallel import LocalExperts, Shard
+from deepseek_mcp.inference.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.model.config import ConfigError, ModelConfig
-from inference.model.parallel import ParallelConfigError, check_divisible, padded_vocab
+from deepseek_mcp.inference.model.config import ConfigError, ModelConfig
+from deepseek_mcp.inference.model.parallel import ParallelConfigError, check_divisible, padded_vocab
 
 KINDS = ("attention", "dense_mlp", "routed_experts", "shared_experts", "embedding_and_head", "norms_and_router")
 GIB = 2**30
@@ -233,13 +233,13 @@ def check_before_load(model: str | None, tensor_parallel_size: int, device: str 
     with the smallest size or memory that would fit. None where it does not apply (one rank on CPU)."""
     import torch
 
-    from inference.engine.runner import available_memory
+    from deepseek_mcp.inference.engine.runner import available_memory
 
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if tensor_parallel_size == 1 and not cuda:
         return None
     if model is None:
-        from inference.model.demo import demo_checkpoint_path
+        from deepseek_mcp.inference.model.demo import demo_checkpoint_path
 
         model = str(demo_checkpoint_path())
     cfg = read_config(model)

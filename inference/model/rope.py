@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from inference.model.config import RopeConfig, yarn_mscale
+from deepseek_mcp.inference.model.config import RopeConfig, yarn_mscale
 
 
 class Rotary:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inference.engine.batch import AttentionMetadata
-from inference.model import attention, onednn
-from inference.model.config import ModelConfig
-from inference.model.layers import MLP, Fp8Act, Linear, RMSNorm, Runtime, _frozen, fuse_linears, plain
-from inference.model.layout import dequant_fp8
-from inference.model.moe import Experts, Gate, MoE
-from inference.model.rope import Rotary
+from deepseek_mcp.inference.engine.batch import AttentionMetadata
+from deepseek_mcp.inference.model import attention, onednn
+from deepseek_mcp.inference.model.config import ModelConfig
+from deepseek_mcp.inference.model.layers import MLP, Fp8Act, Linear, RMSNorm, Runtime, _frozen, fuse_linears, plain
+from deepseek_mcp.inference.model.layout import dequant_fp8
+from deepseek_mcp.inference.model.moe import Experts, Gate, MoE
+from deepseek_mcp.inference.model.rope import Rotary
 
 
 class MLA(nn.Module):
@@ -81,7 +81,7 @@ class MLA(nn.Module):
             kv = self.kv_a_proj_with_mqa(x)  # [T, C + R]
             q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(t, heads, cfg.qk_head_dim).split([nope, r], dim=-1)  # [T, H, nope], [T, H, R]
-        from kernels import rope  # norm(c_kv) and rope(k_pe) into the cache slots, rope(q_pe): one kernel
+        from deepseek_mcp.kernels import rope  # norm(c_kv) and rope(k_pe) into the cache slots, rope(q_pe): one kernel
 
         write = rope.rope_kv_cache if self.rt.backend == "triton" else rope.rope_kv_cache_torch
         q_pe = write(kv, self.kv_a_layernorm.weight, q_pe, cos, sin, meta.slot_mapping,
@@ -93,7 +93,7 @@ class MLA(nn.Module):
             return self.o_proj(o.to(dtype).reshape(t, heads * cfg.v_head_dim))
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, C]
         if self.rt.backend == "triton":
-            from kernels.mla import mla_decode, mla_prefill
+            from deepseek_mcp.kernels.mla import mla_decode, mla_prefill
 
             if meta.is_decode:
                 o = mla_decode(q_latent, q_pe, cache, meta.block_tables, meta.seq_lens, cfg.softmax_scale,

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from inference.text.control import (
+from deepseek_mcp.inference.text.control import (
     EOS,
     SEARCH_BEGIN,
     SEARCH_END,
@@ -53,7 +53,7 @@ from inference.text.control import (
     TOOL_CALLS_END,
     TOOL_SEP,
 )
-from inference.text.finite_json import NonFiniteNumber, loads_finite
+from deepseek_mcp.inference.text.finite_json import NonFiniteNumber, loads_finite
 
 CALLS_BEGIN_VARIANTS = (TOOL_CALLS_BEGIN, "<｜tool_calls_begin｜>", "<｜tool calls begin｜>",
                         "<｜tool\\_calls\\_begin｜>", "<｜tool▁calls｜>")

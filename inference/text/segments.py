@@ -18,7 +18,7 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Protocol
 
-from inference.text.control import BOS, V31_SPECIAL_TOKENS
+from deepseek_mcp.inference.text.control import BOS, V31_SPECIAL_TOKENS
 
 Segment = tuple[str, bool]  # (text, is_control)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inference.text.control import (
+from deepseek_mcp.inference.text.control import (
     ASSISTANT,
     BOS,
     EOS,
@@ -46,11 +46,11 @@ from inference.text.control import (
     TOOL_SEP,
     USER,
 )
-from inference.text.segments import Parts, Segment, TokenEncoder, encode_segments
-from inference.text.tools import normalize_tools
+from deepseek_mcp.inference.text.segments import Parts, Segment, TokenEncoder, encode_segments
+from deepseek_mcp.inference.text.tools import normalize_tools
 
 if TYPE_CHECKING:
-    from inference.text.tokenizer import Tokenizer
+    from deepseek_mcp.inference.text.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -27,10 +27,10 @@ from typing import Any
 
 import tokenizers
 
-from inference.text.control import BOS as BOS_TOKEN
-from inference.text.control import EOS as EOS_TOKEN
-from inference.text.control import PAD as PAD_TOKEN
-from inference.text.control import V31_SPECIAL_TOKENS
+from deepseek_mcp.inference.text.control import BOS as BOS_TOKEN
+from deepseek_mcp.inference.text.control import EOS as EOS_TOKEN
+from deepseek_mcp.inference.text.control import PAD as PAD_TOKEN
+from deepseek_mcp.inference.text.control import V31_SPECIAL_TOKENS
 
 DEEPSEEK_V31_VOCAB_SIZE = 129280  # the model's embedding rows; the tokenizer itself ends at id 128814
 # The ids that V3 ships as placeholders and V3.1 renames.

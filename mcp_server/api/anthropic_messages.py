@@ -18,11 +18,11 @@ import json
 import logging
 from typing import Any
 
-from inference.text.parse import ToolCall
-from mcp_server.api.errors import invalid
-from mcp_server.api.generation import Choice, Plan, signature
-from mcp_server.schemas import McpTool, NamedToolChoice
-from mcp_server.tool_specs import BadToolSpec, ToolChoice, normalize_choice, normalize_tools
+from deepseek_mcp.inference.text.parse import ToolCall
+from deepseek_mcp.mcp_server.api.errors import invalid
+from deepseek_mcp.mcp_server.api.generation import Choice, Plan, signature
+from deepseek_mcp.mcp_server.schemas import McpTool, NamedToolChoice
+from deepseek_mcp.mcp_server.tool_specs import BadToolSpec, ToolChoice, normalize_choice, normalize_tools
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from inference.text.parse import (
+from deepseek_mcp.inference.text.parse import (
     ContentDelta,
     Event,
     ReasoningDelta,
@@ -20,9 +20,9 @@ from inference.text.parse import (
     ToolCallFinished,
     ToolCallStarted,
 )
-from mcp_server.api.anthropic_messages import input_json, stop_reason, tool_use_id, usage
-from mcp_server.api.generation import Choice, Plan, call_limit, new_call_id, signature
-from mcp_server.api.sse import Write, sse
+from deepseek_mcp.mcp_server.api.anthropic_messages import input_json, stop_reason, tool_use_id, usage
+from deepseek_mcp.mcp_server.api.generation import Choice, Plan, call_limit, new_call_id, signature
+from deepseek_mcp.mcp_server.api.sse import Write, sse
 
 PING_INTERVAL_S = 1.0
 

@@ -25,18 +25,31 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mcp_server.api import anthropic_messages, completions, openai_chat
-from mcp_server.api.anthropic_stream import MessageStream
-from mcp_server.api.errors import ApiError, Flavor, from_exception, from_validation, invalid
-from mcp_server.api.generation import Choice, Prepared, check_queue, check_ready, prepare, run_all, run_streaming
-from mcp_server.api.openai_stream import ChunkStream
-from mcp_server.api.requests import ChatCompletionRequest, CompletionRequest, CountTokensRequest, MessagesRequest
-from mcp_server.api.sse import EventStreamResponse, Write
-from mcp_server.hosts import HostGate
-from mcp_server.model_host import DEMO_NAME
-from mcp_server.progress import Progress
-from mcp_server.service import ChatService
-from mcp_server.transports import run_uvicorn, security_settings
+from deepseek_mcp.mcp_server.api import anthropic_messages, completions, openai_chat
+from deepseek_mcp.mcp_server.api.anthropic_stream import MessageStream
+from deepseek_mcp.mcp_server.api.errors import ApiError, Flavor, from_exception, from_validation, invalid
+from deepseek_mcp.mcp_server.api.generation import (
+    Choice,
+    Prepared,
+    check_queue,
+    check_ready,
+    prepare,
+    run_all,
+    run_streaming,
+)
+from deepseek_mcp.mcp_server.api.openai_stream import ChunkStream
+from deepseek_mcp.mcp_server.api.requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    CountTokensRequest,
+    MessagesRequest,
+)
+from deepseek_mcp.mcp_server.api.sse import EventStreamResponse, Write
+from deepseek_mcp.mcp_server.hosts import HostGate
+from deepseek_mcp.mcp_server.model_host import DEMO_NAME
+from deepseek_mcp.mcp_server.progress import Progress
+from deepseek_mcp.mcp_server.service import ChatService
+from deepseek_mcp.mcp_server.transports import run_uvicorn, security_settings
 
 log = logging.getLogger(__name__)
 

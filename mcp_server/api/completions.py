@@ -12,11 +12,11 @@ import json
 import time
 from typing import Any
 
-from mcp_server.api.errors import invalid
-from mcp_server.api.generation import Choice, Item, Plan, raw_prompt_ids
-from mcp_server.api.logprobs import TokenLogprob, completion_logprobs
-from mcp_server.api.openai_chat import refuse_unsupported
-from mcp_server.api.sse import Write, sse
+from deepseek_mcp.mcp_server.api.errors import invalid
+from deepseek_mcp.mcp_server.api.generation import Choice, Item, Plan, raw_prompt_ids
+from deepseek_mcp.mcp_server.api.logprobs import TokenLogprob, completion_logprobs
+from deepseek_mcp.mcp_server.api.openai_chat import refuse_unsupported
+from deepseek_mcp.mcp_server.api.sse import Write, sse
 
 
 def _prompts(req: Any, tokenizer: Any) -> list[list[int]]:

@@ -11,8 +11,8 @@ from typing import Literal
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from mcp_server.model_host import ModelUnavailable
-from mcp_server.service import GenerationFailed, RequestError, ServerBusy
+from deepseek_mcp.mcp_server.model_host import ModelUnavailable
+from deepseek_mcp.mcp_server.service import GenerationFailed, RequestError, ServerBusy
 
 log = logging.getLogger(__name__)
 

@@ -13,18 +13,18 @@ from typing import Any
 
 import anyio
 
-from inference.engine.logits_process import ThinkingBudget
-from inference.engine.sampling import SamplingParams
-from inference.text.parse import Event, ParseResult, ToolCall
-from inference.text.template import BOS, THINK_END
-from mcp_server.api.errors import ApiError
-from mcp_server.api.logprobs import StreamLogprobs, TokenLogprob, all_logprobs
-from mcp_server.generate import Decoded, RunResult
-from mcp_server.processors import LogprobRecorder, Penalties
-from mcp_server.progress import Progress
-from mcp_server.schemas import ResponseFormat
-from mcp_server.service import ChatService, RequestError
-from mcp_server.tool_specs import ToolChoice, ToolSpec
+from deepseek_mcp.inference.engine.logits_process import ThinkingBudget
+from deepseek_mcp.inference.engine.sampling import SamplingParams
+from deepseek_mcp.inference.text.parse import Event, ParseResult, ToolCall
+from deepseek_mcp.inference.text.template import BOS, THINK_END
+from deepseek_mcp.mcp_server.api.errors import ApiError
+from deepseek_mcp.mcp_server.api.logprobs import StreamLogprobs, TokenLogprob, all_logprobs
+from deepseek_mcp.mcp_server.generate import Decoded, RunResult
+from deepseek_mcp.mcp_server.processors import LogprobRecorder, Penalties
+from deepseek_mcp.mcp_server.progress import Progress
+from deepseek_mcp.mcp_server.schemas import ResponseFormat
+from deepseek_mcp.mcp_server.service import ChatService, RequestError
+from deepseek_mcp.mcp_server.tool_specs import ToolChoice, ToolSpec
 
 
 @dataclass

@@ -20,8 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from inference.engine.sampling import SamplingParams
-from mcp_server.processors import LogprobRecorder
+from deepseek_mcp.inference.engine.sampling import SamplingParams
+from deepseek_mcp.mcp_server.processors import LogprobRecorder
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mcp_server.api.errors import ApiError, invalid, unsupported
-from mcp_server.api.generation import Choice, Plan
-from mcp_server.api.logprobs import chat_logprobs
-from mcp_server.schemas import NamedToolChoice
-from mcp_server.tool_specs import BadToolSpec, ToolChoice, normalize_choice, normalize_tools
+from deepseek_mcp.mcp_server.api.errors import ApiError, invalid, unsupported
+from deepseek_mcp.mcp_server.api.generation import Choice, Plan
+from deepseek_mcp.mcp_server.api.logprobs import chat_logprobs
+from deepseek_mcp.mcp_server.schemas import NamedToolChoice
+from deepseek_mcp.mcp_server.tool_specs import BadToolSpec, ToolChoice, normalize_choice, normalize_tools
 
 EFFORT_FRACTION = {"minimal": 1 / 8, "low": 1 / 4, "medium": 1 / 2, "high": 3 / 4}
 REASONER_ALIAS = "deepseek-reasoner"

@@ -14,11 +14,11 @@ import json
 import time
 from typing import Any
 
-from inference.text.parse import ContentDelta, Event, ReasoningDelta, ToolArgumentsDelta, ToolCallStarted
-from mcp_server.api.generation import Choice, Item, Plan, call_limit, new_call_id
-from mcp_server.api.logprobs import TokenLogprob, chat_logprobs
-from mcp_server.api.openai_chat import usage
-from mcp_server.api.sse import Write, sse
+from deepseek_mcp.inference.text.parse import ContentDelta, Event, ReasoningDelta, ToolArgumentsDelta, ToolCallStarted
+from deepseek_mcp.mcp_server.api.generation import Choice, Item, Plan, call_limit, new_call_id
+from deepseek_mcp.mcp_server.api.logprobs import TokenLogprob, chat_logprobs
+from deepseek_mcp.mcp_server.api.openai_chat import usage
+from deepseek_mcp.mcp_server.api.sse import Write, sse
 
 
 def event_deltas(events: list[Event], limit: int, call_ids: dict[int, str]) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mcp_server.schemas import OpenAITool, ResponseFormat
+from deepseek_mcp.mcp_server.schemas import OpenAITool, ResponseFormat
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]

@@ -248,7 +248,8 @@ def main() -> None:
         child(args)
         return
 
-    from deepseek_mcp.inference.model.demo import default_cache_dir, demo_checkpoint_path
+    from deepseek_mcp.inference.model.demo import demo_checkpoint_path
+    from deepseek_mcp.inference.resources import default_cache_dir
 
     demo = demo_checkpoint_path()
     deq = dequantized_copy(demo, default_cache_dir() / f"demo-dequantized-{args.dtype}", getattr(torch, args.dtype))

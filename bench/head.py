@@ -37,7 +37,8 @@ def engine_ab(batch: int, rounds: int) -> None:
 
     from deepseek_mcp.inference.engine.batch import ScheduledSeq
     from deepseek_mcp.inference.engine.engine import Engine
-    from deepseek_mcp.inference.model.demo import default_cache_dir, demo_checkpoint_path
+    from deepseek_mcp.inference.model.demo import demo_checkpoint_path
+    from deepseek_mcp.inference.resources import default_cache_dir
 
     path = dequantized_copy(demo_checkpoint_path(), default_cache_dir() / "demo-dequantized-bfloat16", torch.bfloat16)
     packed = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", backend="torch")

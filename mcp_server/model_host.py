@@ -58,7 +58,8 @@ def default_loader(config: ServerConfig) -> Callable[[], Any]:
 
 def logging_demo_write(load: Callable[[], Any]) -> Any:
     """Run `load` (of the demo checkpoint), logging where the demo is written, and its size, on first use."""
-    from deepseek_mcp.inference.model.demo import DEMO_VERSION, default_cache_dir
+    from deepseek_mcp.inference.model.demo import DEMO_VERSION
+    from deepseek_mcp.inference.resources import default_cache_dir
 
     target = default_cache_dir() / f"demo-{DEMO_VERSION}"
     first = not (target / "model.safetensors.index.json").is_file()  # demo_checkpoint_path's test

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model  # noqa: E402
+from reference.mla import prefill_attention_absorbed  # noqa: E402
 from sync_guard import HostSyncError, NoHostSync  # noqa: E402
 
 from deepseek_mcp.inference.engine.batch import ScheduledSeq, build_batch  # noqa: E402
@@ -118,7 +119,7 @@ def test_naive_prefill_equals_absorbed_float64():
     w_uk = torch.randn(h, nope, c, dtype=torch.float64, generator=g)
     w_uv = torch.randn(h, v, c, dtype=torch.float64, generator=g)
     q_latent = torch.einsum("thd,hdc->thc", q_nope, w_uk)
-    absorbed = attention.prefill_attention_absorbed(q_latent, q_pe, cache.float(), meta, 0.3).double()
+    absorbed = prefill_attention_absorbed(q_latent, q_pe, cache.float(), meta, 0.3).double()
     ref = torch.einsum("thc,hvc->thv", absorbed, w_uv)
     got = attention.prefill_attention_naive(q_nope.float(), q_pe.float(), cache.float(), meta, w_uk.float(),
                                             w_uv.float(), 0.3)

@@ -4,6 +4,7 @@ promises (one top-level name, imports from anywhere) is tested in test_packaging
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import anyio
@@ -76,3 +77,33 @@ def test_no_source_file_over_450_lines() -> None:
     long = {str(p.relative_to(ROOT)): n for folder in ("inference", "kernels", "mcp_server")
             for p in (ROOT / folder).rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
     assert not long, f"split these files: {long}"
+
+
+# Who may import whom: each folder only from the layers below it (`mcp_server` -> `inference.engine` ->
+# `inference.model` / `.text` / `.constrained` -> `inference.resources`, `kernels`).
+LAYERS = {
+    "kernels": ("deepseek_mcp.kernels",),
+    "inference/resources.py": (),
+    "inference/model": ("deepseek_mcp.inference.model", "deepseek_mcp.inference.resources", "deepseek_mcp.kernels"),
+    "inference/text": ("deepseek_mcp.inference.text",),
+    "inference/constrained": ("deepseek_mcp.inference.constrained", "deepseek_mcp.inference.text"),
+    "inference/engine": ("deepseek_mcp.inference", "deepseek_mcp.kernels"),
+}
+
+
+def _project_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    return {n for n in names if n.startswith("deepseek_mcp.")}
+
+
+def test_no_layer_imports_upward() -> None:
+    upward = {}
+    for where, allowed in LAYERS.items():
+        files = [ROOT / where] if where.endswith(".py") else (ROOT / where).rglob("*.py")
+        for path in files:
+            bad = sorted(n for n in _project_imports(path) if not n.startswith(allowed))
+            if bad:
+                upward[str(path.relative_to(ROOT))] = bad
+    assert not upward, f"imports from a layer above: {upward}"

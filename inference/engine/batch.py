@@ -1,4 +1,5 @@
-"""What one forward step needs to know about the sequences in its batch and where their cache lives."""
+"""What one forward step needs to know about the sequences in its batch and where their cache lives (the
+model's `AttentionMetadata`, built here from the scheduled sequences)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from deepseek_mcp.inference.model.attention import AttentionMetadata
 
 
 @dataclass(frozen=True)
@@ -17,29 +20,6 @@ class ScheduledSeq:
     # block ids covering start_pos + len(token_ids) tokens: the sequence's live list, append-only while it lives
     # (the runner mirrors it into its device table by identity, writing only new entries)
     block_table: Sequence[int]
-
-
-@dataclass(frozen=True)
-class AttentionMetadata:
-    """Flattened batch of T new tokens from B sequences over a paged latent cache."""
-
-    slot_mapping: torch.Tensor  # [T] int64: cache slot each new token writes
-    block_tables: torch.Tensor  # [B, max_blocks] int32 (padded with 0)
-    seq_lens: torch.Tensor  # [B] int32 or int64: cached + new tokens after this step
-    query_start_loc: torch.Tensor  # [B+1] int32 or int64: cumulative new-token counts
-    logits_indices: torch.Tensor  # [N] int64: flattened rows whose logits are wanted
-    block_size: int
-    seq_lens_list: tuple[int, ...]  # host copies, so the torch path needs no device sync
-    query_lens_list: tuple[int, ...]
-    max_seq_len: int
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens_list)
-
-    @property
-    def is_decode(self) -> bool:
-        return all(q == 1 for q in self.query_lens_list)
 
 
 def build_batch(

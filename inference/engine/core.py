@@ -19,7 +19,6 @@ from deepseek_mcp.inference.engine.block_manager import BlockManager
 from deepseek_mcp.inference.engine.logits_process import apply_logits_processors, has_prepare, start_prepare
 from deepseek_mcp.inference.engine.runner import (
     CacheMemoryError,
-    available_memory,
     cache_bytes_per_token,
     check_cache_fits,
 )
@@ -27,6 +26,7 @@ from deepseek_mcp.inference.engine.sampling import sample
 from deepseek_mcp.inference.engine.scheduler import Scheduler, SchedulerOutput
 from deepseek_mcp.inference.engine.sequence import Sequence as Seq
 from deepseek_mcp.inference.engine.sequence import SeqUpdate
+from deepseek_mcp.inference.resources import available_memory
 
 DEFAULT_TOKENS_PER_SEQ = 8192  # default cache size: this many tokens per concurrent sequence ...
 DEFAULT_MEMORY_FRACTION = 0.5  # ... if that much of the available memory allows

@@ -20,8 +20,8 @@ from typing import Protocol
 
 import torch
 
-from deepseek_mcp.inference.engine.batch import AttentionMetadata
 from deepseek_mcp.inference.engine.warmup import bucket_for, decode_buckets
+from deepseek_mcp.inference.model.attention import AttentionMetadata
 
 
 class Graph(Protocol):

@@ -15,7 +15,7 @@ import torch
 
 from deepseek_mcp.inference.engine.batch import ScheduledSeq
 from deepseek_mcp.inference.engine.core import EngineCore
-from deepseek_mcp.inference.engine.runner import ModelRunner, available_memory
+from deepseek_mcp.inference.engine.runner import ModelRunner
 from deepseek_mcp.inference.engine.sampling import SamplingParams, make_generator
 from deepseek_mcp.inference.engine.sequence import Sequence as Seq
 from deepseek_mcp.inference.model.checkpoint import (
@@ -25,8 +25,9 @@ from deepseek_mcp.inference.model.checkpoint import (
     resolve_model_path,
 )
 from deepseek_mcp.inference.model.config import ModelConfig
-from deepseek_mcp.inference.model.demo import DEMO_NAME, default_cache_dir, demo_checkpoint_path
+from deepseek_mcp.inference.model.demo import DEMO_NAME, demo_checkpoint_path
 from deepseek_mcp.inference.model.transformer import Runtime, Transformer
+from deepseek_mcp.inference.resources import available_memory, default_cache_dir
 from deepseek_mcp.inference.text.tokenizer import Tokenizer
 from deepseek_mcp.kernels.backend import select_backend, use_user_cache
 

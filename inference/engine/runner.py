@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -13,6 +12,7 @@ from deepseek_mcp.inference.engine.step_inputs import StepInputs
 from deepseek_mcp.inference.engine.warmup import warm_steps, warm_up
 from deepseek_mcp.inference.model.config import ModelConfig
 from deepseek_mcp.inference.model.transformer import Transformer
+from deepseek_mcp.inference.resources import available_memory, default_cache_dir
 
 
 class CacheMemoryError(MemoryError):
@@ -22,20 +22,6 @@ class CacheMemoryError(MemoryError):
 def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """(kv_lora_rank + qk_rope_head_dim) x layers x element size: nothing per head."""
     return cfg.kv_cache_dim * cfg.num_layers * torch.empty((), dtype=dtype).element_size()
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 def check_cache_fits(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -99,7 +85,6 @@ class ModelRunner:
         on_gpu = self.model.rt.backend == "triton" and self.device.type == "cuda"
         graphs = not enforce_eager and (graph is not None or on_gpu)
         if self.model.rt.backend == "triton":
-            from deepseek_mcp.inference.model.demo import default_cache_dir
             from deepseek_mcp.kernels.backend import use_user_cache
             from deepseek_mcp.kernels.util import device_sms
 

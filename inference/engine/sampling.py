@@ -162,24 +162,6 @@ def _candidates(
     raise AssertionError("unreachable: the last candidate list is the whole vocabulary")
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask logits outside each row's top-k and top-p nucleus with -inf (returns a new tensor).
-
-    logits [B, V]; top_k [B] integer (0 or >= V keeps all; exactly k survive, equal logits ranked by lower
-    id first); top_p [B] float in (0, 1] (after top-k, keeps the smallest set of most probable tokens whose
-    mass reaches p; 1 keeps all).
-    """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
-    num_rows = logits.shape[0]
-    if top_k.shape != (num_rows,) or top_p.shape != (num_rows,):
-        raise ValueError(
-            f"top_k and top_p must be [{num_rows}], got {tuple(top_k.shape)} and {tuple(top_p.shape)}"
-        )
-    values, ids = _candidates(logits, top_k, top_p)
-    return torch.full_like(logits, float("-inf")).scatter_(1, ids, values)
-
-
 def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: probs [R, K] (rows need not be normalized), uniforms [R] in [0, 1) -> [R] column."""
     cdf = probs.double().cumsum(dim=-1)  # [R, K]
@@ -254,40 +236,6 @@ def find_stop_string(text: str, stops: Sequence[str], start: int = 0) -> tuple[i
         if pos >= 0 and (best is None or pos < best[0]):
             best = (pos, s)
     return best
-
-
-@dataclass(frozen=True)
-class StopResult:
-    finish_reason: str  # "stop" | "length"
-    text: str  # final output text, cut before a matched stop string
-    matched: int | str | None  # the stop token id or stop string; None for "length"
-
-
-def check_stop(
-    params: SamplingParams,
-    token_ids: Sequence[int],
-    text: str,
-    eos_id: int | None,
-    *,
-    new_text_start: int = 0,
-) -> StopResult | None:
-    """Stateless check after a step: token_ids are all generated ids (last = newest), text their decoded text.
-
-    Order: stop token (EOS unless ignore_eos, or stop_token_ids) on the newest token, then stop strings in
-    text (searched from `new_text_start`, widened for stop strings split across tokens), then max_tokens.
-    For a stop token the caller's text should not contain that token's own text.
-    """
-    if token_ids:
-        last = int(token_ids[-1])
-        if last in params.stop_token_ids or (last == eos_id and not params.ignore_eos):
-            return StopResult(FINISH_STOP, text, last)
-    if params.stop:
-        found = find_stop_string(text, params.stop, new_text_start)
-        if found is not None:
-            return StopResult(FINISH_STOP, text[: found[0]], found[1])
-    if len(token_ids) >= params.max_tokens:
-        return StopResult(FINISH_LENGTH, text, None)
-    return None
 
 
 class TextDecoder(Protocol):

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from deepseek_mcp.inference.engine.batch import AttentionMetadata, ScheduledSeq
+from deepseek_mcp.inference.engine.batch import ScheduledSeq
+from deepseek_mcp.inference.model.attention import AttentionMetadata
 
 
 @dataclass

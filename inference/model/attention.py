@@ -1,4 +1,5 @@
-"""Torch paths of MLA over the paged latent cache: absorbed decode (batched), absorbed prefill, naive prefill.
+"""Torch paths of MLA over the paged latent cache: absorbed decode (batched) and naive prefill (the absorbed
+prefill, which the CPU path never runs, is a test reference: tests/reference/mla.py).
 
 The cache `[num_blocks, block_size, C + R]` holds per token the normalized latent c_kv (C columns, also the
 value in the absorbed form) and the roped key k_pe (R columns). New tokens are already written into it.
@@ -7,10 +8,33 @@ All math in fp32. The Triton kernels in kernels/mla.py compute the same things o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from deepseek_mcp.inference.engine.batch import AttentionMetadata
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Flattened batch of T new tokens from B sequences over a paged latent cache."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot each new token writes
+    block_tables: torch.Tensor  # [B, max_blocks] int32 (padded with 0)
+    seq_lens: torch.Tensor  # [B] int32 or int64: cached + new tokens after this step
+    query_start_loc: torch.Tensor  # [B+1] int32 or int64: cumulative new-token counts
+    logits_indices: torch.Tensor  # [N] int64: flattened rows whose logits are wanted
+    block_size: int
+    seq_lens_list: tuple[int, ...]  # host copies, so the torch path needs no device sync
+    query_lens_list: tuple[int, ...]
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(q == 1 for q in self.query_lens_list)
 
 
 def decode_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
@@ -30,28 +54,6 @@ def decode_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
     scores = torch.bmm(q, kv.transpose(1, 2)).mul_(scale)  # [B, H, L]
     scores.masked_fill_(past_end[:, None, :], float("-inf"))
     return torch.bmm(scores.softmax(-1), kv[..., :c])  # [B, H, C]
-
-
-def prefill_attention_absorbed(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
-                               meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Absorbed MLA for any mix of chunks: q_latent [T, H, C], q_pe [T, H, R] -> [T, H, C] fp32.
-
-    New token i of sequence b sits at position seq_len - q_len + i and sees positions 0..itself.
-    """
-    c, bs = q_latent.shape[-1], meta.block_size
-    out = torch.empty(q_latent.shape, dtype=torch.float32, device=q_latent.device)
-    start = 0
-    for b, (seq_len, q_len) in enumerate(zip(meta.seq_lens_list, meta.query_lens_list)):
-        kv = cache[meta.block_tables[b, : -(-seq_len // bs)]].reshape(-1, cache.shape[-1])[:seq_len].float()
-        q = torch.cat((q_latent[start : start + q_len], q_pe[start : start + q_len]), dim=-1).float()  # [n, H, C+R]
-        scores = torch.einsum("nhd,ld->nhl", q, kv) * scale  # [n, H, L]
-        if q_len > 1:
-            pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-            future = torch.arange(seq_len, device=q.device)[None, :] > pos[:, None]  # [n, L]
-            scores.masked_fill_(future[:, None, :], float("-inf"))
-        out[start : start + q_len] = torch.einsum("nhl,lc->nhc", scores.softmax(-1), kv[:, :c])
-        start += q_len
-    return out
 
 
 def prefill_attention_naive(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,

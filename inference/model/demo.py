@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from deepseek_mcp.inference.resources import default_cache_dir
+
 DEMO_VERSION = "v1"
 DEMO_NAME = "deepseek-v3.1-demo (random weights)"
 FP8_MAX = 448.0
@@ -80,14 +82,6 @@ DEMO_CONFIG: dict = {
         "scale_fmt": "ue8m0",
     },
 }
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("DEEPSEEK_MCP_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "deepseek-mcp"
 
 
 def demo_checkpoint_path(cache_dir: Path | None = None) -> Path:

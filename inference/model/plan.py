@@ -233,7 +233,7 @@ def check_before_load(model: str | None, tensor_parallel_size: int, device: str 
     with the smallest size or memory that would fit. None where it does not apply (one rank on CPU)."""
     import torch
 
-    from deepseek_mcp.inference.engine.runner import available_memory
+    from deepseek_mcp.inference.resources import available_memory
 
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if tensor_parallel_size == 1 and not cuda:

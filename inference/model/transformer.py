@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deepseek_mcp.inference.engine.batch import AttentionMetadata
 from deepseek_mcp.inference.model import attention, onednn
+from deepseek_mcp.inference.model.attention import AttentionMetadata
 from deepseek_mcp.inference.model.config import ModelConfig
 from deepseek_mcp.inference.model.layers import MLP, Fp8Act, Linear, RMSNorm, Runtime, _frozen, fuse_linears, plain
 from deepseek_mcp.inference.model.layout import dequant_fp8

@@ -1,4 +1,4 @@
-"""Grammar-constrained decoding for the tools (inference/constrained.py on xgrammar), per request.
+"""Grammar-constrained decoding for the tools (inference/constrained/ on xgrammar), per request.
 
 `tool_call` with tool_choice "required" or {name}: the output is a tool-call block whose calls name an offered
 tool and whose arguments match its schema; "auto": free text until the model opens a block, then the same;

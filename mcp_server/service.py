@@ -27,11 +27,11 @@ from deepseek_mcp.inference.text.template import render_ids
 from deepseek_mcp.mcp_server.config import ServerConfig
 from deepseek_mcp.mcp_server.constraints import GrammarConstraints, grammar_available, steered
 from deepseek_mcp.mcp_server.conversations import Conversation, ConversationStore, TurnLocks, UnknownConversation
-from deepseek_mcp.mcp_server.generate import Decoded, RunResult, new_request_id, run_request
+from deepseek_mcp.mcp_server.engine_request import Decoded, RunResult, new_request_id, run_request
 from deepseek_mcp.mcp_server.model_host import ModelHost
 from deepseek_mcp.mcp_server.model_info import count_parameters, describe_model
-from deepseek_mcp.mcp_server.processors import ToolCallProcessors
 from deepseek_mcp.mcp_server.progress import Progress
+from deepseek_mcp.mcp_server.request_processors import ToolCallProcessors
 from deepseek_mcp.mcp_server.schemas import (
     ChatInput,
     ChatOutput,

@@ -514,7 +514,7 @@ def test_16_api_calls_with_mcp_calls(server: LiveServer) -> None:
 def test_failure_mid_stream_ends_with_an_error_event(server: LiveServer, monkeypatch: pytest.MonkeyPatch,
                                                      route: str) -> None:
     from deepseek_mcp.inference.text.parse import ContentDelta
-    from deepseek_mcp.mcp_server.generate import Decoded
+    from deepseek_mcp.mcp_server.engine_request import Decoded
     from deepseek_mcp.mcp_server.service import GenerationFailed
 
     async def failing_run(*args: Any, on_events: Any = None, **kw: Any) -> Any:

@@ -26,8 +26,8 @@ from deepseek_mcp.mcp_server.api.errors import ApiError
 from deepseek_mcp.mcp_server.api.generation import Choice, Plan, call_limit
 from deepseek_mcp.mcp_server.api.openai_stream import event_deltas
 from deepseek_mcp.mcp_server.api.requests import ChatCompletionRequest, MessagesRequest
-from deepseek_mcp.mcp_server.generate import RunResult
-from deepseek_mcp.mcp_server.processors import Penalties
+from deepseek_mcp.mcp_server.engine_request import RunResult
+from deepseek_mcp.mcp_server.request_processors import Penalties
 
 
 def block(*calls: tuple[str, str]) -> str:

@@ -303,7 +303,7 @@ class SlowEngine:
 
 def test_progress_says_queued_prefill_chunks_and_text_and_the_limit_starts_at_admission() -> None:
     from deepseek_mcp.inference.engine.sampling import SamplingParams
-    from deepseek_mcp.mcp_server.generate import run_request
+    from deepseek_mcp.mcp_server.engine_request import run_request
     from deepseek_mcp.mcp_server.progress import Progress
 
     messages: list[str] = []

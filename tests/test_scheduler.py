@@ -10,7 +10,8 @@ bookkeeping, not only the token flow.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections import abc
+from collections.abc import Callable
 
 import pytest
 
@@ -18,14 +19,13 @@ from deepseek_mcp.inference.engine.batch import ScheduledSeq
 from deepseek_mcp.inference.engine.block_manager import BlockManager, chain_block_hashes
 from deepseek_mcp.inference.engine.sampling import SamplingParams
 from deepseek_mcp.inference.engine.scheduler import Scheduler, SchedulerOutput
-from deepseek_mcp.inference.engine.sequence import Sequence as Seq
-from deepseek_mcp.inference.engine.sequence import SeqUpdate
+from deepseek_mcp.inference.engine.sequence import Sequence, SeqUpdate
 
 VOCAB = 50
 EOS = 0
 
 
-def next_token(context: Sequence[int]) -> int:
+def next_token(context: abc.Sequence[int]) -> int:
     h = 17
     for i, t in enumerate(context):
         h = (h * 31 + t * (i + 7)) % 1_000_003
@@ -47,7 +47,7 @@ class FakeRunner:
         self.slots: list[int | None] = [None] * (num_blocks * block_size)
         self.steps: list[list[ScheduledSeq]] = []
 
-    def run(self, seqs: Sequence[ScheduledSeq]) -> list[int]:
+    def run(self, seqs: abc.Sequence[ScheduledSeq]) -> list[int]:
         self.steps.append(list(seqs))
         bs = self.block_size
         for s in seqs:
@@ -99,8 +99,8 @@ def make(num_blocks: int = 64, block_size: int = 4, **kw) -> tuple[Scheduler, Fa
     return Scheduler(bm, **kw), FakeRunner(num_blocks, block_size)
 
 
-def add(sched: Scheduler, rid: str, prompt: list[int], max_tokens: int = 8, **kw) -> Seq:
-    seq = Seq(rid, prompt, SamplingParams(max_tokens=max_tokens, **kw), decoder=CharDecoder(), eos_id=EOS)
+def add(sched: Scheduler, rid: str, prompt: list[int], max_tokens: int = 8, **kw) -> Sequence:
+    seq = Sequence(rid, prompt, SamplingParams(max_tokens=max_tokens, **kw), decoder=CharDecoder(), eos_id=EOS)
     sched.add(seq)
     return seq
 
@@ -370,7 +370,7 @@ def test_random_workload_with_aborts() -> None:
     sched, runner = make(num_blocks=20, block_size=4, max_num_seqs=5, max_num_batched_tokens=12)
     shared = rand_prompt(rng, 9)
     expected: dict[str, list[int]] = {}
-    seqs: dict[str, Seq] = {}
+    seqs: dict[str, Sequence] = {}
     aborted: set[str] = set()
     for i in range(60):
         if rng.random() < 0.4:

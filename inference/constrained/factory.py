@@ -15,7 +15,7 @@ import xgrammar as xgr
 from deepseek_mcp.inference.constrained.errors import ConstraintError
 from deepseek_mcp.inference.constrained.grammars import Compiled, GrammarCache
 from deepseek_mcp.inference.constrained.lexer import Lex
-from deepseek_mcp.inference.constrained.processors import Gate, GrammarProcessor
+from deepseek_mcp.inference.constrained.processors import GrammarProcessor, GrammarStart
 from deepseek_mcp.inference.constrained.schema import check_schema, constrained_tools, size_keywords
 from deepseek_mcp.inference.constrained.tool_ban import ToolBan
 from deepseek_mcp.inference.constrained.vocab import GrammarVocab
@@ -78,10 +78,10 @@ class ConstraintFactory:
         except ConstraintError as e:
             raise ConstraintError(f"{e}{self.explain(schemas)}") from None
         if mode == "auto":
-            gate: Gate | None = Gate(self.vocab.tools.calls_begin, feed=True, optional=True)
+            start: GrammarStart | None = GrammarStart(self.vocab.tools.calls_begin, feed=True, optional=True)
         else:
-            gate = Gate(self.vocab.think_end_id, feed=False, optional=False) if thinking else None
-        return self._processor(compiled, max_tokens, gate, strict=mode != "auto", schemas=schemas)
+            start = GrammarStart(self.vocab.think_end_id, feed=False, optional=False) if thinking else None
+        return self._processor(compiled, max_tokens, start, strict=mode != "auto", schemas=schemas)
 
     def for_response_format(self, response_format: Mapping[str, Any] | None, max_tokens: int = 256, *,
                             thinking: bool = False) -> GrammarProcessor | None:
@@ -107,15 +107,15 @@ class ConstraintFactory:
             schemas = [("response_format", schema)]
         else:
             raise ConstraintError(f"response_format type must be 'json_schema', 'json_object' or 'text'; got {kind!r}")
-        gate = Gate(self.vocab.think_end_id, feed=False, optional=False) if thinking else None
-        return self._processor(compiled, max_tokens, gate, strict=True, schemas=schemas)
+        start = GrammarStart(self.vocab.think_end_id, feed=False, optional=False) if thinking else None
+        return self._processor(compiled, max_tokens, start, strict=True, schemas=schemas)
 
-    def _processor(self, compiled: Compiled, max_tokens: int, gate: Gate | None, strict: bool,
+    def _processor(self, compiled: Compiled, max_tokens: int, start: GrammarStart | None, strict: bool,
                    schemas: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> GrammarProcessor:
         if max_tokens < 1:
             raise ConstraintError(f"max_tokens must be >= 1, got {max_tokens}")
         try:
-            proc = GrammarProcessor(self.vocab, self.planner, compiled, max_tokens=max_tokens, gate=gate,
+            proc = GrammarProcessor(self.vocab, self.planner, compiled, max_tokens=max_tokens, start=start,
                                     slack=self.slack, top_k=self.top_k)
         except ConstraintError as e:
             raise ConstraintError(f"{e}{self.explain(schemas)}") from None

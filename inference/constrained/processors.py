@@ -5,7 +5,7 @@ validate, even when `max_tokens` runs out.
     proc = factory.for_tools(tools, "required", max_tokens=256)  # one per request, before generation
     proc = factory.for_response_format({"type": "json_schema", "schema": {...}}, max_tokens=256)
 
-Each processor follows the LogitsProcessor protocol (inference/logits_process.py): `prepare(output_ids)` syncs
+Each processor follows the LogitsProcessor protocol (inference/engine/logits_process.py): `prepare(output_ids)` syncs
 the grammar matcher and fills the token bitmask (the engine runs it during the forward), `__call__` applies it.
 
 Budget steering. A random model never closes a string on its own, so grammar masking alone does not finish an
@@ -44,7 +44,7 @@ _NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
-class Gate:
+class GrammarStart:
     """Free text until `token`; then the grammar. `feed`: the token is the grammar's first token.
     `optional`: the output may end without it (auto tool choice); else it is forced when the budget says so."""
 
@@ -68,14 +68,14 @@ class GrammarProcessor:
     """
 
     def __init__(self, vocab: GrammarVocab, planner: Planner, compiled: Compiled, *,
-                 max_tokens: int, gate: Gate | None = None, slack: int = 24, top_k: int = 8) -> None:
+                 max_tokens: int, start: GrammarStart | None = None, slack: int = 24, top_k: int = 8) -> None:
         self._vocab = vocab
         self._planner = planner
         self._matcher = xgr.GrammarMatcher(compiled.grammar)
         self._bitmask = xgr.allocate_token_bitmask(1, vocab.vocab_size)  # [1, ceil(V/32)] int32
         self._need_apply = True
         self.max_tokens = max_tokens
-        self.gate = gate
+        self.start = start
         self.slack = slack + compiled.jump
         self.guard = 2 * compiled.commit  # a token may commit twice (e.g. `},{` opens an item and a key)
         self.top_k = top_k
@@ -84,8 +84,8 @@ class GrammarProcessor:
         # step's own plan: a string that cannot close within reach costs each of them its whole budget
         self.candidate_ops = 4000
         self.max_jump = 0  # largest growth of the completion seen after one token
-        self.phase = FREE if gate is not None else GRAMMAR
-        self.opened = gate is None
+        self.phase = FREE if start is not None else GRAMMAR
+        self.opened = start is None
         self.steered = False
         self.over_budget = False
         self.error: str | None = None
@@ -104,13 +104,13 @@ class GrammarProcessor:
             raise ConstraintError(f"the grammar has no complete output within the {planner.max_bytes} tokens the "
                                   "planner looks ahead")
         self._plan: list[int] | None = plan
-        self.min_tokens = len(plan) + (1 if gate is not None and not gate.feed else 0)
+        self.min_tokens = len(plan) + (1 if start is not None and not start.feed else 0)
         tools = vocab.tools
-        if gate is None:
+        if start is None:
             ban: tuple[int, ...] = ()
-        elif gate.optional:  # auto: only the block opener, and only while a call still fits
-            ban = tuple(t for t in tools.all_ids if t != gate.token)
-        else:  # reasoning first: no tool tokens, no EOS before the gate
+        elif start.optional:  # auto: only the block opener, and only while a call still fits
+            ban = tuple(t for t in tools.all_ids if t != start.token)
+        else:  # reasoning first: no tool tokens, no EOS before the start token
             ban = (*tools.all_ids, vocab.eos_id)
         self._free_ban = torch.tensor(ban, dtype=torch.long)
 
@@ -196,12 +196,12 @@ class GrammarProcessor:
 
     def _advance(self, token: int) -> None:
         if self.phase == FREE:
-            assert self.gate is not None
-            if token == self.gate.token:
+            assert self.start is not None
+            if token == self.start.token:
                 self.phase = GRAMMAR
                 self.opened = True
                 self._tail = 0
-                if self.gate.feed:
+                if self.start.feed:
                     self._accept(token)
             else:
                 self._tail = marker_tail(self._tail, self._vocab.token_bytes[token])
@@ -228,16 +228,16 @@ class GrammarProcessor:
         self._cand_plans = {}
 
     def _free(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
-        assert self.gate is not None
+        assert self.start is not None
         if self._free_ban.numel():
             logits[self._free_ban.to(logits.device)] = _NEG_INF
         ban_marker(logits, self._vocab.marker_ban, self._tail)
-        if self.gate.optional:
+        if self.start.optional:
             if remaining < self.min_tokens:  # a call opened now could not be finished
-                logits[self.gate.token] = _NEG_INF
+                logits[self.start.token] = _NEG_INF
         elif remaining <= self.min_tokens + self.slack:
             self.steered = True
-            return _force(logits, self.gate.token)
+            return _force(logits, self.start.token)
         return logits
 
     def _steer(self, logits: torch.Tensor, plan: list[int], remaining: int, pool: torch.Tensor | None) -> None:

@@ -19,7 +19,8 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections import abc
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +35,7 @@ from deepseek_mcp.inference.engine.core import EngineCore, Runner, StepResult
 from deepseek_mcp.inference.engine.logits_process import LogitsProcessor
 from deepseek_mcp.inference.engine.sampling import SamplingParams, make_generator
 from deepseek_mcp.inference.engine.scheduler import Scheduler
-from deepseek_mcp.inference.engine.sequence import Sequence as Seq
-from deepseek_mcp.inference.engine.sequence import SeqUpdate
+from deepseek_mcp.inference.engine.sequence import Sequence, SeqUpdate
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class QueueFullError(RuntimeError):
 
 @dataclass(eq=False)
 class _Request:
-    seq: Seq
+    seq: Sequence
     send: MemoryObjectSendStream[RequestOutput | BaseException]
     submitted: bool = False
     done: bool = False
@@ -172,7 +172,7 @@ class AsyncEngine:
         params: SamplingParams,
         *,
         request_id: str | None = None,
-        logits_processors: Sequence[LogitsProcessor] = (),
+        logits_processors: abc.Sequence[LogitsProcessor] = (),
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and iterate over its outputs (one per step that produced tokens; the last one
         has `finished=True`). Bad input raises here, before anything is queued."""
@@ -191,7 +191,7 @@ class AsyncEngine:
             raise QueueFullError(f"the request queue is full ({self.num_waiting()} requests wait for "
                                  f"{len(self.scheduler.running)} running ones; the bound is {self.max_waiting})")
         send, recv = anyio.create_memory_object_stream[RequestOutput | BaseException](math.inf)
-        seq = Seq(rid, prompt_ids, params, tuple(logits_processors),
+        seq = Sequence(rid, prompt_ids, params, tuple(logits_processors),
                   generator=make_generator(params, self.device),
                   decoder=self.tokenizer.incremental_decoder(), eos_id=self.tokenizer.eos_id)
         return self._iterate(_Request(seq, send), recv)

@@ -7,7 +7,7 @@ the synchronous `Engine.generate` calls it in a loop until every sequence has fi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import abc
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,8 +24,7 @@ from deepseek_mcp.inference.engine.runner import (
 )
 from deepseek_mcp.inference.engine.sampling import sample
 from deepseek_mcp.inference.engine.scheduler import Scheduler, SchedulerOutput
-from deepseek_mcp.inference.engine.sequence import Sequence as Seq
-from deepseek_mcp.inference.engine.sequence import SeqUpdate
+from deepseek_mcp.inference.engine.sequence import Sequence, SeqUpdate
 from deepseek_mcp.inference.resources import available_memory
 
 DEFAULT_TOKENS_PER_SEQ = 8192  # default cache size: this many tokens per concurrent sequence ...
@@ -35,7 +34,7 @@ DEFAULT_MEMORY_FRACTION = 0.5  # ... if that much of the available memory allows
 class Runner(Protocol):
     num_blocks: int
 
-    def run(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor: ...
+    def run(self, seqs: abc.Sequence[ScheduledSeq]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -153,7 +152,7 @@ class EngineCore:
             tokens = sample(rows, [s.params for s in sampling], [s.generator for s in sampling]).tolist()
         result.updates = self.scheduler.postprocess(out, tokens)
 
-    def _pool_for(self, seqs: list[Seq]) -> ThreadPoolExecutor | None:
+    def _pool_for(self, seqs: list[Sequence]) -> ThreadPoolExecutor | None:
         if not any(has_prepare(s.logits_processors) for s in seqs):
             return None
         if self._prepare_pool is None:

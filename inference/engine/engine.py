@@ -6,7 +6,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from collections.abc import Sequence
+from collections import abc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from deepseek_mcp.inference.engine.batch import ScheduledSeq
 from deepseek_mcp.inference.engine.core import EngineCore
 from deepseek_mcp.inference.engine.runner import ModelRunner
 from deepseek_mcp.inference.engine.sampling import SamplingParams, make_generator
-from deepseek_mcp.inference.engine.sequence import Sequence as Seq
+from deepseek_mcp.inference.engine.sequence import Sequence
 from deepseek_mcp.inference.model.checkpoint import (
     checkpoint_is_fp8,
     find_checkpoint_files,
@@ -225,7 +225,7 @@ class Engine:
 
         return DistributedRunner(runner, self.ranks[1])
 
-    def check_prompt(self, token_ids: Sequence[int], max_tokens: int = 0) -> None:
+    def check_prompt(self, token_ids: abc.Sequence[int], max_tokens: int = 0) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty: pass at least one token")
         v = self.config.vocab_size
@@ -236,7 +236,7 @@ class Engine:
             raise ValueError(f"prompt of {len(token_ids)} tokens plus max_tokens {max_tokens} exceeds the model's "
                              f"context of {self.max_context} tokens; shorten the prompt or lower max_tokens")
 
-    def logits(self, token_ids: Sequence[int], block_size: int = 16) -> torch.Tensor:
+    def logits(self, token_ids: abc.Sequence[int], block_size: int = 16) -> torch.Tensor:
         """Prefill logits of every position: [len(token_ids), V] float32."""
         token_ids = list(token_ids)
         self.check_prompt(token_ids)
@@ -244,13 +244,13 @@ class Engine:
         runner = self.make_runner(n_blocks, block_size)
         return runner.run([ScheduledSeq(token_ids, 0, list(range(n_blocks)))], all_logits=True)
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+    def generate(self, prompts: abc.Sequence[abc.Sequence[int]], params: SamplingParams | abc.Sequence[SamplingParams],
                  block_size: int = 16) -> list[GenerationOutput]:
         """Batched generation through the server's step (`EngineCore`: scheduler, paged cache, processors,
         sampling): a cache sized for every prompt plus its max_tokens, so all are admitted at once, prefill
         in one step and decode one token per step, never preempted."""
         prompts = [list(p) for p in prompts]
-        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        plist = list(params) if isinstance(params, abc.Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
         if not prompts:
@@ -261,7 +261,7 @@ class Engine:
         core = EngineCore(self, max_num_seqs=len(prompts), max_num_batched_tokens=sum(map(len, prompts)),
                           cache_tokens=num_blocks * block_size, block_size=block_size,
                           warm_up=False)  # a pool per call: compiled on first use, eager
-        seqs = [Seq(str(i), p, sp, generator=make_generator(sp, self.device),
+        seqs = [Sequence(str(i), p, sp, generator=make_generator(sp, self.device),
                     decoder=self.tokenizer.incremental_decoder(), eos_id=self.tokenizer.eos_id)
                 for i, (p, sp) in enumerate(zip(prompts, plist))]
         for seq in seqs:

@@ -16,8 +16,7 @@ stops and releases finished sequences' blocks.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Sequence as Seq
+from collections import abc, deque
 from dataclasses import dataclass
 
 from deepseek_mcp.inference.engine.batch import ScheduledSeq
@@ -147,7 +146,7 @@ class Scheduler:
                 sample_rows.append(row)
         return SchedulerOutput(seqs, scheduled, sample_rows, preempted)
 
-    def postprocess(self, out: SchedulerOutput, sampled_token_ids: Seq[int]) -> list[SeqUpdate]:
+    def postprocess(self, out: SchedulerOutput, sampled_token_ids: abc.Sequence[int]) -> list[SeqUpdate]:
         """Advance the step's sequences; `sampled_token_ids[i]` belongs to row `out.sample_rows[i]`."""
         if len(sampled_token_ids) != len(out.sample_rows):
             raise ValueError(f"{len(sampled_token_ids)} sampled tokens for {len(out.sample_rows)} rows")

@@ -19,9 +19,9 @@ from deepseek_mcp.inference.text.parse import Event, ParseResult, ToolCall
 from deepseek_mcp.inference.text.template import BOS, THINK_END
 from deepseek_mcp.mcp_server.api.errors import ApiError
 from deepseek_mcp.mcp_server.api.logprobs import StreamLogprobs, TokenLogprob, all_logprobs
-from deepseek_mcp.mcp_server.generate import Decoded, RunResult
-from deepseek_mcp.mcp_server.processors import LogprobRecorder, Penalties
+from deepseek_mcp.mcp_server.engine_request import Decoded, RunResult
 from deepseek_mcp.mcp_server.progress import Progress
+from deepseek_mcp.mcp_server.request_processors import LogprobRecorder, Penalties
 from deepseek_mcp.mcp_server.schemas import ResponseFormat
 from deepseek_mcp.mcp_server.service import ChatService, RequestError
 from deepseek_mcp.mcp_server.tool_specs import ToolChoice, ToolSpec

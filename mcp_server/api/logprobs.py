@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deepseek_mcp.inference.engine.sampling import SamplingParams
-from deepseek_mcp.mcp_server.processors import LogprobRecorder
+from deepseek_mcp.mcp_server.request_processors import LogprobRecorder
 
 
 @dataclass(frozen=True)

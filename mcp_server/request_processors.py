@@ -1,7 +1,7 @@
 """Logits processors the tools attach to a request, and the hook through which constrained decoding plugs in.
 
 `ToolCallProcessors` is the seam for grammar-constrained tool calls: given the offered tools, the tool_choice and
-the token budget, it returns per-request processors (see inference/logits_process.py). The server plugs in
+the token budget, it returns per-request processors (see inference/engine/logits_process.py). The server plugs in
 mcp_server.constraints.GrammarConstraints; without one (no xgrammar on this platform, or `constrained_decoding`
 off), `tool_call` parses whatever the model produced and only tool_choice "none" is enforced, by the one
 tool-call ban (inference/constrained/tool_ban.py) over the control tokens.

@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the references the kernels are checked against
 
 
 def dequantized_copy(src: Path, dst: Path, dtype: torch.dtype) -> Path:
     """The demo checkpoint with every FP8 weight dequantized (no quantization_config)."""
+    from reference.fp8 import weight_dequant_torch
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from deepseek_mcp.kernels.fp8 import weight_dequant_torch
 
     if (dst / "config.json").is_file():
         return dst

@@ -10,8 +10,12 @@ they are recorded here, not asserted. Without CUDA (or Triton) it says so and ex
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the references the kernels are checked against
 
 GEMM_SHAPES = [(24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (2112, 7168), (7168, 2048)]
 GEMM_MS = [1, 16, 64, 128, 4096]
@@ -45,8 +49,10 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 
 def _gemm_row(dev, m: int, b: torch.Tensor, b_s: torch.Tensor, w_bf16: torch.Tensor, copy_gbs: float) -> list[str]:
+    from reference.fp8 import fp8_gemm_torch
+
     from deepseek_mcp.kernels import fp8_triton
-    from deepseek_mcp.kernels.fp8 import act_quant, fp8_gemm, fp8_gemm_torch
+    from deepseek_mcp.kernels.fp8 import act_quant, fp8_gemm
 
     n, k = b.shape
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -85,7 +91,9 @@ def bench_fp8(dev: torch.device, copy_gbs: float, quick: bool) -> None:
 
 
 def _mla_row(dev, bsz: int, ctx: int, copy_gbs: float) -> list[str]:
-    from deepseek_mcp.kernels.mla import mla_decode, mla_decode_torch
+    from reference.mla import mla_decode_torch
+
+    from deepseek_mcp.kernels.mla import mla_decode
     from deepseek_mcp.kernels.mla_triton import num_splits_for
 
     heads, kv_lora, rope, block = 128, 512, 64, 64
@@ -115,8 +123,10 @@ def bench_mla(dev: torch.device, copy_gbs: float, quick: bool) -> None:
 
 
 def _moe_row(dev, phase: str, tokens: int, proj: str, w, s, act, copy_gbs: float) -> list[str]:
+    from reference.moe import moe_grouped_gemm_torch
+
     from deepseek_mcp.kernels.fp8 import act_quant
-    from deepseek_mcp.kernels.moe import moe_grouped_gemm, moe_grouped_gemm_torch
+    from deepseek_mcp.kernels.moe import moe_grouped_gemm
 
     experts, n, k = w.shape
     ids = torch.rand(tokens, experts, device=dev).topk(8, dim=-1).indices.flatten()  # top-8 routing

@@ -1,22 +1,25 @@
-"""Triton kernels for DeepSeek-V3 inference, each with a pure-torch twin of the same signature.
+"""Triton kernels for DeepSeek-V3 inference.
 
-The twins are the references the tests hold each kernel to; the CPU path runs the model's own torch code and calls
-only a few of them (rope_kv_cache_torch, moe_route_torch, moe_combine_torch; moe_align_torch past the kernel's
-size limit on the Triton path).
+Each kernel module holds the Triton wrappers and, where the served code runs one, a pure-torch twin `*_torch` of
+the same signature: the CPU path runs the model's own torch code and calls rope_kv_cache_torch, moe_route_torch and
+moe_combine_torch; moe_align falls back to moe_align_torch past the kernel's size limit on the Triton path. The
+other kernels' pure-torch references, which only the tests and benchmarks call, live in tests/reference/ (fp8.py,
+mla.py, moe.py, norm.py, router.py).
 
-- kernels.fp8: act_quant, weight_dequant, fp8_gemm, fp8_linear (+ *_torch twins)
-- kernels.mla: mla_decode (split-KV), mla_prefill (+ *_torch twins)
-- kernels.moe: moe_grouped_gemm (+ moe_grouped_gemm_torch)
+- kernels.fp8: act_quant, weight_dequant, fp8_gemm, fp8_linear
+- kernels.mla: mla_decode (split-KV), mla_prefill
+- kernels.moe: moe_grouped_gemm
 - kernels.moe_align: moe_align (routed pairs sorted by expert: offsets, order, inv; + moe_align_torch)
 - kernels.norm: rmsnorm, rmsnorm_residual (RMSNorm with the residual add fused in front; quant=True also
   writes the output as act_quant's e4m3 + scales)
-- kernels.rope: rope_kv_cache (latent norm + rope of q_pe / k_pe + the paged-cache write, one launch)
+- kernels.rope: rope_kv_cache (latent norm + rope of q_pe / k_pe + the paged-cache write, one launch;
+  + rope_kv_cache_torch)
 - kernels.router: moe_gate_route (the gate GEMM, split-K, + the router: two launches), moe_route (DeepSeek's
-  group-limited top-k router), moe_combine (weighted gather-sum)
+  group-limited top-k router), moe_combine (weighted gather-sum); + moe_route_torch, moe_combine_torch
 - kernels.mla_naive: mla_prefill_naive (prefill over K / V expanded per head)
 - kernels.backend: select_backend, fp8_supported, fp8_unsupported_notice
 - kernels.aot: compile every kernel for sm_90a without a GPU (registers, spills, wgmma use)
 
 The *_triton modules hold the @triton.jit kernels and are imported only when a Triton wrapper runs, so the
-twins work where Triton is not installed.
+twins (and the references in tests/reference/) work where Triton is not installed.
 """

@@ -5,15 +5,16 @@ columns, also the value) and the roped key k_pe (last rope columns). A sequence'
 cache[block_tables[b, p // block_size], p % block_size]. For a query row: score_p = (q_latent . c_kv_p +
 q_pe . k_pe_p) * softmax_scale, output = softmax(scores) @ c_kv over the visible positions.
 
-`mla_decode` / `mla_prefill` launch Triton kernels (kernels/mla_triton.py, imported on first use); the twins
-`mla_decode_torch` / `mla_prefill_torch` gather through the block table and do float32 math.
+`mla_decode` / `mla_prefill` launch Triton kernels (kernels/mla_triton.py, imported on first use). The references
+they are tested against, `mla_decode_torch` / `mla_prefill_torch` (same signatures; they gather through the block
+table and do float32 math), live in tests/reference/mla.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from deepseek_mcp.kernels.util import cdiv, check_launchable, check_tensor, device_sms
+from deepseek_mcp.kernels.util import check_launchable, check_tensor, device_sms
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 _INDEX = (torch.int32, torch.int64)
@@ -56,38 +57,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(0) == t.shape[1] * t.stride(1) and t.stride(2) == 1 else t.contiguous()
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
-    """Positions 0..n-1 of one sequence -> [n, kv_lora + rope] fp32."""
-    blocks = block_table[: cdiv(n, cache.shape[1])].long()
-    return cache[blocks].reshape(-1, cache.shape[2])[:n].float()
-
-
-def _attend(q: torch.Tensor, qpe: torch.Tensor, kv: torch.Tensor, scale: float, mask: torch.Tensor | None):
-    """q [n, H, L], qpe [n, H, R], kv [S, L + R] fp32 -> [n, H, L]; mask [n, S] True where visible."""
-    kv_lora = q.shape[-1]
-    scores = (torch.einsum("nhl,sl->nhs", q.float(), kv[:, :kv_lora])
-              + torch.einsum("nhr,sr->nhs", qpe.float(), kv[:, kv_lora:])) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    return torch.einsum("nhs,sl->nhl", scores.softmax(-1), kv[:, :kv_lora])
-
-
-def mla_decode_torch(
-    q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor, softmax_scale: float, *, max_seq_len: int | None = None,
-    num_splits: int | None = None, out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Twin of `mla_decode` (max_seq_len and num_splits are accepted and ignored)."""
-    o = _check(q_latent, q_pe, cache, block_tables, seq_lens, out)
-    for b, n in enumerate(seq_lens.tolist()):
-        if n == 0:
-            o[b] = 0
-            continue
-        kv = _gather(cache, block_tables[b], n)
-        o[b] = _attend(q_latent[b : b + 1], q_pe[b : b + 1], kv, softmax_scale, None)[0]
-    return o
-
-
 def mla_decode(
     q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, softmax_scale: float, *, max_seq_len: int | None = None,
@@ -110,27 +79,6 @@ def mla_decode(
         raise ValueError(f"num_splits must be in 1..256, got {num_splits}")
     q, qpe = q_latent.to(cache.dtype), q_pe.to(cache.dtype)
     _triton().launch_mla_decode(q, qpe, cache, block_tables, seq_lens, float(softmax_scale), o, num_splits)
-    return o
-
-
-def mla_prefill_torch(
-    q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, softmax_scale: float, *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Twin of `mla_prefill`."""
-    o = _check(q_latent, q_pe, cache, block_tables, seq_lens, out, query_start_loc)
-    starts = query_start_loc.tolist()
-    for b, n in enumerate(seq_lens.tolist()):
-        q0, q1 = starts[b], starts[b + 1]
-        if q1 == q0:
-            continue
-        if q1 - q0 > n:
-            raise ValueError(f"sequence {b} has {q1 - q0} new tokens but seq_len {n}")
-        kv = _gather(cache, block_tables[b], n)
-        pos = torch.arange(n - (q1 - q0), n, device=cache.device)
-        visible = torch.arange(n, device=cache.device)[None, :] <= pos[:, None]  # [q_len, n]
-        o[q0:q1] = _attend(q_latent[q0:q1], q_pe[q0:q1], kv, softmax_scale, visible)
     return o
 
 

@@ -1,5 +1,5 @@
-"""Prefill in the naive MLA form: `mla_prefill_naive` (Triton, kernels/mla_naive_triton.py, imported on first use)
-and its twin `mla_prefill_naive_torch`.
+"""Prefill in the naive MLA form: `mla_prefill_naive` (Triton, kernels/mla_naive_triton.py, imported on first use).
+The reference it is tested against, `mla_prefill_naive_torch` (same signature, fp32), is in tests/reference/mla.py.
 
 For prefill chunks K and V are expanded per head from the latent once per step (k_nope = c_kv W_UK^T, v = c_kv
 W_UV^T, k_pe shared by the heads) and each chunk attends causally over `nope + rope` / `v` per head: 192 + 128
@@ -44,25 +44,6 @@ def _check(q, k, k_pe, v, seq_lens, qsl, ksl, out) -> torch.Tensor:
     check_tensor(qsl, "query_start_loc", shape=(bsz + 1,), dtypes=_INDEX, device=dev)
     check_tensor(ksl, "kv_start_loc", shape=(bsz + 1,), dtypes=_INDEX, device=dev)
     return out_or_new(out, (t_, heads, v.shape[2]), q.dtype, dev)
-
-
-def mla_prefill_naive_torch(q, k, k_pe, v, seq_lens, query_start_loc, kv_start_loc, softmax_scale: float, *,
-                            max_q_len: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Twin of `mla_prefill_naive` (fp32 math, one sequence at a time; max_q_len is ignored)."""
-    o = _check(q, k, k_pe, v, seq_lens, query_start_loc, kv_start_loc, out)
-    qs, ks = query_start_loc.tolist(), kv_start_loc.tolist()
-    for b, n in enumerate(seq_lens.tolist()):
-        q0, q1, k0 = qs[b], qs[b + 1], ks[b]
-        if q1 == q0:
-            continue
-        heads = q.shape[1]
-        keys = torch.cat((k[k0 : k0 + n], k_pe[k0 : k0 + n, None].expand(-1, heads, -1)), dim=-1).float()
-        scores = torch.einsum("thd,shd->hts", q[q0:q1].float(), keys) * softmax_scale  # [H, n_q, n]
-        pos = torch.arange(n - (q1 - q0), n, device=q.device)
-        future = torch.arange(n, device=q.device)[None, :] > pos[:, None]  # [n_q, n]
-        scores.masked_fill_(future[None], float("-inf"))
-        o[q0:q1] = torch.einsum("hts,shv->thv", scores.softmax(-1), v[k0 : k0 + n].float()).to(o.dtype)
-    return o
 
 
 def mla_prefill_naive(q, k, k_pe, v, seq_lens, query_start_loc, kv_start_loc, softmax_scale: float, *,

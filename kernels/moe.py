@@ -11,16 +11,16 @@ the result is silu(x @ gate^T) * (x @ up^T) [M, I]. Its FP8 scales are gate's bl
 With gather=(order, k) the kernel reads x [T, K] per token (sorted row r is token order[r] // k), so the
 sorted copy of x is never made; with x_scale, x comes already e4m3 (quantized by the RMSNorm before it).
 
-`moe_grouped_gemm` launches the Triton kernel (kernels/moe_triton.py, imported on first use);
-`moe_grouped_gemm_torch` is its twin (one matmul per expert that has rows).
+`moe_grouped_gemm` launches the Triton kernel (kernels/moe_triton.py, imported on first use). The reference it is
+tested against, `moe_grouped_gemm_torch` (same signature; one fp32 matmul per expert that has rows), is in
+tests/reference/moe.py.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from deepseek_mcp.kernels.fp8 import act_quant, act_quant_torch, weight_dequant_torch
+from deepseek_mcp.kernels.fp8 import act_quant
 from deepseek_mcp.kernels.util import FP8_DTYPE, cdiv, check_launchable, check_tensor, out_or_new
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -75,45 +75,6 @@ def _check(x, expert_offsets, w, w_scale, activation, out, gather, x_scale
         check_tensor(order, "gather's order", shape=(m * gk,), dtypes=(torch.int32, torch.int64), device=x.device)
         m = m * gk  # x holds one row per token, the output one per (token, expert) pair
     return out_or_new(out, (m, n_out), dtype, x.device), swiglu, order, gk
-
-
-def _dequant(w: torch.Tensor, scale: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
-    """One expert's [N, K] weight in fp32; with swiglu the gate and up halves carry their own scale blocks."""
-    if scale is None:
-        return w.float()
-    if not swiglu:
-        return weight_dequant_torch(w, scale)
-    half, srows = w.shape[0] // 2, scale.shape[0] // 2
-    return torch.cat((weight_dequant_torch(w[:half], scale[:srows]), weight_dequant_torch(w[half:], scale[srows:])))
-
-
-def moe_grouped_gemm_torch(
-    x: torch.Tensor, expert_offsets: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None,
-    activation: str | None = None, *, scale_fmt: str | None = None, out: torch.Tensor | None = None,
-    gather: tuple[torch.Tensor, int] | None = None, x_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Twin of `moe_grouped_gemm`: fp32 math, one matmul per expert with rows (FP8: x through act_quant_torch)."""
-    o, swiglu, order, gk = _check(x, expert_offsets, w, w_scale, activation, out, gather, x_scale)
-    if order is not None:  # row r of the sorted rows is token order[r] // k
-        src = order.long() // gk
-        x, x_scale = x[src], None if x_scale is None else x_scale[src]
-    fp8 = w_scale is not None
-    if fp8:
-        xq, xs = (x, x_scale) if x_scale is not None else act_quant_torch(x, 128, scale_fmt)
-        xf = xq.float() * xs.repeat_interleave(128, 1)[:, : x.shape[1]]  # [M, K] dequantized
-    else:
-        xf = x.to(w.dtype).float()  # the kernel multiplies in w's dtype
-    offsets = expert_offsets.tolist()
-    for e in range(w.shape[0]):
-        r0, r1 = offsets[e], offsets[e + 1]
-        if r1 <= r0:
-            continue  # experts with no rows cost nothing
-        y = xf[r0:r1] @ _dequant(w[e], w_scale[e] if fp8 else None, swiglu).T  # [rows, N]
-        if swiglu:
-            gate, up = y.chunk(2, dim=-1)
-            y = F.silu(gate) * up
-        o[r0:r1] = y.to(o.dtype)
-    return o
 
 
 def moe_grouped_gemm(

@@ -1,5 +1,6 @@
 """RMSNorm with the residual add fused in front: `rmsnorm` / `rmsnorm_residual` (Triton, kernels/norm_triton.py,
-imported on first use) and their twins `*_torch`.
+imported on first use). The references they are tested against, `rmsnorm_torch` / `rmsnorm_residual_torch` (same
+signatures), are in tests/reference/norm.py.
 
 y = weight * cast(x * rsqrt(mean(x^2) + eps)), normalized in fp32 and cast to x's dtype before the weight (as
 DeepSeek's and transformers' references do). With a residual: h = x + residual (rounded to x's dtype, as a
@@ -14,9 +15,8 @@ ceil(D/128)] fp32.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from deepseek_mcp.kernels.fp8 import BLOCK, _check_scale_fmt, act_quant_torch
+from deepseek_mcp.kernels.fp8 import BLOCK, _check_scale_fmt
 from deepseek_mcp.kernels.util import FP8_DTYPE, cdiv, check_launchable, check_tensor, out_or_new
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -51,20 +51,6 @@ def _out_len(out: Out, n: int) -> None:
         raise ValueError(f"out must be a tuple of {n} tensors here (the outputs returned)")
 
 
-def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: Out = None, quant: bool = False,
-                  scale_fmt: str | None = None) -> Result:
-    """Twin of `rmsnorm`: rmsnorm, then act_quant_torch of y with quant."""
-    _check(x, weight, None)
-    ue8m0 = _check_scale_fmt(scale_fmt)
-    y = weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-    if not quant:
-        return y if out is None else out_or_new(out, x.shape, x.dtype, x.device).copy_(y)
-    _out_len(out, 3)
-    y = y if out is None else out_or_new(out[0], x.shape, x.dtype, x.device, "out[0]").copy_(y)
-    yq, ys = act_quant_torch(y, BLOCK, "ue8m0" if ue8m0 else None, out=_quant_outs(x, out, 1))
-    return y, yq, ys
-
-
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: Out = None, quant: bool = False,
             scale_fmt: str | None = None) -> Result:
     """x [M, D] -> y [M, D] in x's dtype, one program per row; quant: (y, yq, ys) (see the module docstring;
@@ -83,23 +69,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: Out = Non
     if x.numel():
         _triton().launch_rmsnorm(x, None, weight, eps, y, None, (yq, ys), ue8m0)
     return y, yq, ys
-
-
-def rmsnorm_residual_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                           out: Out = None, quant: bool = False, scale_fmt: str | None = None) -> Result:
-    """Twin of `rmsnorm_residual`."""
-    _check(x, weight, residual)
-    _check_scale_fmt(scale_fmt)
-    _out_len(out, 4 if quant else 2)
-    h = x + residual
-    y = rmsnorm_torch(h, weight, eps)
-    if out is not None:
-        y = out_or_new(out[0], x.shape, x.dtype, x.device, "out[0]").copy_(y)
-        h = out_or_new(out[1], x.shape, x.dtype, x.device, "out[1]").copy_(h)
-    if not quant:
-        return y, h
-    yq, ys = act_quant_torch(y, BLOCK, scale_fmt, out=_quant_outs(x, out, 2))
-    return y, h, yq, ys
 
 
 def rmsnorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,

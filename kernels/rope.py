@@ -1,5 +1,5 @@
 """Rope with the latent-cache write: `rope_kv_cache` (Triton, kernels/rope_triton.py, imported on first use) and
-its twin `rope_kv_cache_torch`.
+its twin `rope_kv_cache_torch` (same signature), which the CPU path runs (inference/model/transformer.py).
 
 For each new token: the latent c_kv (first C columns of kv_a_proj's output) is RMS-normalized (fp32, cast to the
 activation dtype before the weight), the key's rope part k_pe (last R columns) and the query's q_pe [H, R] are

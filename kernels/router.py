@@ -1,5 +1,7 @@
 """DeepSeek-V3 MoE gate, routing and combine: `moe_gate_route` / `moe_route` / `moe_combine` (Triton,
-kernels/router_triton.py, imported on first use) and their twins `*_torch`.
+kernels/router_triton.py, imported on first use). `moe_route_torch` / `moe_combine_torch` are the twins of the last
+two (same signatures) and what the CPU path runs (inference/model/moe.py); `moe_gate_route`'s reference,
+`moe_gate_route_torch`, is in tests/reference/router.py.
 
 Gate: logits = x W^T in fp32 (x upcast; fp32 products, no tf32: the routing hangs on small differences).
 
@@ -14,7 +16,6 @@ Combine: the expert outputs sorted by expert [T*k, D] summed back into their tok
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from deepseek_mcp.kernels.util import check_launchable, check_tensor, device_sms, out_or_new
 
@@ -90,20 +91,6 @@ def _check_gate(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, n_group: i
     if w.shape[1] != x.shape[1]:
         raise ValueError(f"x [T, D] = {tuple(x.shape)} and w [E, D] = {tuple(w.shape)} disagree on D")
     _check_groups(w.shape[0], bias, x.device, n_group, topk_group, top_k)
-
-
-def moe_gate_route_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
-                         top_k: int, norm_topk_prob: bool, scaling: float, *, shared_expert: bool = False,
-                         out: tuple[torch.Tensor, torch.Tensor] | None = None, split_k: int | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Twin of `moe_gate_route`: moe_route_torch of the fp32 logits F.linear(x.float(), w) (split_k ignored)."""
-    _check_gate(x, w, bias, n_group, topk_group, top_k)
-    weights, ids = moe_route_torch(F.linear(x.float(), w.float()), bias, n_group, topk_group, top_k,
-                                   norm_topk_prob, scaling, shared_expert=shared_expert)
-    if out is None:
-        return weights, ids
-    return (out_or_new(out[0], weights.shape, torch.float32, x.device, "out[0]").copy_(weights),
-            out_or_new(out[1], ids.shape, torch.int64, x.device, "out[1]").copy_(ids))
 
 
 def moe_gate_route(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,

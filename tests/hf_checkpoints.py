@@ -70,10 +70,10 @@ def fp8_checkpoint_pair(root: Path, hidden: int = 192, seed: int = 7, **model_kw
     """The same tiny model as an FP8 checkpoint (UE8M0 block scales) and as its exact fp32 dequantization.
 
     hidden 192 = one full 128 block plus a 64-wide edge block."""
+    from reference.fp8 import weight_dequant_torch
     from safetensors.torch import load_file, save_file
 
     from deepseek_mcp.inference.model.demo import quantize_fp8_blockwise
-    from deepseek_mcp.kernels.fp8 import weight_dequant_torch
 
     base = root / "hf"
     base.mkdir()

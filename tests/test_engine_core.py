@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_checkpoints import fp8_checkpoint_pair, tiny_hf_model
+from reference.fp8 import weight_dequant_torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -20,7 +21,6 @@ from deepseek_mcp.inference.model.checkpoint import CheckpointError
 from deepseek_mcp.inference.model.config import ConfigError, ModelConfig
 from deepseek_mcp.inference.model.demo import DEMO_CONFIG, quantize_fp8_blockwise, write_demo_checkpoint
 from deepseek_mcp.inference.model.moe import route
-from deepseek_mcp.kernels.fp8 import weight_dequant_torch
 
 
 def _rand_ids(n: int, seed: int, vocab: int = 256) -> list[int]:

@@ -17,6 +17,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hf_checkpoints import fp8_checkpoint_pair  # noqa: E402
+from reference.fp8 import fp8_linear_torch  # noqa: E402
+from reference.mla import mla_prefill_torch  # noqa: E402
+from reference.moe import moe_grouped_gemm_torch  # noqa: E402
 
 from deepseek_mcp.inference.engine.engine import Engine  # noqa: E402
 from deepseek_mcp.inference.engine.sampling import SamplingParams  # noqa: E402
@@ -66,9 +69,9 @@ def test_kernel_logits_match_twins_fp8(ckpts, monkeypatch):
     from deepseek_mcp.kernels import fp8, mla, moe
 
     got = _load(ckpts["fp8"], "bfloat16", "triton").logits(IDS, block_size=8)
-    monkeypatch.setattr(fp8, "fp8_linear", fp8.fp8_linear_torch)
-    monkeypatch.setattr(mla, "mla_prefill", mla.mla_prefill_torch)
-    monkeypatch.setattr(moe, "moe_grouped_gemm", moe.moe_grouped_gemm_torch)
+    monkeypatch.setattr(fp8, "fp8_linear", fp8_linear_torch)  # the model calls the modules' wrappers
+    monkeypatch.setattr(mla, "mla_prefill", mla_prefill_torch)
+    monkeypatch.setattr(moe, "moe_grouped_gemm", moe_grouped_gemm_torch)
     twins = _load(ckpts["fp8"], "bfloat16", "triton").logits(IDS, block_size=8)
     twins32 = _load(ckpts["fp8"], "float32", "triton").logits(IDS, block_size=8)
     noise = _rel(twins, twins32)  # what bf16 does to this FP8-activation path

@@ -17,20 +17,17 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from helpers import assert_close
+from reference.fp8 import (  # noqa: E402
+    act_quant_torch,
+    ceil_pow2_torch,
+    fp8_gemm_torch,
+    fp8_linear_torch,
+    weight_dequant_torch,
+)
 
 from deepseek_mcp.kernels import backend  # noqa: E402
 from deepseek_mcp.kernels.aot import run_family, toolchain_available  # noqa: E402
-from deepseek_mcp.kernels.fp8 import (  # noqa: E402
-    act_quant,
-    act_quant_torch,
-    ceil_pow2_torch,
-    fp8_gemm,
-    fp8_gemm_torch,
-    fp8_linear,
-    fp8_linear_torch,
-    weight_dequant,
-    weight_dequant_torch,
-)
+from deepseek_mcp.kernels.fp8 import act_quant, fp8_gemm, fp8_linear, weight_dequant  # noqa: E402
 from deepseek_mcp.kernels.util import FP8_DTYPE  # noqa: E402
 
 CUDA = torch.cuda.is_available()

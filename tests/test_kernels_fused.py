@@ -14,16 +14,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
 import pytest  # noqa: E402
+from reference.fp8 import act_quant_torch, ceil_pow2_torch  # noqa: E402
+from reference.mla import mla_prefill_naive_torch  # noqa: E402
+from reference.norm import rmsnorm_residual_torch, rmsnorm_torch  # noqa: E402
+from reference.router import moe_gate_route_torch  # noqa: E402
 
 from deepseek_mcp.kernels.backend import triton_available  # noqa: E402
-from deepseek_mcp.kernels.fp8 import act_quant, act_quant_torch, ceil_pow2_torch  # noqa: E402
+from deepseek_mcp.kernels.fp8 import act_quant  # noqa: E402
 from deepseek_mcp.kernels.moe_align import moe_align_torch  # noqa: E402
-from deepseek_mcp.kernels.norm import rmsnorm, rmsnorm_residual, rmsnorm_residual_torch, rmsnorm_torch  # noqa: E402
+from deepseek_mcp.kernels.norm import rmsnorm, rmsnorm_residual  # noqa: E402
 from deepseek_mcp.kernels.router import (  # noqa: E402
     moe_combine,
     moe_combine_torch,
     moe_gate_route,
-    moe_gate_route_torch,
     moe_route,
     moe_route_torch,
 )
@@ -340,7 +343,7 @@ def test_rope_kv_cache(interleave, dtype, rtol):
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_mla_prefill_naive(dtype, rtol):
-    from deepseek_mcp.kernels.mla_naive import mla_prefill_naive, mla_prefill_naive_torch
+    from deepseek_mcp.kernels.mla_naive import mla_prefill_naive
 
     g = torch.Generator().manual_seed(7)
     h, nope, r, dv = 2, 16, 8, 16

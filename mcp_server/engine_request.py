@@ -33,11 +33,12 @@ def new_request_id() -> str:
 class RunResult:
     token_ids: list[int]
     text: str
-    finish_reason: str  # stop | length | time | cancelled
+    finish_reason: str  # stop | length | time | cancelled: the one vocabulary inside (front ends map it)
     prompt_tokens: int
     cached_tokens: int
     elapsed_s: float
     queued_s: float = 0.0  # waiting for admission (the time limit starts after it)
+    stop: int | str | None = None  # finished with "stop": the engine's matched stop token id or stop string
 
 
 @dataclass(frozen=True)
@@ -122,17 +123,17 @@ async def run_request(
     progress: Progress | None = None,
     time_limit_s: float,
     interval_s: float = 0.5,
-    on_text: Callable[[str], None] | None = None,
-    on_tokens: Callable[[list[int]], None] | None = None,
+    on_output: Callable[[list[int], str], None] | None = None,
     request_id: str | None = None,
 ) -> RunResult:
     """Stream one request to the end. A cancelled caller aborts it (freeing its cache) before unwinding.
-    `on_tokens(all generated ids)` after each engine output, before `on_text(its text delta)`."""
+    `on_output(all generated ids, the text delta)` after each engine output that brings text."""
     progress = progress or Progress()
     request_id = request_id or new_request_id()
     live = _Live(started=time.monotonic(), max_tokens=params.max_tokens, prompt_tokens=len(prompt_ids))
     texts = live.text
     finish: str | None = None
+    stop: int | str | None = None
     timed_out = False
     cached = 0
     stream_scope = anyio.CancelScope()
@@ -169,14 +170,12 @@ async def run_request(
                                 live.first_token_at = time.monotonic()
                             live.token_ids = out.token_ids  # a fresh list per update (a slice)
                             cached = out.num_cached_tokens or 0
-                            if on_tokens is not None:
-                                on_tokens(out.token_ids)
                             if out.text_delta:
                                 texts.append(out.text_delta)
-                                if on_text is not None:
-                                    on_text(out.text_delta)
+                                if on_output is not None:
+                                    on_output(out.token_ids, out.text_delta)
                             if out.finished:
-                                finish = out.finish_reason
+                                finish, stop = out.finish_reason, out.stop
                                 break
             except Exception as e:  # re-raised below as itself, not wrapped in the task group's ExceptionGroup
                 error = e
@@ -195,4 +194,4 @@ async def run_request(
         reason = "cancelled"  # aborted by someone else (e.g. engine shutdown) or the stream ended early
     end = time.monotonic()
     return RunResult(live.token_ids, "".join(texts), reason, len(prompt_ids), cached, end - live.started,
-                     (live.admitted_at or end) - live.started)
+                     (live.admitted_at or end) - live.started, stop if reason == "stop" else None)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from deepseek_mcp.mcp_server.errors import readable_errors
 from deepseek_mcp.mcp_server.json_schema import input_schema, output_schema
 from deepseek_mcp.mcp_server.model_host import ModelUnavailable
+from deepseek_mcp.mcp_server.pipeline import GenerationFailed, RequestError
 from deepseek_mcp.mcp_server.progress import Progress
 from deepseek_mcp.mcp_server.schemas import (
     ChatInput,
@@ -29,7 +30,7 @@ from deepseek_mcp.mcp_server.schemas import (
     ToolCallInput,
     ToolCallOutput,
 )
-from deepseek_mcp.mcp_server.service import ChatService, GenerationFailed, RequestError
+from deepseek_mcp.mcp_server.service import ChatService
 from deepseek_mcp.mcp_server.transports import auth_kwargs
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ from deepseek_mcp.inference.text.template import TOOL_SEP as SEP
 from deepseek_mcp.mcp_server.api import anthropic_messages, openai_chat
 from deepseek_mcp.mcp_server.api.anthropic_stream import MessageStream
 from deepseek_mcp.mcp_server.api.errors import ApiError
-from deepseek_mcp.mcp_server.api.generation import Choice, Plan, call_limit
 from deepseek_mcp.mcp_server.api.openai_stream import event_deltas
 from deepseek_mcp.mcp_server.api.requests import ChatCompletionRequest, MessagesRequest
 from deepseek_mcp.mcp_server.engine_request import RunResult
+from deepseek_mcp.mcp_server.pipeline import Choice, Plan, call_limit
 from deepseek_mcp.mcp_server.request_processors import Penalties
 
 
@@ -61,8 +61,7 @@ def fake_choice(text: str, thinking: bool, plan: Plan) -> Choice:
     parsed = parse(text, thinking=thinking, tools=["get_weather", "count"])
     calls = parsed.tool_calls[:call_limit(plan)]
     run = RunResult([1] * 5, text, "stop", 10, 0, 0.1)
-    return Choice(0, run, parsed, calls, [f"call_{i}" for i in range(len(calls))], 0,
-                  "tool_calls" if calls else "stop", None)
+    return Choice(0, run, parsed, calls, [f"call_{i}" for i in range(len(calls))], 0, False)
 
 
 def assemble_openai(pieces: list[str], thinking: bool, plan: Plan) -> dict[str, Any]:
@@ -269,7 +268,7 @@ def test_stream_logprobs_each_token_once_with_the_text_that_completes_it(thinkin
     # unfinished character; EOS has no text and no delta. Each entry is handed out once, in order, only once
     # its text is resolved; what is left (EOS) is the final chunk's, and all of them are the non-streamed list.
     from deepseek_mcp.inference.engine.sampling import SamplingParams
-    from deepseek_mcp.mcp_server.api.logprobs import StreamLogprobs, all_logprobs
+    from deepseek_mcp.mcp_server.logprobs import StreamLogprobs, all_logprobs
 
     tok, params = _Tok(), SamplingParams(max_tokens=16)
     tokens = ([7] if thinking else []) + [1, 2, 3, 4, 5, 6, 0]
@@ -301,8 +300,8 @@ def test_stream_logprobs_each_token_once_with_the_text_that_completes_it(thinkin
 def test_stream_logprobs_ride_the_delta_that_ends_their_text() -> None:
     # one parser step that yields reasoning and then answer text (a stop string's hold-back releases several
     # tokens at once): each delta carries the tokens whose text ends within it, the marker rides the next
-    from deepseek_mcp.mcp_server.api.logprobs import TokenLogprob
     from deepseek_mcp.mcp_server.api.openai_stream import ChunkStream
+    from deepseek_mcp.mcp_server.logprobs import TokenLogprob
 
     class Tok:
         def decode(self, ids: list[int]) -> str:
@@ -328,3 +327,35 @@ def test_stream_logprobs_ride_the_delta_that_ends_their_text() -> None:
            for c in chunks]
     assert got == [({"reasoning_content": "abc", "reasoning": "abc"}, ["abc"]),
                    ({"content": "de"}, [THINK_END, "de"])]
+
+
+def test_one_finish_vocabulary_mapped_by_each_front_end() -> None:
+    """Inside, `RunResult.finish_reason` (stop | length | time | cancelled) and the matched stop; each wire
+    format maps them, and the stop sequence is the engine's match, never re-derived from the text."""
+    from deepseek_mcp.mcp_server.api import completions
+
+    plan = Plan()
+    cases = [  # (finish, stop matched, text) -> (OpenAI chat, completions, Anthropic stop_reason, stop_sequence)
+        ("stop", 1, "Hi.", ("stop", "stop", "end_turn", None)),
+        ("stop", "END", "Hi.", ("stop", "stop", "stop_sequence", "END")),
+        ("length", None, "Hi", ("length", "length", "max_tokens", None)),
+        ("time", None, "Hi", ("length", "length", "max_tokens", None)),
+        ("cancelled", None, "Hi", ("stop", "stop", "end_turn", None)),
+        ("stop", "END", block(("count", "{}")), ("tool_calls", "stop", "tool_use", None)),
+    ]
+    for finish, stop, text, want in cases:
+        c = fake_choice(text, False, plan)
+        c.run = RunResult([1] * 5, text, finish, 10, 0, 0.1, stop=stop if finish == "stop" else None)
+        got = (openai_chat.finish_reason(c), completions.finish(c), anthropic_messages.stop_reason(c),
+               c.stop_sequence)
+        assert got == want, (finish, stop, got)
+
+
+def test_reasoning_tokens_one_count() -> None:
+    """Tokens before `</think>` (not counted), else all but a final EOS: the same for every front end."""
+    from deepseek_mcp.mcp_server.pipeline import reasoning_tokens
+
+    assert reasoning_tokens([5, 6, 9, 7, 1], 9, 1) == 2
+    assert reasoning_tokens([5, 6, 7, 1], 9, 1) == 3
+    assert reasoning_tokens([5, 6, 7], 9, 1) == 3
+    assert reasoning_tokens([], 9, 1) == 0

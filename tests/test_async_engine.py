@@ -265,6 +265,13 @@ def test_stop_strings_seeds_and_processors(engine: Engine) -> None:
             outs = await collect(aeng, prompt, SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop,)))
             streamed = "".join(o.text_delta for o in outs)
             assert outs[-1].finish_reason == "stop" and streamed == text[:cut] and stop not in streamed
+            assert outs[-1].stop == stop and all(o.stop is None for o in outs[:-1])  # what matched, carried out
+            stop_id = ref.token_ids[3]  # a stop token: its id is what matched
+            by_id = SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=(stop_id,))
+            outs = await collect(aeng, prompt, by_id)
+            assert outs[-1].finish_reason == "stop" and outs[-1].stop == stop_id
+            outs = await collect(aeng, prompt, SamplingParams(max_tokens=3, ignore_eos=True))
+            assert outs[-1].finish_reason == "length" and outs[-1].stop is None
 
             sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)
             runs: dict[str, list[int]] = {}

@@ -142,7 +142,7 @@ def test_bad_arguments_reach_the_client_readably() -> None:
 
 
 def test_generation_failure_is_logged_with_its_request_id(caplog: pytest.LogCaptureFixture) -> None:
-    from deepseek_mcp.mcp_server.service import GenerationFailed
+    from deepseek_mcp.mcp_server.pipeline import GenerationFailed
 
     class Broken:
         def stream(self, *args: Any, **kwargs: Any) -> Any:
@@ -156,11 +156,8 @@ def test_generation_failure_is_logged_with_its_request_id(caplog: pytest.LogCapt
     async def run() -> str:
         from deepseek_mcp.inference.engine.sampling import SamplingParams
         from deepseek_mcp.mcp_server.progress import Progress
-        from deepseek_mcp.mcp_server.service import _Prepared
-
-        prep = _Prepared(None, [], [1, 2], SamplingParams(max_tokens=2), Broken(), None)  # type: ignore[arg-type]
         with pytest.raises(GenerationFailed) as info:
-            await service._run(prep, Progress(), thinking=False)
+            await service.run(Broken(), [1, 2], SamplingParams(max_tokens=2), Progress(), thinking=False)
         return str(info.value)
 
     with caplog.at_level(logging.ERROR):
@@ -275,7 +272,8 @@ class SlowEngine:
 
         def out(ids: list[int], delta: str, reason: str | None) -> Any:
             return SimpleNamespace(new_token_ids=ids[-1:] if delta else [], token_ids=list(ids), text_delta=delta,
-                                   num_cached_tokens=0, finished=reason is not None, finish_reason=reason)
+                                   num_cached_tokens=0, finished=reason is not None, finish_reason=reason,
+                                   stop=None)
 
         seq = SimpleNamespace(status=SequenceStatus.WAITING, num_computed_tokens=0,
                               num_prompt_tokens=len(prompt_ids))
@@ -559,7 +557,7 @@ def test_one_log_line_per_request_and_one_context_number(engine: Any, caplog: py
             await client.call_tool("chat", {"prompt": "hello", "max_tokens": 2})
             return (await client.call_tool("list_models", {})).structured_content["models"][0]
 
-    logger = "deepseek_mcp.mcp_server.service"
+    logger = "deepseek_mcp.mcp_server.pipeline"
     with caplog.at_level(logging.INFO, logger=logger):
         info = anyio.run(run)
     lines = [r.getMessage() for r in caplog.records if r.name == logger and " tok/s" in r.getMessage()]

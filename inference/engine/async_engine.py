@@ -57,6 +57,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     stats: RequestStats
+    stop: int | str | None = None  # finished with "stop": the stop token id or the stop string that matched
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,7 @@ class AsyncEngine:
             request_id=seq.request_id, new_token_ids=update.new_token_ids, text_delta=update.text_delta,
             token_ids=seq.output_ids, finished=update.finished, finish_reason=update.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=max(seq.num_cached_tokens, 0),
-            stats=stats,
+            stats=stats, stop=update.stop,
         )
         if update.finished:
             self._finish(req, out)

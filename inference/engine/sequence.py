@@ -37,6 +37,7 @@ class SeqUpdate:
     text_delta: str
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
+    stop: int | str | None = None  # what ended it with "stop": the stop token id or the stop string
 
 
 class NullDecoder:
@@ -126,7 +127,8 @@ class Sequence:
         if step.finish_reason is not None:
             self.status = SequenceStatus.FINISHED
             self.finish_reason = step.finish_reason
-        return SeqUpdate(self.request_id, [token_id], step.text_delta, step.finished, step.finish_reason)
+        return SeqUpdate(self.request_id, [token_id], step.text_delta, step.finished, step.finish_reason,
+                         self._checker.matched)
 
     def finish(self, reason: str) -> SeqUpdate:
         """Stop from outside the token stream (abort); text held back for stop strings is dropped."""

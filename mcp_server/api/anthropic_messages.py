@@ -14,13 +14,14 @@ response continues its text: the prefilled text is not repeated in the response.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any
 
 from deepseek_mcp.inference.text.parse import ToolCall
 from deepseek_mcp.mcp_server.api.errors import invalid
-from deepseek_mcp.mcp_server.api.generation import Choice, Plan, signature
+from deepseek_mcp.mcp_server.pipeline import Choice, Plan
 from deepseek_mcp.mcp_server.schemas import McpTool, NamedToolChoice
 from deepseek_mcp.mcp_server.tool_specs import BadToolSpec, ToolChoice, normalize_choice, normalize_tools
 
@@ -175,10 +176,15 @@ def tool_use_id(call_id: str) -> str:
     return "toolu_" + call_id.removeprefix("call_")
 
 
+def signature(reasoning: str) -> str:
+    """An opaque, stable `signature` for a thinking block (Anthropic clients send it back; we ignore it)."""
+    return "dsmcp-" + hashlib.sha256(reasoning.encode()).hexdigest()[:48]
+
+
 def stop_reason(c: Choice) -> str:
     if c.calls:
         return "tool_use"
-    if c.finish == "length":
+    if c.run.finish_reason in ("length", "time"):
         return "max_tokens"
     return "stop_sequence" if c.stop_sequence is not None else "end_turn"
 

@@ -20,9 +20,9 @@ from deepseek_mcp.inference.text.parse import (
     ToolCallFinished,
     ToolCallStarted,
 )
-from deepseek_mcp.mcp_server.api.anthropic_messages import input_json, stop_reason, tool_use_id, usage
-from deepseek_mcp.mcp_server.api.generation import Choice, Plan, call_limit, new_call_id, signature
+from deepseek_mcp.mcp_server.api.anthropic_messages import input_json, signature, stop_reason, tool_use_id, usage
 from deepseek_mcp.mcp_server.api.sse import Write, sse
+from deepseek_mcp.mcp_server.pipeline import Choice, Plan, call_limit, new_call_id
 
 PING_INTERVAL_S = 1.0
 

@@ -28,15 +28,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from deepseek_mcp.mcp_server.api import anthropic_messages, completions, openai_chat
 from deepseek_mcp.mcp_server.api.anthropic_stream import MessageStream
 from deepseek_mcp.mcp_server.api.errors import ApiError, Flavor, from_exception, from_validation, invalid
-from deepseek_mcp.mcp_server.api.generation import (
-    Choice,
-    Prepared,
-    check_queue,
-    check_ready,
-    prepare,
-    run_all,
-    run_streaming,
-)
 from deepseek_mcp.mcp_server.api.openai_stream import ChunkStream
 from deepseek_mcp.mcp_server.api.requests import (
     ChatCompletionRequest,
@@ -47,6 +38,7 @@ from deepseek_mcp.mcp_server.api.requests import (
 from deepseek_mcp.mcp_server.api.sse import EventStreamResponse, Write
 from deepseek_mcp.mcp_server.hosts import HostGate
 from deepseek_mcp.mcp_server.model_host import DEMO_NAME
+from deepseek_mcp.mcp_server.pipeline import Choice, Prepared
 from deepseek_mcp.mcp_server.progress import Progress
 from deepseek_mcp.mcp_server.service import ChatService
 from deepseek_mcp.mcp_server.transports import run_uvicorn, security_settings
@@ -176,8 +168,9 @@ class ApiApp:
         req = await self._body(request, ChatCompletionRequest)
         model = self._model(req.model)
         plan = openai_chat.chat_plan(req, model)
-        prep = await prepare(self.service, plan)
-        check_queue(prep)
+        check_ready(self.service)
+        prep = await self.service.prepare(plan)
+        self.service.check_queue(prep)
         rid = "chatcmpl-" + secrets.token_hex(12)
         if not req.stream:
             choices = await self._complete(request, prep, "chat.completions", model)
@@ -199,8 +192,8 @@ class ApiApp:
         model = self._model(req.model)
         check_ready(self.service)
         plan = completions.completion_plan(req, self.service.host.engine.tokenizer)
-        prep = await prepare(self.service, plan)
-        check_queue(prep)
+        prep = await self.service.prepare(plan)
+        self.service.check_queue(prep)
         rid = "cmpl-" + secrets.token_hex(12)
         if not req.stream:
             choices = await self._complete(request, prep, "completions", model)
@@ -220,8 +213,9 @@ class ApiApp:
         req = await self._body(request, MessagesRequest)
         model = self._model(req.model)
         plan = anthropic_messages.messages_plan(req)
-        prep = await prepare(self.service, plan)
-        check_queue(prep)
+        check_ready(self.service)
+        prep = await self.service.prepare(plan)
+        self.service.check_queue(prep)
         mid = "msg_" + secrets.token_hex(12)
         if not req.stream:
             choices = await self._complete(request, prep, "messages", model)
@@ -256,7 +250,7 @@ class ApiApp:
 
     async def _complete(self, request: Request, prep: Prepared, route: str, model: str) -> list[Choice] | None:
         """Every choice, or None when the client went away first (its requests are aborted)."""
-        choices = await _until_disconnect(request, lambda: run_all(self.service, prep))
+        choices = await _until_disconnect(request, lambda: self.service.run_all(prep))
         self._log(route, model, choices)
         return choices
 
@@ -271,7 +265,7 @@ class ApiApp:
             await on_item(index, item)
 
         try:
-            await run_streaming(self.service, prep, collect)
+            await self.service.run_streaming(prep, collect)
         except Exception as e:  # headers are sent: the error becomes the stream's last event
             err = from_exception(e)
             log.info("%s stream failed: %d %s", route, err.status, err.message)
@@ -287,7 +281,19 @@ class ApiApp:
         run = choices[0].run
         log.info("%s (%s): n=%d prompt=%d cached=%d completion=%d %.2f s finish=%s", route, model, len(choices),
                  run.prompt_tokens, run.cached_tokens, sum(len(c.run.token_ids) for c in choices), run.elapsed_s,
-                 ",".join(c.finish for c in choices))
+                 ",".join(c.run.finish_reason for c in choices))
+
+
+def check_ready(service: ChatService) -> None:
+    """While the model loads: 503 with Retry-After (the API does not wait); after a failed load: 503 with
+    the cause."""
+    host = service.host
+    if host.status == "loading":
+        raise ApiError(503, f"the model {host.name} is still loading ({host.load_elapsed():.0f} s so far); retry "
+                            "shortly (GET /health says when it is ready)", code="model_loading",
+                       headers={"Retry-After": "5"})
+    if host.status == "failed":
+        raise ApiError(503, f"the model {host.source} failed to load: {host.error}", code="model_failed")
 
 
 async def _until_disconnect(request: Request, work: Callable[[], Awaitable[list[Choice]]]) -> list[Choice] | None:

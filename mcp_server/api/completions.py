@@ -12,11 +12,12 @@ import json
 import time
 from typing import Any
 
+from deepseek_mcp.inference.text.template import BOS
 from deepseek_mcp.mcp_server.api.errors import invalid
-from deepseek_mcp.mcp_server.api.generation import Choice, Item, Plan, raw_prompt_ids
-from deepseek_mcp.mcp_server.api.logprobs import TokenLogprob, completion_logprobs
 from deepseek_mcp.mcp_server.api.openai_chat import refuse_unsupported
 from deepseek_mcp.mcp_server.api.sse import Write, sse
+from deepseek_mcp.mcp_server.logprobs import TokenLogprob, completion_logprobs
+from deepseek_mcp.mcp_server.pipeline import Choice, Item, Plan, RequestError
 
 
 def _prompts(req: Any, tokenizer: Any) -> list[list[int]]:
@@ -75,7 +76,7 @@ def usage(choices: list[Choice], n: int) -> dict[str, Any]:
 
 
 def finish(c: Choice) -> str:
-    return "length" if c.finish == "length" else "stop"
+    return "length" if c.run.finish_reason in ("length", "time") else "stop"
 
 
 def completion_response(plan: Plan, choices: list[Choice], model: str, response_id: str,
@@ -135,3 +136,15 @@ class TextStream:
         if self.include_usage:
             await self.chunk([], usage=usage(self.choices, self.plan.n))
         await self.write(b"data: [DONE]\n\n")
+
+
+def raw_prompt_ids(tokenizer: Any, prompt: str, suffix: str | None) -> list[int]:
+    """BOS + prompt, or fill-in-the-middle: BOS <｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜>."""
+    bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.token_to_id(BOS)
+    if suffix is None:
+        return [bos, *tokenizer.encode(prompt)]
+    ids = [tokenizer.token_to_id(t) for t in ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")]
+    if any(i is None for i in ids):
+        raise RequestError("suffix (fill-in-the-middle) needs the FIM tokens, which this tokenizer lacks")
+    begin, hole, end = ids
+    return [bos, begin, *tokenizer.encode(prompt), hole, *tokenizer.encode(suffix), end]

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 from deepseek_mcp.mcp_server.model_host import ModelUnavailable
-from deepseek_mcp.mcp_server.service import GenerationFailed, RequestError, ServerBusy
+from deepseek_mcp.mcp_server.pipeline import GenerationFailed, RequestError, ServerBusy
 
 log = logging.getLogger(__name__)
 

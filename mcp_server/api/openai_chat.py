@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from deepseek_mcp.mcp_server.api.errors import ApiError, invalid, unsupported
-from deepseek_mcp.mcp_server.api.generation import Choice, Plan
-from deepseek_mcp.mcp_server.api.logprobs import chat_logprobs
+from deepseek_mcp.mcp_server.logprobs import chat_logprobs
+from deepseek_mcp.mcp_server.pipeline import Choice, Plan
 from deepseek_mcp.mcp_server.schemas import NamedToolChoice
 from deepseek_mcp.mcp_server.tool_specs import BadToolSpec, ToolChoice, normalize_choice, normalize_tools
 
@@ -177,7 +177,7 @@ def completion_response(plan: Plan, choices: list[Choice], model: str, response_
     return {
         "id": response_id, "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": "deepseek-mcp",
-        "choices": [{"index": c.index, "message": message(c, plan.thinking), "finish_reason": c.finish,
+        "choices": [{"index": c.index, "message": message(c, plan.thinking), "finish_reason": finish_reason(c),
                      "logprobs": logprobs_json(c, tokenizer)} for c in choices],
         "usage": usage(choices),
     }
@@ -186,3 +186,10 @@ def completion_response(plan: Plan, choices: list[Choice], model: str, response_
 def model_error(model: str, served: list[str]) -> ApiError:
     return ApiError(404, f"the model {model!r} does not exist here; this server serves: {', '.join(served)}",
                     param="model", code="model_not_found")
+
+
+def finish_reason(c: Choice) -> str:
+    """OpenAI's finish_reason: length for the token or time limit, tool_calls when calls were made, else stop."""
+    if c.run.finish_reason in ("length", "time"):
+        return "length"
+    return "tool_calls" if c.calls else "stop"

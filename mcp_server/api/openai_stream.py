@@ -15,10 +15,10 @@ import time
 from typing import Any
 
 from deepseek_mcp.inference.text.parse import ContentDelta, Event, ReasoningDelta, ToolArgumentsDelta, ToolCallStarted
-from deepseek_mcp.mcp_server.api.generation import Choice, Item, Plan, call_limit, new_call_id
-from deepseek_mcp.mcp_server.api.logprobs import TokenLogprob, chat_logprobs
-from deepseek_mcp.mcp_server.api.openai_chat import usage
+from deepseek_mcp.mcp_server.api.openai_chat import finish_reason, usage
 from deepseek_mcp.mcp_server.api.sse import Write, sse
+from deepseek_mcp.mcp_server.logprobs import TokenLogprob, chat_logprobs
+from deepseek_mcp.mcp_server.pipeline import Choice, Item, Plan, call_limit, new_call_id
 
 
 def event_deltas(events: list[Event], limit: int, call_ids: dict[int, str]) -> list[dict[str, Any]]:
@@ -94,7 +94,7 @@ class ChunkStream:
         if isinstance(item, Choice):
             self.choices.append(item)
             rest = (item.logprobs or [])[self.sent[index]:]  # what no delta carried yet (see logprobs.py)
-            await self.write(self.chunk([{"index": index, "delta": {}, "finish_reason": item.finish,
+            await self.write(self.chunk([{"index": index, "delta": {}, "finish_reason": finish_reason(item),
                                           "logprobs": self._logprobs(rest)}]))
             return
         _, events, entries = item

@@ -88,7 +88,7 @@ def run_ours(path: Path, dtype: str, prompt_len: int, decode_tokens: int) -> dic
     from deepseek_mcp.inference.engine.sampling import SamplingParams
     from deepseek_mcp.inference.engine.sequence import Sequence
 
-    eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch", dequantize_fp8="auto")
+    eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, kernels="torch", dequantize_fp8="auto")
     (prompt,) = _prompts(1, prompt_len)
     bs = 16
     runner = eng.make_runner(-(-prompt_len // bs), bs)
@@ -212,7 +212,7 @@ def interleaved(path: Path, dtype: str, decode_tokens: int, rounds: int) -> None
 
     from deepseek_mcp.inference.engine.engine import Engine
 
-    eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, backend="torch")
+    eng = Engine.from_pretrained(path, device="cpu", dtype=dtype, kernels="torch")
     hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
 
     def ours(batch: int) -> list[float]:

@@ -41,8 +41,8 @@ def engine_ab(batch: int, rounds: int) -> None:
     from deepseek_mcp.inference.resources import default_cache_dir
 
     path = dequantized_copy(demo_checkpoint_path(), default_cache_dir() / "demo-dequantized-bfloat16", torch.bfloat16)
-    packed = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", backend="torch")
-    plain = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", backend="torch", cpu_prepack=False)
+    packed = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", kernels="torch")
+    plain = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", kernels="torch", cpu_prepack=False)
 
     (prompt,) = _prompts(1, 512)
     runners = {id(e): e.make_runner(512 // 16, 16) for e in (packed, plain)}  # bench/engine.py's prefill

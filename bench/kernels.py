@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/kernels.py: no CUDA device here; nothing to time. "
               "(The kernels are checked on CPU by tests/test_kernels_*.py through the Triton interpreter.)")
         return 0
-    from deepseek_mcp.kernels.backend import triton_available
+    from deepseek_mcp.kernels.platform import triton_available
 
     if not triton_available():
         print("bench/kernels.py: triton is not installed; nothing to time.")

@@ -36,7 +36,7 @@ def build_layer(device: torch.device):
     from deepseek_mcp.inference.model.transformer import Runtime, Transformer
 
     cfg = ModelConfig.from_dict(V31, "bench/layer.py")
-    rt = Runtime(dtype=torch.bfloat16, backend="triton", scale_fmt="ue8m0")
+    rt = Runtime(dtype=torch.bfloat16, kernels="triton", scale_fmt="ue8m0")
     model = Transformer(cfg, rt, fp8=True, device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():

@@ -110,7 +110,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"machine : {device_name(engine.device)}; {platform.platform()}")
     print(f"software: python {platform.python_version()}, torch {torch.__version__}")
     print(f"model   : {engine.name} ({engine.config.num_layers} layers, hidden {engine.config.hidden_size}, "
-          f"vocab {vocab}), {engine.dtype}, backend {engine.backend}, fp8 weights {engine.fp8}; "
+          f"vocab {vocab}), {engine.dtype}, {engine.kernels} kernels, fp8 weights {engine.fp8}; "
           f"load {load_s:.1f} s")
     print(f"settings: block_size {args.block_size}, max_num_batched_tokens {args.max_num_batched_tokens}, "
           f"cache {aeng.cache_capacity_tokens} tokens, prompt {args.prompt_len} tokens, "

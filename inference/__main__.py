@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     gen.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
-                     help="kernel backend, as deepseek-mcp --kernels (default auto: triton on CUDA, else torch)")
+                     help="which kernels run, as deepseek-mcp --kernels (default auto: triton on CUDA, else torch)")
     gen.add_argument("--enforce-eager", action="store_true",
                      help="run decode steps eagerly: no CUDA graphs (as deepseek-mcp --enforce-eager)")
     gen.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     from deepseek_mcp.inference.engine.sampling import SamplingParams
 
     if torchrun_rank() > 0:  # torchrun started every rank: those but 0 run the model loop
-        return Engine.run_rank(args.model, device=args.device, dtype=args.dtype, backend=args.kernels)
+        return Engine.run_rank(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels)
 
     engine = None
     try:
         t0 = time.perf_counter()
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.kernels,
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels,
                                         tensor_parallel_size=args.tensor_parallel_size, dequantize_fp8="auto")
         load_s = time.perf_counter() - t0
         ranks = engine.tensor_parallel_size
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print(flush=True)
     n = len(out.token_ids) if out is not None else 0
     tp = f" x{ranks} ranks" if ranks > 1 else ""
-    print(f"[{engine.name} on {engine.device}{tp} ({engine.dtype}, {engine.backend} kernels): loaded in "
+    print(f"[{engine.name} on {engine.device}{tp} ({engine.dtype}, {engine.kernels} kernels): loaded in "
           f"{load_s:.1f}s; {len(ids)} prompt tokens, {n} generated in {gen_s:.2f}s, finish_reason="
           f"{out.finish_reason if out is not None else None}]", file=sys.stderr)
     return 0

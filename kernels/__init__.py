@@ -17,7 +17,7 @@ mla.py, moe.py, norm.py, router.py).
 - kernels.router: moe_gate_route (the gate GEMM, split-K, + the router: two launches), moe_route (DeepSeek's
   group-limited top-k router), moe_combine (weighted gather-sum); + moe_route_torch, moe_combine_torch
 - kernels.mla_naive: mla_prefill_naive (prefill over K / V expanded per head)
-- kernels.backend: select_backend, fp8_supported, fp8_unsupported_notice
+- kernels.platform: select_kernels, fp8_supported, fp8_unsupported_notice
 - kernels.aot: compile every kernel for sm_90a without a GPU (registers, spills, wgmma use)
 
 The *_triton modules hold the @triton.jit kernels and are imported only when a Triton wrapper runs, so the

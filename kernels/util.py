@@ -60,7 +60,7 @@ def check_launchable(device: torch.device, what: str) -> None:
     if device.type == "cuda" or (device.type == "cpu" and interpreting()):
         return
     raise ValueError(f"{what}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
-                     f"got a {device.type} tensor (the `torch` kernel backend serves those)")
+                     f"got a {device.type} tensor (`--kernels torch` serves those)")
 
 
 def out_or_new(

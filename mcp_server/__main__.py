@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="activation dtype")
     m.add_argument("--kernels", choices=["auto", "triton", "torch"],
-                   help="kernel backend (default auto: triton on CUDA, else torch)")
+                   help="which kernels run (default auto: triton on CUDA, else torch)")
     m.add_argument("--cache-tokens", type=int,
                    help="KV cache capacity in tokens (default: 8192 per sequence of --max-num-seqs, within free "
                         "memory); it also caps the context a call can use (list_models: context_tokens)")
@@ -228,7 +228,7 @@ def run_rank(config: ServerConfig) -> int:
     from deepseek_mcp.inference.engine.engine import Engine
 
     os.dup2(2, 1)  # torchrun gives every rank the same stdout, which carries rank 0's protocol
-    return Engine.run_rank(config.model, config.device, config.dtype, backend=config.kernels,
+    return Engine.run_rank(config.model, config.device, config.dtype, kernels=config.kernels,
                            dist_timeout_s=config.dist_timeout_s)
 
 

@@ -55,7 +55,8 @@ class ServerConfig(_Section):
     model: str | None = Field(None, description="Checkpoint directory or Hugging Face id; null = demo checkpoint.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(None, description="null = engine default.")
-    kernels: Literal["auto", "triton", "torch"] = Field("auto", description="Kernel backend.")
+    kernels: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="Which kernels run: triton (CUDA), torch, or auto (triton on CUDA, else torch).")
     cache_tokens: int | None = Field(None, gt=0, description="KV cache capacity in tokens (null = engine default).")
     max_num_seqs: int = Field(16, gt=0, description="Most requests decoded together.")
     enforce_eager: bool = Field(False, description="No CUDA graphs for decode steps (they are captured at load).")

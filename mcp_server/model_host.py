@@ -48,7 +48,7 @@ def default_loader(config: ServerConfig) -> Callable[[], Any]:
 
         def from_pretrained() -> Any:
             return Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
-                                          backend=config.kernels, tensor_parallel_size=config.tensor_parallel_size,
+                                          kernels=config.kernels, tensor_parallel_size=config.tensor_parallel_size,
                                           dist_timeout_s=config.dist_timeout_s, dequantize_fp8="auto")
 
         return from_pretrained() if config.model is not None else logging_demo_write(from_pretrained)

@@ -43,7 +43,7 @@ def describe_model(host: ModelHost, config: ServerConfig, num_parameters: int | 
     info.device = str(engine.device)
     if getattr(engine, "parallel_description", None):
         info.device += f"; {engine.parallel_description}"
-    info.kernels = engine.backend
+    info.kernels = engine.kernels
     if host.aengine is not None:
         info.cache_capacity_tokens = host.cache_capacity_tokens()
         info.context_tokens = host.context_tokens()

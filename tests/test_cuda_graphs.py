@@ -26,9 +26,9 @@ def engine(request, tmp_path_factory):
     if request.param == "fp8":
         ck = fp8_checkpoint_pair(root, hidden=128, q_lora_rank=128, moe_intermediate_size=128, top_k=2,
                                  n_group=2, topk_group=1)
-        return Engine.from_pretrained(ck["fp8"], device="cuda", dtype="bfloat16", backend="triton")
+        return Engine.from_pretrained(ck["fp8"], device="cuda", dtype="bfloat16", kernels="triton")
     tiny_hf_model(root / "m", hidden=64)
-    return Engine.from_pretrained(root / "m", device="cuda", dtype="float32", backend="triton")
+    return Engine.from_pretrained(root / "m", device="cuda", dtype="float32", kernels="triton")
 
 
 def _prefill(runner, batch: int, tables: list[list[int]]) -> None:

@@ -130,7 +130,7 @@ def test_decode_step_has_no_host_sync(ckpts):
     """Forward (Triton path) + sampling (greedy, temperature, seeded, top-k, top-p) under the guard; the only
     read is of the sampled tokens, after it."""
     pytest.importorskip("triton")
-    eng = Engine.from_pretrained(ckpts["fp8"], device=DEVICE, dtype="bfloat16", backend="triton")
+    eng = Engine.from_pretrained(ckpts["fp8"], device=DEVICE, dtype="bfloat16", kernels="triton")
     runner = eng.make_runner(16, 4)
     prompts = [[5, 17, 99, 3, 42], [1, 2, 3], [7] * 9, [4, 4], [9, 8, 7, 6]]
     tables = [[2 * i, 2 * i + 1, 10 + i] for i in range(5)]

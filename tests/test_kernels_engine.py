@@ -34,7 +34,7 @@ def ckpts(tmp_path_factory):
 
 
 def _load(path, dtype, backend):
-    return Engine.from_pretrained(path, device=DEVICE, dtype=dtype, backend=backend)
+    return Engine.from_pretrained(path, device=DEVICE, dtype=dtype, kernels=backend)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,7 +47,7 @@ IDS = torch.randint(0, 256, (21,), generator=torch.Generator().manual_seed(4)).t
 def test_kernel_engine_keeps_fp8_and_fuses_experts(ckpts):
     kern = _load(ckpts["fp8"], "bfloat16", "triton")
     experts = kern.model.model.layers[1].mlp.experts
-    assert kern.backend == "triton" and kern.fp8
+    assert kern.kernels == "triton" and kern.fp8
     assert experts.gate_up_proj.dtype == torch.float8_e4m3fn and experts.gate_proj is None
     assert kern.model.model.layers[0].self_attn.o_proj.weight.dtype == torch.float8_e4m3fn
 

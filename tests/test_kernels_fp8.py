@@ -25,14 +25,14 @@ from reference.fp8 import (  # noqa: E402
     weight_dequant_torch,
 )
 
-from deepseek_mcp.kernels import backend  # noqa: E402
+from deepseek_mcp.kernels import platform  # noqa: E402
 from deepseek_mcp.kernels.aot import run_family, toolchain_available  # noqa: E402
 from deepseek_mcp.kernels.fp8 import act_quant, fp8_gemm, fp8_linear, weight_dequant  # noqa: E402
 from deepseek_mcp.kernels.util import FP8_DTYPE  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
-needs_triton = pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not platform.triton_available(), reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
@@ -240,16 +240,16 @@ def test_wrappers_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
 
 def test_backend_selection():
     cpu = torch.device("cpu")
-    assert backend.select_backend(cpu, None) == "torch"
-    assert backend.select_backend(cpu, "auto") == "torch"
-    assert backend.select_backend(cpu, "torch") == "torch"
+    assert platform.select_kernels(cpu, None) == "torch"
+    assert platform.select_kernels(cpu, "auto") == "torch"
+    assert platform.select_kernels(cpu, "torch") == "torch"
     with pytest.raises(ValueError, match="not one of"):
-        backend.select_backend(cpu, "cuda")
-    assert not backend.fp8_supported(cpu)
-    notice = backend.fp8_unsupported_notice(cpu)
+        platform.select_kernels(cpu, "cuda")
+    assert not platform.fp8_supported(cpu)
+    notice = platform.fp8_unsupported_notice(cpu)
     assert "8.9" in notice and "dequantized" in notice and "\n" not in notice
-    if CUDA and backend.triton_available():
-        assert backend.select_backend(torch.device("cuda"), None) == "triton"
+    if CUDA and platform.triton_available():
+        assert platform.select_kernels(torch.device("cuda"), None) == "triton"
 
 
 # ------------------------------------------------------------------------------------- GPU, V3 shapes

@@ -19,10 +19,10 @@ from reference.mla import mla_prefill_naive_torch  # noqa: E402
 from reference.norm import rmsnorm_residual_torch, rmsnorm_torch  # noqa: E402
 from reference.router import moe_gate_route_torch  # noqa: E402
 
-from deepseek_mcp.kernels.backend import triton_available  # noqa: E402
 from deepseek_mcp.kernels.fp8 import act_quant  # noqa: E402
 from deepseek_mcp.kernels.moe_align import moe_align_torch  # noqa: E402
 from deepseek_mcp.kernels.norm import rmsnorm, rmsnorm_residual  # noqa: E402
+from deepseek_mcp.kernels.platform import triton_available  # noqa: E402
 from deepseek_mcp.kernels.router import (  # noqa: E402
     moe_combine,
     moe_combine_torch,

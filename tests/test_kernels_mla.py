@@ -20,8 +20,8 @@ from helpers import assert_close
 from reference.mla import mla_decode_torch, mla_prefill_torch  # noqa: E402
 
 from deepseek_mcp.kernels.aot import run_family, toolchain_available  # noqa: E402
-from deepseek_mcp.kernels.backend import triton_available  # noqa: E402
 from deepseek_mcp.kernels.mla import mla_decode, mla_prefill  # noqa: E402
+from deepseek_mcp.kernels.platform import triton_available  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")

@@ -23,9 +23,9 @@ from reference.fp8 import act_quant_torch  # noqa: E402
 from reference.moe import moe_grouped_gemm_torch  # noqa: E402
 
 from deepseek_mcp.kernels.aot import run_family, toolchain_available  # noqa: E402
-from deepseek_mcp.kernels.backend import triton_available  # noqa: E402
 from deepseek_mcp.kernels.moe import moe_grouped_gemm  # noqa: E402
 from deepseek_mcp.kernels.moe_align import moe_align_torch  # noqa: E402
+from deepseek_mcp.kernels.platform import triton_available  # noqa: E402
 from deepseek_mcp.kernels.util import FP8_DTYPE  # noqa: E402
 
 CUDA = torch.cuda.is_available()

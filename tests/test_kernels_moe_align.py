@@ -16,8 +16,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from deepseek_mcp.kernels.backend import triton_available  # noqa: E402
 from deepseek_mcp.kernels.moe_align import MOE_ALIGN_MAX_PAIRS, moe_align, moe_align_torch  # noqa: E402
+from deepseek_mcp.kernels.platform import triton_available  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")

@@ -32,7 +32,7 @@ def test_moe_layer_decode_launches(tmp_path):
 
     ck = fp8_checkpoint_pair(tmp_path, hidden=128, q_lora_rank=128, moe_intermediate_size=128, top_k=2,
                              n_group=2, topk_group=1)
-    eng = Engine.from_pretrained(ck["fp8"], device="cpu", dtype="bfloat16", backend="triton")
+    eng = Engine.from_pretrained(ck["fp8"], device="cpu", dtype="bfloat16", kernels="triton")
     layer = eng.model.model.layers[1]
     assert layer.self_attn.qkv_a_proj is not None and layer.mlp.shared_experts is None  # stacked as expert E
     assert layer.mlp.experts.gate_up_proj.shape[0] == 8 + 1

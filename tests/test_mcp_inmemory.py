@@ -245,7 +245,7 @@ async def test_list_models_tool_and_resource(served: tuple[Client, ChatService],
     client, _ = served
     info = (await call(client, tools, "list_models", {})).structured_content["models"][0]
     assert info["model"] == DEMO and info["demo"] is True and info["status"] == "ready"
-    assert info["kernels"] == engine.backend in ("torch", "triton") and info["device"] == str(engine.device)
+    assert info["kernels"] == engine.kernels in ("torch", "triton") and info["device"] == str(engine.device)
     assert info["architecture"]["num_layers"] == 4 and info["parameters"] > 10_000_000
     assert info["weight_bytes"] == engine.weight_bytes == sum(p.numel() * p.element_size()
                                                               for p in engine.model.parameters())

@@ -86,8 +86,8 @@ def test_bf16_engine_packed_against_unpacked_and_transformers(tmp_path):
     from deepseek_mcp.inference.engine.engine import Engine
 
     hf = tiny_hf_model(tmp_path, seed=5, hidden=128)
-    packed = Engine.from_pretrained(tmp_path, device="cpu", dtype="bfloat16", backend="torch")
-    plain = Engine.from_pretrained(tmp_path, device="cpu", dtype="bfloat16", backend="torch", cpu_prepack=False)
+    packed = Engine.from_pretrained(tmp_path, device="cpu", dtype="bfloat16", kernels="torch")
+    plain = Engine.from_pretrained(tmp_path, device="cpu", dtype="bfloat16", kernels="torch", cpu_prepack=False)
     linears = [m for m in packed.model.modules() if isinstance(m, Linear)]
     assert linears and all(m.packed for m in linears)  # every dense bf16 projection, the output head included
     assert not any(m.packed for m in plain.model.modules() if isinstance(m, Linear))

@@ -177,11 +177,11 @@ def test_triton_kernels_on_local_heads_and_experts_match_one_process(tmp_path: P
     path = fp8_checkpoint_pair(tmp_path, top_k=8, n_group=1, topk_group=1)["deq"]
     ids = _prompt(21, 4)
     params = SamplingParams(max_tokens=3, ignore_eos=True)
-    ref = Engine.from_pretrained(path, device="cpu", dtype="float32", backend="triton")
+    ref = Engine.from_pretrained(path, device="cpu", dtype="float32", kernels="triton")
     want_logits, want = ref.logits(ids, block_size=8), ref.generate([ids[:9], ids[:2]], params, block_size=4)
-    with Engine.from_pretrained(path, device="cpu", dtype="float32", backend="triton", tensor_parallel_size=2,
+    with Engine.from_pretrained(path, device="cpu", dtype="float32", kernels="triton", tensor_parallel_size=2,
                                 dist_timeout_s=120) as tp:
-        assert tp.backend == "triton"
+        assert tp.kernels == "triton"
         got = tp.logits(ids, block_size=8)
         assert (got - want_logits).abs().max() <= 1e-5 * want_logits.abs().max()
         got_ids = [o.token_ids for o in tp.generate([ids[:9], ids[:2]], params, block_size=4)]
@@ -211,7 +211,7 @@ def test_local_experts_triton_path_has_no_host_sync_and_equals_the_torch_path() 
     g = torch.Generator().manual_seed(5)
     mods = {}
     for backend in ("torch", "triton"):
-        mods[backend] = LocalExperts(cfg, Runtime(dtype=torch.float32, backend=backend), False, dev, tp)
+        mods[backend] = LocalExperts(cfg, Runtime(dtype=torch.float32, kernels=backend), False, dev, tp)
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(mods[backend], name)
             w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
@@ -404,7 +404,7 @@ def test_warm_up_and_decode_graphs_run_on_every_rank(tmp_path: Path) -> None:
 
     path = tmp_path / "m"
     tiny_hf_model(path, hidden=32, vocab_size=64)
-    ref = Engine.from_pretrained(path, device="cpu", dtype="float32", backend="triton")
+    ref = Engine.from_pretrained(path, device="cpu", dtype="float32", kernels="triton")
     tables = [[0, 1], [2, 3]]
 
     def served(runner) -> list[torch.Tensor]:  # a prefill of two sequences, a decode of both, a decode of one
@@ -414,7 +414,7 @@ def test_warm_up_and_decode_graphs_run_on_every_rank(tmp_path: Path) -> None:
         return out
 
     want = served(ref.make_runner(8, 4))
-    with Engine.from_pretrained(path, device="cpu", dtype="float32", backend="triton", tensor_parallel_size=2,
+    with Engine.from_pretrained(path, device="cpu", dtype="float32", kernels="triton", tensor_parallel_size=2,
                                 dist_timeout_s=120) as tp:
         runner = tp.make_runner(8, 4)
         runner.warm_up(max_num_seqs=2, max_num_batched_tokens=4, max_context=16, log=[].append)  # CPU: no-op

@@ -97,7 +97,7 @@ def tiny(tmp_path_factory):
     pytest.importorskip("triton")
     path = tmp_path_factory.mktemp("warm") / "m"
     tiny_hf_model(path, hidden=32, vocab_size=64)
-    return Engine.from_pretrained(path, device=DEVICE, dtype="float32", backend="triton")
+    return Engine.from_pretrained(path, device=DEVICE, dtype="float32", kernels="triton")
 
 
 def _requests(runner) -> list[torch.Tensor]:
@@ -198,7 +198,7 @@ def test_enforce_eager_flags():
 
 
 def test_triton_cache_under_the_project_cache(tmp_path, monkeypatch):
-    from deepseek_mcp.kernels.backend import use_user_cache
+    from deepseek_mcp.kernels.platform import use_user_cache
 
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     assert use_user_cache(tmp_path) == tmp_path / "triton"

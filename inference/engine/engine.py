@@ -29,7 +29,7 @@ from deepseek_mcp.inference.model.demo import DEMO_NAME, demo_checkpoint_path
 from deepseek_mcp.inference.model.transformer import Runtime, Transformer
 from deepseek_mcp.inference.resources import available_memory, default_cache_dir
 from deepseek_mcp.inference.text.tokenizer import Tokenizer
-from deepseek_mcp.kernels.backend import select_backend, use_user_cache
+from deepseek_mcp.kernels.platform import select_kernels, use_user_cache
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +56,24 @@ def resolve_device(device: torch.device | str) -> torch.device:
 
 
 def _resolve(path_or_repo_id: str | os.PathLike | None, device: torch.device | str, dtype: torch.dtype | str | None,
-             backend: str, dequantize_fp8: bool | str):
-    """Checkpoint path, config, files, device, dtype, FP8 or not, kernel backend, whether to dequantize FP8."""
+             kernels: str, dequantize_fp8: bool | str):
+    """Checkpoint path, config, files, device, dtype, FP8 or not, which kernels run, whether to dequantize FP8."""
     path = demo_checkpoint_path() if path_or_repo_id is None else resolve_model_path(path_or_repo_id)
     config = ModelConfig.from_file(path)
     files = find_checkpoint_files(path)
     dev = resolve_device(device)
     dt = parse_dtype(dtype, config.torch_dtype)
     fp8 = checkpoint_is_fp8(files, config)
-    kernel_backend = select_backend(dev, backend)  # fails at load where a forced 'triton' cannot run
-    if kernel_backend == "triton" and dev.type == "cuda":  # before the first compile (every rank resolves here)
+    kernels = select_kernels(dev, kernels)  # fails at load where a forced 'triton' cannot run
+    if kernels == "triton" and dev.type == "cuda":  # before the first compile (every rank resolves here)
         use_user_cache(default_cache_dir())
-    if fp8 and kernel_backend == "triton" and dev.type == "cuda":  # the CPU interpreter emulates FP8
-        from deepseek_mcp.kernels.backend import fp8_supported, fp8_unsupported_notice
+    if fp8 and kernels == "triton" and dev.type == "cuda":  # the CPU interpreter emulates FP8
+        from deepseek_mcp.kernels.platform import fp8_supported, fp8_unsupported_notice
 
         if not fp8_supported(dev):
             log.warning(fp8_unsupported_notice(dev))
             dequantize_fp8 = True
-    return path, config, files, dev, dt, fp8, kernel_backend, dequantize_fp8
+    return path, config, files, dev, dt, fp8, kernels, dequantize_fp8
 
 
 def dense_fp8_fits(model: Transformer, dtype: torch.dtype, device: torch.device, fraction: float = 0.5) -> bool:
@@ -93,10 +93,10 @@ class GenerationOutput:
 
 class Engine:
     def __init__(self, model: Transformer, config: ModelConfig, tokenizer: Tokenizer, device: torch.device,
-                 dtype: torch.dtype, name: str, path: Path, backend: str, fp8: bool, ranks: Any = None):
+                 dtype: torch.dtype, name: str, path: Path, kernels: str, fp8: bool, ranks: Any = None):
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype = device, dtype
-        self.name, self.path, self.backend, self.fp8 = name, path, backend, fp8
+        self.name, self.path, self.kernels, self.fp8 = name, path, kernels, fp8
         self.ranks = ranks  # tensor parallel: (launch.Group, distributed.ControlPlane); None on one device
         if ranks is not None:
             atexit.register(self.close)
@@ -128,7 +128,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike | None = None, device: torch.device | str = "auto",
-                        dtype: torch.dtype | str | None = None, *, backend: str = "auto",
+                        dtype: torch.dtype | str | None = None, *, kernels: str = "auto",
                         dequantize_fp8: bool | str = False, progress: bool | None = None, tensor_parallel_size: int = 1,
                         dist_timeout_s: float | None = None, cpu_prepack: bool = True) -> Engine:
         """Load a DeepseekV3ForCausalLM checkpoint (None: the demo checkpoint, written on first use).
@@ -146,9 +146,9 @@ class Engine:
         once into oneDNN's layout (`Transformer.prepare_for_kernels_`): for comparisons."""
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
-        path, config, files, dev, dt, fp8, kernel_backend, dequantize_fp8 = _resolve(
-            path_or_repo_id, device, dtype, backend, dequantize_fp8)
-        rt = Runtime(dtype=dt, backend=kernel_backend,
+        path, config, files, dev, dt, fp8, kernels, dequantize_fp8 = _resolve(
+            path_or_repo_id, device, dtype, kernels, dequantize_fp8)
+        rt = Runtime(dtype=dt, kernels=kernels,
                      scale_fmt=config.quant.scale_fmt if config.quant else None,
                      fp8_block=config.quant.block_size[0] if config.quant else 128)
         tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else None)
@@ -159,34 +159,34 @@ class Engine:
             tensor_parallel_size = int(os.environ["WORLD_SIZE"])
         if tensor_parallel_size > 1:
             dequantize_fp8 = dequantize_fp8 is True
-            spec = RankSpec(str(path), str(dt).removeprefix("torch."), kernel_backend, dev.type,
+            spec = RankSpec(str(path), str(dt).removeprefix("torch."), kernels, dev.type,
                             bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S)
             model, group, plane = start_ranks(spec, tensor_parallel_size)
-            return cls(model, config, tokenizer, group.device, dt, name, path, kernel_backend,
+            return cls(model, config, tokenizer, group.device, dt, name, path, kernels,
                        fp8 and not dequantize_fp8, ranks=(group, plane))
         model = Transformer(config, rt, fp8=fp8, device=dev)
         load_weights(model, files, progress=progress)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         if fp8 and dequantize_fp8 == "auto":
-            dequantize_fp8 = kernel_backend == "torch" and dense_fp8_fits(model, dt, dev)
+            dequantize_fp8 = kernels == "torch" and dense_fp8_fits(model, dt, dev)
         if fp8 and dequantize_fp8:
             model.dequantize_fp8_()
             fp8 = False
         model.prepare_for_kernels_(cpu_prepack=cpu_prepack)
         model.eval()
-        return cls(model, config, tokenizer, dev, dt, name, path, kernel_backend, fp8)
+        return cls(model, config, tokenizer, dev, dt, name, path, kernels, fp8)
 
     @staticmethod
     def run_rank(path_or_repo_id: str | os.PathLike | None = None, device: torch.device | str = "auto",
-                 dtype: torch.dtype | str | None = None, *, backend: str = "auto", dequantize_fp8: bool = False,
+                 dtype: torch.dtype | str | None = None, *, kernels: str = "auto", dequantize_fp8: bool = False,
                  dist_timeout_s: float | None = None) -> int:
         """A rank > 0 that torchrun started: load this rank's slices and run rank 0's steps until it stops."""
         from deepseek_mcp.inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, run_worker
 
-        path, _, _, dev, dt, fp8, kernel_backend, dequantize_fp8 = _resolve(
-            path_or_repo_id, device, dtype, backend, dequantize_fp8)
-        return run_worker(RankSpec(str(path), str(dt).removeprefix("torch."), kernel_backend, dev.type,
+        path, _, _, dev, dt, fp8, kernels, dequantize_fp8 = _resolve(
+            path_or_repo_id, device, dtype, kernels, dequantize_fp8)
+        return run_worker(RankSpec(str(path), str(dt).removeprefix("torch."), kernels, dev.type,
                                    bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S))
 
     @property

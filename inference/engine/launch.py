@@ -44,7 +44,7 @@ class RankSpec:
 
     path: str
     dtype: str  # "float32" | "bfloat16" | "float16"
-    backend: str  # "torch" | "triton"
+    kernels: str  # "torch" | "triton"
     device_type: str  # "cpu" | "cuda"
     dequantize_fp8: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
@@ -149,7 +149,7 @@ def build_rank_model(spec: RankSpec, group: Group) -> Transformer:
     cfg = ModelConfig.from_file(path)
     files = find_checkpoint_files(path)
     fp8 = checkpoint_is_fp8(files, cfg)
-    rt = Runtime(dtype=getattr(torch, spec.dtype), backend=spec.backend,
+    rt = Runtime(dtype=getattr(torch, spec.dtype), kernels=spec.kernels,
                  scale_fmt=cfg.quant.scale_fmt if cfg.quant else None,
                  fp8_block=cfg.quant.block_size[0] if cfg.quant else 128)
     model = shard_model(cfg, rt, fp8, group.device, group.tp)

@@ -65,7 +65,7 @@ class ModelRunner:
 
     def warms(self, force: bool | None) -> bool:
         """Whether `warm_up(force=force)` does anything: by default only on the Triton path on CUDA."""
-        on_gpu = self.model.rt.backend == "triton" and self.device.type == "cuda"
+        on_gpu = self.model.rt.kernels == "triton" and self.device.type == "cuda"
         return force is True or (force is None and on_gpu)
 
     @property
@@ -82,10 +82,10 @@ class ModelRunner:
         `graph` (tests) replaces torch.cuda.CUDAGraph, e.g. by cuda_graphs.EagerGraph."""
         if not self.warms(force):
             return
-        on_gpu = self.model.rt.backend == "triton" and self.device.type == "cuda"
+        on_gpu = self.model.rt.kernels == "triton" and self.device.type == "cuda"
         graphs = not enforce_eager and (graph is not None or on_gpu)
-        if self.model.rt.backend == "triton":
-            from deepseek_mcp.kernels.backend import use_user_cache
+        if self.model.rt.kernels == "triton":
+            from deepseek_mcp.kernels.platform import use_user_cache
             from deepseek_mcp.kernels.util import device_sms
 
             use_user_cache(default_cache_dir())

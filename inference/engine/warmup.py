@@ -7,7 +7,7 @@ power-of-two bucket of their token count (`token_buckets`); the MLA split count 
 (`kernels.mla_triton.num_splits_for`), reached by the longest context of a decode batch. The warm-up runs one
 step of each on block 0 of the pool (nothing is served yet: whatever it writes there is overwritten by the
 first request that owns the block). Triton's cache dir (kernels and autotune results) lives under the
-project's cache, so a restart compiles and tunes nothing (`kernels.backend.use_user_cache`).
+project's cache, so a restart compiles and tunes nothing (`kernels.platform.use_user_cache`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ class Runtime:
     """How the model computes: activation dtype and which kernels run (set once at construction)."""
 
     dtype: torch.dtype = torch.bfloat16
-    backend: str = "torch"  # "torch" (the model's torch code) or "triton"
+    kernels: str = "torch"  # "torch" (the model's torch code) or "triton"
     scale_fmt: str | None = None  # activation scales for FP8 GEMM ("ue8m0" on V3.1)
     fp8_block: int = 128
 
@@ -77,7 +77,7 @@ class Linear(nn.Module):
     @property
     def takes_fp8(self) -> bool:
         """Whether this layer's forward runs the FP8 GEMM (so an `Fp8Act` input saves its act_quant)."""
-        return self.weight_scale_inv is not None and self.rt.backend == "triton"
+        return self.weight_scale_inv is not None and self.rt.kernels == "triton"
 
     def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:
         if self.takes_fp8:
@@ -119,7 +119,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | Fp8Act:
         """x [T, D] -> weight * norm(x), normalized in fp32 and cast back before the weight (as the reference);
         an `Fp8Act` (the same values and their FP8 copy, one kernel) when `quantize` is set."""
-        if self.rt.backend == "triton":
+        if self.rt.kernels == "triton":
             from deepseek_mcp.kernels.norm import rmsnorm
 
             if self.quantize:
@@ -132,7 +132,7 @@ class RMSNorm(nn.Module):
         """(norm(x + residual), x + residual); residual None: (norm(x), x). One kernel on the Triton path."""
         if residual is None:
             return self(x), x
-        if self.rt.backend == "triton":
+        if self.rt.kernels == "triton":
             from deepseek_mcp.kernels.norm import rmsnorm_residual
 
             if self.quantize:

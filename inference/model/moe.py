@@ -41,7 +41,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights, expert ids) [T, k] each (k + 1 with the shared expert stacked)."""
         cfg = self.cfg
-        if self.rt.backend == "triton":  # the fp32 GEMM reading x as it is, then the routing: two launches
+        if self.rt.kernels == "triton":  # the fp32 GEMM reading x as it is, then the routing: two launches
             from deepseek_mcp.kernels.router import moe_gate_route
 
             return moe_gate_route(x, self.weight, self.e_score_correction_bias, cfg.n_group, cfg.topk_group,
@@ -92,12 +92,12 @@ class Experts(nn.Module):
 
     @property
     def takes_fp8(self) -> bool:
-        return self.down_proj_scale_inv is not None and self.rt.backend == "triton"
+        return self.down_proj_scale_inv is not None and self.rt.kernels == "triton"
 
     def forward(self, x: torch.Tensor | Fp8Act, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights/idx [T, k] -> [T, D]: rows sorted by expert; only experts with rows do work."""
         t, k = idx.shape
-        if self.rt.backend == "triton":  # the sort, 2 grouped GEMMs, the combine; nothing reads the device
+        if self.rt.kernels == "triton":  # the sort, 2 grouped GEMMs, the combine; nothing reads the device
             from deepseek_mcp.kernels.moe import moe_grouped_gemm
             from deepseek_mcp.kernels.moe_align import moe_align
             from deepseek_mcp.kernels.router import moe_combine

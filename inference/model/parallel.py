@@ -177,7 +177,7 @@ class LocalExperts(Experts):
         fixed by T and k; a token with no expert here gets 0). Torch: the pairs routed here, found on the host,
         run as a batch of single-expert rows."""
         local = idx - self.start  # [T, k]
-        if self.rt.backend == "triton":
+        if self.rt.kernels == "triton":
             return super().forward(x, weights, local)
         pairs = ((local >= 0) & (local < self.num_local)).flatten().nonzero().flatten()  # [P]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

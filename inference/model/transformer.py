@@ -83,16 +83,16 @@ class MLA(nn.Module):
         q_nope, q_pe = q.view(t, heads, cfg.qk_head_dim).split([nope, r], dim=-1)  # [T, H, nope], [T, H, R]
         from deepseek_mcp.kernels import rope  # norm(c_kv) and rope(k_pe) into the cache slots, rope(q_pe): one kernel
 
-        write = rope.rope_kv_cache if self.rt.backend == "triton" else rope.rope_kv_cache_torch
+        write = rope.rope_kv_cache if self.rt.kernels == "triton" else rope.rope_kv_cache_torch
         q_pe = write(kv, self.kv_a_layernorm.weight, q_pe, cos, sin, meta.slot_mapping,
                      cache.view(-1, cache.shape[-1]), self.kv_a_layernorm.eps, rotary.interleave)  # [T, H, R]
 
-        if not meta.is_decode and (self.rt.backend == "torch" or min(meta.query_lens_list) > 1):  # naive form
-            naive = attention.prefill_attention_naive if self.rt.backend == "torch" else attention.prefill_naive_kernel
+        if not meta.is_decode and (self.rt.kernels == "torch" or min(meta.query_lens_list) > 1):  # naive form
+            naive = attention.prefill_attention_naive if self.rt.kernels == "torch" else attention.prefill_naive_kernel
             o = naive(q_nope, q_pe, cache, meta, self.w_uk, self.w_uv, cfg.softmax_scale)  # [T, H, v]
             return self.o_proj(o.to(dtype).reshape(t, heads * cfg.v_head_dim))
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, C]
-        if self.rt.backend == "triton":
+        if self.rt.kernels == "triton":
             from deepseek_mcp.kernels.mla import mla_decode, mla_prefill
 
             if meta.is_decode:
@@ -181,19 +181,19 @@ class Transformer(nn.Module):
                 module.fuse_gate_up_()
             elif isinstance(module, Gate):
                 module.prepare_()
-            elif isinstance(module, Experts) and self.rt.backend == "triton" and module.gate_proj is not None:
+            elif isinstance(module, Experts) and self.rt.kernels == "triton" and module.gate_proj is not None:
                 module.fuse_gate_up_()
         for module in self.modules():
-            if isinstance(module, MoE) and self.rt.backend == "triton":
+            if isinstance(module, MoE) and self.rt.kernels == "triton":
                 module.fuse_shared_expert_()
-        if self.rt.backend == "triton":  # norms whose readers all run the FP8 GEMM also write the FP8 copy
+        if self.rt.kernels == "triton":  # norms whose readers all run the FP8 GEMM also write the FP8 copy
             for block in self.model.layers:
                 attn = block.self_attn
                 block.input_layernorm.quantize = all(p.takes_fp8 for p in attn.first_projections())
                 if self.cfg.q_lora_rank is not None:
                     attn.q_a_layernorm.quantize = attn.q_b_proj.takes_fp8
                 block.post_attention_layernorm.quantize = getattr(block.mlp, "takes_fp8", False)
-        if cpu_prepack and self.rt.backend == "torch" and onednn.probe(self.rt.dtype):
+        if cpu_prepack and self.rt.kernels == "torch" and onednn.probe(self.rt.dtype):
             tied = self.lm_head.weight is self.model.embed_tokens.weight
             for module in self.modules():
                 if isinstance(module, Linear) and not (tied and module is self.lm_head):

@@ -13,7 +13,7 @@ import torch
 
 from deepseek_mcp.kernels.util import interpreting
 
-BACKENDS = ("auto", "triton", "torch")
+KERNELS = ("auto", "triton", "torch")
 
 
 @functools.cache
@@ -26,21 +26,21 @@ def triton_available() -> bool:
     return True
 
 
-def select_backend(device: torch.device | str, force: str | None = None) -> str:
+def select_kernels(device: torch.device | str, force: str | None = None) -> str:
     """-> "triton" or "torch". force None/"auto": Triton on CUDA when it imports, torch elsewhere.
     force "triton" fails loudly where it cannot run (no Triton, or a non-CUDA device outside the interpreter)."""
     dev = torch.device(device)
     choice = "auto" if force is None else force
-    if choice not in BACKENDS:
-        raise ValueError(f"kernel backend {force!r} is not one of {', '.join(BACKENDS)}")
+    if choice not in KERNELS:
+        raise ValueError(f"kernels {force!r} is not one of {', '.join(KERNELS)}")
     if choice == "torch":
         return "torch"
     if choice == "auto":
         return "triton" if dev.type == "cuda" and triton_available() else "torch"
     if not triton_available():
-        raise ValueError("kernel backend 'triton' was requested but triton is not installed")
+        raise ValueError("kernels 'triton' were requested but triton is not installed")
     if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
-        raise ValueError(f"kernel backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on cpu), got {dev}")
+        raise ValueError(f"kernels 'triton' need a CUDA device (or TRITON_INTERPRET=1 on cpu), got {dev}")
     return "triton"
 
 

@@ -3,10 +3,14 @@
 #   bash bench/gpu.sh [--out DIR]
 # 1. the CUDA tests of the kernels, the decode CUDA graphs and the warm-up (pytest, if the container has it),
 # 2. bench/kernels.py --quick (FP8 GEMM vs torch bf16 at the V3 shapes, mla_decode GB/s vs a device copy),
-# 3. bench/layer.py (one real-size V3.1 MoE layer, eager and CUDA-graph rows). Prints one markdown report and
-# writes it to DIR/gpu.md (default bench/out).
-# Installs nothing; the GPU path imports torch, triton and safetensors only. Without CUDA it runs what it can
-# and says where a GPU is needed.
+# 3. bench/layer.py (one real-size V3.1 MoE layer, eager and CUDA-graph rows),
+# 4. bench/e2e.py (the demo checkpoint end to end on CUDA: the engine's logits against the CPU path, then the
+#    server with its CUDA graphs answering one MCP chat and one /v1/chat/completions).
+# Prints one markdown report and writes it to DIR/gpu.md (default bench/out).
+# Installs into a temporary folder only (never the machine's environment): this package without dependencies,
+# where the interpreter cannot import it, and the wheels in .whl/ (bench/wheels.sh; carry .whl to a machine
+# without a package index). Steps 1-3 need torch, triton and safetensors; step 4 the server's packages.
+# Without CUDA it runs what it can and says where a GPU is needed.
 set -u
 cd "$(dirname "$0")/.."
 OUT=bench/out
@@ -19,6 +23,15 @@ done
 mkdir -p "$OUT"
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 REPORT="$OUT/gpu.md"
+SITE=$(mktemp -d)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+fi
+if ! PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" $PY -c "import deepseek_mcp.kernels" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . \
+    || echo "could not install this package into $SITE (setuptools >= 69 is needed to build it)" >&2
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 {
   echo "# bench/gpu.sh, $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -44,5 +57,8 @@ print(f'device: {d}; torch {torch.__version__}; triton {triton.__version__}')" 2
   echo
   echo "## bench/layer.py"
   timeout 200 $PY bench/layer.py --out "$OUT" 2>&1 | tail -40
+  echo
+  echo "## bench/e2e.py"
+  timeout 300 $PY bench/e2e.py --prompts 2 --out "$OUT" 2>&1 | tail -40
 } | tee "$REPORT"
 echo "report written to $REPORT"

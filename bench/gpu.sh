@@ -2,7 +2,7 @@
 # One command wherever a GPU is available (under 8 minutes on one H100/H200):
 #   bash bench/gpu.sh [--out DIR]
 # 1. the CUDA tests of the kernels, the decode CUDA graphs and the warm-up (pytest, if the container has it),
-# 2. bench/kernels.py --quick (FP8 GEMM vs torch bf16 at the V3 shapes, mla_decode GB/s vs a device copy),
+# 2. bench/kernel_speed.py --quick (FP8 GEMM vs torch bf16 at the V3 shapes, mla_decode GB/s vs a device copy),
 # 3. bench/layer.py (one real-size V3.1 MoE layer, eager and CUDA-graph rows),
 # 4. bench/e2e.py (the demo checkpoint end to end on CUDA: the engine's logits against the CPU path, then the
 #    server with its CUDA graphs answering one MCP chat and one /v1/chat/completions).
@@ -50,9 +50,9 @@ print(f'device: {d}; torch {torch.__version__}; triton {triton.__version__}')" 2
     echo "skipped: pytest is not installed in this container (nothing is installed by this script)"
   fi
   echo
-  echo "## bench/kernels.py --quick"
+  echo "## bench/kernel_speed.py --quick"
   echo '```'
-  timeout 180 $PY bench/kernels.py --quick 2>&1 | tail -60
+  timeout 180 $PY bench/kernel_speed.py --quick 2>&1 | tail -60
   echo '```'
   echo
   echo "## bench/layer.py"

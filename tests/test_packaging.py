@@ -116,3 +116,13 @@ def test_this_install_imports_from_anywhere(tmp_path: Path) -> None:
 
     with pytest.raises(AttributeError, match="'deepseek_mcp.inference' has no attribute 'Nope'"):
         _ = deepseek_mcp.inference.Nope
+
+
+def test_script_folders_shadow_no_installed_package() -> None:
+    """bench/ and tests/ go first on sys.path when their scripts run: no module there may take the top-level name
+    of an installed distribution (bench/kernels.py once hid Hugging Face's `kernels` from transformers)."""
+    taken = importlib.metadata.packages_distributions()
+    ours = {p.stem if p.suffix == ".py" else p.name: p for folder in ("bench", "tests")
+            for p in (ROOT / folder).iterdir() if (p.suffix == ".py" or (p / "__init__.py").is_file())}
+    clashes = {name: taken[name] for name in ours if name in taken}
+    assert not clashes, f"rename these: {clashes}"

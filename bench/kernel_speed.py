@@ -1,6 +1,9 @@
 """Check (against the torch twins) and time every Triton kernel on a CUDA GPU; print one table per kernel.
 
-    python bench/kernels.py [--quick] [--only fp8|mla|moe]
+    python bench/kernel_speed.py [--quick] [--only fp8|mla|moe]
+
+(Not `kernels.py`: a script's folder is first on sys.path, and a `kernels` module there hides Hugging Face's
+`kernels`, which transformers imports.)
 
 Timing: triton.testing.do_bench (warmup, L2 flushed between runs, median). Bandwidth is compared with a measured
 device-to-device copy (read + write bytes / time). Targets from the kernels issue are printed beside the results;
@@ -167,13 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("fp8", "mla", "moe"), help="one kernel family")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device here; nothing to time. "
+        print("bench/kernel_speed.py: no CUDA device here; nothing to time. "
               "(The kernels are checked on CPU by tests/test_kernels_*.py through the Triton interpreter.)")
         return 0
     from deepseek_mcp.kernels.platform import triton_available
 
     if not triton_available():
-        print("bench/kernels.py: triton is not installed; nothing to time.")
+        print("bench/kernel_speed.py: triton is not installed; nothing to time.")
         return 0
     import triton
 

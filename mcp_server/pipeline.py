@@ -1,11 +1,10 @@
 """The one request pipeline behind every front end (the MCP tools and the OpenAI / Anthropic routes).
 
-A front end maps its request to a `Plan`, then `prepare` (prompt ids, sampling parameters, reasoning budget,
-processors compiled once so a bad schema fails before anything runs) -> `check_queue` -> `run_choice` /
-`run_all` / `run_streaming` (one engine request per choice, parsed as it decodes) -> `Choice`s, which it maps
-back to its wire format. Inside: one finish-reason vocabulary (`RunResult.finish_reason`: stop | length | time
-| cancelled), one reasoning-token count, and the stop the engine matched, carried out of the engine. No protocol
-here; conversations are the MCP front end's, on top (service.py).
+A front end maps its request to a `Plan`, then `prepare` (prompt ids, sampling, reasoning budget, processors
+compiled before anything runs) -> `check_queue` -> `run_choice` / `run_all` / `run_streaming` (one engine request
+per choice, parsed as it decodes) -> `Choice`s, which it maps back to its wire format. Inside: one finish-reason
+vocabulary (`RunResult.finish_reason`: stop | length | time | cancelled), one reasoning-token count, and the stop
+the engine matched, carried out of it. No protocol here; conversations are the MCP front end's (service.py).
 """
 
 from __future__ import annotations
@@ -92,6 +91,7 @@ class Prepared:
     prompts: list[list[int]]  # one per prompt (one for chat and messages)
     prompt_params: list[SamplingParams]  # the sampling parameters of each prompt (max_tokens fits each)
     budget: int | None  # reasoning budget when thinking
+    compiled: list[Any] | None = None  # a set of processors built by prepare, for the first choice that runs
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -188,7 +188,7 @@ class Pipeline:
             budget = self.thinking_budget(requested, params.max_tokens)
         self.check_response_format(plan.response_format)
         prep = Prepared(plan, aengine, tokenizer, prompts, prompt_params, budget)
-        await self.processors(prep)
+        prep.compiled = await self.processors(prep)
         return prep
 
     async def render(self, history: list[dict[str, Any]], progress: Progress, *, thinking: bool,
@@ -318,7 +318,7 @@ class Pipeline:
         params, prompt_ids = prep.prompt_params[prompt], prep.prompts[prompt]
         if sample and params.seed is not None:  # n > 1 with a seed: distinct, reproducible samples
             params = replace(params, seed=(params.seed + sample) % (1 << 63))
-        procs = await self.processors(prep)
+        procs, prep.compiled = prep.compiled or await self.processors(prep), None  # stateful: one set per request
         recorder = next((p for p in procs if isinstance(p, LogprobRecorder)), None)
         feed = None
         if on_events is not None:

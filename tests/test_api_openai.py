@@ -468,26 +468,24 @@ def test_16_api_calls_with_mcp_calls(server: LiveServer) -> None:
     from mcp.client.streamable_http import streamable_http_client
 
     async def main() -> tuple[list[Any], list[Any]]:
-        aclient = openai.AsyncOpenAI(api_key=TOKEN, base_url=server.url + "/v1", max_retries=0)
         results: list[Any] = [None] * 16
         mcp_results: list[Any] = [None] * 4
-
-        async def api_call(i: int) -> None:
-            kw: dict[str, Any] = {"model": "deepseek-chat", "messages": HELLO, "max_tokens": 6, "seed": i,
-                                  "temperature": 1.0}
-            if i % 4 == 1:
-                kw.update(tools=TOOLS, tool_choice="required", max_tokens=40)
-            if i % 4 == 2:
-                stream = await aclient.chat.completions.create(**kw, stream=True)
-                results[i] = [c async for c in stream]
-            else:
-                results[i] = await aclient.chat.completions.create(**kw)
-
-
-
         headers = {"Authorization": f"Bearer {TOKEN}"}
-        async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30, read=300)) as http, \
+        # every client closed on this loop: one left open is closed by the garbage collector on a later test's
+        async with openai.AsyncOpenAI(api_key=TOKEN, base_url=server.url + "/v1", max_retries=0) as aclient, \
+                httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30, read=300)) as http, \
                 Client(streamable_http_client(server.url + "/mcp", http_client=http)) as mcp:
+
+            async def api_call(i: int) -> None:
+                kw: dict[str, Any] = {"model": "deepseek-chat", "messages": HELLO, "max_tokens": 6, "seed": i,
+                                      "temperature": 1.0}
+                if i % 4 == 1:
+                    kw.update(tools=TOOLS, tool_choice="required", max_tokens=40)
+                if i % 4 == 2:
+                    stream = await aclient.chat.completions.create(**kw, stream=True)
+                    results[i] = [c async for c in stream]
+                else:
+                    results[i] = await aclient.chat.completions.create(**kw)
 
             async def mcp_call(i: int) -> None:
                 mcp_results[i] = await mcp.call_tool("chat", {"prompt": f"hello {i}", "max_tokens": 6})

@@ -22,15 +22,16 @@ FOLDERS = {"inference": "deepseek_mcp/inference", "kernels": "deepseek_mcp/kerne
 # Imports our engine, server and kernels, transformers' DeepSeek-V3 model (whose import loads Hugging Face's
 # `kernels` where it is installed) and `kernels.get_kernel`, then says where each came from.
 USE_ALL = textwrap.dedent("""
-    import deepseek_mcp, kernels
+    import importlib
+    import deepseek_mcp
     from deepseek_mcp.inference import AsyncEngine, Engine, SamplingParams, StreamParser
     import deepseek_mcp.inference.constrained.tool_ban, deepseek_mcp.mcp_server.server, deepseek_mcp.kernels.fp8
     from transformers import DeepseekV3ForCausalLM
-    from kernels import get_kernel
+    hf_kernels = importlib.import_module("kernels")  # Hugging Face's, by its top-level name
     print(Engine.__module__, SamplingParams().max_tokens > 0, AsyncEngine.__name__, DeepseekV3ForCausalLM.__name__,
-          callable(get_kernel))
+          callable(hf_kernels.get_kernel))
     print(deepseek_mcp.__file__)
-    print(kernels.__file__)
+    print(hf_kernels.__file__)
 """)
 
 

@@ -8,7 +8,6 @@ protocol.
 from __future__ import annotations
 
 import functools
-import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -41,9 +40,6 @@ from deepseek_mcp.mcp_server.schemas import (
     Usage,
 )
 from deepseek_mcp.mcp_server.tool_specs import BadToolSpec, check_call, check_json, normalize_choice, normalize_tools
-
-log = logging.getLogger(__name__)
-
 
 _Req = TypeVar("_Req", bound=GenerationInput)
 _Out = TypeVar("_Out")

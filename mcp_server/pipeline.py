@@ -305,9 +305,9 @@ class Pipeline:
         if bound and prep.total > bound:  # (a bound of 0 refuses everything: ServerBusy below)
             raise RequestError(f"this request makes {prep.total} generations (prompts x n), more than the "
                                f"server's queue holds ({bound}); send fewer prompts or a smaller n")
-        if bound is not None and prep.aengine.num_waiting() + prep.total > bound:
-            raise ServerBusy(f"the request queue is full ({prep.aengine.num_waiting()} waiting, bound {bound}); "
-                             "retry in a little while")
+        if bound is not None and prep.aengine.num_without_slot() + prep.total > bound:
+            raise ServerBusy(f"the request queue is full ({prep.aengine.num_without_slot()} waiting for a batch "
+                             f"slot, bound {bound}); retry in a little while")
 
     async def run_choice(self, prep: Prepared, index: int, progress: Progress | None = None,
                          on_events: OnEvents | None = None) -> Choice:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import anyio
@@ -362,3 +362,40 @@ def test_bounded_waiting_queue_refuses_at_once(engine: Engine) -> None:
             check_no_leaks(aeng)
 
     run(main)
+
+
+def test_waiting_bound_counts_only_requests_without_a_slot(engine: Engine) -> None:
+    """`max_waiting` bounds the requests a free batch slot cannot take: with 4 slots and a bound of 2, 8 requests
+    sent one after another get 6 streams (4 running, 2 waiting) and 2 refusals (the bound once counted every
+    request not yet running, so requests the free slots were about to take were refused)."""
+    from deepseek_mcp.inference.engine.async_engine import QueueFullError
+
+    params = SamplingParams(max_tokens=1000, ignore_eos=True)  # none finishes while the test submits
+
+    async def main() -> None:
+        async with AsyncEngine(engine, max_num_seqs=4, cache_tokens=8192, block_size=4, max_waiting=2) as aeng:
+            accepted, refused = 0, 0
+            async with anyio.create_task_group() as tg:
+                for prompt in rand_prompts([5] * 8):
+                    try:
+                        stream = aeng.stream(prompt, params)
+                    except QueueFullError as e:
+                        refused += 1
+                        assert "4 batch slots" in str(e) and "bound is 2" in str(e)
+                        continue
+                    accepted += 1
+                    tg.start_soon(_drain, stream)
+                    await wait_until(lambda n=accepted: aeng.num_waiting() + aeng.stats().running == n)
+                assert (accepted, refused) == (6, 2)
+                await wait_until(lambda: aeng.stats().running == 4)  # the slots fill over the next steps
+                assert aeng.num_without_slot() == 2 and aeng.num_waiting() == 2
+                tg.cancel_scope.cancel()
+            await wait_until(lambda: aeng.num_waiting() == 0 and aeng.stats().running == 0)
+            check_no_leaks(aeng)
+
+    run(main)
+
+
+async def _drain(stream: AsyncIterator[RequestOutput]) -> None:
+    async for _ in stream:
+        pass

@@ -96,7 +96,8 @@ class _Request:
 class AsyncEngine:
     def __init__(self, engine: Any, *, max_waiting: int | None = None, **options: Any) -> None:
         """`engine`: an `inference.engine.engine.Engine` (model, config, tokenizer, device, dtype, make_runner).
-        `max_waiting`: most requests submitted but not running; one more raises QueueFullError (None: no bound).
+        `max_waiting`: most requests that wait without a batch slot (submitted beyond `max_num_seqs`); one more
+        raises QueueFullError (None: no bound). Requests the free slots will take at the next step do not count.
         `options` size the cache and the batch, as `EngineCore` takes them: `max_num_seqs`,
         `max_num_batched_tokens`, `cache_tokens`, `block_size`, `memory_fraction`, `warm_up` and `enforce_eager`
         (kernels warm and decode CUDA graphs at construction), and `runner`, which replaces the engine's model
@@ -188,9 +189,9 @@ class AsyncEngine:
         rid = request_id if request_id is not None else uuid.uuid4().hex
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        if self.max_waiting is not None and self.num_waiting() >= self.max_waiting:
-            raise QueueFullError(f"the request queue is full ({self.num_waiting()} requests wait for "
-                                 f"{len(self.scheduler.running)} running ones; the bound is {self.max_waiting})")
+        if self.max_waiting is not None and self.num_without_slot() >= self.max_waiting:
+            raise QueueFullError(f"the request queue is full ({self.num_without_slot()} requests wait for one of "
+                                 f"the {self.scheduler.max_num_seqs} batch slots; the bound is {self.max_waiting})")
         send, recv = anyio.create_memory_object_stream[RequestOutput | BaseException](math.inf)
         seq = Sequence(rid, prompt_ids, params, tuple(logits_processors),
                   generator=make_generator(params, self.device),
@@ -257,6 +258,11 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         """Requests submitted and not finished that are not running (queued, or preempted)."""
         return max(len(self._requests) - len(self.scheduler.running), 0)
+
+    def num_without_slot(self) -> int:
+        """Requests submitted and not finished beyond the batch's slots: those a free slot cannot take next step
+        (what `max_waiting` bounds)."""
+        return max(len(self._requests) - self.scheduler.max_num_seqs, 0)
 
     def _num_queued(self) -> int:
         with self._inbox_lock:

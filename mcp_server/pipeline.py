@@ -299,14 +299,14 @@ class Pipeline:
     # -- run ------------------------------------------------------------------------------------------
 
     def check_queue(self, prep: Prepared) -> None:
-        """Refuse up front when the engine's waiting queue cannot take the plan's requests (the engine's own
-        bound is the backstop for a race: the same ServerBusy)."""
-        bound = getattr(prep.aengine, "max_waiting", None)
-        if bound and prep.total > bound:  # (a bound of 0 refuses everything: ServerBusy below)
-            raise RequestError(f"this request makes {prep.total} generations (prompts x n), more than the "
-                               f"server's queue holds ({bound}); send fewer prompts or a smaller n")
-        if bound is not None and prep.aengine.num_without_slot() + prep.total > bound:
-            raise ServerBusy(f"the request queue is full ({prep.aengine.num_without_slot()} waiting for a batch "
+        """Refuse up front what the engine's waiting bound would refuse (its own check backs this one up)."""
+        aengine, bound = prep.aengine, getattr(prep.aengine, "max_waiting", None)
+        if bound is not None and prep.total > bound + aengine.scheduler.max_num_seqs:
+            raise RequestError(f"this request makes {prep.total} generations (prompts x n), more than the server "
+                               f"batches and queues at once ({aengine.scheduler.max_num_seqs} slots + {bound}); "
+                               "send fewer prompts or a smaller n")
+        if bound is not None and aengine.num_without_slot(prep.total) > bound:
+            raise ServerBusy(f"the request queue is full ({aengine.num_without_slot()} requests wait for a batch "
                              f"slot, bound {bound}); retry in a little while")
 
     async def run_choice(self, prep: Prepared, index: int, progress: Progress | None = None,

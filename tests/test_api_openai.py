@@ -379,7 +379,15 @@ def test_errors_by_status_and_shape(client: OpenAI, server: LiveServer) -> None:
 
 
 def test_queue_full_and_loading(engine: Engine) -> None:
-    with live_server(config(max_waiting=0), lambda: engine) as s:  # a bound of 0: every request is refused
+    # one batch slot, held by a long request, and a waiting bound of 0: every other request is refused
+    cfg = config(max_waiting=0, max_tokens=4000).model_copy(update={"max_num_seqs": 1})
+    with live_server(cfg, lambda: engine) as s, httpx.Client(base_url=s.url, timeout=60) as http, \
+            http.stream("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {TOKEN}"}, json={
+                "model": "deepseek-chat", "messages": HELLO, "max_tokens": 3000, "stream": True}) as long:
+        assert long.status_code == 200
+        deadline = time.monotonic() + 30
+        while s.service.host.aengine.stats().running != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
         c = OpenAI(api_key=TOKEN, base_url=s.url + "/v1", max_retries=0)
         try:
             c.chat.completions.create(model="deepseek-chat", messages=HELLO)

@@ -189,7 +189,7 @@ class AsyncEngine:
         rid = request_id if request_id is not None else uuid.uuid4().hex
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        if self.max_waiting is not None and self.num_without_slot() >= self.max_waiting:
+        if self.max_waiting is not None and self.num_without_slot(1) > self.max_waiting:
             raise QueueFullError(f"the request queue is full ({self.num_without_slot()} requests wait for one of "
                                  f"the {self.scheduler.max_num_seqs} batch slots; the bound is {self.max_waiting})")
         send, recv = anyio.create_memory_object_stream[RequestOutput | BaseException](math.inf)
@@ -259,10 +259,10 @@ class AsyncEngine:
         """Requests submitted and not finished that are not running (queued, or preempted)."""
         return max(len(self._requests) - len(self.scheduler.running), 0)
 
-    def num_without_slot(self) -> int:
-        """Requests submitted and not finished beyond the batch's slots: those a free slot cannot take next step
-        (what `max_waiting` bounds)."""
-        return max(len(self._requests) - self.scheduler.max_num_seqs, 0)
+    def num_without_slot(self, more: int = 0) -> int:
+        """Requests submitted and not finished (and `more` about to be) beyond the batch's slots: those no slot
+        can take at the next step (what `max_waiting` bounds)."""
+        return max(len(self._requests) + more - self.scheduler.max_num_seqs, 0)
 
     def _num_queued(self) -> int:
         with self._inbox_lock:

@@ -204,3 +204,32 @@ def test_errors_by_status_and_shape(client: anthropic.Anthropic, server: LiveSer
     assert e.value.body["error"]["type"] == "authentication_error"
     bearer = anthropic.Anthropic(auth_token=TOKEN, base_url=server.url, max_retries=0)  # ANTHROPIC_AUTH_TOKEN
     assert bearer.messages.create(model="deepseek-chat", max_tokens=2, messages=HI).content
+
+
+def test_system_messages_inside_messages(server: LiveServer) -> None:
+    """Claude Code sends `{"role": "system"}` messages inside `messages` (anthropic-beta
+    mid-conversation-system-2026-04-07): served, rendered where V3.1's template puts system text (the prompt's
+    head, after the top-level `system`, joined by a blank line); a non-text block in one is a 400 naming it."""
+    headers = {"x-api-key": TOKEN, "anthropic-version": "2023-06-01",
+               "anthropic-beta": "mid-conversation-system-2026-04-07"}
+    inside = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."},
+              {"role": "system", "content": [{"type": "text", "text": "Answer in French."}]},
+              {"role": "user", "content": "And now?"}]
+    with httpx.Client(base_url=server.url, headers=headers, timeout=120) as http:
+        r = http.post("/v1/messages", json={"model": "deepseek-chat", "max_tokens": 4, "system": "Be brief.",
+                                            "messages": inside})
+        assert r.status_code == 200, r.text
+        assert r.json()["type"] == "message" and r.json()["usage"]["output_tokens"] > 0
+
+        def count(**body: Any) -> int:
+            got = http.post("/v1/messages/count_tokens", json={"model": "deepseek-chat", **body})
+            assert got.status_code == 200, got.text
+            return got.json()["input_tokens"]
+
+        head = [m for m in inside if m["role"] != "system"]
+        assert count(system="Be brief.", messages=inside) == count(system="Be brief.\n\nAnswer in French.",
+                                                                  messages=head)
+        assert count(system="Be brief.", messages=inside) > count(system="Be brief.", messages=head)
+        bad = [*head[:2], {"role": "system", "content": [{"type": "image", "source": {}}]}, head[2]]
+        r = http.post("/v1/messages", json={"model": "deepseek-chat", "max_tokens": 4, "messages": bad})
+        assert r.status_code == 400 and "messages.2.content.0" in r.json()["error"]["message"]

@@ -49,6 +49,8 @@ def template_messages(req: Any) -> list[dict[str, Any]]:
         blocks = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else m.content
         if m.role == "assistant":
             out.append(_assistant(i, blocks))
+        elif m.role == "system":  # V3.1's template gathers every system text into the prompt's head, in order
+            out.append({"role": "system", "content": _system(i, blocks)})
         else:
             out.extend(_user(i, blocks))
     if out and out[-1]["role"] == "assistant":  # prefill: the response continues this text
@@ -86,6 +88,14 @@ def _assistant(i: int, blocks: list[dict[str, Any]]) -> dict[str, Any]:
     if calls:
         msg["tool_calls"] = calls
     return msg
+
+
+def _system(i: int, blocks: list[dict[str, Any]]) -> str:
+    for j, b in enumerate(blocks):
+        if b.get("type") != "text":
+            raise invalid(f"messages.{i}.content.{j}: a system message holds text blocks only, not "
+                          f"{b.get('type')!r}", f"messages.{i}.content.{j}.type")
+    return "".join(str(b.get("text", "")) for b in blocks)
 
 
 def _user(i: int, blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -103,7 +103,7 @@ class AnthropicToolChoice(_Lenient):
 
 
 class AnthropicMessage(_Lenient):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system: mid-conversation instructions (Claude Code sends them)
     content: str | list[dict[str, Any]]
 
 

@@ -29,6 +29,7 @@ from deepseek_mcp.inference.text.template import THINK_END, render_ids
 from deepseek_mcp.mcp_server.config import ServerConfig
 from deepseek_mcp.mcp_server.constraints import GrammarConstraints, grammar_available, steered
 from deepseek_mcp.mcp_server.engine_request import Decoded, RunResult, new_request_id, run_request
+from deepseek_mcp.mcp_server.failures import GenerationFailed, GenerationTimeout, RequestError, ServerBusy
 from deepseek_mcp.mcp_server.logprobs import StreamLogprobs, TokenLogprob, all_logprobs
 from deepseek_mcp.mcp_server.model_host import ModelHost
 from deepseek_mcp.mcp_server.progress import Progress
@@ -37,18 +38,6 @@ from deepseek_mcp.mcp_server.schemas import ResponseFormat
 from deepseek_mcp.mcp_server.tool_specs import ToolChoice, ToolSpec
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """Input the server cannot serve; the message says what to change."""
-
-
-class GenerationFailed(RuntimeError):
-    """The engine failed while generating (the cause is in the message); the server goes on serving."""
-
-
-class ServerBusy(GenerationFailed):
-    """The engine's request queue is full; nothing was queued. Retry in a little while."""
 
 
 @dataclass
@@ -435,7 +424,7 @@ class Pipeline:
                                    "log on stderr has the details under that id. The server goes on serving: "
                                    "retry, or change the input") from e
         if run.finish_reason == "time" and not run.token_ids:
-            raise RequestError(
+            raise GenerationTimeout(
                 f"the {limits.max_wall_time_s:g} s wall-time limit (--max-wall-time, limits.max_wall_time_s; "
                 f"counted from admission, after {run.queued_s:.1f} s queued) ran out before the first output token: "
                 f"prefilling the {len(prompt_ids)}-token prompt took all of it. Shorten the prompt or raise "

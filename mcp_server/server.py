@@ -14,9 +14,9 @@ from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ValidationError
 
 from deepseek_mcp.mcp_server.errors import readable_errors
+from deepseek_mcp.mcp_server.failures import GenerationFailed, RequestError
 from deepseek_mcp.mcp_server.json_schema import input_schema, output_schema
 from deepseek_mcp.mcp_server.model_host import ModelUnavailable
-from deepseek_mcp.mcp_server.pipeline import GenerationFailed, RequestError
 from deepseek_mcp.mcp_server.progress import Progress
 from deepseek_mcp.mcp_server.schemas import (
     ChatInput,

@@ -18,9 +18,10 @@ from deepseek_mcp.inference.text.control import THINK_END
 from deepseek_mcp.mcp_server.config import ServerConfig
 from deepseek_mcp.mcp_server.conversations import Conversation, ConversationStore, TurnLocks, UnknownConversation
 from deepseek_mcp.mcp_server.engine_request import RunResult
+from deepseek_mcp.mcp_server.failures import RequestError
 from deepseek_mcp.mcp_server.model_host import ModelHost
 from deepseek_mcp.mcp_server.model_info import count_parameters, describe_model
-from deepseek_mcp.mcp_server.pipeline import Choice, Pipeline, Plan, Prepared, RequestError
+from deepseek_mcp.mcp_server.pipeline import Choice, Pipeline, Plan, Prepared
 from deepseek_mcp.mcp_server.progress import Progress
 from deepseek_mcp.mcp_server.request_processors import ToolCallProcessors
 from deepseek_mcp.mcp_server.schemas import (

@@ -521,7 +521,7 @@ def test_failure_mid_stream_ends_with_an_error_event(server: LiveServer, monkeyp
                                                      route: str) -> None:
     from deepseek_mcp.inference.text.parse import ContentDelta
     from deepseek_mcp.mcp_server.engine_request import Decoded
-    from deepseek_mcp.mcp_server.pipeline import GenerationFailed
+    from deepseek_mcp.mcp_server.failures import GenerationFailed
 
     async def failing_run(*args: Any, on_events: Any = None, **kw: Any) -> Any:
         on_events(Decoded("partial", [ContentDelta("partial")], [], 7))

@@ -142,7 +142,7 @@ def test_bad_arguments_reach_the_client_readably() -> None:
 
 
 def test_generation_failure_is_logged_with_its_request_id(caplog: pytest.LogCaptureFixture) -> None:
-    from deepseek_mcp.mcp_server.pipeline import GenerationFailed
+    from deepseek_mcp.mcp_server.failures import GenerationFailed
 
     class Broken:
         def stream(self, *args: Any, **kwargs: Any) -> Any:
@@ -338,6 +338,29 @@ def test_a_result_cut_before_its_first_token_is_an_error(engine: Any) -> None:
     text = result.content[0].text
     assert "0.5 s wall-time limit" in text and "--max-wall-time" in text and "before the first output token" in text
     assert "counted from admission" in text
+
+
+def test_the_limit_before_the_first_token_is_a_server_timeout_not_a_client_error(engine: Any) -> None:
+    """The wall-time limit ending a request before its first token is the server's (GenerationTimeout): the HTTP
+    APIs answer 504 in their own shapes (Anthropic's timeout_error), never a 400."""
+    from deepseek_mcp.inference.engine.sampling import SamplingParams
+    from deepseek_mcp.mcp_server.api.errors import from_exception
+    from deepseek_mcp.mcp_server.failures import GenerationTimeout, RequestError
+    from deepseek_mcp.mcp_server.progress import Progress
+
+    fake = SlowEngine(queue_s=0.0, chunk_s=0.3, words=["x"], token_s=0.1, chunk_tokens=4)
+    config = _demo_config(max_wall_time_s=0.5, progress_interval_s=0.1)
+    service = ChatService(ModelHost(config, loader=lambda: engine), config)
+
+    async def run() -> None:
+        await service.run(fake, list(range(3, 83)), SamplingParams(max_tokens=2), Progress(), thinking=False)
+
+    with pytest.raises(GenerationTimeout) as info:
+        anyio.run(run)
+    assert not isinstance(info.value, RequestError) and "before the first output token" in str(info.value)
+    err = from_exception(info.value)
+    assert err.status == 504 and err.body("openai")["error"]["code"] == "timeout"
+    assert err.body("anthropic")["error"]["type"] == "timeout_error"
 
 
 # ---------------------------------------------------------------------------- item 5: SIGINT/SIGTERM stop it

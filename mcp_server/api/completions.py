@@ -16,8 +16,9 @@ from deepseek_mcp.inference.text.template import BOS
 from deepseek_mcp.mcp_server.api.errors import invalid
 from deepseek_mcp.mcp_server.api.openai_chat import refuse_unsupported
 from deepseek_mcp.mcp_server.api.sse import Write, sse
+from deepseek_mcp.mcp_server.failures import RequestError
 from deepseek_mcp.mcp_server.logprobs import TokenLogprob, completion_logprobs
-from deepseek_mcp.mcp_server.pipeline import Choice, Item, Plan, RequestError
+from deepseek_mcp.mcp_server.pipeline import Choice, Item, Plan
 
 
 def _prompts(req: Any, tokenizer: Any) -> list[list[int]]:

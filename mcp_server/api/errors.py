@@ -11,17 +11,19 @@ from typing import Literal
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
+from deepseek_mcp.mcp_server.failures import GenerationFailed, GenerationTimeout, RequestError, ServerBusy
 from deepseek_mcp.mcp_server.model_host import ModelUnavailable
-from deepseek_mcp.mcp_server.pipeline import GenerationFailed, RequestError, ServerBusy
 
 log = logging.getLogger(__name__)
 
 Flavor = Literal["openai", "anthropic"]
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+                 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
+                 504: "server_error"}
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+                    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
+                    504: "timeout_error"}
 
 
 @dataclass
@@ -77,6 +79,8 @@ def from_exception(exc: Exception, load_wait_hint_s: int = 5) -> ApiError:
         return exc
     if isinstance(exc, RequestError):
         return invalid(str(exc), _param_of(str(exc)))
+    if isinstance(exc, GenerationTimeout):  # a server-side limit, never the client's error
+        return ApiError(504, str(exc), code="timeout")
     if isinstance(exc, ServerBusy):
         return ApiError(429, str(exc), code="queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, ModelUnavailable):

@@ -49,6 +49,9 @@ class Limits(_Section):
     max_waiting: int = Field(
         256, ge=0, description="Requests that may wait for a batch slot; one more is refused at once (HTTP 429)."
     )
+    max_request_bytes: int = Field(
+        16 << 20, gt=0, description="Largest HTTP API request body; a larger one is refused while it is read (413). "
+        "16 MiB holds a 163,840-token context with JSON escaping to spare.")
 
 
 class ServerConfig(_Section):

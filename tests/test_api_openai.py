@@ -541,3 +541,41 @@ def test_failure_mid_stream_ends_with_an_error_event(server: LiveServer, monkeyp
         assert last["error"]["type"] == "api_error" and "engine broke" in last["error"]["message"]
     else:
         assert "[DONE]" not in lines[-1] and last["error"]["code"] == "generation_failed"
+
+
+def test_hostile_bodies_get_4xx_in_the_api_shape(server: LiveServer) -> None:
+    """A body past limits.max_request_bytes is refused while it is read (413, declared or streamed), JSON nested
+    100,000 deep, a tool schema nested 200 deep and a lone surrogate escape are 400s, never 500s; the server
+    goes on serving."""
+    limit = ServerConfig().limits.max_request_bytes
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=server.url, headers=auth, timeout=60) as http:
+        big = b'{"model": "deepseek-chat", "messages": [{"role": "user", "content": "' + b"x" * limit + b'"}]}'
+        r = http.post("/v1/chat/completions", content=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        r = http.post("/v1/messages", content=big, headers={"x-api-key": TOKEN, "anthropic-version": "2023-06-01"})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+            yield b'{"model": "deepseek-chat", "prompt": "'
+            for _ in range(limit // (1 << 16) + 2):
+                yield b"y" * (1 << 16)
+            yield b'"}'
+
+        r = http.post("/v1/completions", content=chunks())
+        assert r.status_code == 413, r.text
+        r = http.post("/v1/chat/completions", content=b"[" * 100_000 + b"]" * 100_000)
+        assert r.status_code == 400 and "too deeply" in r.json()["error"]["message"]
+        schema: dict[str, Any] = {"type": "string"}
+        for _ in range(200):
+            schema = {"type": "object", "properties": {"a": schema}}
+        r = http.post("/v1/chat/completions", json={
+            "model": "deepseek-chat", "messages": HELLO, "max_tokens": 4, "tool_choice": "required",
+            "tools": [{"type": "function", "function": {"name": "deep", "parameters": schema}}]})
+        assert r.status_code == 400, r.text
+        r = http.post("/v1/completions", content=b'{"model": "deepseek-chat", "prompt": "a\\ud800b", "max_tokens": 2}')
+        assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text
+        r = http.post("/v1/completions", content=b'{"model": "deepseek-chat", "prompt": "a\\ud83d\\ude00b", '
+                                                 b'"max_tokens": 2}')
+        assert r.status_code == 200, r.text  # a surrogate pair is one character: fine
+        assert http.get("/health").json()["status"] == "ok"

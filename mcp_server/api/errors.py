@@ -79,6 +79,9 @@ def from_exception(exc: Exception, load_wait_hint_s: int = 5) -> ApiError:
         return exc
     if isinstance(exc, RequestError):
         return invalid(str(exc), _param_of(str(exc)))
+    if isinstance(exc, RecursionError):  # input nested past what the parsers and schema checks walk
+        return invalid("the request nests too deeply (JSON, or a JSON schema in tools or response_format); "
+                       "flatten it")
     if isinstance(exc, GenerationTimeout):  # a server-side limit, never the client's error
         return ApiError(504, str(exc), code="timeout")
     if isinstance(exc, ServerBusy):

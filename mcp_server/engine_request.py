@@ -39,6 +39,8 @@ class RunResult:
     elapsed_s: float
     queued_s: float = 0.0  # waiting for admission (the time limit starts after it)
     stop: int | str | None = None  # finished with "stop": the engine's matched stop token id or stop string
+    ttft_s: float | None = None  # the engine's: submission to the first token
+    decode_tok_s: float = 0.0  # the engine's: tokens per second after the first (0 with fewer than two)
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ async def run_request(
     texts = live.text
     finish: str | None = None
     stop: int | str | None = None
+    stats: Any = None  # the engine's RequestStats of its last output
     timed_out = False
     cached = 0
     stream_scope = anyio.CancelScope()
@@ -170,6 +173,7 @@ async def run_request(
                                 live.first_token_at = time.monotonic()
                             live.token_ids = out.token_ids  # a fresh list per update (a slice)
                             cached = out.num_cached_tokens or 0
+                            stats = getattr(out, "stats", None)
                             if out.text_delta:
                                 texts.append(out.text_delta)
                                 if on_output is not None:
@@ -194,4 +198,5 @@ async def run_request(
         reason = "cancelled"  # aborted by someone else (e.g. engine shutdown) or the stream ended early
     end = time.monotonic()
     return RunResult(live.token_ids, "".join(texts), reason, len(prompt_ids), cached, end - live.started,
-                     (live.admitted_at or end) - live.started, stop if reason == "stop" else None)
+                     (live.admitted_at or end) - live.started, stop if reason == "stop" else None,
+                     None if stats is None else stats.ttft_s, 0.0 if stats is None else stats.tokens_per_s)

@@ -433,7 +433,8 @@ class Pipeline:
         if on_events is not None and events:
             on_events(Decoded("", events, run.token_ids, fed))
         n = len(run.token_ids)
-        log.info("%s %s: %d prompt tokens (%d cached), %d completion tokens, %.2f s (%.2f s queued), %.1f tok/s, "
-                 "finish %s", tool, request_id, run.prompt_tokens, run.cached_tokens, n, run.elapsed_s,
-                 run.queued_s, n / max(run.elapsed_s - run.queued_s, 1e-9), run.finish_reason)
+        ttft = "-" if run.ttft_s is None else f"{run.ttft_s:.2f} s"
+        log.info("%s %s: %d prompt tokens (%d cached), %d completion tokens, %.2f s, first token %s, %.1f tok/s "
+                 "decoding, finish %s", tool, request_id, run.prompt_tokens, run.cached_tokens, n, run.elapsed_s,
+                 ttft, run.decode_tok_s, run.finish_reason)
         return run, parser.result()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -587,6 +588,10 @@ def test_one_log_line_per_request_and_one_context_number(engine: Any, caplog: py
     assert len(lines) == 1, lines
     assert lines[0].startswith("chat mcp-") and "prompt tokens (0 cached), 2 completion tokens" in lines[0]
     assert "finish length" in lines[0]
+    # the engine's own timings: a first-token time, and a decode rate over the tokens after the first (it once
+    # divided by a queue time sampled every 0.5 s and printed 1000000000.0 tok/s for one token)
+    timing = re.search(r"first token ([0-9.]+) s, ([0-9.]+) tok/s decoding", lines[0])
+    assert timing is not None and float(timing.group(1)) < 60 and 0 < float(timing.group(2)) < 1e5, lines[0]
     assert info["context_tokens"] == 4096 and "max_position_embeddings" not in info["architecture"]
     assert "capped by the KV cache (4096 tokens" in info["context_limit"] and "163840" in info["context_limit"]
 

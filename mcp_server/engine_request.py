@@ -173,7 +173,7 @@ async def run_request(
                                 live.first_token_at = time.monotonic()
                             live.token_ids = out.token_ids  # a fresh list per update (a slice)
                             cached = out.num_cached_tokens or 0
-                            stats = getattr(out, "stats", None)
+                            stats = out.stats
                             if out.text_delta:
                                 texts.append(out.text_delta)
                                 if on_output is not None:

@@ -274,7 +274,7 @@ class SlowEngine:
         def out(ids: list[int], delta: str, reason: str | None) -> Any:
             return SimpleNamespace(new_token_ids=ids[-1:] if delta else [], token_ids=list(ids), text_delta=delta,
                                    num_cached_tokens=0, finished=reason is not None, finish_reason=reason,
-                                   stop=None)
+                                   stop=None, stats=None)
 
         seq = SimpleNamespace(status=SequenceStatus.WAITING, num_computed_tokens=0,
                               num_prompt_tokens=len(prompt_ids))

@@ -11,9 +11,10 @@ decided from the shapes alone. `moe_align_torch` is its twin: a stable sort, sea
 
 Expert ids are never read on the host. An id outside [0, E), negative or >= E, is not dropped or written out
 of bounds: both versions sort it into one more bucket after expert E - 1, so order and inv stay permutations
-and offsets[E] < T*k counts the in-range pairs. Under tensor parallelism that is how other ranks' experts are
-passed over (LocalExperts hands over the ids minus its first expert): the grouped GEMM computes no row past
-offsets[E] and moe_combine(..., valid_rows=offsets[-1:]) reads none.
+and offsets[E] < T*k counts the in-range pairs; the grouped GEMM computes no row past offsets[E] and
+moe_combine(..., valid_rows=offsets[-1:]) reads none. (An expert-parallel split, each rank holding an index range
+of experts, would hand over the ids minus its first expert and pass the others' over this way; the model splits
+every expert along its intermediate size instead, inference/model/parallel.py.)
 """
 
 from __future__ import annotations

@@ -34,3 +34,26 @@ def fixtures_dir() -> Path:
         if (parent / "shared" / "fixtures").is_dir():
             return parent / "shared" / "fixtures"
     return default
+
+
+def local_tp(rank: int, world_size: int):
+    """A `TPContext` for one rank of a group that is not there: its collectives leave tensors as they are (an
+    all-reduce returns this rank's partial sum; rank 0 "gathers" its own logits world_size times) and are
+    counted in `.calls`, so a rank's forward runs, and its launches can be counted, in one process."""
+    from dataclasses import dataclass, field
+
+    from deepseek_mcp.inference.model.parallel import TPContext
+
+    @dataclass(frozen=True)
+    class LocalTP(TPContext):
+        calls: list[str] = field(default_factory=list, compare=False)
+
+        def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls.append("all_reduce")
+            return x
+
+        def gather_to_first(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+            self.calls.append("gather")
+            return [x] * self.world_size if self.rank == 0 else None
+
+    return LocalTP(rank, world_size)

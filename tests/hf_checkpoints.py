@@ -10,7 +10,8 @@ import torch
 
 def tiny_hf_model(path: Path, *, q_lora_rank: int | None = 48, yarn: bool = True, n_group: int = 2,
                   topk_group: int = 1, hidden: int = 64, seed: int = 0, legacy_rope: bool = False, top_k: int = 2,
-                  vocab_size: int = 256, moe_intermediate_size: int = 32):
+                  vocab_size: int = 256, moe_intermediate_size: int = 32, qk_nope_head_dim: int = 16,
+                  qk_rope_head_dim: int = 8, v_head_dim: int = 16):
     """Save a tiny random model to `path` and return it (fp32, eval mode)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -23,7 +24,8 @@ def tiny_hf_model(path: Path, *, q_lora_rank: int | None = 48, yarn: bool = True
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
         num_experts_per_tok=top_k, n_group=n_group,
         topk_group=topk_group, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=q_lora_rank,
-        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_parameters=rope, max_position_embeddings=256,
+        qk_rope_head_dim=qk_rope_head_dim, qk_nope_head_dim=qk_nope_head_dim, v_head_dim=v_head_dim,
+        rope_parameters=rope, max_position_embeddings=256,
         num_nextn_predict_layers=0, initializer_range=0.1, routed_scaling_factor=2.5,
     )
     g = torch.Generator().manual_seed(seed)

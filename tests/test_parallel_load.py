@@ -1,5 +1,6 @@
 """Per-rank loading, in one process (no collectives at load): instrumented safetensors reads show each rank read
-only its slices and never another rank's experts, and the slices it holds equal the single-process weights."""
+only its slices (of every expert too: its part of the intermediate size), exactly 1/N of the routed experts'
+weight bytes, and the slices it holds equal the single-process weights."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from deepseek_mcp.inference.model import parallel_load
+from deepseek_mcp.inference.model import checkpoint
 from deepseek_mcp.inference.model.checkpoint import find_checkpoint_files, load_weights
 from deepseek_mcp.inference.model.config import ModelConfig
 from deepseek_mcp.inference.model.demo import demo_checkpoint_path
 from deepseek_mcp.inference.model.layers import FP8_DTYPE, Runtime
-from deepseek_mcp.inference.model.parallel import ParallelConfigError, TPContext, check_divisible, shard_model
+from deepseek_mcp.inference.model.parallel import ParallelConfigError, TPContext, check_divisible
 from deepseek_mcp.inference.model.transformer import Transformer
 
 RT = Runtime(dtype=torch.float32, scale_fmt="ue8m0")
@@ -79,22 +80,20 @@ def demo():
 def test_each_rank_reads_only_its_slices(demo, world_size: int, monkeypatch) -> None:
     cfg, files, full = demo
     full_params = dict(full.named_parameters())
-    per_rank = cfg.n_routed_experts // world_size
     expert_bytes = sum(t for _, _, t in _all_expert_reads(files))
     for rank in range(world_size):
         rec = Recorder()
-        monkeypatch.setattr(parallel_load, "safe_open", rec.open)
-        model = shard_model(cfg, RT, True, "cpu", TPContext(rank, world_size))
-        parallel_load.load_weights_sharded(model, files)
+        monkeypatch.setattr(checkpoint, "safe_open", rec.open)
+        model = Transformer(cfg, RT, True, "cpu", TPContext(rank, world_size))
+        load_weights(model, files)
         params = dict(model.named_parameters())
         read_experts = 0
         for name, index, nbytes in rec.reads:
-            m = re.match(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.", name)
-            if m:
-                assert rank * per_rank <= int(m.group(2)) < (rank + 1) * per_rank, f"rank {rank} read {name}"
+            pname = _param_name(name)
+            if pname not in params:  # the scales of a slice held dequantized: read with its weight
+                pname = pname.removesuffix("_scale_inv")
+            if ".mlp.experts." in name and name.endswith(".weight"):
                 read_experts += nbytes
-                continue
-            pname = name.removesuffix("_scale_inv") if name not in params else name
             shard = getattr(params.get(pname), "shard", None)
             if shard is None:
                 assert index is None, f"{name} is replicated but was read as a slice"
@@ -107,8 +106,14 @@ def test_each_rank_reads_only_its_slices(demo, world_size: int, monkeypatch) -> 
                 assert lo == start // b and hi >= lo + 1
             else:
                 assert (lo, hi) == (shard.start, shard.start + shard.size), f"{name}: read {lo}:{hi}"
-        assert read_experts * world_size == expert_bytes  # exactly its share of the routed experts
+        assert read_experts * world_size == expert_bytes  # exactly its share of the routed experts' weights
         _check_values(model, full_params, rank, world_size, cfg)
+
+
+def _param_name(name: str) -> str:
+    """The parameter a checkpoint tensor loads into (routed experts: their stacked parameter)."""
+    m = re.match(r"^(.*\.mlp\.experts)\.\d+\.(\w+)\.weight(_scale_inv)?$", name)
+    return f"{m.group(1)}.{m.group(2)}{m.group(3) or ''}" if m else name
 
 
 def _all_expert_reads(files):
@@ -116,7 +121,7 @@ def _all_expert_reads(files):
         with safe_open(str(path), "pt") as f:
             for name in f.keys():
                 m = re.match(r"^model\.layers\.(\d+)\.mlp\.experts\.", name)
-                if m and int(m.group(1)) < 4:
+                if m and int(m.group(1)) < 4 and name.endswith(".weight"):
                     t = f.get_slice(name)
                     shape, n = t.get_shape(), 1
                     for d in shape:
@@ -136,9 +141,11 @@ def _check_values(model, full_params, rank: int, n: int, cfg: ModelConfig) -> No
     got = kv_b.dense_weight(torch.float32)
     r = got.shape[0]
     assert torch.equal(got, full("model.layers.1.self_attn.kv_b_proj.weight")[rank * r : (rank + 1) * r])
-    e = cfg.n_routed_experts // n
+    e, i = cfg.n_routed_experts, cfg.moe_intermediate_size // n  # every expert, rows [rank * i, (rank + 1) * i)
     assert torch.equal(layer.mlp.experts._weights("up_proj", torch.arange(e), torch.float32),
-                       full("model.layers.1.mlp.experts.up_proj")[rank * e : (rank + 1) * e])
+                       full("model.layers.1.mlp.experts.up_proj")[:, rank * i : (rank + 1) * i])
+    assert torch.equal(layer.mlp.experts._weights("down_proj", torch.arange(e), torch.float32),
+                       full("model.layers.1.mlp.experts.down_proj")[:, :, rank * i : (rank + 1) * i])
     down = layer.mlp.shared_experts.down_proj.dense_weight(torch.float32)  # column slice
     c = down.shape[1]
     assert torch.equal(down, full("model.layers.1.mlp.shared_experts.down_proj.weight")[:, rank * c : (rank + 1) * c])

@@ -1,4 +1,4 @@
-"""The memory planner against the parameters `shard_model` really allocates (built on the meta device): the
+"""The memory planner against the parameters a rank's `Transformer` really allocates (built on the meta device): the
 real DeepSeek-V3.1 config split over 8 and 16 ranks, and the demo's, whose N=2 split cuts FP8 scale blocks."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 
 from deepseek_mcp.inference.model.config import ModelConfig
 from deepseek_mcp.inference.model.demo import demo_checkpoint_path
-from deepseek_mcp.inference.model.parallel import TPContext, shard_model
+from deepseek_mcp.inference.model.parallel import TPContext
 from deepseek_mcp.inference.model.plan import GIB, KINDS, main, plan, weight_bytes
-from deepseek_mcp.inference.model.transformer import Runtime
+from deepseek_mcp.inference.model.transformer import Runtime, Transformer
 
 
 def _fixtures() -> Path | None:
@@ -46,7 +46,7 @@ def _kind(name: str) -> str:
 
 def _meta_bytes(cfg: ModelConfig, n: int, rank: int, fp8: bool) -> dict[str, int]:
     rt = Runtime(dtype=torch.bfloat16, scale_fmt=cfg.quant.scale_fmt if cfg.quant else None)
-    model = shard_model(cfg, rt, fp8, "meta", TPContext(rank, n))
+    model = Transformer(cfg, rt, fp8, "meta", TPContext(rank, n))
     model.prepare_for_kernels_()  # the step's layout: W_UK / W_UV dense, the router in fp32, fusions
     out = dict.fromkeys(KINDS, 0)
     for name, p in model.named_parameters():

@@ -188,54 +188,75 @@ def test_triton_kernels_on_local_heads_and_experts_match_one_process(tmp_path: P
         assert got_ids == [o.token_ids for o in want]
 
 
-def test_local_experts_triton_path_has_no_host_sync_and_equals_the_torch_path() -> None:
-    """Rank 1 of 2 holds experts 4..7 of 8: on the Triton path (interpreter on CPU) LocalExperts hands the
-    shifted ids to moe_align as they are, under the sync guard (nonzero included); it must equal the
-    torch path's pair gather, with token 0 routed only to rank 0's experts coming out exactly 0."""
+def test_expert_slices_of_two_ranks_sum_to_the_whole_layer_without_host_sync() -> None:
+    """Each of 2 ranks holds every expert's half of the intermediate size and the shared expert's half, stacked
+    as expert E on the Triton path (interpreter on CPU) exactly as on one device: the two ranks' partial outputs
+    (what the all-reduce sums) equal the one-device MoE's output, the Triton path runs under the sync guard, and
+    each rank's Triton output equals its torch path."""
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and the Triton interpreter is off")
     from dataclasses import replace
 
-    from helpers import assert_close
-    from sync_guard import HostSyncError, NoHostSync
+    from helpers import assert_close, local_tp
+    from sync_guard import NoHostSync
 
     from deepseek_mcp.inference.model.config import ModelConfig
     from deepseek_mcp.inference.model.demo import DEMO_CONFIG
     from deepseek_mcp.inference.model.layers import Runtime
-    from deepseek_mcp.inference.model.parallel import LocalExperts, TPContext
+    from deepseek_mcp.inference.model.moe import MoE
+    from deepseek_mcp.inference.model.parallel import TPContext
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = replace(ModelConfig.from_dict(DEMO_CONFIG), n_routed_experts=8, hidden_size=32, moe_intermediate_size=16)
-    tp = TPContext(rank=1, world_size=2)
+    cfg = replace(ModelConfig.from_dict(DEMO_CONFIG), n_routed_experts=8, hidden_size=32, moe_intermediate_size=16,
+                  n_shared_experts=1, n_group=1, topk_group=1, num_experts_per_tok=3)
     g = torch.Generator().manual_seed(5)
-    mods = {}
-    for backend in ("torch", "triton"):
-        mods[backend] = LocalExperts(cfg, Runtime(dtype=torch.float32, kernels=backend), False, dev, tp)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            w = getattr(mods[backend], name)
-            w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
-    mods["triton"].fuse_gate_up_()
-    t, k = 6, 3
-    idx = torch.stack([torch.randperm(8, generator=g)[:k] for _ in range(t)])
-    idx[0], idx[1] = torch.tensor([3, 0, 2]), torch.tensor([5, 7, 4])  # none here; all here
-    x = torch.randn(t, cfg.hidden_size, generator=g).to(dev)
-    weights = torch.rand(t, k, generator=g).to(dev)
-    idx = idx.to(dev)
-    want = mods["torch"](x, weights, idx)
-    with torch.inference_mode(), NoHostSync():
-        got = mods["triton"](x, weights, idx)
-    assert_close(got, want, rtol=1e-5, what="LocalExperts triton vs torch")
-    assert torch.equal(got[0].cpu(), torch.zeros(cfg.hidden_size))
-    with pytest.raises(HostSyncError), NoHostSync():  # the guard sees the torch path's host reads
-        mods["torch"](x, weights, idx)
+    whole = {}  # checkpoint-shaped tensors, one device
+    for name in ("gate_proj", "up_proj"):
+        whole[f"experts.{name}"] = torch.randn(8, 16, 32, generator=g) * 0.3
+        whole[f"shared.{name}"] = torch.randn(16, 32, generator=g) * 0.3
+    whole["experts.down_proj"] = torch.randn(8, 32, 16, generator=g) * 0.3
+    whole["shared.down_proj"] = torch.randn(32, 16, generator=g) * 0.3
+    gate_w, bias = torch.randn(8, 32, generator=g), torch.randn(8, generator=g) * 0.1
+
+    def build(kernels: str, tp: TPContext) -> MoE:
+        moe = MoE(cfg, Runtime(dtype=torch.float32, kernels=kernels), False, dev, tp)
+        i = 16 // tp.world_size
+        rows = slice(tp.rank * i, (tp.rank + 1) * i)
+        with torch.no_grad():
+            moe.gate.weight.copy_(gate_w)
+            moe.gate.e_score_correction_bias.copy_(bias)
+            for name in ("gate_proj", "up_proj"):
+                getattr(moe.experts, name).copy_(whole[f"experts.{name}"][:, rows])
+                getattr(moe.shared_experts, name).weight.copy_(whole[f"shared.{name}"][rows])
+            moe.experts.down_proj.copy_(whole["experts.down_proj"][:, :, rows])
+            moe.shared_experts.down_proj.weight.copy_(whole["shared.down_proj"][:, rows])
+        moe.gate.prepare_()
+        moe.shared_experts.fuse_gate_up_()
+        if kernels == "triton":
+            moe.experts.fuse_gate_up_()
+            moe.fuse_shared_expert_()
+            assert moe.shared_experts is None and moe.experts.gate_up_proj.shape == (9, 2 * i, 32)
+        return moe
+
+    x = torch.randn(6, 32, generator=g).to(dev)
+    with torch.inference_mode():
+        want = build("torch", TPContext(0, 1))(x)
+        parts = []
+        for rank in range(2):
+            tp = local_tp(rank, 2)  # the all-reduce leaves this rank's partial sum
+            with NoHostSync():
+                parts.append(build("triton", tp)(x))
+            assert_close(parts[-1], build("torch", tp)(x), rtol=1e-5, what=f"rank {rank} triton vs torch")
+            assert tp.calls == ["all_reduce"] * 2  # one per layer forward: the layer's only collective
+    assert_close(parts[0] + parts[1], want, rtol=1e-5, what="rank 0 + rank 1 vs one device")
 
 
 def test_sizes_that_do_not_split_are_refused_before_any_start(tmp_path: Path) -> None:
     tiny_hf_model(tmp_path, seed=1)  # 4 heads, 8 experts, intermediate 96, shared 32
     before = _children()
     with pytest.raises(ParallelConfigError, match=r"tensor-parallel size 3 does not divide "
-                                                  r"num_attention_heads = 4.*n_routed_experts = 8"):
+                                                  r"num_attention_heads = 4.*moe_intermediate_size = 32"):
         Engine.from_pretrained(tmp_path, device="cpu", dtype="float32", tensor_parallel_size=3)
     assert _children() == before
 

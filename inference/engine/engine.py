@@ -201,8 +201,9 @@ class Engine:
         if self.ranks is None:
             return None
         n = self.tensor_parallel_size
-        return (f"tensor parallel over {n} ranks (heads, MLPs, vocabulary split; routed experts "
-                f"{self.config.n_routed_experts // n} per rank; latent KV cache replicated on every rank)")
+        return (f"tensor parallel over {n} ranks (heads, MLPs, vocabulary split; every expert split along its "
+                f"intermediate size, {self.config.moe_intermediate_size // n} per rank; latent KV cache replicated "
+                "on every rank)")
 
     @property
     def weight_bytes(self) -> int:

@@ -24,10 +24,9 @@ import torch
 import torch.distributed as dist
 
 from deepseek_mcp.inference.engine.distributed import ControlPlane, worker_loop
-from deepseek_mcp.inference.model.checkpoint import checkpoint_is_fp8, find_checkpoint_files
+from deepseek_mcp.inference.model.checkpoint import checkpoint_is_fp8, find_checkpoint_files, load_weights
 from deepseek_mcp.inference.model.config import ModelConfig
-from deepseek_mcp.inference.model.parallel import TPContext, check_divisible, shard_model
-from deepseek_mcp.inference.model.parallel_load import load_weights_sharded
+from deepseek_mcp.inference.model.parallel import TPContext, check_divisible
 from deepseek_mcp.inference.model.transformer import Runtime, Transformer
 
 log = logging.getLogger(__name__)
@@ -152,8 +151,8 @@ def build_rank_model(spec: RankSpec, group: Group) -> Transformer:
     rt = Runtime(dtype=getattr(torch, spec.dtype), kernels=spec.kernels,
                  scale_fmt=cfg.quant.scale_fmt if cfg.quant else None,
                  fp8_block=cfg.quant.block_size[0] if cfg.quant else 128)
-    model = shard_model(cfg, rt, fp8, group.device, group.tp)
-    load_weights_sharded(model, files)
+    model = Transformer(cfg, rt, fp8, group.device, group.tp)  # this rank's part only
+    load_weights(model, files, progress=False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if fp8 and spec.dequantize_fp8:

@@ -1,8 +1,9 @@
 """Load DeepSeek-V3 safetensors checkpoints (bf16/fp16/fp32, or FP8 e4m3 with 128x128 block scales).
 
-Tensors are read one at a time from memory-mapped files straight into preallocated parameters, so peak RAM
-stays near the final model size. Routed experts (`mlp.experts.{e}.{gate,up,down}_proj`) are copied into
-stacked `[E, ...]` parameters. The multi-token-prediction layer (index >= num_hidden_layers) is skipped.
+Tensors are read one at a time from memory-mapped files straight into preallocated parameters (a tensor-parallel
+rank reads only its slices, `get_slice`), so peak RAM stays near what the rank holds. Routed experts
+(`mlp.experts.{e}.{gate,up,down}_proj`) are copied into stacked `[E, ...]` parameters. The multi-token-prediction
+layer (index >= num_hidden_layers) is skipped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import re
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +22,12 @@ from safetensors import safe_open
 
 from deepseek_mcp.inference.model.config import ModelConfig
 from deepseek_mcp.inference.model.layers import FP8_DTYPE
+from deepseek_mcp.inference.model.moe import Experts
+from deepseek_mcp.inference.model.parallel import Shard
 from deepseek_mcp.inference.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
-_EXPERT = re.compile(
-    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$"
-)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _LOADABLE_DTYPES = {torch.float32, torch.float16, torch.bfloat16, FP8_DTYPE}
 
@@ -97,67 +98,130 @@ def _keys(path: Path) -> list[str]:
         raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def _target(model: Transformer, name: str) -> tuple[torch.Tensor, int | None] | None:
-    """The parameter a checkpoint tensor loads into, and the expert index for stacked experts."""
-    m = _EXPERT.match(name)
-    if m:
-        prefix, expert, proj, kind = m.groups()
-        experts = model.get_submodule(prefix)
-        attr = proj if kind == "weight" else proj + "_scale_inv"
-        t = getattr(experts, attr, None)
-        return (t, int(expert)) if t is not None else None
-    module_name, _, attr = name.rpartition(".")
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        return None
-    t = getattr(module, attr, None)
-    return (t, None) if isinstance(t, torch.Tensor) else None
+def _local_names(model: Transformer) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """Checkpoint tensor name -> (parameter, expert index into its stack) for everything this model holds."""
+    names: dict[str, tuple[torch.Tensor, int | None]] = {}
+    experts = {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if p is None:
+            continue
+        prefix, _, attr = pname.rpartition(".")
+        if prefix in experts:
+            proj, kind = (attr.removesuffix("_scale_inv"), "weight_scale_inv") if attr.endswith("_scale_inv") \
+                else (attr, "weight")
+            for e in range(p.shape[0]):
+                names[f"{prefix}.{e}.{proj}.{kind}"] = (p, e)
+        else:
+            names[pname] = (p, None)
+    if model.cfg.tie_word_embeddings:
+        names.pop("lm_head.weight", None)
+    return names
+
+
+def _read_slice(f, name: str, shard: Shard, whole: tuple[int, ...]) -> torch.Tensor:
+    """The slice `shard` of tensor `name`, whose whole shape must be `whole` (else CheckpointError)."""
+    sl = f.get_slice(name)
+    shape = tuple(sl.get_shape())
+    if shape != whole:
+        raise CheckpointError(f"tensor {name} has shape {shape}, expected {whole} from config.json")
+    index = [slice(None)] * len(shape)
+    index[shard.dim] = slice(shard.start, shard.start + shard.size)
+    return sl[tuple(index)]
+
+
+def _whole(part: torch.Tensor, shard: Shard) -> tuple[int, ...]:
+    """The checkpoint shape of the tensor a slice `part` [.., size + padding, ..] comes from."""
+    shape = list(part.shape)
+    shape[shard.dim] = shard.full
+    return tuple(shape)
+
+
+def _read_dequantized(f, scale_file, name: str, shard: Shard, whole: tuple[int, ...], dtype: torch.dtype
+                      ) -> torch.Tensor:
+    """The FP8 slice of `name` times its UE8M0/fp32 block scales, exact in fp32, then `dtype`."""
+    b = shard.dequant_block
+    w = _read_slice(f, name, shard, whole)
+    if w.dtype != FP8_DTYPE:
+        raise CheckpointError(f"tensor {name} is {w.dtype}, but config.json declares FP8 weights")
+    first, last = shard.start // b, -(-(shard.start + shard.size) // b)
+    blocks = tuple(-(-n // b) for n in whole)
+    scale = _read_slice(scale_file, name + "_scale_inv", Shard(shard.dim, first, last - first, blocks[shard.dim]),
+                        blocks).float()
+    other = 1 - shard.dim
+    scale = scale.repeat_interleave(b, dim=other).narrow(other, 0, w.shape[other])
+    scale = scale.repeat_interleave(b, dim=shard.dim).narrow(shard.dim, shard.start - first * b, shard.size)
+    return (w.float() * scale).to(dtype)
 
 
 def load_weights(model: Transformer, files: CheckpointFiles, *, progress: bool | None = None) -> None:
-    """Copy every checkpoint tensor into `model`, checking names, shapes and dtypes."""
+    """Copy into `model` what it holds of every checkpoint tensor, checking names, shapes and dtypes. A split
+    parameter (tensor parallelism, parallel.py) reads only its slice through `get_slice`; an FP8 slice that cuts
+    a scale block is dequantized as it is read; everything else is read whole. Files stay memory-mapped and one
+    tensor is read at a time, so peak host memory stays near what this rank holds."""
     cfg = model.cfg
-    expected = _expected_names(model)
+    local = _local_names(model)
+    cut = {name + "_scale_inv" for name, (p, _) in local.items()
+           if getattr(p, "shard", None) is not None and p.shard.dequant_block}
     loaded: set[str] = set()
-    skipped_mtp = 0
     unknown: list[str] = []
-    total_bytes = sum(f.stat().st_size for f in files.weight_files)
-    bar = _progress_bar(total_bytes, progress)
-    for path in files.weight_files:
-        try:
-            handle = safe_open(str(path), "pt", device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from None
-        with handle as f:
+    skipped_mtp = 0
+    bar = _progress_bar(sum(f.stat().st_size for f in files.weight_files), progress)
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+
+        def handle(p: Path):
+            if p not in handles:
+                handles[p] = stack.enter_context(_open(p))
+            return handles[p]
+
+        for path in files.weight_files:
+            f = handle(path)
             for name in f.keys():
                 layer = _LAYER.match(name)
                 if layer and int(layer.group(1)) >= cfg.num_layers:
-                    skipped_mtp += 1  # multi-token-prediction layer: used for speculative decoding only
+                    skipped_mtp += 1  # multi-token-prediction layer: for speculative decoding only
                     continue
-                target = _target(model, name)
-                if target is None:
-                    unknown.append(name)
+                if name not in local:
+                    if name not in cut:  # a cut slice's scales were read with its weight
+                        unknown.append(name)
                     continue
-                param, expert = target
+                param, expert = local[name]
+                dst = param if expert is None else param[expert]
+                shard: Shard | None = getattr(param, "shard", None)
                 try:
-                    src = f.get_tensor(name)
+                    if shard is None:
+                        src = f.get_tensor(name)
+                    elif shard.dequant_block:
+                        scale_file = handle(files.tensor_to_file.get(name + "_scale_inv", path))
+                        src = _read_dequantized(f, scale_file, name, shard, _whole(dst, shard), param.dtype)
+                    else:
+                        src = _read_slice(f, name, shard, _whole(dst, shard))
+                except CheckpointError as e:
+                    raise CheckpointError(f"{path}: {e}") from None
                 except Exception as e:
-                    raise CheckpointError(f"{path}: tensor {name} could not be read (truncated or corrupt "
-                                          f"file?): {e}") from None
-                _copy(param, expert, src, name, path)
+                    raise CheckpointError(f"{path}: tensor {name} could not be read (truncated or corrupt file?): "
+                                          f"{type(e).__name__}: {e}") from None
+                if shard is not None and src.shape[shard.dim] != dst.shape[shard.dim]:
+                    dst = dst.narrow(shard.dim, 0, src.shape[shard.dim])  # vocabulary padding stays zero
+                _copy(dst, src, name, path)
                 loaded.add(name)
                 if bar is not None:
                     bar.update(src.numel() * src.element_size())
     if bar is not None:
         bar.close()
-    check_loaded(files.root, expected, loaded, unknown)
+    check_loaded(files.root, set(local), loaded, unknown)
     if skipped_mtp:
         log.info("skipped %d multi-token-prediction tensors", skipped_mtp)
 
 
-def _copy(param: torch.Tensor, expert: int | None, src: torch.Tensor, name: str, path: Path) -> None:
-    dst = param[expert] if expert is not None else param
+def _open(path: Path):
+    try:
+        return safe_open(str(path), "pt", device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str, path: Path) -> None:
     if src.dtype not in _LOADABLE_DTYPES:
         raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {src.dtype} "
                               "(supported: float32, float16, bfloat16, float8_e4m3fn)")
@@ -171,23 +235,6 @@ def _copy(param: torch.Tensor, expert: int | None, src: torch.Tensor, name: str,
         raise CheckpointError(f"{path}: tensor {name} is FP8 but config.json has no quantization_config")
     with torch.no_grad():
         dst.copy_(src)
-
-
-def _expected_names(model: Transformer) -> set[str]:
-    names: set[str] = set()
-    cfg = model.cfg
-    for pname, p in model.named_parameters():
-        if p is None:
-            continue
-        m = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)(_scale_inv)?$", pname)
-        if m:
-            kind = "weight_scale_inv" if m.group(3) else "weight"
-            names.update(f"{m.group(1)}.{e}.{m.group(2)}.{kind}" for e in range(cfg.n_routed_experts))
-        else:
-            names.add(pname)
-    if cfg.tie_word_embeddings:
-        names.discard("lm_head.weight")
-    return names
 
 
 def _progress_bar(total_bytes: int, progress: bool | None):

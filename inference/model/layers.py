@@ -1,5 +1,7 @@
 """The building blocks every layer uses: the runtime settings, Linear (activation dtype or FP8 e4m3 with 128x128
-block scales), RMSNorm (with the residual add fused on the Triton path), and the SwiGLU MLP."""
+block scales) and its column- and row-parallel forms, the vocabulary-parallel embedding and output head, RMSNorm
+(with the residual add fused on the Triton path), and the SwiGLU MLP. Each is built for a `TPContext` (one device
+by default) and holds only its rank's slice (parallel.py says how the model splits)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from torch import nn
 
 from deepseek_mcp.inference.model import onednn
 from deepseek_mcp.inference.model.layout import dequant_fp8
+from deepseek_mcp.inference.model.parallel import ONE_DEVICE, Shard, TPContext, padded_vocab, scale_shard, split
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -93,6 +96,80 @@ class Linear(nn.Module):
         return F.linear(x, self.dense_weight(x.dtype))
 
 
+class ColumnParallelLinear(Linear):
+    """Holds output rows [rank * n, (rank + 1) * n) of the full [out, in] weight; output [.., n], no collective."""
+
+    def __init__(self, in_features: int, out_features: int, rt: Runtime, fp8: bool, device: torch.device,
+                 tp: TPContext):
+        shard, fp8 = split(out_features, tp, 0, fp8, rt.fp8_block)
+        super().__init__(in_features, shard.size, rt, fp8, device)
+        _mark(self, shard)
+
+
+class RowParallelLinear(Linear):
+    """Holds input columns [rank * n, (rank + 1) * n) of the full [out, in] weight; the partial outputs are
+    all-reduced unless `reduce` is False (the MoE sums its experts' partial outputs first)."""
+
+    def __init__(self, in_features: int, out_features: int, rt: Runtime, fp8: bool, device: torch.device,
+                 tp: TPContext, reduce: bool = True):
+        shard, fp8 = split(in_features, tp, 1, fp8, rt.fp8_block)
+        super().__init__(shard.size, out_features, rt, fp8, device)
+        _mark(self, shard)
+        self.tp, self.reduce = tp, reduce
+
+    def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:
+        y = super().forward(x)  # [T, out] partial sum over this rank's columns
+        return self.tp.all_reduce(y) if self.reduce else y
+
+
+def _mark(linear: Linear, shard: Shard) -> None:
+    """Tag the weight (and the scale blocks of an FP8 slice aligned to them) with the checkpoint slice held."""
+    linear.weight.shard = shard
+    if linear.weight_scale_inv is not None:
+        linear.weight_scale_inv.shard = scale_shard(shard, linear.rt.fp8_block)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [rank * n, (rank + 1) * n) of the vocabulary padded to N * n; ids elsewhere look up zeros, and the
+    all-reduce fills every row from the rank that holds it."""
+
+    def __init__(self, vocab_size: int, dim: int, rt: Runtime, device: torch.device, tp: TPContext):
+        super().__init__()
+        n = padded_vocab(vocab_size, tp.world_size) // tp.world_size
+        self.start, self.rows, self.tp = tp.rank * n, n, tp
+        self.weight = _frozen(torch.zeros(n, dim, dtype=rt.dtype, device=device))
+        self.weight.shard = Shard(0, self.start, max(0, min(n, vocab_size - self.start)), vocab_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:  # every id is here: nothing to mask or sum
+            return F.embedding(ids, self.weight)  # [T, D]
+        local = ids - self.start  # [T]
+        outside = (local < 0) | (local >= self.rows)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)  # [T, D]
+        return self.tp.all_reduce(x.masked_fill(outside[:, None], 0))
+
+
+class ParallelLMHead(Linear):
+    """Column-parallel over the padded vocabulary; rank 0 gathers the full logits [N, V], other ranks return
+    their own columns (which nobody reads)."""
+
+    def __init__(self, dim: int, vocab_size: int, rt: Runtime, device: torch.device, tp: TPContext):
+        n = padded_vocab(vocab_size, tp.world_size) // tp.world_size
+        super().__init__(dim, n, rt, False, device)
+        start = tp.rank * n
+        self.weight.shard = Shard(0, start, max(0, min(n, vocab_size - start)), vocab_size)
+        if n * tp.world_size != vocab_size:
+            nn.init.zeros_(self.weight)  # padding rows the checkpoint does not fill
+        self.vocab_size, self.tp = vocab_size, tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = super().forward(x)  # [N, V_pad / world]
+        parts = self.tp.gather_to_first(local.contiguous())
+        if parts is None:
+            return local
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))[:, : self.vocab_size]
+
+
 def fuse_linears(parts: list[Linear]) -> Linear | None:
     """One Linear whose output is the concatenation of `parts`' outputs (same input), or None where FP8 scale
     blocks would straddle a seam (every part but the last must end on a whole 128-row block)."""
@@ -145,13 +222,16 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: the dense layers and the shared experts (gate and up fused into one GEMM at load)."""
+    """SwiGLU feed-forward: the dense layers and the shared experts (gate and up fused into one GEMM at load).
+    Split along the intermediate size; the down projection's partial sums are all-reduced unless `reduce` is
+    False (a shared expert, summed with the routed ones first)."""
 
-    def __init__(self, dim: int, inter: int, rt: Runtime, fp8: bool, device: torch.device):
+    def __init__(self, dim: int, inter: int, rt: Runtime, fp8: bool, device: torch.device,
+                 tp: TPContext = ONE_DEVICE, reduce: bool = True):
         super().__init__()
-        self.gate_proj = Linear(dim, inter, rt, fp8, device)
-        self.up_proj = Linear(dim, inter, rt, fp8, device)
-        self.down_proj = Linear(inter, dim, rt, fp8, device)
+        self.gate_proj = ColumnParallelLinear(dim, inter, rt, fp8, device, tp)
+        self.up_proj = ColumnParallelLinear(dim, inter, rt, fp8, device, tp)
+        self.down_proj = RowParallelLinear(inter, dim, rt, fp8, device, tp, reduce=reduce)
         self.gate_up_proj: Linear | None = None
 
     def fuse_gate_up_(self) -> None:

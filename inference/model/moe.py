@@ -1,7 +1,11 @@
 """DeepSeekMoE: the gate (sigmoid scores, bias-corrected group-limited top-k), the routed experts stacked per
-projection, and the shared expert beside them (stacked as one more routed expert on the Triton path)."""
+projection, and the shared expert beside them (stacked as one more routed expert on the Triton path). Under
+tensor parallelism every rank holds every expert's slice of the intermediate size and the layer all-reduces its
+output once (parallel.py)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +14,7 @@ from torch import nn
 from deepseek_mcp.inference.model.config import ModelConfig
 from deepseek_mcp.inference.model.layers import FP8_DTYPE, MLP, Fp8Act, Runtime, _frozen, plain
 from deepseek_mcp.inference.model.layout import dequant_fp8, stack_shared_expert
+from deepseek_mcp.inference.model.parallel import ONE_DEVICE, TPContext, scale_shard, split
 
 
 def route(scores_logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, shared_expert: bool = False
@@ -52,18 +57,26 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts' weights stacked per projection: [E, I, D] (gate, up) and [E, D, I] (down)."""
+    """The routed experts' weights stacked per projection: [E, I, D] (gate, up) and [E, D, I] (down), I this
+    rank's slice of the intermediate size (gate/up rows, down columns; the checkpoint slice is each weight's
+    `shard`). A slice cutting FP8 scale blocks is held dequantized in the activation dtype."""
 
-    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device):
+    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device, tp: TPContext = ONE_DEVICE):
         super().__init__()
         self.rt = rt
-        e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        e, d, b = cfg.n_routed_experts, cfg.hidden_size, rt.fp8_block
+        rows, fp8 = split(cfg.moe_intermediate_size, tp, 0, fp8, b)  # of each expert's gate/up [I, D]
+        cols = replace(rows, dim=1)  # of each expert's down [D, I]
+        i = rows.size
         wdtype = FP8_DTYPE if fp8 else rt.dtype
-        b = rt.fp8_block
-        for name, (n, k) in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i))):
+        for name, (n, k), shard in (("gate_proj", (i, d), rows), ("up_proj", (i, d), rows),
+                                    ("down_proj", (d, i), cols)):
             setattr(self, name, _frozen(torch.empty(e, n, k, dtype=wdtype, device=device)))
+            getattr(self, name).shard = shard
             scale = torch.empty(e, -(-n // b), -(-k // b), dtype=torch.float32, device=device) if fp8 else None
             setattr(self, name + "_scale_inv", _frozen(scale) if fp8 else None)
+            if fp8:
+                getattr(self, name + "_scale_inv").shard = scale_shard(shard, b)
 
     def _weights(self, name: str, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The weights of the given experts, dequantized together: [A, N, K]."""
@@ -109,7 +122,7 @@ class Experts(nn.Module):
             h = moe_grouped_gemm(xq, offsets, self.gate_up_proj, self.gate_up_proj_scale_inv, "swiglu",
                                  scale_fmt=self.rt.scale_fmt, gather=(order, k), x_scale=xs)  # [T*k, I]
             ys = moe_grouped_gemm(h, offsets, self.down_proj, self.down_proj_scale_inv, scale_fmt=self.rt.scale_fmt)
-            # rows from offsets[E] on (ids outside [0, E): other ranks' experts) are unwritten: never read
+            # rows from offsets[E] on (ids outside [0, E), which the gate never gives) would be unwritten: skipped
             return moe_combine(ys, weights, order, inv=inv, valid_rows=offsets[-1:])  # [T, D]
         x = plain(x)
         flat = idx.flatten()  # [T*k]
@@ -141,12 +154,14 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device):
+    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device, tp: TPContext = ONE_DEVICE):
         super().__init__()
-        self.gate = Gate(cfg, rt, device)
-        self.experts = Experts(cfg, rt, fp8, device)
+        self.gate = Gate(cfg, rt, device)  # replicated: every rank routes every token
+        self.experts = Experts(cfg, rt, fp8, device, tp)
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
-        self.shared_experts = MLP(cfg.hidden_size, inter, rt, fp8, device) if cfg.n_shared_experts else None
+        self.shared_experts = MLP(cfg.hidden_size, inter, rt, fp8, device, tp, reduce=False) \
+            if cfg.n_shared_experts else None
+        self.tp = tp
 
     def fuse_shared_expert_(self) -> None:
         """Triton path: the shared expert becomes routed expert E, taken by every token with weight 1, so the
@@ -166,11 +181,12 @@ class MoE(nn.Module):
     @property
     def takes_fp8(self) -> bool:
         """Whether every reader of the input but the gate runs the FP8 GEMM (the norm before then quantizes)."""
-        return type(self.experts) is Experts and self.experts.takes_fp8 and \
-            (self.shared_experts is None or self.shared_experts.takes_fp8)
+        return self.experts.takes_fp8 and (self.shared_experts is None or self.shared_experts.takes_fp8)
 
     def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:
         weights, idx = self.gate(plain(x))  # [T, k] each (k + 1 with the shared expert stacked last)
-        y = self.experts(x, weights, idx)
-        return y + self.shared_experts(x) if self.shared_experts is not None else y
+        y = self.experts(x, weights, idx)  # [T, D] (partial: this rank's slice of every expert)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return self.tp.all_reduce(y)  # the layer's one collective
 

@@ -1,6 +1,6 @@
 """Memory plan of a tensor-parallel deployment, from `config.json` alone (nothing else is read or allocated).
 
-Per rank: weight bytes by kind exactly as `parallel.shard_model` allocates them (FP8 e4m3 + fp32 128x128 block
+Per rank: weight bytes by kind exactly as `Transformer(..., tp=...)` allocates them (FP8 e4m3 + fp32 128x128 block
 scales where the checkpoint is FP8, slices that cut a scale block dequantized to the activation dtype, the
 vocabulary padded to a multiple of N), the latent KV cache per token (replicated on every rank), an estimate of
 the activations of one step and a headroom, and the cache tokens that fit in what is left.
@@ -59,7 +59,7 @@ def weight_bytes(cfg: ModelConfig, world: int, rank: int = 0, *, fp8: bool, dtyp
     attn += _split(h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, 0, rank, world, False, b, dt)
     attn += _split(d, h * cfg.v_head_dim, 1, rank, world, fp8, b, dt)
 
-    def mlp(inter: int) -> int:
+    def mlp(inter: int) -> int:  # gate/up rows and down columns of an [inter]-wide SwiGLU
         return 2 * _split(inter, d, 0, rank, world, fp8, b, dt) + _split(d, inter, 1, rank, world, fp8, b, dt)
 
     for layer in range(cfg.num_layers):
@@ -67,7 +67,7 @@ def weight_bytes(cfg: ModelConfig, world: int, rank: int = 0, *, fp8: bool, dtyp
         out["norms_and_router"] += 2 * d * dt
         if cfg.is_moe_layer(layer):
             i = cfg.moe_intermediate_size
-            out["routed_experts"] += cfg.n_routed_experts // world * 3 * _linear(i, d, fp8, b, dt)
+            out["routed_experts"] += cfg.n_routed_experts * mlp(i)  # every expert's slice of I
             out["norms_and_router"] += cfg.n_routed_experts * (d + 1) * 4  # fp32 weight and bias
             if cfg.n_shared_experts:
                 out["shared_experts"] += mlp(i * cfg.n_shared_experts)

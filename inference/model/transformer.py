@@ -1,6 +1,9 @@
 """DeepSeek-V3 in the paper's order: embedding, MLA, the block (RMSNorm, Linear and the dense MLP in layers.py; the
 MoE gate and experts in moe.py), the decoder stack and the output head.
 
+Every layer is built for one rank of a tensor-parallel group (`TPContext`, one device by default) and holds only
+its slice (parallel.py); the single-device model is the same classes with a world size of 1.
+
 One forward runs a flattened batch of new tokens from several sequences (prefill chunks and decodes mixed)
 against a paged latent cache `[num_layers, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]`.
 Module and parameter names follow the Hugging Face checkpoint, so loading is a name lookup.
@@ -14,9 +17,23 @@ from torch import nn
 from deepseek_mcp.inference.model import attention, onednn
 from deepseek_mcp.inference.model.attention import AttentionMetadata
 from deepseek_mcp.inference.model.config import ModelConfig
-from deepseek_mcp.inference.model.layers import MLP, Fp8Act, Linear, RMSNorm, Runtime, _frozen, fuse_linears, plain
+from deepseek_mcp.inference.model.layers import (
+    MLP,
+    ColumnParallelLinear,
+    Fp8Act,
+    Linear,
+    ParallelLMHead,
+    RMSNorm,
+    RowParallelLinear,
+    Runtime,
+    VocabParallelEmbedding,
+    _frozen,
+    fuse_linears,
+    plain,
+)
 from deepseek_mcp.inference.model.layout import dequant_fp8
 from deepseek_mcp.inference.model.moe import Experts, Gate, MoE
+from deepseek_mcp.inference.model.parallel import ONE_DEVICE, TPContext, check_divisible
 from deepseek_mcp.inference.model.rope import Rotary
 
 
@@ -28,20 +45,21 @@ class MLA(nn.Module):
     [H, v, C]; q_a_proj and kv_a_proj_with_mqa fused into one GEMM (one activation quantization under FP8).
     """
 
-    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device):
+    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device, tp: TPContext):
         super().__init__()
         self.cfg, self.rt = cfg, rt
-        h, d = cfg.num_heads, cfg.hidden_size
+        h, d = cfg.num_heads, cfg.hidden_size  # this rank computes heads [rank * H/N, (rank + 1) * H/N)
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(d, h * cfg.qk_head_dim, rt, fp8, device)
+            self.q_proj = ColumnParallelLinear(d, h * cfg.qk_head_dim, rt, fp8, device, tp)
         else:
             self.q_a_proj = Linear(d, cfg.q_lora_rank, rt, fp8, device)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, rt, device)
-            self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, rt, fp8, device)
+            self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, h * cfg.qk_head_dim, rt, fp8, device, tp)
         self.kv_a_proj_with_mqa = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, rt, fp8, device)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, rt, device)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), rt, fp8, device)
-        self.o_proj = Linear(h * cfg.v_head_dim, d, rt, fp8, device)
+        self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), rt,
+                                              fp8, device, tp)
+        self.o_proj = RowParallelLinear(h * cfg.v_head_dim, d, rt, fp8, device, tp)
         self.qkv_a_proj: Linear | None = None  # set by prepare_()
         self.w_uk: nn.Parameter | None = None
         self.w_uv: nn.Parameter | None = None
@@ -110,13 +128,13 @@ class MLA(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, layer: int, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device):
+    def __init__(self, layer: int, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device, tp: TPContext):
         super().__init__()
-        self.self_attn = MLA(cfg, rt, fp8, device)
+        self.self_attn = MLA(cfg, rt, fp8, device, tp)
         if cfg.is_moe_layer(layer):
-            self.mlp: nn.Module = MoE(cfg, rt, fp8, device)
+            self.mlp: nn.Module = MoE(cfg, rt, fp8, device, tp)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rt, fp8, device)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rt, fp8, device, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rt, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rt, device)
 
@@ -132,21 +150,25 @@ class Block(nn.Module):
 class DecoderStack(nn.Module):
     """`model.*` in the checkpoint: embedding, blocks, final norm."""
 
-    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device):
+    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device, tp: TPContext):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=rt.dtype, device=device)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(i, cfg, rt, fp8, device) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, rt, device, tp)
+        self.layers = nn.ModuleList(Block(i, cfg, rt, fp8, device, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rt, device)
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool = False, device: torch.device | str = "cpu"):
+    """This rank's part of the model (the whole model on one device), parameters uninitialized (vocabulary
+    padding zero); sizes that do not split over `tp` are refused before anything is allocated."""
+
+    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool = False, device: torch.device | str = "cpu",
+                 tp: TPContext = ONE_DEVICE):
         super().__init__()
+        check_divisible(cfg, tp.world_size)
         device = torch.device(device)
-        self.cfg, self.rt = cfg, rt
-        self.model = DecoderStack(cfg, rt, fp8, device)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, rt, False, device)
+        self.cfg, self.rt, self.tp = cfg, rt, tp
+        self.model = DecoderStack(cfg, rt, fp8, device, tp)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, rt, device, tp)
         self.rotary = Rotary(cfg.rope, cfg.qk_rope_head_dim, device)
         self.prepared = False  # weights laid out for the step (prepare_for_kernels_)
 

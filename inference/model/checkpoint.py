@@ -115,7 +115,8 @@ def _local_names(model: Transformer) -> dict[str, tuple[torch.Tensor, int | None
             names[pname] = (p, None)
     if model.cfg.tie_word_embeddings:
         names.pop("lm_head.weight", None)
-    return names
+    mtp = f"model.layers.{model.cfg.num_layers}."  # the multi-token-prediction layer's names in the checkpoint
+    return {mtp + n.removeprefix("mtp.") if n.startswith("mtp.") else n: v for n, v in names.items()}
 
 
 def _read_slice(f, name: str, shard: Shard, whole: tuple[int, ...]) -> torch.Tensor:
@@ -177,12 +178,12 @@ def load_weights(model: Transformer, files: CheckpointFiles, *, progress: bool |
         for path in files.weight_files:
             f = handle(path)
             for name in f.keys():
-                layer = _LAYER.match(name)
-                if layer and int(layer.group(1)) >= cfg.num_layers:
-                    skipped_mtp += 1  # multi-token-prediction layer: for speculative decoding only
-                    continue
                 if name not in local:
-                    if name not in cut:  # a cut slice's scales were read with its weight
+                    layer = _LAYER.match(name)
+                    if layer and int(layer.group(1)) >= cfg.num_layers:
+                        # the multi-token-prediction layer (unless built), its copies of the embedding and head
+                        skipped_mtp += 1
+                    elif name not in cut:  # a cut slice's scales were read with its weight
                         unknown.append(name)
                     continue
                 param, expert = local[name]

@@ -1,5 +1,5 @@
 """DeepSeek-V3 in the paper's order: embedding, MLA, the block (RMSNorm, Linear and the dense MLP in layers.py; the
-MoE gate and experts in moe.py), the decoder stack and the output head.
+MoE gate and experts in moe.py), the decoder stack, the multi-token-prediction layer and the output head.
 
 Every layer is built for one rank of a tensor-parallel group (`TPContext`, one device by default) and holds only
 its slice (parallel.py); the single-device model is the same classes with a world size of 1.
@@ -157,25 +157,73 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rt, device)
 
 
+class SharedHead(nn.Module):
+    """`shared_head.norm`; the head itself is the main model's `lm_head`."""
+
+    def __init__(self, cfg: ModelConfig, rt: Runtime, device: torch.device):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rt, device)
+
+
+class MTPLayer(Block):
+    """Multi-token prediction (V3 paper, section 2.2, depth 1): from the main model's hidden state at position t
+    and the token at t + 1, the distribution of the token at t + 2.
+
+        h'_t = eh_proj([enorm(embed(token_{t+1})); hnorm(h_t)])   embedding half first, as vLLM's deepseek_mtp and
+        h''_t = block(h'_t) + its residual                          SGLang's deepseek_nextn load the released weights
+        logits_{t+2} = head(shared_head.norm(h''_t))
+
+    h_t is the main model's state after its final norm (what its head reads; vLLM and SGLang feed the same). The
+    block is the checkpoint's layer `num_hidden_layers` (same classes, fusions and split as the main model's, its
+    own latent cache); `enorm`, `hnorm`, `eh_proj` (replicated under tensor parallelism) and `shared_head.norm`
+    beside it. The embedding and head are the main model's (shared, as the paper says; the layer's copies are not
+    loaded, as SGLang). Applied to its own output state, it drafts further. vLLM also zeroes the embedding at
+    position 0; SGLang does not, nor does this: a draft's quality, never an output, depends on it."""
+
+    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device, tp: TPContext):
+        super().__init__(cfg.num_layers, cfg, rt, fp8, device, tp)
+        d = cfg.hidden_size
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps, rt, device)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps, rt, device)
+        self.eh_proj = Linear(2 * d, d, rt, fp8, device)
+        self.shared_head = SharedHead(cfg, rt, device)
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                rotary: Rotary, meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
+        """embeds [T, D] of the tokens at t + 1, hidden [T, D] the main model's normed state at t, rows at
+        positions t (cos/sin, meta) -> the layer's hidden state [T, D] before `shared_head.norm`."""
+        x = torch.cat((plain(self.enorm(embeds)), plain(self.hnorm(hidden))), dim=-1)  # [T, 2D]
+        out, residual = super().forward(self.eh_proj(x), None, cos, sin, rotary, meta, cache)
+        return out + residual
+
+
 class Transformer(nn.Module):
     """This rank's part of the model (the whole model on one device), parameters uninitialized (vocabulary
     padding zero); sizes that do not split over `tp` are refused before anything is allocated."""
 
     def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool = False, device: torch.device | str = "cpu",
-                 tp: TPContext = ONE_DEVICE):
+                 tp: TPContext = ONE_DEVICE, mtp: bool = False):
         super().__init__()
         check_divisible(cfg, tp.world_size)
+        if mtp and cfg.num_nextn_predict_layers < 1:
+            raise ValueError("the multi-token-prediction layer was asked for, but config.json has "
+                             "num_nextn_predict_layers = 0: this checkpoint has none")
         device = torch.device(device)
         self.cfg, self.rt, self.tp = cfg, rt, tp
         self.model = DecoderStack(cfg, rt, fp8, device, tp)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, rt, device, tp)
+        self.mtp: MTPLayer | None = None  # the checkpoint's layer num_hidden_layers, when asked for
+        if mtp:
+            self.mtp = MTPLayer(cfg, rt, fp8, device, tp)
         self.rotary = Rotary(cfg.rope, cfg.qk_rope_head_dim, device)
         self.prepared = False  # weights laid out for the step (prepare_for_kernels_)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: torch.Tensor) -> torch.Tensor:
-        """input_ids/positions [T], kv_cache [L, num_blocks, block_size, C + R] -> logits [N, V] fp32."""
+                kv_cache: torch.Tensor, return_hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids/positions [T], kv_cache [L (+ 1 with the MTP layer), num_blocks, block_size, C + R] ->
+        logits [N, V] fp32 (and the normed hidden states [N, D] the head read, for the MTP layer)."""
         if not self.prepared:
             raise RuntimeError("call prepare_for_kernels_() after loading the weights, before the first forward")
         x = self.model.embed_tokens(input_ids)  # [T, D]
@@ -185,7 +233,22 @@ class Transformer(nn.Module):
             x, residual = layer(x, residual, cos, sin, self.rotary, meta, kv_cache[i])
         rows = meta.logits_indices
         h, _ = self.model.norm.add_forward(x[rows], residual[rows])  # [N, D]
-        return self.lm_head(h).float()
+        logits = self.lm_head(h).float()
+        return (logits, h) if return_hidden else logits
+
+    @torch.inference_mode()
+    def draft(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata,
+              kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP layer (MTPLayer): input_ids [T] the tokens at t + 1, positions [T] = t, hidden [T, D] the normed
+        states at t (from `forward(..., return_hidden=True)` or a previous draft), the MTP latent cache in
+        kv_cache[L] -> (logits [N, V] fp32 of the tokens at t + 2, its normed hidden states [N, D])."""
+        if self.mtp is None:
+            raise RuntimeError("this model was built without its multi-token-prediction layer (mtp=True)")
+        x = self.model.embed_tokens(input_ids)  # [T, D]
+        cos, sin = self.rotary.cos_sin(positions)
+        h = self.mtp(x, hidden, cos, sin, self.rotary, meta, kv_cache[self.cfg.num_layers])  # [T, D]
+        h = self.mtp.shared_head.norm(h[meta.logits_indices])  # [N, D]
+        return self.lm_head(h).float(), h
 
     def prepare_for_kernels_(self, cpu_prepack: bool = True) -> None:
         """After loading (and after any dequantization or tensor-parallel slicing), lay the weights out once as
@@ -209,7 +272,7 @@ class Transformer(nn.Module):
             if isinstance(module, MoE) and self.rt.kernels == "triton":
                 module.fuse_shared_expert_()
         if self.rt.kernels == "triton":  # norms whose readers all run the FP8 GEMM also write the FP8 copy
-            for block in self.model.layers:
+            for block in [*self.model.layers, *([self.mtp] if self.mtp is not None else [])]:
                 attn = block.self_attn
                 block.input_layernorm.quantize = all(p.takes_fp8 for p in attn.first_projections())
                 if self.cfg.q_lora_rank is not None:

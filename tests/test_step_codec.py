@@ -15,8 +15,8 @@ from deepseek_mcp.inference.engine.step_inputs import StepInputs
 
 
 def _same(got: list[ScheduledSeq], want: list[ScheduledSeq]) -> None:
-    assert [(list(s.token_ids), s.start_pos, list(s.block_table)) for s in got] == \
-        [(list(s.token_ids), s.start_pos, list(s.block_table)) for s in want]
+    assert [(list(s.token_ids), s.start_pos, list(s.block_table), s.num_logits) for s in got] == \
+        [(list(s.token_ids), s.start_pos, list(s.block_table), s.num_logits) for s in want]
 
 
 def test_random_schedule_round_trips_and_keeps_worker_lists():
@@ -44,10 +44,11 @@ def test_random_schedule_round_trips_and_keeps_worker_lists():
         for sid, (table, n) in sorted(live.items()):
             if rng.random() < 0.5:
                 continue
-            if n % block_size == 0:
+            k = 1 + (rng.random() < 0.2) * rng.randrange(4)  # a verified speculation: 1 + drafts, all logits
+            while len(table) * block_size < n + k:
                 table.append(rng.randrange(num_blocks))
-            seqs.append(ScheduledSeq([rng.randrange(100)], n, table))
-            live[sid] = (table, n + 1)
+            seqs.append(ScheduledSeq([rng.randrange(100) for _ in range(k)], n, table, num_logits=k))
+            live[sid] = (table, n + k)
         if not seqs:
             continue
         got = dec.decode(enc.encode(seqs), len(seqs))
@@ -56,6 +57,8 @@ def test_random_schedule_round_trips_and_keeps_worker_lists():
         for x, y in zip(a[:2], b[:2]):
             assert torch.equal(x, y)
         assert torch.equal(a[2].slot_mapping, b[2].slot_mapping)
+        assert torch.equal(a[2].logits_indices, b[2].logits_indices)
+        assert a[2].logits_indices.numel() == sum(q.num_logits for q in seqs)
         for i, q in enumerate(seqs):  # past a row's length the persistent tables hold stale entries, never read
             n = len(q.block_table)
             assert torch.equal(a[2].block_tables[i, :n], b[2].block_tables[i, :n])
@@ -67,12 +70,12 @@ def test_decode_payload_is_flat_in_context():
     tables = [list(range(i * 8192, (i + 1) * 8192)) for i in range(4)]  # 4 sequences of 128K tokens
     first = enc.encode([ScheduledSeq([1], 16 * 8192 - 1, t) for t in tables])
     worker_lists = [s.block_table for s in dec.decode(first, 4)]
-    assert first.numel() == 1 + 5 * 4 + 4 + 4 * 8192  # the whole tables, once
+    assert first.numel() == 1 + 6 * 4 + 4 + 4 * 8192  # the whole tables, once
     step = enc.encode([ScheduledSeq([2], 16 * 8192 - 1, t) for t in tables])
-    assert step.numel() == 1 + 5 * 4 + 4  # nothing new: a handful of integers per sequence
+    assert step.numel() == 1 + 6 * 4 + 4  # nothing new: a handful of integers per sequence
     tables[0].append(1 << 19)
     step = enc.encode([ScheduledSeq([3], 16 * 8192 if i == 0 else 16 * 8192 - 1, t) for i, t in enumerate(tables)])
-    assert step.numel() == 1 + 5 * 4 + 4 + 1  # one sequence crossed a block boundary
+    assert step.numel() == 1 + 6 * 4 + 4 + 1  # one sequence crossed a block boundary
     got = dec.decode(step, 4)
     assert got[0].block_table[-1] == 1 << 19
     assert all(s.block_table is w for s, w in zip(got, worker_lists))  # extended in place: StepInputs' rows stay

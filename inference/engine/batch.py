@@ -20,6 +20,7 @@ class ScheduledSeq:
     # block ids covering start_pos + len(token_ids) tokens: the sequence's live list, append-only while it lives
     # (the runner mirrors it into its device table by identity, writing only new entries)
     block_table: Sequence[int]
+    num_logits: int = 1  # logits of the last this many new tokens (1 + drafts when verifying a speculation)
 
 
 def build_batch(
@@ -46,10 +47,9 @@ def build_batch(
         for p in range(s.start_pos, end):
             positions.append(p)
             slots.append(s.block_table[p // block_size] * block_size + p % block_size)
-        if all_logits:
-            logits_rows.extend(range(len(ids) - n, len(ids)))
-        else:
-            logits_rows.append(len(ids) - 1)
+        if not 1 <= s.num_logits <= n:
+            raise ValueError(f"sequence {i}: logits of {s.num_logits} tokens asked of {n} new tokens")
+        logits_rows.extend(range(len(ids) - (n if all_logits else s.num_logits), len(ids)))
         seq_lens.append(end)
         query_lens.append(n)
     max_blocks = max(len(s.block_table) for s in seqs)

@@ -7,8 +7,8 @@ integers per sequence whatever the context length (only the sequences that cross
 `StepDecoder`, on each worker, keeps one live list per handle and extends it in place, so the worker's
 `StepInputs` finds the same list object every step and writes only the new entries, as on rank 0.
 
-Payload, int64: `[D, dropped handles (D), then per sequence (new tokens, start, handle, blocks, sent), the token
-ids, then the new blocks of each sequence]`, where `sent` is how many leading blocks the worker already holds
+Payload, int64: `[D, dropped handles (D), then per sequence (new tokens, start, handle, blocks, sent, logits),
+the token ids, then the new blocks of each sequence]`, where `sent` is how many leading blocks the worker already holds
 (0: a new or reset list) and `blocks - sent` follow. Handles unused for a while are dropped (LRU past `capacity`
 lists), and the drop travels in the next payload. Block ids are checked before anything is sent or recorded, so
 a refused step leaves both sides as they were.
@@ -82,7 +82,7 @@ class StepEncoder:
                 self._lists[key] = entry
             self._lists.move_to_end(key)
             in_step.add(key)
-            heads += [len(s.token_ids), s.start_pos, entry.handle, n, entry.sent]
+            heads += [len(s.token_ids), s.start_pos, entry.handle, n, entry.sent, s.num_logits]
             tokens += s.token_ids
             blocks += s.block_table[entry.sent : n]
             entry.sent = n
@@ -106,13 +106,14 @@ class StepDecoder:
         d = values[0]
         for h in values[1 : 1 + d]:
             self._lists.pop(h, None)
-        head = values[1 + d : 1 + d + 5 * num_seqs]
-        rest = values[1 + d + 5 * num_seqs :]
-        n_tokens = sum(head[0::5])
+        w = 6  # header words per sequence
+        head = values[1 + d : 1 + d + w * num_seqs]
+        rest = values[1 + d + w * num_seqs :]
+        n_tokens = sum(head[0::w])
         tokens, blocks = rest[:n_tokens], rest[n_tokens:]
         seqs, t, b = [], 0, 0
         for i in range(num_seqs):
-            n, start, handle, total, sent = head[5 * i : 5 * i + 5]
+            n, start, handle, total, sent, num_logits = head[w * i : w * i + w]
             table = self._lists.get(handle) if sent else None
             if table is None:
                 table = self._lists[handle] = []  # a new object: StepInputs gives it a fresh row
@@ -120,7 +121,7 @@ class StepDecoder:
                 raise RuntimeError(f"tensor-parallel step out of sync: handle {handle} holds {len(table)} "
                                    f"blocks here, rank 0 sent from block {sent}")
             table.extend(blocks[b : b + total - sent])
-            seqs.append(ScheduledSeq(tokens[t : t + n], start, table))
+            seqs.append(ScheduledSeq(tokens[t : t + n], start, table, num_logits))
             t, b = t + n, b + total - sent
         return seqs
 

@@ -101,6 +101,8 @@ class StepInputs:
         for i, (s, n, end) in enumerate(zip(seqs, query_lens, seq_lens)):
             if n == 0:
                 raise ValueError(f"sequence {i} has no new tokens to compute")
+            if not 1 <= s.num_logits <= n:
+                raise ValueError(f"sequence {i}: logits of {s.num_logits} tokens asked of {n} new tokens")
             if len(s.block_table) * bs < end:
                 raise ValueError(f"sequence {i}: block table of {len(s.block_table)} blocks x {bs} tokens "
                                  f"cannot hold {end} tokens")
@@ -120,7 +122,10 @@ class StepInputs:
                 torch.tensor(query_lens))
             pos = torch.arange(num_tokens) + starts  # [T]
             slots = self.host_table[row_of, pos // bs] * bs + pos % bs  # [T]
-        logits_rows = list(range(num_tokens)) if all_logits else [q - 1 for q in qsl[1:]]
+        if all_logits:
+            logits_rows = list(range(num_tokens))
+        else:  # the last num_logits new tokens of each sequence (1, or 1 + drafts being verified)
+            logits_rows = [r for s, end in zip(seqs, qsl[1:]) for r in range(end - s.num_logits, end)]
         # every section starts on 16 bytes (an even int64 offset): Triton specializes pointers on that alignment,
         # so an odd token count would otherwise compile a second variant of the kernels that read them
         sizes = (num_tokens, num_tokens, num_tokens, bsz, bsz + 1, len(logits_rows), bsz, len(changes))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from deepseek_mcp.mcp_server.errors import readable_errors
 from deepseek_mcp.mcp_server.failures import GenerationFailed, RequestError
 from deepseek_mcp.mcp_server.json_schema import input_schema, output_schema
+from deepseek_mcp.mcp_server.metrics import Metrics
 from deepseek_mcp.mcp_server.model_host import ModelUnavailable
 from deepseek_mcp.mcp_server.progress import Progress
 from deepseek_mcp.mcp_server.schemas import (
@@ -94,11 +96,18 @@ class _RawArguments(FuncMetadata):
 
 def _tool(name: str, title: str, doc: str, input_model: type[BaseModel], output_model: type[BaseModel],
           run: Callable[[Any, Progress], Awaitable[BaseModel]], annotations: ToolAnnotations, *,
-          omit: frozenset[str] = frozenset()) -> Tool:
-    """A tool whose input schema is `input_model` (unknown keys rejected) and output schema `output_model`."""
+          omit: frozenset[str] = frozenset(), metrics: Metrics | None = None) -> Tool:
+    """A tool whose input schema is `input_model` (unknown keys rejected) and output schema `output_model`;
+    each call counted in `metrics` by its outcome."""
     arg_model = type(f"{name}Arguments", (input_model, ArgModelBase), {"__module__": __name__})
 
     async def handler(ctx: Context, arguments: dict[str, Any]) -> CallToolResult:
+        result = await call(ctx, arguments)
+        if metrics is not None:
+            metrics.observe_tool_call(name, not result.is_error)
+        return result
+
+    async def call(ctx: Context, arguments: dict[str, Any]) -> CallToolResult:
         try:
             request = input_model.model_validate(arguments)
         except ValidationError as e:
@@ -128,16 +137,17 @@ def build_server(service: ChatService) -> MCPServer:
                      forced_calls=service.tool_call_processors is not None)
     # without constraints response_format is refused, so it is not advertised (a call that sends it is told why)
     omit = frozenset() if service.constraints is not None else frozenset({"response_format"})
+    tool = functools.partial(_tool, metrics=service.metrics)  # every call counted by tool and outcome
     tools = [
-        _tool("chat", "Chat with DeepSeek-V3.1", docs["chat"], ChatInput, ChatOutput, service.chat, _GENERATES,
-              omit=omit),
-        _tool("think", "Reason, then answer", docs["think"], ThinkInput, ThinkOutput, service.think, _GENERATES,
-              omit=omit),
-        _tool("tool_call", "Choose tool calls", docs["tool_call"], ToolCallInput, ToolCallOutput, service.tool_call,
-              _GENERATES),
-        _tool("list_models", "Loaded model", LIST_MODELS_DOC, ListModelsInput, ListModelsOutput, list_models,
-              _READS),
-        _tool("reset_conversation", "Forget a conversation", RESET_DOC, ResetInput, ResetOutput, reset, _DELETES),
+        tool("chat", "Chat with DeepSeek-V3.1", docs["chat"], ChatInput, ChatOutput, service.chat, _GENERATES,
+             omit=omit),
+        tool("think", "Reason, then answer", docs["think"], ThinkInput, ThinkOutput, service.think, _GENERATES,
+             omit=omit),
+        tool("tool_call", "Choose tool calls", docs["tool_call"], ToolCallInput, ToolCallOutput, service.tool_call,
+             _GENERATES),
+        tool("list_models", "Loaded model", LIST_MODELS_DOC, ListModelsInput, ListModelsOutput, list_models,
+             _READS),
+        tool("reset_conversation", "Forget a conversation", RESET_DOC, ResetInput, ResetOutput, reset, _DELETES),
     ]
     from importlib.metadata import PackageNotFoundError, version
 

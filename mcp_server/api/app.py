@@ -335,15 +335,15 @@ def owns(path: str) -> bool:
 
 
 def check_ready(service: ChatService) -> None:
-    """While the model loads: 503 with Retry-After (the API does not wait); after a failed load: 503 with
-    the cause."""
+    """While the model loads: 503 with Retry-After (the API does not wait); after a failed load, or a failure
+    while serving: 503 with the cause."""
     host = service.host
     if host.status == "loading":
         raise ApiError(503, f"the model {host.name} is still loading ({host.load_elapsed():.0f} s so far); retry "
                             "shortly (GET /health says when it is ready)", code="model_loading",
                        headers={"Retry-After": "5"})
     if host.status == "failed":
-        raise ApiError(503, f"the model {host.source} failed to load: {host.error}", code="model_failed")
+        raise ApiError(503, host.failure_message(), code="model_failed")
 
 
 async def _until_disconnect(request: Request, work: Callable[[], Awaitable[list[Choice]]]) -> list[Choice] | None:

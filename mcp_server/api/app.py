@@ -151,6 +151,8 @@ class ApiApp:
             raise invalid(f"the request body is not valid JSON: {e}") from None
         except RecursionError:
             raise invalid("the request body nests JSON arrays or objects too deeply to read") from None
+        except ValueError:  # an integer past Python's conversion limit (4,300 digits)
+            raise invalid("the request body holds a number with too many digits to read") from None
         if not isinstance(data, dict):
             raise invalid("the request body must be a JSON object")
         if _SURROGATE_ESCAPE.search(raw):  # a \ud800-\udfff escape: valid JSON, but text only if paired

@@ -212,6 +212,59 @@ def test_fuzz_other_routes_and_methods(served: Any, method: str, path: str, raw:
     assert _send(served, method, path, raw if method not in ("GET", "HEAD") else b"") < 500
 
 
+TOOL_ARGS = {"prompt": VALUES | st.text(max_size=20), "messages": st.lists(MESSAGE, max_size=2) | VALUES,
+             "max_tokens": st.integers(-2, 3) | VALUES, "temperature": VALUES, "top_p": VALUES, "seed": VALUES,
+             "stop": VALUES, "system": VALUES, "conversation_id": VALUES | st.just("c" * 1_000_000),
+             "response_format": CHAT["response_format"], "tools": st.lists(OPENAI_TOOL | ANTHROPIC_TOOL, max_size=2),
+             "tool_choice": VALUES | st.sampled_from(["auto", "none", "required"]), "thinking_budget": VALUES}
+TOOL_NAMES = ["chat", "think", "tool_call", "list_models", "reset_conversation", "nope"]
+
+
+@pytest.fixture(scope="module")
+def mcp_session(served: Any) -> dict[str, str]:
+    """An initialized MCP session on /mcp: the headers that continue it."""
+    _, http, _, _ = served
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "fuzz", "version": "0"}}}
+    r = http.post("/mcp", json=init, headers=headers)
+    assert r.status_code == 200, r.text
+    headers["mcp-session-id"] = r.headers["mcp-session-id"]
+    r = http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+    assert r.status_code < 300, r.text
+    return headers
+
+
+@settings(FUZZ, max_examples=150)
+@given(args=_mutated({"prompt": "hi", "max_tokens": 1}, TOOL_ARGS), name=st.sampled_from(TOOL_NAMES) | VALUES,
+       method=st.sampled_from(["tools/call"] * 8 + ["tools/list", "resources/read", "bogus"]) | VALUES,
+       request_id=st.integers(1, 2**31) | VALUES)
+def test_fuzz_mcp_tool_calls(served: Any, mcp_session: dict[str, str], args: dict[str, Any], name: Any,
+                             method: Any, request_id: Any) -> None:
+    _, http, _, seen = served
+    body = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method,
+                       "params": {"name": name, "arguments": args}}, allow_nan=True).encode()
+    r = http.post("/mcp", content=body, headers=mcp_session)
+    seen.append((r.status_code, "/mcp", body[:300]))
+    internal = "-32603" in r.text  # JSON-RPC's internal error: the MCP server's 500
+    if r.status_code >= 500 or internal:
+        print(f"{r.status_code} /mcp {body[:200]!r} -> {r.text[:300]}")
+    assert r.status_code < 500 and not internal
+    assert "c" * 100 not in r.text  # a 1 MB unknown conversation_id is not echoed back whole
+
+
+@pytest.mark.parametrize("tool", ["chat", "reset_conversation"])
+def test_a_megabyte_unknown_conversation_id_is_not_echoed_whole(served: Any, mcp_session: dict[str, str],
+                                                                 tool: str) -> None:
+    _, http, _, _ = served
+    cid = "c" * 1_000_000
+    args = {"conversation_id": cid, **({"prompt": "hi", "max_tokens": 1} if tool == "chat" else {})}
+    r = http.post("/mcp", headers=mcp_session, json={"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                                                      "params": {"name": tool, "arguments": args}})
+    assert r.status_code == 200 and "unknown conversation_id 'cccc" in r.text, r.text[:500]
+    assert "(1000000 characters)" in r.text and len(r.text) < 4000, len(r.text)
+
+
 def test_zz_the_fuzz_found_no_5xx_and_logged_no_traceback(served: Any) -> None:
     server, http, records, seen = served
     bad = [s for s in seen if s[0] >= 500]

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -25,6 +25,9 @@ from deepseek_mcp.mcp_server.config import (
     printable,
 )
 from deepseek_mcp.mcp_server.log_format import setup_logging
+
+if TYPE_CHECKING:
+    from deepseek_mcp.mcp_server.shutdown import Drain
 
 log = logging.getLogger("deepseek-mcp")
 
@@ -202,6 +205,12 @@ async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received:
     scope.cancel()
 
 
+async def _cancel_after_drain(stop: anyio.Event, drain: Drain, scope: anyio.CancelScope) -> None:
+    await stop.wait()
+    await drain.drain()
+    scope.cancel()
+
+
 async def serve(config: ServerConfig) -> int:
     """Serve until the transport ends (stdin closes) or a signal arrives; the exit status (128 + signal)."""
     from deepseek_mcp.mcp_server.api.app import ApiApp, serve_api
@@ -226,7 +235,9 @@ async def serve(config: ServerConfig) -> int:
             if config.api_port is not None and (config.transport == "stdio" or config.api_port != config.port):
                 inner.start_soon(serve_api, api, config.api_port, stop)
             if config.transport == "stdio":
-                await serve_stdio(mcp)
+                with anyio.CancelScope() as stdio:  # stdin never ends on a signal: cancelled once the API drained
+                    inner.start_soon(_cancel_after_drain, stop, api.drain, stdio)
+                    await serve_stdio(mcp)
             else:
                 await serve_http(mcp, config, stop, wrap=api.mount, drain=api.drain)
             inner.cancel_scope.cancel()

@@ -169,16 +169,18 @@ def test_json_log_lines_parse_and_carry_the_request_fields(served: Served) -> No
 
 
 def test_sigterm_during_streams_ends_each_with_an_error_event(served: Served) -> None:
-    """4 streams (chat, completions, two messages) and one plain request under way: SIGTERM; the default 1 s
-    grace passes, each stream ends with its API's error event (OpenAI: an error chunk, then [DONE]), the plain
-    request gets a 503, the process exits within 2 s with 143, one line per aborted request, no traceback."""
+    """4 long streams (chat, completions, two messages) and one long plain request under way, and a short stream
+    (6 tokens): SIGTERM; the short one finishes within the default 1 s grace, then each long stream ends with its
+    API's error event (OpenAI: an error chunk, then [DONE]), the plain request gets a 503, the process exits
+    within 2 s with 143, one line per aborted request, no traceback."""
     routes = [("/v1/chat/completions", True), ("/v1/completions", True), ("/v1/messages", True),
-              ("/v1/messages", True), ("/v1/chat/completions", False)]
+              ("/v1/messages", True), ("/v1/chat/completions", False), ("/v1/chat/completions", True)]
+    short = len(routes) - 1
     results: list[Any] = [None] * len(routes)
     started = [threading.Event() for _ in routes]
 
     def run(i: int, route: str, stream: bool) -> None:
-        body: dict[str, Any] = {"model": "deepseek-chat", "max_tokens": 3000, "stream": stream}
+        body: dict[str, Any] = {"model": "deepseek-chat", "max_tokens": 6 if i == short else 3000, "stream": stream}
         body.update({"prompt": "hi"} if route == "/v1/completions" else {"messages": HELLO})
         with httpx.Client(base_url=served.url, headers=AUTH, timeout=30) as http:
             if not stream:
@@ -195,10 +197,12 @@ def test_sigterm_during_streams_ends_each_with_an_error_event(served: Served) ->
                 results[i] = (r.status_code, lines)
 
     threads = [threading.Thread(target=run, args=(i, *rs), daemon=True) for i, rs in enumerate(routes)]
-    for t in threads:
+    for t in threads[:short]:
         t.start()
-    assert all(e.wait(30) for e in started)
+    assert all(e.wait(30) for e in started[:short])
     time.sleep(0.3)
+    threads[short].start()
+    assert started[short].wait(30)
     sent = time.monotonic()
     served.proc.terminate()
     code = served.proc.wait(10)
@@ -211,7 +215,10 @@ def test_sigterm_during_streams_ends_each_with_an_error_event(served: Served) ->
     assert "Traceback" not in log and "exc_info" not in log, log[-5000:]
     records = served.records()
     assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL")], [r["message"] for r in records][-20:]
-    for (route, stream), result in zip(routes, results):
+    status, got = results[short]
+    assert status == 200 and got[-1] == "data: [DONE]", got[-3:]
+    assert json.loads(got[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length", got[-3:]
+    for (route, stream), result in zip(routes[:short], results[:short]):
         assert result is not None, (route, stream)
         status, got = result
         if not stream:
@@ -223,4 +230,4 @@ def test_sigterm_during_streams_ends_each_with_an_error_event(served: Served) ->
             assert got[-1] == "data: [DONE]", got[-3:]
             assert json.loads(got[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
     aborted = [r["message"] for r in records if r["message"].startswith("stopping: aborted")]
-    assert len(aborted) == len(routes), aborted
+    assert len(aborted) == short, aborted

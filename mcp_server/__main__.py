@@ -169,8 +169,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 # After SIGINT/SIGTERM and the HTTP drain's grace period (limits.shutdown_grace_s): how long the drain and the
 # transport get to stop on their own before they are cancelled, and when the process exits regardless.
-_STOP_AFTER_GRACE_S = 0.7
-_EXIT_AFTER_GRACE_S = 0.9
+_STOP_AFTER_GRACE_S = 0.6
+_EXIT_AFTER_GRACE_S = 0.8
 _EXIT_AT_LEAST_S = 1.8
 
 

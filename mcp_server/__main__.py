@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close an idle keep-alive HTTP connection after this (default 5)")
     t.add_argument("--header-timeout", type=float, metavar="SECONDS",
                    help="close a connection whose request headers take longer than this (default 10)")
+    t.add_argument("--max-header-bytes", type=int, metavar="BYTES",
+                   help="largest HTTP request head (request line and headers); larger is a 400 (default 16384)")
     t.add_argument("--body-timeout", type=float, metavar="SECONDS",
                    help="answer 408 and close a connection whose request body takes longer than this (default 60)")
     t.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
@@ -158,6 +160,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
               "max_conversations": args.max_conversations, "max_waiting": args.max_waiting,
               "max_conversation_tokens": args.max_conversation_tokens,
               "keep_alive_timeout_s": args.keep_alive_timeout, "header_timeout_s": args.header_timeout,
+              "max_header_bytes": args.max_header_bytes,
               "body_timeout_s": args.body_timeout, "shutdown_grace_s": args.shutdown_grace}
     out: dict[str, Any] = {k: v for k, v in flat.items() if v is not None}
     for key, section in (("sampling", sampling), ("limits", limits)):

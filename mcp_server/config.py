@@ -57,6 +57,8 @@ class Limits(_Section):
     header_timeout_s: float = Field(
         10.0, gt=0, description="HTTP: a request's headers must arrive within this from the connection opening (or "
         "the previous response); else the connection is closed (408 when part of a request came).")
+    max_header_bytes: int = Field(
+        16384, ge=1024, description="HTTP: the largest request head (request line and headers); a larger one is a 400.")
     body_timeout_s: float = Field(
         60.0, gt=0, description="HTTP: a request's whole body must arrive within this from its headers; else 408 "
         "and the connection is closed.")

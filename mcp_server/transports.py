@@ -125,6 +125,7 @@ def uvicorn_config(app: Any, config: ServerConfig, port: int, *, lifespan: str) 
     return uvicorn.Config(app, host=config.host, port=port, log_config=None, log_level=config.log_level.lower(),
                           lifespan=lifespan, timeout_graceful_shutdown=_HTTP_GRACE_S,  # type: ignore[arg-type]
                           timeout_keep_alive=limits.keep_alive_timeout_s,  # type: ignore[arg-type]
+                          h11_max_incomplete_event_size=limits.max_header_bytes,
                           http=timed_protocol(limits.header_timeout_s, limits.body_timeout_s))
 
 

@@ -64,7 +64,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with log.open("wb") as out:
         proc = subprocess.Popen([str(SCRIPT), "--transport", "http", "--port", str(port), "--token", TOKEN,
                                  "--max-tokens", "8", "--temperature", "0", "--log-format", "json",
-                                 "--keep-alive-timeout", "1", "--header-timeout", "1", "--body-timeout", "1"],
+                                 "--keep-alive-timeout", "1", "--header-timeout", "1", "--body-timeout", "1",
+                                 "--max-header-bytes", "4096"],
                                 env=env, stdout=out, stderr=out)
     s = Served(proc, port, log)
     try:
@@ -124,6 +125,11 @@ def test_idle_and_slow_connections_are_closed(served: Served) -> None:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         data, took = _read_until_closed(sock, 10)
     assert data.startswith(b"HTTP/1.1 200 ") and b'"status":"ok"' in data and 0.8 < took < 5, (data, took)
+    # a request head past --max-header-bytes: 400, closed
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 6000)
+        data, took = _read_until_closed(sock, 10)
+    assert data.startswith(b"HTTP/1.1 400 ") and took < 1, (data, took)
     # the server goes on serving
     r = httpx.post(served.url + "/v1/chat/completions", headers=AUTH,
                    json={"model": "deepseek-chat", "messages": HELLO, "max_tokens": 2})

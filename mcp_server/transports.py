@@ -28,7 +28,6 @@ from starlette.requests import Request
 
 from deepseek_mcp.mcp_server.config import ServerConfig, is_loopback
 from deepseek_mcp.mcp_server.hosts import LOOPBACK_HOSTS, HostGate, allowed_hosts
-from deepseek_mcp.mcp_server.http_timeouts import timed_protocol
 from deepseek_mcp.mcp_server.shutdown import Drain
 
 log = logging.getLogger(__name__)
@@ -119,6 +118,8 @@ def uvicorn_config(app: Any, config: ServerConfig, port: int, *, lifespan: str) 
     """uvicorn's settings: our log handler, the idle keep-alive timeout, and the header and body timeouts of
     mcp_server/http_timeouts.py (its h11 protocol, also where httptools is installed)."""
     import uvicorn
+
+    from deepseek_mcp.mcp_server.http_timeouts import timed_protocol  # uvicorn's h11: imported when serving
 
     limits = config.limits
     # log_config=None: uvicorn logs through our stderr handler (its default sends access lines to stdout)

@@ -28,6 +28,7 @@ from starlette.requests import Request
 
 from deepseek_mcp.mcp_server.config import ServerConfig, is_loopback
 from deepseek_mcp.mcp_server.hosts import LOOPBACK_HOSTS, HostGate, allowed_hosts
+from deepseek_mcp.mcp_server.mcp_body import WholeBody
 from deepseek_mcp.mcp_server.shutdown import Drain
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def http_app(mcp: MCPServer, config: ServerConfig, wrap: Callable[[Any], Any] | 
     else:
         app = mcp.streamable_http_app(streamable_http_path=config.path, transport_security=security,
                                       host=config.host)
+    app = WholeBody(app, config.limits.max_request_bytes)  # read within the limit before the SDK sees it
     return HostGate(app if wrap is None else wrap(app), security.allowed_hosts)
 
 

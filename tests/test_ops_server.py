@@ -120,6 +120,17 @@ def test_idle_and_slow_connections_are_closed(served: Served) -> None:
                      b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 400\r\n\r\n{\"model\": ")
         data, took = _read_until_closed(sock, 10)
     assert data.startswith(b"HTTP/1.1 408 ") and b"body did not arrive" in data and took < 5, data
+    # the same on the MCP endpoint (its body is read before the SDK sees it), and a body past the limit: 413
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 400\r\n\r\n{\"jsonrpc\": ")
+        data, took = _read_until_closed(sock, 10)
+    assert data.startswith(b"HTTP/1.1 408 ") and took < 5, data
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 99999999\r\n\r\n{")
+        data, took = _read_until_closed(sock, 10)
+    assert data.startswith(b"HTTP/1.1 413 ") and b"max_request_bytes" in data and took < 1, data
     # a keep-alive connection idle after its response: closed after the keep-alive timeout (1 s)
     with socket.create_connection(("127.0.0.1", served.port)) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -136,10 +147,17 @@ def test_idle_and_slow_connections_are_closed(served: Served) -> None:
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     lines = [r["message"] for r in served.records()]
     assert sum("request headers were incomplete" in m for m in lines) == 1, lines
-    assert sum("request body was incomplete" in m for m in lines) == 1, lines
+    assert sum("request body was incomplete" in m for m in lines) == 2, lines
 
 
 def test_a_client_disconnect_is_one_info_line(served: Served) -> None:
+    for path in ("/v1/chat/completions", "/mcp"):  # gone while sending its body
+        with socket.create_connection(("127.0.0.1", served.port)) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         f"Authorization: Bearer {TOKEN}\r\nContent-Length: 400\r\n\r\n{{".encode())
+            time.sleep(0.2)
+        assert served.wait_for(lambda r, p=path: r["message"] == f"POST {p}: client disconnected before its "
+                               "request was read" and r["level"] == "INFO"), served.log.read_text()[-3000:]
     body = {"model": "deepseek-chat", "messages": HELLO, "max_tokens": 3000, "stream": True}
     with httpx.Client(base_url=served.url, headers=AUTH) as http, \
             http.stream("POST", "/v1/chat/completions", json=body) as r:

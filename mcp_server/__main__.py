@@ -220,12 +220,14 @@ async def serve(config: ServerConfig) -> int:
     from deepseek_mcp.mcp_server.model_host import ModelHost
     from deepseek_mcp.mcp_server.server import build_server
     from deepseek_mcp.mcp_server.service import ChatService
+    from deepseek_mcp.mcp_server.shutdown import Drain
     from deepseek_mcp.mcp_server.transports import serve_http, serve_stdio
 
     host = ModelHost(config)
     service = ChatService(host, config)
-    mcp = build_server(service)
-    api = ApiApp(service)
+    drain = Drain(config.limits.shutdown_grace_s)  # the graceful stop of the HTTP requests and tool calls
+    mcp = build_server(service, drain)
+    api = ApiApp(service, drain)
     received: list[int] = []
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:

@@ -33,6 +33,7 @@ from deepseek_mcp.mcp_server.schemas import (
     ToolCallOutput,
 )
 from deepseek_mcp.mcp_server.service import ChatService
+from deepseek_mcp.mcp_server.shutdown import SHUTTING_DOWN, Drain
 from deepseek_mcp.mcp_server.transports import auth_kwargs
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,10 @@ class _RawArguments(FuncMetadata):
 
 def _tool(name: str, title: str, doc: str, input_model: type[BaseModel], output_model: type[BaseModel],
           run: Callable[[Any, Progress], Awaitable[BaseModel]], annotations: ToolAnnotations, *,
-          omit: frozenset[str] = frozenset(), metrics: Metrics | None = None) -> Tool:
+          omit: frozenset[str] = frozenset(), metrics: Metrics | None = None, drain: Drain | None = None) -> Tool:
     """A tool whose input schema is `input_model` (unknown keys rejected) and output schema `output_model`;
-    each call counted in `metrics` by its outcome."""
+    each call counted in `metrics` by its outcome; a call still running when the server stops (`drain`) ends
+    with an error result that says so."""
     arg_model = type(f"{name}Arguments", (input_model, ArgModelBase), {"__module__": __name__})
 
     async def handler(ctx: Context, arguments: dict[str, Any]) -> CallToolResult:
@@ -115,7 +117,11 @@ def _tool(name: str, title: str, doc: str, input_model: type[BaseModel], output_
             log.info("%s: %s", name, message.replace("\n", " "))
             return _error(message)
         try:
-            return _ok(await run(request, Progress(ctx.report_progress)))
+            if drain is None:
+                return _ok(await run(request, Progress(ctx.report_progress)))
+            with drain.guard(f"{name} (MCP tool call)"):
+                return _ok(await run(request, Progress(ctx.report_progress)))
+            return _error(SHUTTING_DOWN)  # reached only when the stop cancelled the call
         except (RequestError, ModelUnavailable, GenerationFailed) as e:
             log.info("%s: %s", name, e)
             return _error(str(e))
@@ -125,7 +131,8 @@ def _tool(name: str, title: str, doc: str, input_model: type[BaseModel], output_
                 fn_metadata=metadata, is_async=True, context_kwarg="ctx", annotations=annotations)
 
 
-def build_server(service: ChatService) -> MCPServer:
+def build_server(service: ChatService, drain: Drain | None = None) -> MCPServer:
+    """The MCP server over `service`; `drain`: the server's graceful stop, which ends tool calls under way."""
     async def list_models(request: ListModelsInput, progress: Progress) -> ListModelsOutput:
         return service.list_models()
 
@@ -137,7 +144,7 @@ def build_server(service: ChatService) -> MCPServer:
                      forced_calls=service.tool_call_processors is not None)
     # without constraints response_format is refused, so it is not advertised (a call that sends it is told why)
     omit = frozenset() if service.constraints is not None else frozenset({"response_format"})
-    tool = functools.partial(_tool, metrics=service.metrics)  # every call counted by tool and outcome
+    tool = functools.partial(_tool, metrics=service.metrics, drain=drain)
     tools = [
         tool("chat", "Chat with DeepSeek-V3.1", docs["chat"], ChatInput, ChatOutput, service.chat, _GENERATES,
              omit=omit),

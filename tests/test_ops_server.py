@@ -197,7 +197,8 @@ def test_sigterm_during_streams_ends_each_with_an_error_event(served: Served) ->
     """4 long streams (chat, completions, two messages), one long plain request, and a short stream (3 tokens,
     one out) under way: SIGTERM; the short one finishes within the default 1 s grace, then each long stream ends
     with its API's error event (OpenAI: an error chunk, then [DONE]), the plain request gets a 503, the process
-    exits within 2 s with 143, one line per aborted request, no traceback."""
+    exits within 2 s with 143, one line per aborted request, no traceback. An MCP tool call under way gets an
+    error result that says the server is shutting down."""
     routes = [("/v1/chat/completions", True), ("/v1/completions", True), ("/v1/messages", True),
               ("/v1/messages", True), ("/v1/chat/completions", False), ("/v1/chat/completions", True)]
     short = len(routes) - 1
@@ -222,7 +223,22 @@ def test_sigterm_during_streams_ends_each_with_an_error_event(served: Served) ->
                             started[i].set()
                 results[i] = (r.status_code, lines)
 
+    mcp_result: list[Any] = []
+    headers = {**AUTH, "Accept": "application/json, text/event-stream"}
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    r = httpx.post(served.url + "/mcp", json=init, headers=headers)
+    headers["mcp-session-id"] = r.headers["mcp-session-id"]
+    httpx.post(served.url + "/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+
+    def mcp_call() -> None:  # an MCP tool call under way too: it ends with an error result that says why
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": "chat", "arguments": {"prompt": "hi", "max_tokens": 3000}}}
+        mcp_result.append(httpx.post(served.url + "/mcp", json=call, headers=headers, timeout=30))
+
     threads = [threading.Thread(target=run, args=(i, *rs), daemon=True) for i, rs in enumerate(routes)]
+    threads.append(threading.Thread(target=mcp_call, daemon=True))
+    threads[-1].start()
     for t in threads[:short]:
         t.start()
     assert all(e.wait(30) for e in started[:short])
@@ -255,5 +271,8 @@ def test_sigterm_during_streams_ends_each_with_an_error_event(served: Served) ->
         else:
             assert got[-1] == "data: [DONE]", got[-3:]
             assert json.loads(got[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
+    assert mcp_result and mcp_result[0].status_code == 200, mcp_result
+    reply = json.loads(next(line for line in mcp_result[0].text.splitlines() if line.startswith("data: "))[6:])
+    assert reply["result"]["isError"] and "shutting down" in reply["result"]["content"][0]["text"], reply
     aborted = [r["message"] for r in records if r["message"].startswith("stopping: aborted")]
-    assert len(aborted) == short, aborted
+    assert len(aborted) == short + 1 and "stopping: aborted chat (MCP tool call)" in aborted, aborted

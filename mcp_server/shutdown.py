@@ -6,7 +6,8 @@ connections (so nothing is left for it to cancel, and nothing logs a traceback).
 inside `Drain.guard(label)`: when the grace period is over the drain cancels those guards first, and each route
 ends its response itself (a stream with its API's error event, a plain request with a 503 in its API's shape).
 Whatever is still open after that (an MCP stream) is cancelled by the middleware, which ends its response (a
-503 if nothing was sent yet, else the end of the body). One INFO line per request the stop aborted.
+503 if nothing was sent yet, else the end of the body). MCP tool calls run inside guards too (server.py) and end
+with an error result. One INFO line per request the stop aborted.
 """
 
 from __future__ import annotations
@@ -56,10 +57,6 @@ class Drain:
         self._requests: set[_Live] = set()
         self._guards: set[Guard] = set()
         self._finished: anyio.Event | None = None
-
-    @property
-    def num_requests(self) -> int:
-        return len(self._requests)
 
     # -- the API's work -------------------------------------------------------------------------------
 

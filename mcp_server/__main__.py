@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -24,6 +24,10 @@ from deepseek_mcp.mcp_server.config import (
     load_config,
     printable,
 )
+from deepseek_mcp.mcp_server.log_format import setup_logging
+
+if TYPE_CHECKING:
+    from deepseek_mcp.mcp_server.shutdown import Drain
 
 log = logging.getLogger("deepseek-mcp")
 
@@ -114,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra accepted Host header (repeatable; 'name:*' for any port)")
     t.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
                    help="extra accepted Origin header, e.g. https://app.example (repeatable)")
+    t.add_argument("--keep-alive-timeout", type=float, metavar="SECONDS",
+                   help="close an idle keep-alive HTTP connection after this (default 5)")
+    t.add_argument("--header-timeout", type=float, metavar="SECONDS",
+                   help="close a connection whose request headers take longer than this (default 10)")
+    t.add_argument("--max-header-bytes", type=int, metavar="BYTES",
+                   help="largest HTTP request head (request line and headers); larger is a 400 (default 16384)")
+    t.add_argument("--body-timeout", type=float, metavar="SECONDS",
+                   help="answer 408 and close a connection whose request body takes longer than this (default 60)")
+    t.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long requests under way may finish before their streams end with an "
+                        "error event (default 1; the process exits within this plus 1 s)")
     a = p.add_argument_group("OpenAI / Anthropic API")
     a.add_argument("--api-port", type=int, metavar="PORT",
                    help="serve /v1/* on this port too (e.g. beside a stdio MCP server); with --transport http "
@@ -122,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model names the API answers to (default: the checkpoint's name, plus the aliases "
                         "deepseek-chat and deepseek-reasoner)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
+    p.add_argument("--log-format", choices=["text", "json"],
+                   help="stderr log lines as text (default) or one JSON object per line, for log shippers")
     return p
 
 
@@ -135,12 +152,16 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
             "trusted_control_tokens": args.trusted_control_tokens, "transport": args.transport,
             "host": args.host, "port": args.port, "path": args.path, "token": args.token,
             "allowed_hosts": args.allowed_host, "allowed_origins": args.allowed_origin, "log_level": args.log_level,
+            "log_format": args.log_format,
             "api_port": args.api_port, "served_model_names": args.served_model_name}
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     limits = {"max_tokens": args.max_tokens, "thinking_budget": args.thinking_budget,
               "max_wall_time_s": args.max_wall_time, "load_wait_s": args.load_wait,
               "max_conversations": args.max_conversations, "max_waiting": args.max_waiting,
-              "max_conversation_tokens": args.max_conversation_tokens}
+              "max_conversation_tokens": args.max_conversation_tokens,
+              "keep_alive_timeout_s": args.keep_alive_timeout, "header_timeout_s": args.header_timeout,
+              "max_header_bytes": args.max_header_bytes,
+              "body_timeout_s": args.body_timeout, "shutdown_grace_s": args.shutdown_grace}
     out: dict[str, Any] = {k: v for k, v in flat.items() if v is not None}
     for key, section in (("sampling", sampling), ("limits", limits)):
         given = {k: v for k, v in section.items() if v is not None}
@@ -149,24 +170,19 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)  # never stdout: over stdio it carries the protocol
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+# After SIGINT/SIGTERM and the HTTP drain's grace period (limits.shutdown_grace_s): how long the drain and the
+# transport get to stop on their own before they are cancelled, and when the process exits regardless.
+_STOP_AFTER_GRACE_S = 0.6
+_EXIT_AFTER_GRACE_S = 0.8
+_EXIT_AT_LEAST_S = 1.8
 
 
-# After SIGINT/SIGTERM: how long the transport gets to stop on its own before it is cancelled, and when the
-# process exits regardless.
-_STOP_GRACE_S = 1.2
-_STOP_DEADLINE_S = 1.8
-
-
-async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received: list[int], grace_s: float, *,
+async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received: list[int], grace_s: float,
+                          exit_s: float, *,
                           task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-    """On SIGINT or SIGTERM: set `stop` (HTTP closes its connections), then cancel `scope` after `grace_s`.
-    A second signal cancels at once."""
+    """On SIGINT or SIGTERM: set `stop` (HTTP drains its requests and closes its connections), then cancel
+    `scope` after `grace_s`; the process exits `exit_s` after the signal whatever blocks. A second signal cancels
+    at once."""
     try:
         receiver = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
         signals = receiver.__enter__()
@@ -179,7 +195,7 @@ async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received:
             received.append(signum)
             log.info("%s received: stopping the server and freeing the model", signal.Signals(signum).name)
             # whatever blocks the orderly stop (a model step or load in native code), the process ends in time
-            deadline = threading.Timer(_STOP_DEADLINE_S, _exit_now, args=(128 + signum,))
+            deadline = threading.Timer(exit_s, _exit_now, args=(128 + signum,))
             deadline.daemon = True
             deadline.start()
             stop.set()
@@ -192,30 +208,43 @@ async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received:
     scope.cancel()
 
 
+async def _cancel_after_drain(stop: anyio.Event, drain: Drain, scope: anyio.CancelScope) -> None:
+    await stop.wait()
+    await drain.drain()
+    scope.cancel()
+
+
 async def serve(config: ServerConfig) -> int:
     """Serve until the transport ends (stdin closes) or a signal arrives; the exit status (128 + signal)."""
     from deepseek_mcp.mcp_server.api.app import ApiApp, serve_api
     from deepseek_mcp.mcp_server.model_host import ModelHost
     from deepseek_mcp.mcp_server.server import build_server
     from deepseek_mcp.mcp_server.service import ChatService
+    from deepseek_mcp.mcp_server.shutdown import Drain
     from deepseek_mcp.mcp_server.transports import serve_http, serve_stdio
 
     host = ModelHost(config)
     service = ChatService(host, config)
-    mcp = build_server(service)
-    api = ApiApp(service)
+    drain = Drain(config.limits.shutdown_grace_s)  # the graceful stop of the HTTP requests and tool calls
+    mcp = build_server(service, drain)
+    api = ApiApp(service, drain)
     received: list[int] = []
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
-        grace = 0.0 if config.transport == "stdio" else _STOP_GRACE_S
-        await tg.start(functools.partial(_stop_on_signal, stop, tg.cancel_scope, received, grace))
+        http = config.transport != "stdio" or config.api_port is not None
+        drain_s = config.limits.shutdown_grace_s if http else 0.0
+        grace = drain_s + _STOP_AFTER_GRACE_S if http else 0.0
+        await tg.start(functools.partial(_stop_on_signal, stop, tg.cancel_scope, received, grace,
+                                         max(drain_s + _EXIT_AFTER_GRACE_S, _EXIT_AT_LEAST_S)))
         async with host.running(), anyio.create_task_group() as inner:  # leaving it stops the engine
             if config.api_port is not None and (config.transport == "stdio" or config.api_port != config.port):
                 inner.start_soon(serve_api, api, config.api_port, stop)
             if config.transport == "stdio":
-                await serve_stdio(mcp)
+                with anyio.CancelScope() as stdio:  # stdin never ends on a signal: cancelled once the API drained
+                    inner.start_soon(_cancel_after_drain, stop, api.drain, stdio)
+                    await serve_stdio(mcp)
             else:
-                await serve_http(mcp, config, stop, wrap=api.mount)
+                await serve_http(mcp, config, stop, wrap=api.mount, drain=api.drain)
             inner.cancel_scope.cancel()
         tg.cancel_scope.cancel()
     if received:
@@ -250,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(printable(config))
         return 0
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     from deepseek_mcp.inference.engine.launch import torchrun_rank
 
     if torchrun_rank() > 0:

@@ -52,6 +52,19 @@ class Limits(_Section):
     max_request_bytes: int = Field(
         16 << 20, gt=0, description="Largest HTTP API request body; a larger one is refused while it is read (413). "
         "16 MiB holds a 163,840-token context with JSON escaping to spare.")
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="HTTP: an idle keep-alive connection (no request under way) is closed after this.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="HTTP: a request's headers must arrive within this from the connection opening (or "
+        "the previous response); else the connection is closed (408 when part of a request came).")
+    max_header_bytes: int = Field(
+        16384, ge=1024, description="HTTP: the largest request head (request line and headers); a larger one is a 400.")
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="HTTP: a request's whole body must arrive within this from its headers; else 408 "
+        "and the connection is closed.")
+    shutdown_grace_s: float = Field(
+        1.0, ge=0, le=600, description="On SIGTERM/SIGINT: how long requests under way may run on; then streams end "
+        "with their API's error event, other requests get 503. The process exits within this plus 1 s.")
 
 
 class ServerConfig(_Section):
@@ -94,6 +107,8 @@ class ServerConfig(_Section):
         "the aliases deepseek-chat and deepseek-reasoner)."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="stderr log lines: text, or one JSON object per line (for log shippers).")
 
     def bind_is_loopback(self) -> bool:
         return is_loopback(self.host)

@@ -200,3 +200,18 @@ async def run_request(
     return RunResult(live.token_ids, "".join(texts), reason, len(prompt_ids), cached, end - live.started,
                      (live.admitted_at or end) - live.started, stop if reason == "stop" else None,
                      None if stats is None else stats.ttft_s, 0.0 if stats is None else stats.tokens_per_s)
+
+
+def log_request(route: str, request_id: str, run: RunResult) -> None:
+    """The request's one log line: its tokens, where its time went and how it finished; the same numbers as
+    structured fields (`--log-format json`)."""
+    n = len(run.token_ids)
+    ttft = "-" if run.ttft_s is None else f"{run.ttft_s:.2f} s"
+    fields = {"route": route, "request_id": request_id, "prompt_tokens": run.prompt_tokens,
+              "cached_tokens": run.cached_tokens, "completion_tokens": n, "queued_s": round(run.queued_s, 4),
+              "ttft_s": None if run.ttft_s is None else round(run.ttft_s, 4),
+              "decode_tok_s": round(run.decode_tok_s, 2), "elapsed_s": round(run.elapsed_s, 4),
+              "finish_reason": run.finish_reason}
+    log.info("%s %s: %d prompt tokens (%d cached), %d completion tokens, queued %.2f s, first token %s, %.1f tok/s "
+             "decoding, %.2f s in all, finish %s", route, request_id, run.prompt_tokens, run.cached_tokens, n,
+             run.queued_s, ttft, run.decode_tok_s, run.elapsed_s, run.finish_reason, extra={"fields": fields})

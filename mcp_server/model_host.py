@@ -102,6 +102,7 @@ class ModelHost:
         self._make_async_engine = make_async_engine or default_async_engine(config)
         self.status: Status = "loading"
         self.error: str | None = None
+        self.failed_at_runtime = False  # "failed" after a successful load (a dead rank, the engine loop)
         self.engine: Any = None
         self.aengine: Any = None
         self.load_started = time.monotonic()
@@ -153,12 +154,14 @@ class ModelHost:
                 log.info("model %s ready after %.1f s", self.name, self.load_seconds)
                 while not isinstance(getattr(engine, "failure", None), str):  # a tensor-parallel rank died/hung
                     await anyio.sleep(0.1)
-                self.status, self.error = "failed", engine.failure
-                log.error("model %s failed: %s", self.name, self.error)
-        except Exception as e:  # the load, or the AsyncEngine's start, failed
-            self.error = f"{type(e).__name__}: {e}"
-            self.status = "failed"
-            log.error("model %s failed to load: %s", self.source, self.error)
+                self._failed_while_serving(engine.failure)
+        except Exception as e:  # the load, or the AsyncEngine's start, failed; or its loop, while serving
+            if self.status == "ready":
+                self._failed_while_serving(f"the engine loop stopped: {_cause(e)}")
+            else:
+                self.error = _cause(e)
+                self.status = "failed"
+                log.error("model %s failed to load: %s", self.source, self.error)
         finally:
             if self.status == "ready":
                 self.status = "failed"
@@ -168,6 +171,19 @@ class ModelHost:
             if close is not None:  # stops tensor-parallel workers (a no-op on one device)
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(close)
+
+    def _failed_while_serving(self, cause: str) -> None:
+        self.status, self.failed_at_runtime = "failed", True
+        self.error = f"the engine failed while serving, after a successful load: {cause}"
+        log.error("model %s: %s", self.name, self.error)
+
+    def failure_message(self) -> str:
+        """What a call is told once the model failed (at load, or later while serving), with what to do."""
+        if self.failed_at_runtime:
+            return (f"the model {self.name} stopped serving: {self.error}. Restart the server (GET /health and "
+                    "list_models report it)")
+        return (f"the model {self.source} failed to load: {self.error}. Fix the model configuration (model, "
+                "device, dtype, kernels) and restart the server")
 
     # -- capacity -------------------------------------------------------------------------------------
 
@@ -211,6 +227,12 @@ class ModelHost:
                 while self.status == "loading":
                     await anyio.sleep(0.05)
         if self.status == "failed":
-            raise ModelUnavailable(f"the model {self.source} failed to load: {self.error}. Fix the model "
-                                   "configuration (model, device, dtype, kernels) and restart the server")
+            raise ModelUnavailable(self.failure_message())
         return self.aengine
+
+
+def _cause(exc: BaseException) -> str:
+    """An exception in one line; an ExceptionGroup (a task group's) by its first leaf."""
+    while isinstance(getattr(exc, "exceptions", None), tuple) and exc.exceptions:  # type: ignore[attr-defined]
+        exc = exc.exceptions[0]  # type: ignore[attr-defined]
+    return f"{type(exc).__name__}: {exc}"

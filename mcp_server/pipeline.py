@@ -28,9 +28,10 @@ from deepseek_mcp.inference.text.parse import Event, ParseResult, StreamParser, 
 from deepseek_mcp.inference.text.template import THINK_END, render_ids
 from deepseek_mcp.mcp_server.config import ServerConfig
 from deepseek_mcp.mcp_server.constraints import GrammarConstraints, grammar_available, steered
-from deepseek_mcp.mcp_server.engine_request import Decoded, RunResult, new_request_id, run_request
+from deepseek_mcp.mcp_server.engine_request import Decoded, RunResult, log_request, new_request_id, run_request
 from deepseek_mcp.mcp_server.failures import GenerationFailed, GenerationTimeout, RequestError, ServerBusy
 from deepseek_mcp.mcp_server.logprobs import StreamLogprobs, TokenLogprob, all_logprobs
+from deepseek_mcp.mcp_server.metrics import Metrics
 from deepseek_mcp.mcp_server.model_host import ModelHost
 from deepseek_mcp.mcp_server.progress import Progress
 from deepseek_mcp.mcp_server.request_processors import LogprobRecorder, Penalties, ToolCallProcessors
@@ -65,7 +66,8 @@ class Plan:
     frequency_penalty: float = 0.0
     n: int = 1
     logprobs: int | None = None  # None: off; else how many top alternatives per token (0-20)
-    caller: str = "api"  # names the front end in each request's log line
+    caller: str = "api"  # names the front end (the route) in each request's log line
+    request_id: str | None = None  # the id the client sees (e.g. chatcmpl-...); None: a fresh mcp-... id
 
     @property
     def raw(self) -> bool:
@@ -145,6 +147,7 @@ class Pipeline:
         self.config = config
         self.constraints = GrammarConstraints() if config.constrained_decoding and grammar_available() else None
         self.tool_call_processors = tool_call_processors or self.constraints
+        self.metrics = Metrics(host)  # this server's registry: every front end records into it
 
     # -- prepare --------------------------------------------------------------------------------------
 
@@ -321,9 +324,10 @@ class Pipeline:
                 on_events(d.text, d.events, entries)
 
         names = [s.name for s in plan.tools] if plan.tools else None
+        rid = plan.request_id if plan.request_id is None or prep.total == 1 else f"{plan.request_id}-{index}"
         run, parsed = await self.run(prep.aengine, prompt_ids, params, progress or Progress(),
                                      thinking=plan.thinking, tools=names, processors=procs, on_events=feed,
-                                     tool=plan.caller)
+                                     tool=plan.caller, request_id=rid)
         calls = parsed.tool_calls[:call_limit(plan)]
         think_end = prep.tokenizer.token_to_id(THINK_END) if plan.thinking else None
         thought = reasoning_tokens(run.token_ids, think_end, prep.tokenizer.eos_id) if plan.thinking else 0
@@ -392,10 +396,11 @@ class Pipeline:
 
     async def run(self, aengine: Any, prompt_ids: list[int], params: SamplingParams, progress: Progress, *,
                   thinking: bool, tools: list[str] | None = None, processors: Sequence[Any] = (),
-                  on_events: Callable[[Decoded], None] | None = None,
-                  tool: str = "api") -> tuple[RunResult, ParseResult]:
+                  on_events: Callable[[Decoded], None] | None = None, tool: str = "api",
+                  request_id: str | None = None) -> tuple[RunResult, ParseResult]:
         """Generate and parse: the one run loop. `on_events(Decoded)` as the text decodes (and at the end,
-        with the events of the parser's final flush). `tool` names the caller in the request's log line."""
+        with the events of the parser's final flush). `tool` and `request_id` name the request in its log line
+        (one per engine request) and in errors."""
         parser = StreamParser(thinking=thinking, tools=tools)
         fed = 0
 
@@ -407,7 +412,7 @@ class Pipeline:
                 on_events(Decoded(delta, events, token_ids, fed - parser.held_back))
 
         limits = self.config.limits
-        request_id = new_request_id()
+        request_id = request_id or new_request_id()
         try:
             run = await run_request(aengine, prompt_ids, params, processors=processors,
                                     progress=progress, time_limit_s=limits.max_wall_time_s,
@@ -416,14 +421,20 @@ class Pipeline:
         except QueueFullError as e:
             raise ServerBusy(f"{e}; retry in a little while") from None
         except WorkerFailure as e:  # written to be read: it names the rank that died or hung
+            self.metrics.observe_abort("failed")
             log.error("request %s: %s", request_id, e)
             raise GenerationFailed(f"generation failed (request {request_id}): {e}") from e
         except Exception as e:  # the details (and traceback) stay in the server's log, under the request id
+            self.metrics.observe_abort("failed")
             log.exception("request %s: generation failed", request_id)
             raise GenerationFailed(f"generation failed (request {request_id}); the server "
                                    "log on stderr has the details under that id. The server goes on serving: "
                                    "retry, or change the input") from e
+        except BaseException:  # cancelled: the client went away, or the server is stopping (logged by who did)
+            self.metrics.observe_abort("cancelled")
+            raise
         if run.finish_reason == "time" and not run.token_ids:
+            self.metrics.observe_abort("timeout")
             raise GenerationTimeout(
                 f"the {limits.max_wall_time_s:g} s wall-time limit (--max-wall-time, limits.max_wall_time_s; "
                 f"counted from admission, after {run.queued_s:.1f} s queued) ran out before the first output token: "
@@ -432,9 +443,6 @@ class Pipeline:
         events = parser.finish()
         if on_events is not None and events:
             on_events(Decoded("", events, run.token_ids, fed))
-        n = len(run.token_ids)
-        ttft = "-" if run.ttft_s is None else f"{run.ttft_s:.2f} s"
-        log.info("%s %s: %d prompt tokens (%d cached), %d completion tokens, %.2f s, first token %s, %.1f tok/s "
-                 "decoding, finish %s", tool, request_id, run.prompt_tokens, run.cached_tokens, n, run.elapsed_s,
-                 ttft, run.decode_tok_s, run.finish_reason)
+        self.metrics.observe_run(run)
+        log_request(tool, request_id, run)
         return run, parser.result()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from deepseek_mcp.mcp_server.errors import readable_errors
 from deepseek_mcp.mcp_server.failures import GenerationFailed, RequestError
 from deepseek_mcp.mcp_server.json_schema import input_schema, output_schema
+from deepseek_mcp.mcp_server.metrics import Metrics
 from deepseek_mcp.mcp_server.model_host import ModelUnavailable
 from deepseek_mcp.mcp_server.progress import Progress
 from deepseek_mcp.mcp_server.schemas import (
@@ -31,6 +33,7 @@ from deepseek_mcp.mcp_server.schemas import (
     ToolCallOutput,
 )
 from deepseek_mcp.mcp_server.service import ChatService
+from deepseek_mcp.mcp_server.shutdown import SHUTTING_DOWN, Drain
 from deepseek_mcp.mcp_server.transports import auth_kwargs
 
 log = logging.getLogger(__name__)
@@ -94,11 +97,19 @@ class _RawArguments(FuncMetadata):
 
 def _tool(name: str, title: str, doc: str, input_model: type[BaseModel], output_model: type[BaseModel],
           run: Callable[[Any, Progress], Awaitable[BaseModel]], annotations: ToolAnnotations, *,
-          omit: frozenset[str] = frozenset()) -> Tool:
-    """A tool whose input schema is `input_model` (unknown keys rejected) and output schema `output_model`."""
+          omit: frozenset[str] = frozenset(), metrics: Metrics | None = None, drain: Drain | None = None) -> Tool:
+    """A tool whose input schema is `input_model` (unknown keys rejected) and output schema `output_model`;
+    each call counted in `metrics` by its outcome; a call still running when the server stops (`drain`) ends
+    with an error result that says so."""
     arg_model = type(f"{name}Arguments", (input_model, ArgModelBase), {"__module__": __name__})
 
     async def handler(ctx: Context, arguments: dict[str, Any]) -> CallToolResult:
+        result = await call(ctx, arguments)
+        if metrics is not None:
+            metrics.observe_tool_call(name, not result.is_error)
+        return result
+
+    async def call(ctx: Context, arguments: dict[str, Any]) -> CallToolResult:
         try:
             request = input_model.model_validate(arguments)
         except ValidationError as e:
@@ -106,7 +117,11 @@ def _tool(name: str, title: str, doc: str, input_model: type[BaseModel], output_
             log.info("%s: %s", name, message.replace("\n", " "))
             return _error(message)
         try:
-            return _ok(await run(request, Progress(ctx.report_progress)))
+            if drain is None:
+                return _ok(await run(request, Progress(ctx.report_progress)))
+            with drain.guard(f"{name} (MCP tool call)"):
+                return _ok(await run(request, Progress(ctx.report_progress)))
+            return _error(SHUTTING_DOWN)  # reached only when the stop cancelled the call
         except (RequestError, ModelUnavailable, GenerationFailed) as e:
             log.info("%s: %s", name, e)
             return _error(str(e))
@@ -116,7 +131,8 @@ def _tool(name: str, title: str, doc: str, input_model: type[BaseModel], output_
                 fn_metadata=metadata, is_async=True, context_kwarg="ctx", annotations=annotations)
 
 
-def build_server(service: ChatService) -> MCPServer:
+def build_server(service: ChatService, drain: Drain | None = None) -> MCPServer:
+    """The MCP server over `service`; `drain`: the server's graceful stop, which ends tool calls under way."""
     async def list_models(request: ListModelsInput, progress: Progress) -> ListModelsOutput:
         return service.list_models()
 
@@ -128,16 +144,17 @@ def build_server(service: ChatService) -> MCPServer:
                      forced_calls=service.tool_call_processors is not None)
     # without constraints response_format is refused, so it is not advertised (a call that sends it is told why)
     omit = frozenset() if service.constraints is not None else frozenset({"response_format"})
+    tool = functools.partial(_tool, metrics=service.metrics, drain=drain)
     tools = [
-        _tool("chat", "Chat with DeepSeek-V3.1", docs["chat"], ChatInput, ChatOutput, service.chat, _GENERATES,
-              omit=omit),
-        _tool("think", "Reason, then answer", docs["think"], ThinkInput, ThinkOutput, service.think, _GENERATES,
-              omit=omit),
-        _tool("tool_call", "Choose tool calls", docs["tool_call"], ToolCallInput, ToolCallOutput, service.tool_call,
-              _GENERATES),
-        _tool("list_models", "Loaded model", LIST_MODELS_DOC, ListModelsInput, ListModelsOutput, list_models,
-              _READS),
-        _tool("reset_conversation", "Forget a conversation", RESET_DOC, ResetInput, ResetOutput, reset, _DELETES),
+        tool("chat", "Chat with DeepSeek-V3.1", docs["chat"], ChatInput, ChatOutput, service.chat, _GENERATES,
+             omit=omit),
+        tool("think", "Reason, then answer", docs["think"], ThinkInput, ThinkOutput, service.think, _GENERATES,
+             omit=omit),
+        tool("tool_call", "Choose tool calls", docs["tool_call"], ToolCallInput, ToolCallOutput, service.tool_call,
+             _GENERATES),
+        tool("list_models", "Loaded model", LIST_MODELS_DOC, ListModelsInput, ListModelsOutput, list_models,
+             _READS),
+        tool("reset_conversation", "Forget a conversation", RESET_DOC, ResetInput, ResetOutput, reset, _DELETES),
     ]
     from importlib.metadata import PackageNotFoundError, version
 

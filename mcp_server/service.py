@@ -206,6 +206,10 @@ def _usage(run: RunResult) -> Usage:
 
 
 def _unknown_conversation(conversation_id: str, capacity: int) -> str:
-    return (f"unknown conversation_id {conversation_id!r}: it was never issued by this server, was reset, or was "
+    """The error for an id this server does not hold, quoting at most 64 characters of it (an id can be a
+    megabyte of the caller's text: it is not echoed whole)."""
+    shown = repr(conversation_id) if len(conversation_id) <= 64 else \
+        f"{conversation_id[:64]!r}... ({len(conversation_id)} characters)"
+    return (f"unknown conversation_id {shown}: it was never issued by this server, was reset, or was "
             f"evicted (the server keeps the {capacity} most recent, within max_conversation_tokens). Omit "
             "conversation_id to start a new conversation and send the full history in `messages`")

@@ -28,6 +28,8 @@ from starlette.requests import Request
 
 from deepseek_mcp.mcp_server.config import ServerConfig, is_loopback
 from deepseek_mcp.mcp_server.hosts import LOOPBACK_HOSTS, HostGate, allowed_hosts
+from deepseek_mcp.mcp_server.mcp_body import WholeBody
+from deepseek_mcp.mcp_server.shutdown import Drain
 
 log = logging.getLogger(__name__)
 
@@ -92,28 +94,48 @@ def http_app(mcp: MCPServer, config: ServerConfig, wrap: Callable[[Any], Any] | 
     else:
         app = mcp.streamable_http_app(streamable_http_path=config.path, transport_security=security,
                                       host=config.host)
+    app = WholeBody(app, config.limits.max_request_bytes)  # read within the limit before the SDK sees it
     return HostGate(app if wrap is None else wrap(app), security.allowed_hosts)
 
 
-# After a stop request, how long open HTTP connections get to finish before the server closes them.
-_HTTP_GRACE_S = 1.0
+# After the drain (mcp_server/shutdown.py) has ended every request: how long uvicorn waits for connections
+# before it cancels what is left (nothing, normally).
+_HTTP_GRACE_S = 0.3
 
 
 async def serve_http(mcp: MCPServer, config: ServerConfig, stop: anyio.Event | None = None,
-                     wrap: Callable[[Any], Any] | None = None) -> None:
-    """Serve until `stop` is set (the process's SIGINT/SIGTERM handler sets it; uvicorn's own is off).
-    `wrap`: puts more routes beside the MCP endpoint (the OpenAI/Anthropic API), behind the same Host gate."""
+                     wrap: Callable[[Any], Any] | None = None, drain: Drain | None = None) -> None:
+    """Serve until `stop` is set (the process's SIGINT/SIGTERM handler sets it; uvicorn's own is off), then
+    `drain` the requests under way. `wrap`: puts more routes beside the MCP endpoint (the OpenAI/Anthropic API),
+    behind the same Host gate."""
     where = config.path if config.transport == "http" else "/sse"
     log.info("serving MCP over %s at http://%s:%d%s%s", config.transport, config.host, config.port, where,
              " (bearer token required)" if config.token else "")
     if not is_loopback(config.host):
         log.warning("listening beyond loopback on %s: every request needs the bearer token", config.host)
-    await run_uvicorn(http_app(mcp, config, wrap), config, config.port, stop, lifespan="on")
+    await run_uvicorn(http_app(mcp, config, wrap), config, config.port, stop, lifespan="on", drain=drain)
+
+
+def uvicorn_config(app: Any, config: ServerConfig, port: int, *, lifespan: str) -> Any:
+    """uvicorn's settings: our log handler, the idle keep-alive timeout, and the header and body timeouts of
+    mcp_server/http_timeouts.py (its h11 protocol, also where httptools is installed)."""
+    import uvicorn
+
+    from deepseek_mcp.mcp_server.http_timeouts import timed_protocol  # uvicorn's h11: imported when serving
+
+    limits = config.limits
+    # log_config=None: uvicorn logs through our stderr handler (its default sends access lines to stdout)
+    return uvicorn.Config(app, host=config.host, port=port, log_config=None, log_level=config.log_level.lower(),
+                          lifespan=lifespan, timeout_graceful_shutdown=_HTTP_GRACE_S,  # type: ignore[arg-type]
+                          timeout_keep_alive=limits.keep_alive_timeout_s,  # type: ignore[arg-type]
+                          h11_max_incomplete_event_size=limits.max_header_bytes,
+                          http=timed_protocol(limits.header_timeout_s, limits.body_timeout_s))
 
 
 async def run_uvicorn(app: Any, config: ServerConfig, port: int, stop: anyio.Event | None, *,
-                      lifespan: str) -> None:
-    """uvicorn on `config.host:port` without its own signal handling, until `stop` is set."""
+                      lifespan: str, drain: Drain | None = None) -> None:
+    """uvicorn on `config.host:port` without its own signal handling, until `stop` is set; then `drain` ends
+    the requests under way before uvicorn closes the connections."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -121,14 +143,13 @@ async def run_uvicorn(app: Any, config: ServerConfig, port: int, stop: anyio.Eve
         def capture_signals(self) -> Iterator[None]:  # the caller owns the signals
             yield
 
-    # log_config=None: uvicorn logs through our stderr handler (its default sends access lines to stdout)
-    server = Server(uvicorn.Config(app, host=config.host, port=port, log_config=None,
-                                   log_level=config.log_level.lower(), lifespan=lifespan,
-                                   timeout_graceful_shutdown=_HTTP_GRACE_S))
+    server = Server(uvicorn_config(app, config, port, lifespan=lifespan))
     async with anyio.create_task_group() as tg:
         if stop is not None:
             async def exit_on_stop() -> None:
                 await stop.wait()
+                if drain is not None:
+                    await drain.drain()
                 server.should_exit = True
 
             tg.start_soon(exit_on_stop)

@@ -535,12 +535,13 @@ def test_failure_mid_stream_ends_with_an_error_event(server: LiveServer, monkeyp
         assert r.status_code == 200
         lines = [line for line in r.iter_lines() if line]
     assert "partial" in "".join(lines)
-    last = json.loads(lines[-1].removeprefix("data: "))
     if route == "/v1/messages":
+        last = json.loads(lines[-1].removeprefix("data: "))
         assert lines[-2] == "event: error" and last["type"] == "error"
         assert last["error"]["type"] == "api_error" and "engine broke" in last["error"]["message"]
-    else:
-        assert "[DONE]" not in lines[-1] and last["error"]["code"] == "generation_failed"
+    else:  # an error chunk, then [DONE] as every OpenAI stream ends (vLLM does the same)
+        assert lines[-1] == "data: [DONE]" and sum("[DONE]" in line for line in lines) == 1
+        assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "generation_failed"
 
 
 def test_hostile_bodies_get_4xx_in_the_api_shape(server: LiveServer) -> None:

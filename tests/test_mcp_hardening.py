@@ -581,7 +581,7 @@ def test_one_log_line_per_request_and_one_context_number(engine: Any, caplog: py
             await client.call_tool("chat", {"prompt": "hello", "max_tokens": 2})
             return (await client.call_tool("list_models", {})).structured_content["models"][0]
 
-    logger = "deepseek_mcp.mcp_server.pipeline"
+    logger = "deepseek_mcp.mcp_server.engine_request"
     with caplog.at_level(logging.INFO, logger=logger):
         info = anyio.run(run)
     lines = [r.getMessage() for r in caplog.records if r.name == logger and " tok/s" in r.getMessage()]
@@ -590,6 +590,7 @@ def test_one_log_line_per_request_and_one_context_number(engine: Any, caplog: py
     assert "finish length" in lines[0]
     # the engine's own timings: a first-token time, and a decode rate over the tokens after the first (it once
     # divided by a queue time sampled every 0.5 s and printed 1000000000.0 tok/s for one token)
+    assert re.search(r"queued [0-9.]+ s, ", lines[0]) and lines[0].count(" s in all") == 1, lines[0]
     timing = re.search(r"first token ([0-9.]+) s, ([0-9.]+) tok/s decoding", lines[0])
     assert timing is not None and float(timing.group(1)) < 60 and 0 < float(timing.group(2)) < 1e5, lines[0]
     assert info["context_tokens"] == 4096 and "max_position_embeddings" not in info["architecture"]

@@ -2,8 +2,9 @@
 
 Same rules as /mcp: Host/Origin validated against DNS rebinding (the SDK's TransportSecurityMiddleware with our
 settings), and with a token configured every /v1 route needs it, as `Authorization: Bearer <token>` (OpenAI) or
-`x-api-key: <token>` (Anthropic; either works on every route). `GET /health` needs no token. Without a token
-any key is accepted (clients insist on sending one).
+`x-api-key: <token>` (Anthropic; either works on every route), and so does `GET /metrics` (Prometheus).
+`GET /health` needs no token. Without a token any key is accepted (clients insist on sending one). On a stop
+(SIGTERM) the routes refuse new requests and end those under way in their API's shape (mcp_server/shutdown.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import anyio
 from mcp.server.transport_security import TransportSecurityMiddleware
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -38,10 +39,12 @@ from deepseek_mcp.mcp_server.api.requests import (
 )
 from deepseek_mcp.mcp_server.api.sse import EventStreamResponse, Write
 from deepseek_mcp.mcp_server.hosts import HostGate
+from deepseek_mcp.mcp_server.metrics import CONTENT_TYPE
 from deepseek_mcp.mcp_server.model_host import DEMO_NAME
 from deepseek_mcp.mcp_server.pipeline import Choice, Prepared
 from deepseek_mcp.mcp_server.progress import Progress
 from deepseek_mcp.mcp_server.service import ChatService
+from deepseek_mcp.mcp_server.shutdown import SHUTTING_DOWN, Drain
 from deepseek_mcp.mcp_server.transports import run_uvicorn, security_settings
 
 log = logging.getLogger(__name__)
@@ -60,15 +63,21 @@ def served_model_names(service: ChatService) -> list[str]:
     return [base, *(a for a in ALIASES if a != base)]
 
 
+def _shutting_down() -> ApiError:
+    return ApiError(503, SHUTTING_DOWN, code="shutting_down", headers={"Retry-After": "5", "Connection": "close"})
+
+
 class ApiApp:
-    def __init__(self, service: ChatService) -> None:
+    def __init__(self, service: ChatService, drain: Drain | None = None) -> None:
         self.service = service
         self.config = service.config
+        self.drain = drain or Drain(self.config.limits.shutdown_grace_s)
         self.names = served_model_names(service)
         self.security = TransportSecurityMiddleware(security_settings(self.config))
         self._token = self.config.token.encode() if self.config.token else None
         routes = [
             Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.guarded(self.metrics, None), methods=["GET"]),
             Route("/v1/models", self.guarded(self.models, None), methods=["GET"]),
             Route("/v1/chat/completions", self.guarded(self.chat, "openai"), methods=["POST"]),
             Route("/v1/completions", self.guarded(self.completions, "openai"), methods=["POST"]),
@@ -87,10 +96,13 @@ class ApiApp:
 
         async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
             path = scope.get("path", "") if scope["type"] in ("http", "websocket") else ""
-            ours = path == "/health" or path == "/v1" or path.startswith("/v1/")
-            await (api if ours else mcp_app)(scope, receive, send)
+            await (api if owns(path) else mcp_app)(scope, receive, send)
 
-        return dispatch
+        return self.drain.middleware(dispatch, owns)
+
+    def asgi(self) -> ASGIApp:
+        """The API alone (beside a stdio MCP server), its requests tracked for a graceful stop."""
+        return self.drain.middleware(self.app, owns)
 
     # -- guards ---------------------------------------------------------------------------------------
 
@@ -103,10 +115,19 @@ class ApiApp:
                 return refused
             try:
                 self._check_token(request)
-                return await handler(request, shape)
+                if self.drain.draining:
+                    raise _shutting_down()
+                with self.drain.guard(f"{request.method} {request.url.path}") as request.state.guard:
+                    return await handler(request, shape)
+                raise _shutting_down()  # reached only when the stop cancelled the handler
+            except ClientDisconnect:  # gone while its body was read: nothing to answer
+                log.info("%s %s: client disconnected before its request was read", request.method,
+                         request.url.path)
+                return Response(status_code=499)
             except Exception as e:  # every failure in the API's own shape; tracebacks only in the log
                 err = from_exception(e)
-                log.info("%s %s: %d %s", request.method, request.url.path, err.status, err.message)
+                if err.code != "shutting_down":  # the stop logs what it aborted
+                    log.info("%s %s: %d %s", request.method, request.url.path, err.status, err.message)
                 return err.response(shape)
 
         return endpoint
@@ -130,6 +151,8 @@ class ApiApp:
             raise invalid(f"the request body is not valid JSON: {e}") from None
         except RecursionError:
             raise invalid("the request body nests JSON arrays or objects too deeply to read") from None
+        except ValueError:  # an integer past Python's conversion limit (4,300 digits)
+            raise invalid("the request body holds a number with too many digits to read") from None
         if not isinstance(data, dict):
             raise invalid("the request body must be a JSON object")
         if _SURROGATE_ESCAPE.search(raw):  # a \ud800-\udfff escape: valid JSON, but text only if paired
@@ -172,10 +195,13 @@ class ApiApp:
         if refused is not None:
             return refused
         host = self.service.host
-        status = {"ready": "ok"}.get(host.status, host.status)
+        status = "stopping" if self.drain.draining else {"ready": "ok"}.get(host.status, host.status)
         body = {"status": status, "model": self.names[0], "error": host.error}
         headers = {"Retry-After": "5"} if status == "loading" else {}
         return JSONResponse(body, status_code=200 if status == "ok" else 503, headers=headers)
+
+    async def metrics(self, request: Request, flavor: Flavor) -> Response:
+        return Response(self.service.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def models(self, request: Request, flavor: Flavor) -> Response:
         created = int(time.time())
@@ -196,12 +222,13 @@ class ApiApp:
         req = await self._body(request, ChatCompletionRequest)
         model = self._model(req.model)
         plan = openai_chat.chat_plan(req, model)
+        rid = "chatcmpl-" + secrets.token_hex(12)
+        plan.caller, plan.request_id = "chat.completions", rid
         check_ready(self.service)
         prep = await self.service.prepare(plan)
         self.service.check_queue(prep)
-        rid = "chatcmpl-" + secrets.token_hex(12)
         if not req.stream:
-            choices = await self._complete(request, prep, "chat.completions", model)
+            choices = await self._complete(request, prep)
             if choices is None:
                 return Response(status_code=499)
             return JSONResponse(openai_chat.completion_response(plan, choices, model, rid, prep.tokenizer))
@@ -210,21 +237,22 @@ class ApiApp:
         async def produce(write: Write) -> None:
             stream = ChunkStream(plan, model, rid, write, include_usage, prep.tokenizer)
             await stream.begin()
-            if await self._stream(prep, stream.on_item, write, "openai", "chat.completions", model):
+            if await self._stream(prep, stream.on_item, write, "openai"):
                 await stream.end()
 
-        return EventStreamResponse(produce)
+        return EventStreamResponse(produce, label=f"chat.completions {rid}")
 
     async def completions(self, request: Request, flavor: Flavor) -> Response:
         req = await self._body(request, CompletionRequest)
         model = self._model(req.model)
         check_ready(self.service)
         plan = completions.completion_plan(req, self.service.host.engine.tokenizer)
+        rid = "cmpl-" + secrets.token_hex(12)
+        plan.caller, plan.request_id = "completions", rid
         prep = await self.service.prepare(plan)
         self.service.check_queue(prep)
-        rid = "cmpl-" + secrets.token_hex(12)
         if not req.stream:
-            choices = await self._complete(request, prep, "completions", model)
+            choices = await self._complete(request, prep)
             if choices is None:
                 return Response(status_code=499)
             return JSONResponse(completions.completion_response(plan, choices, model, rid, prep.tokenizer))
@@ -232,21 +260,22 @@ class ApiApp:
 
         async def produce(write: Write) -> None:
             stream = completions.TextStream(plan, model, rid, write, include_usage, prep.tokenizer)
-            if await self._stream(prep, stream.on_item, write, "openai", "completions", model):
+            if await self._stream(prep, stream.on_item, write, "openai"):
                 await stream.end()
 
-        return EventStreamResponse(produce)
+        return EventStreamResponse(produce, label=f"completions {rid}")
 
     async def messages(self, request: Request, flavor: Flavor) -> Response:
         req = await self._body(request, MessagesRequest)
         model = self._model(req.model)
         plan = anthropic_messages.messages_plan(req)
+        mid = "msg_" + secrets.token_hex(12)
+        plan.caller, plan.request_id = "messages", mid
         check_ready(self.service)
         prep = await self.service.prepare(plan)
         self.service.check_queue(prep)
-        mid = "msg_" + secrets.token_hex(12)
         if not req.stream:
-            choices = await self._complete(request, prep, "messages", model)
+            choices = await self._complete(request, prep)
             if choices is None:
                 return Response(status_code=499)
             return JSONResponse(anthropic_messages.message_response(plan, choices[0], model, mid))
@@ -256,11 +285,11 @@ class ApiApp:
             await stream.begin()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(stream.pings)
-                await self._stream(prep, stream.on_item, write, "anthropic", "messages", model)
+                await self._stream(prep, stream.on_item, write, "anthropic")
                 stream.decoding = True
                 tg.cancel_scope.cancel()
 
-        return EventStreamResponse(produce)
+        return EventStreamResponse(produce, label=f"messages {mid}")
 
     async def count_tokens(self, request: Request, flavor: Flavor) -> Response:
         req = await self._body(request, CountTokensRequest)
@@ -276,52 +305,47 @@ class ApiApp:
 
     # -- helpers --------------------------------------------------------------------------------------
 
-    async def _complete(self, request: Request, prep: Prepared, route: str, model: str) -> list[Choice] | None:
+    async def _complete(self, request: Request, prep: Prepared) -> list[Choice] | None:
         """Every choice, or None when the client went away first (its requests are aborted)."""
+        request.state.guard.label = f"{prep.plan.caller} {prep.plan.request_id}"  # what the stop would abort
         choices = await _until_disconnect(request, lambda: self.service.run_all(prep))
-        self._log(route, model, choices)
+        if choices is None:
+            log.info("%s %s: client disconnected; its requests were aborted", prep.plan.caller, prep.plan.request_id)
         return choices
 
-    async def _stream(self, prep: Prepared, on_item: Any, write: Write, flavor: Flavor, route: str,
-                      model: str) -> bool:
-        """Run the choices into the stream; a failure ends the stream with an error event (False)."""
-        choices: list[Choice] = []
-
-        async def collect(index: int, item: Any) -> None:
-            if isinstance(item, Choice):
-                choices.append(item)
-            await on_item(index, item)
-
+    async def _stream(self, prep: Prepared, on_item: Any, write: Write, flavor: Flavor) -> bool:
+        """Run the choices into the stream; a failure, or the server's stop, ends the stream with the API's
+        error event (False). Each engine request logs its own line (pipeline.py)."""
+        plan = prep.plan
         try:
-            await self.service.run_streaming(prep, collect)
+            with self.drain.guard(f"{plan.caller} {plan.request_id} (stream)") as guard:
+                await self.service.run_streaming(prep, on_item)
+            if guard.aborted:
+                raise _shutting_down()
         except Exception as e:  # headers are sent: the error becomes the stream's last event
             err = from_exception(e)
-            log.info("%s stream failed: %d %s", route, err.status, err.message)
+            if err.code != "shutting_down":  # the stop logged it
+                log.info("%s %s: stream failed: %d %s", plan.caller, plan.request_id, err.status, err.message)
             await write(err.sse(flavor))
             return False
-        self._log(route, model, choices)
         return True
 
-    def _log(self, route: str, model: str, choices: list[Choice] | None) -> None:
-        if not choices:
-            log.info("%s (%s): client went away; its requests were aborted", route, model)
-            return
-        run = choices[0].run
-        log.info("%s (%s): n=%d prompt=%d cached=%d completion=%d %.2f s finish=%s", route, model, len(choices),
-                 run.prompt_tokens, run.cached_tokens, sum(len(c.run.token_ids) for c in choices), run.elapsed_s,
-                 ",".join(c.run.finish_reason for c in choices))
+
+def owns(path: str) -> bool:
+    """The paths the API answers (the rest go to the MCP app)."""
+    return path in ("/health", "/metrics", "/v1") or path.startswith("/v1/")
 
 
 def check_ready(service: ChatService) -> None:
-    """While the model loads: 503 with Retry-After (the API does not wait); after a failed load: 503 with
-    the cause."""
+    """While the model loads: 503 with Retry-After (the API does not wait); after a failed load, or a failure
+    while serving: 503 with the cause."""
     host = service.host
     if host.status == "loading":
         raise ApiError(503, f"the model {host.name} is still loading ({host.load_elapsed():.0f} s so far); retry "
                             "shortly (GET /health says when it is ready)", code="model_loading",
                        headers={"Retry-After": "5"})
     if host.status == "failed":
-        raise ApiError(503, f"the model {host.source} failed to load: {host.error}", code="model_failed")
+        raise ApiError(503, host.failure_message(), code="model_failed")
 
 
 async def _until_disconnect(request: Request, work: Callable[[], Awaitable[list[Choice]]]) -> list[Choice] | None:
@@ -355,5 +379,5 @@ async def serve_api(api: ApiApp, port: int, stop: anyio.Event | None = None) -> 
     config = api.config
     log.info("serving the OpenAI/Anthropic API at http://%s:%d/v1%s", config.host, port,
              " (token required)" if config.token else "")
-    app = HostGate(api.app, security_settings(config).allowed_hosts)
-    await run_uvicorn(app, config, port, stop, lifespan="off")
+    app = HostGate(api.asgi(), security_settings(config).allowed_hosts)
+    await run_uvicorn(app, config, port, stop, lifespan="off", drain=api.drain)

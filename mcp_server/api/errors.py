@@ -19,9 +19,11 @@ log = logging.getLogger(__name__)
 Flavor = Literal["openai", "anthropic"]
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
+                 408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                 500: "server_error", 503: "server_error",
                  504: "server_error"}
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                    408: "timeout_error",
                     413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
                     504: "timeout_error"}
 
@@ -48,9 +50,12 @@ class ApiError(Exception):
         return JSONResponse(self.body(flavor), status_code=self.status, headers=self.headers)
 
     def sse(self, flavor: Flavor) -> bytes:
-        """The error as the stream's last event (the status line is long gone)."""
+        """The error as the stream's last event (the status line is long gone): Anthropic's `error` event; for
+        OpenAI a chunk holding `error`, then `data: [DONE]` as every OpenAI stream ends (as vLLM does)."""
         data = json.dumps(self.body(flavor), ensure_ascii=False)
-        return (f"event: error\ndata: {data}\n\n" if flavor == "anthropic" else f"data: {data}\n\n").encode()
+        if flavor == "anthropic":
+            return f"event: error\ndata: {data}\n\n".encode()
+        return f"data: {data}\n\ndata: [DONE]\n\n".encode()
 
 
 def invalid(message: str, param: str | None = None) -> ApiError:

@@ -24,12 +24,13 @@ def sse(data: str, event: str | None = None) -> bytes:
 class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
-    def __init__(self, produce: Producer, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, produce: Producer, headers: dict[str, str] | None = None, label: str = "stream") -> None:
         # no `body`: init_headers then writes no Content-Length (the stream is chunked)
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self.produce = produce
+        self.label = label  # route and response id, for the log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         lock = anyio.Lock()
@@ -48,7 +49,7 @@ class EventStreamResponse(Response):
                     message = await receive()
                     if message["type"] == "http.disconnect":
                         disconnected = True
-                        log.info("client disconnected mid-stream; its requests are aborted")
+                        log.info("%s: client disconnected mid-stream; its requests are aborted", self.label)
                         tg.cancel_scope.cancel()
                         return
 

@@ -194,7 +194,7 @@ class Engine:
         """Of the whole model as the checkpoint holds it: counted on a meta-device copy, so neither the layout for
         the step (fused and split weights) nor a tensor-parallel split changes it."""
         meta = Transformer(self.config, Runtime(dtype=self.dtype), fp8=self.fp8, device="meta")
-        return sum(p.numel() for p in meta.parameters())
+        return sum(p.numel() * (8 if p.dtype == torch.int32 else 1) for p in meta.parameters())  # 8 4-bit codes
 
     @property
     def parallel_description(self) -> str | None:

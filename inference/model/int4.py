@@ -71,11 +71,11 @@ def split_int4(full: int, tp: TPContext, dim: int, group: int, what: str) -> Sha
     return Shard(dim, tp.rank * n, n, full)
 
 
-def int4_params(lead: tuple[int, ...], n: int, k: int, group: int, device: torch.device
+def int4_params(lead: tuple[int, ...], n: int, k: int, group: int, device: torch.device, what: str = "weight"
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uninitialized (qweight [*lead, N, K/8] int32, scales [*lead, N, K/G] fp32, zeros [*lead, N, K/G] uint8)."""
     if k % group or k % PACK:
-        raise ParallelConfigError(f"input size {k} is not a multiple of the quantization group size {group}")
+        raise ParallelConfigError(f"{what}: input size {k} is not a multiple of the quantization group size {group}")
     return (torch.empty(*lead, n, k // PACK, dtype=torch.int32, device=device),
             torch.empty(*lead, n, k // group, dtype=torch.float32, device=device),
             torch.empty(*lead, n, k // group, dtype=torch.uint8, device=device))

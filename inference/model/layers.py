@@ -63,14 +63,14 @@ class Linear(nn.Module):
     `weight_zero` uint8 [N, K/G])."""
 
     def __init__(self, in_features: int, out_features: int, rt: Runtime, fp8: bool, device: torch.device,
-                 group: int = 0):
+                 group: int = 0, name: str = "weight"):
         super().__init__()
         self.in_features, self.out_features, self.rt = in_features, out_features, rt
         self.int4_group = group
         self.weight_scale = self.weight_zero = None
         wdtype = FP8_DTYPE if fp8 else rt.dtype
         if group:
-            q, scale, zero = int4_params((), out_features, in_features, group, device)
+            q, scale, zero = int4_params((), out_features, in_features, group, device, name)
             self.weight, self.weight_scale, self.weight_zero = _frozen(q), _frozen(scale), _frozen(zero)
             fp8 = False
         else:
@@ -126,7 +126,7 @@ class ColumnParallelLinear(Linear):
         group = rt.int4_group(name)
         shard, fp8 = (split_int4(out_features, tp, 0, group, name), False) if group else \
             split(out_features, tp, 0, fp8, rt.fp8_block)
-        super().__init__(in_features, shard.size, rt, fp8, device, group)
+        super().__init__(in_features, shard.size, rt, fp8, device, group, name)
         _mark(self, shard)
 
 
@@ -139,7 +139,7 @@ class RowParallelLinear(Linear):
         group = rt.int4_group(name)
         shard, fp8 = (split_int4(in_features, tp, 1, group, name), False) if group else \
             split(in_features, tp, 1, fp8, rt.fp8_block)
-        super().__init__(shard.size, out_features, rt, fp8, device, group)
+        super().__init__(shard.size, out_features, rt, fp8, device, group, name)
         _mark(self, shard)
         self.tp, self.reduce = tp, reduce
 

@@ -96,7 +96,7 @@ class Experts(nn.Module):
         cols = split_int4(i, tp, 1, g, f"{what}.down_proj")  # of each expert's down [D, I]
         for name, (n, k), shard in (("gate_proj", (rows.size, d), rows), ("up_proj", (rows.size, d), rows),
                                     ("down_proj", (d, cols.size), cols)):
-            q, scale, zero = int4_params((e,), n, k, g, device)
+            q, scale, zero = int4_params((e,), n, k, g, device, f"{what}.{name}")
             setattr(self, name, _frozen(q))
             setattr(self, name + "_scale", _frozen(scale))
             setattr(self, name + "_zero", _frozen(zero))

@@ -56,12 +56,12 @@ class MLA(nn.Module):
         if cfg.q_lora_rank is None:
             self.q_proj = ColumnParallelLinear(d, h * cfg.qk_head_dim, rt, fp8, device, tp, n("q_proj"))
         else:
-            self.q_a_proj = Linear(d, cfg.q_lora_rank, rt, fp8, device, rt.int4_group(n("q_a_proj")))
+            self.q_a_proj = Linear(d, cfg.q_lora_rank, rt, fp8, device, rt.int4_group(n("q_a_proj")), n("q_a_proj"))
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, rt, device)
             self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, h * cfg.qk_head_dim, rt, fp8, device, tp,
                                                  n("q_b_proj"))
         self.kv_a_proj_with_mqa = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, rt, fp8, device,
-                                         rt.int4_group(n("kv_a_proj_with_mqa")))
+                                         rt.int4_group(n("kv_a_proj_with_mqa")), n("kv_a_proj_with_mqa"))
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, rt, device)
         self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), rt,
                                               fp8, device, tp, n("kv_b_proj"))

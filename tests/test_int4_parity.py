@@ -89,7 +89,8 @@ def test_generate_cli_runs_a_4bit_checkpoint(tmp_path: Path) -> None:
 
 def count_int4_linears(model) -> tuple[int, int]:
     """(4-bit weights, all Linear and expert weights) of a loaded model, each expert counted once per projection;
-    and every 4-bit one holds only codes [N, K/8] int32, fp32 scales and uint8 zeros [N, K/G], no dense copy."""
+    and every 4-bit one holds only codes [N, K/8] int32, 16/32-bit scales and uint8 zeros [N, K/G], no dense
+    copy."""
     quantized = total = 0
     for name, m in model.named_modules():
         if not isinstance(m, (Linear, Experts)) or name == "lm_head":  # the head stays in the activation dtype
@@ -99,10 +100,11 @@ def count_int4_linears(model) -> tuple[int, int]:
         if m.int4_group:
             quantized += n_weights
             dtypes = {p.dtype for p in m.parameters(recurse=False)}
-            assert dtypes <= {torch.int32, torch.float32, torch.uint8}, (name, dtypes)
+            scale_dtypes = {torch.float16, torch.bfloat16, torch.float32}  # as the checkpoint stores them
+            assert len(dtypes & scale_dtypes) == 1 and dtypes - scale_dtypes == {torch.int32, torch.uint8}, name
             for p in m.parameters(recurse=False):
                 if p.dtype == torch.int32:  # codes: 8 per word
-                    scale = next(q for q in m.parameters(recurse=False) if q.dtype == torch.float32
+                    scale = next(q for q in m.parameters(recurse=False) if q.is_floating_point()
                                  and q.shape[:-1] == p.shape[:-1])
                     assert p.shape[-1] * 8 == scale.shape[-1] * m.int4_group, name
     return quantized, total

@@ -268,6 +268,9 @@ def _load_int4(model: Transformer, files: CheckpointFiles) -> set[str]:
                     if tuple(src.shape) != tuple(d.shape):
                         raise Int4FormatError(f"module {module} reads as {tuple(src.shape)}, expected "
                                               f"{tuple(d.shape)}")
+                    if src.is_floating_point() and not torch.equal(src.to(d.dtype).to(src.dtype), src):
+                        raise Int4FormatError(f"the scales of {module} are {src.dtype}, which {d.dtype} (the "
+                                              "scale dtype of this format and config.json) cannot hold exactly")
                     with torch.no_grad():
                         d.copy_(src)
             except Int4FormatError as e:

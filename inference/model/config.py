@@ -145,7 +145,7 @@ class ModelConfig:
             eos = eos[0]
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
         quant = raw.get("quantization_config")
-        int4 = _parse_int4(quant, source) if quant and quant.get("quant_method") != "fp8" else None
+        int4 = _parse_int4(quant, source, str(dtype)) if quant and quant.get("quant_method") != "fp8" else None
         return cls(
             vocab_size=raw["vocab_size"],
             hidden_size=raw["hidden_size"],
@@ -212,11 +212,11 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
     )
 
 
-def _parse_int4(q: dict[str, Any], source: str) -> Int4Scheme:
+def _parse_int4(q: dict[str, Any], source: str, model_dtype: str) -> Int4Scheme:
     from deepseek_mcp.inference.model.quant_formats import Int4FormatError, parse_scheme
 
     try:
-        return parse_scheme(q, source)
+        return parse_scheme(q, source, model_dtype.removeprefix("torch."))
     except Int4FormatError as e:
         raise ConfigError(str(e)) from None
 

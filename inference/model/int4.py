@@ -4,12 +4,13 @@ consecutive input columns,
 
 - `qweight` int32 [N, K/8]: nibble j (bits 4j..4j+3) of word c holds the unsigned code u in [0, 15] of W[n, 8c + j]
   (compressed-tensors' `pack-quantized` order: packed along K, so a row's groups are contiguous words);
-- `scales` fp32 [N, K/G]: exact copies of the checkpoint's fp16/bf16 scales;
+- `scales` [N, K/G] in the checkpoint's scale dtype (fp16 for GPTQ and AWQ, the model dtype for compressed-tensors:
+  `Int4Scheme.scale_dtype`), never rounded;
 - `zeros` uint8 [N, K/G]: the unsigned zero point z in [0, 15] (8 for a symmetric checkpoint),
 
 and W[n, k] = (u[n, k] - z[n, k // G]) * scales[n, k // G], exact in fp32 (a 4-bit difference times a 16-bit
 scale). Stacked experts carry a leading [E] dimension. The weight stays in this form in memory (0.5 byte per
-element + 5 bytes per group); the CPU torch path dequantizes the weights a matmul reads, per call, and the Triton
+element + 3 bytes per group); the CPU torch path dequantizes the weights a matmul reads, per call, and the Triton
 path dequantizes in registers (kernels/w4a16.py).
 
 Tensor parallelism splits along N (column-parallel: whole rows) or K (row-parallel: whole groups); a split that
@@ -52,7 +53,7 @@ def dequant_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     groups = scales.shape[-1]
     g = k // groups
     w = u.view(*lead, n, groups, g).to(torch.float32) - zeros.view(*lead, n, groups, 1).to(torch.float32)
-    w.mul_(scales.view(*lead, n, groups, 1))
+    w.mul_(scales.view(*lead, n, groups, 1).to(torch.float32))
     return w.view(*lead, n, k).to(dtype)
 
 
@@ -71,16 +72,17 @@ def split_int4(full: int, tp: TPContext, dim: int, group: int, what: str) -> Sha
     return Shard(dim, tp.rank * n, n, full)
 
 
-def int4_params(lead: tuple[int, ...], n: int, k: int, group: int, device: torch.device, what: str = "weight"
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Uninitialized (qweight [*lead, N, K/8] int32, scales [*lead, N, K/G] fp32, zeros [*lead, N, K/G] uint8)."""
+def int4_params(lead: tuple[int, ...], n: int, k: int, group: int, device: torch.device, what: str = "weight",
+                scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialized (qweight [*lead, N, K/8] int32, scales [*lead, N, K/G] scale_dtype, zeros [*lead, N, K/G]
+    uint8)."""
     if k % group or k % PACK:
         raise ParallelConfigError(f"{what}: input size {k} is not a multiple of the quantization group size {group}")
     return (torch.empty(*lead, n, k // PACK, dtype=torch.int32, device=device),
-            torch.empty(*lead, n, k // group, dtype=torch.float32, device=device),
+            torch.empty(*lead, n, k // group, dtype=scale_dtype, device=device),
             torch.empty(*lead, n, k // group, dtype=torch.uint8, device=device))
 
 
-def int4_nbytes(n: int, k: int, group: int) -> int:
+def int4_nbytes(n: int, k: int, group: int, scale_bytes: int = 2) -> int:
     """Bytes of one [N, K] weight in this form (the planner's count)."""
-    return n * k // 2 + n * (k // group) * 5
+    return n * k // 2 + n * (k // group) * (scale_bytes + 1)

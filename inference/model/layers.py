@@ -59,8 +59,8 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 class Linear(nn.Module):
     """y = x W^T, with W in the activation dtype, FP8 e4m3 with 128x128 block scales, or (`group` > 0) 4-bit codes
-    with per-group scales and zero points (int4.py: `weight` int32 [N, K/8], `weight_scale` fp32 and
-    `weight_zero` uint8 [N, K/G])."""
+    with per-group scales and zero points (int4.py: `weight` int32 [N, K/8], `weight_scale` (the
+    checkpoint's dtype) and `weight_zero` uint8 [N, K/G])."""
 
     def __init__(self, in_features: int, out_features: int, rt: Runtime, fp8: bool, device: torch.device,
                  group: int = 0, name: str = "weight"):
@@ -70,7 +70,8 @@ class Linear(nn.Module):
         self.weight_scale = self.weight_zero = None
         wdtype = FP8_DTYPE if fp8 else rt.dtype
         if group:
-            q, scale, zero = int4_params((), out_features, in_features, group, device, name)
+            q, scale, zero = int4_params((), out_features, in_features, group, device, name,
+                                         rt.int4.scale_torch_dtype if rt.int4 else torch.float16)
             self.weight, self.weight_scale, self.weight_zero = _frozen(q), _frozen(scale), _frozen(zero)
             fp8 = False
         else:

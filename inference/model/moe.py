@@ -61,7 +61,7 @@ class Experts(nn.Module):
     """The routed experts' weights stacked per projection: [E, I, D] (gate, up) and [E, D, I] (down), I this
     rank's slice of the intermediate size (gate/up rows, down columns; the checkpoint slice is each weight's
     `shard`). A slice cutting FP8 scale blocks is held dequantized in the activation dtype. 4-bit experts
-    (int4.py) hold codes [E, N, K/8] int32 with `{name}_scale` fp32 and `{name}_zero` uint8 [E, N, K/G]."""
+    (int4.py) hold codes [E, N, K/8] int32 with `{name}_scale` (16-bit) and `{name}_zero` uint8 [E, N, K/G]."""
 
     def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device, tp: TPContext = ONE_DEVICE,
                  prefix: str = ""):
@@ -96,7 +96,7 @@ class Experts(nn.Module):
         cols = split_int4(i, tp, 1, g, f"{what}.down_proj")  # of each expert's down [D, I]
         for name, (n, k), shard in (("gate_proj", (rows.size, d), rows), ("up_proj", (rows.size, d), rows),
                                     ("down_proj", (d, cols.size), cols)):
-            q, scale, zero = int4_params((e,), n, k, g, device, f"{what}.{name}")
+            q, scale, zero = int4_params((e,), n, k, g, device, f"{what}.{name}", self.rt.int4.scale_torch_dtype)
             setattr(self, name, _frozen(q))
             setattr(self, name + "_scale", _frozen(scale))
             setattr(self, name + "_zero", _frozen(zero))

@@ -62,7 +62,7 @@ def weight_bytes(cfg: ModelConfig, world: int, rank: int = 0, *, fp8: bool, dtyp
             if dim is not None:
                 size = split_int4(n if dim == 0 else k, tp, dim, g, name).size
                 n, k = (size, k) if dim == 0 else (n, size)
-            return int4_nbytes(n, k, g)
+            return int4_nbytes(n, k, g, q4.scale_torch_dtype.itemsize)
         return _linear(n, k, fp8, b, dt) if dim is None else _split(n, k, dim, rank, world, fp8, b, dt)
 
     def mlp(prefix: str, inter: int) -> int:  # gate/up rows and down columns of an [inter]-wide SwiGLU
@@ -166,7 +166,8 @@ def render(p: Plan) -> str:
     cfg, g = p.cfg, lambda x: f"{x / GIB:9.2f} GiB"
     wfmt = "FP8 e4m3 + fp32 128x128 block scales" if p.fp8 else "activation dtype"
     if cfg.int4 is not None:
-        wfmt = (f"4-bit {cfg.int4.fmt} (int4 codes + fp32 scales + uint8 zero points per {cfg.int4.group_size} "
+        q4 = cfg.int4
+        wfmt = (f"4-bit {q4.fmt} (int4 codes + {q4.scale_dtype} scales + uint8 zero points per {q4.group_size} "
                 "inputs) where quantized, the rest in the activation dtype")
     lines = [f"{cfg.name}: {p.world_size} rank(s) x {p.memory_bytes / GIB:.1f} GiB; weights {wfmt}, bf16 activations",
              "weights per rank (rank 0):"]

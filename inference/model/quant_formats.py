@@ -1,7 +1,7 @@
 """The three on-disk 4-bit weight formats of DeepSeek-V3 community checkpoints, read into the engine's one form
 (int4.py): the scheme from `config.json`'s `quantization_config`, which modules it leaves unquantized, and a
 reader per format that turns one module's tensors (only this rank's slice, read through `get_slice`) into
-(qweight [N, K/8] int32, scales [N, K/G] fp32, zeros [N, K/G] uint8).
+(qweight [N, K/8] int32, scales [N, K/G] as stored, zeros [N, K/G] uint8).
 
 - compressed-tensors `pack-quantized` (llm-compressor, RedHatAI's W4A16): `weight_packed` int32 [N, K/8] packed
   along K (code + 8 of a signed int4, code j in bits 4j), `weight_scale` [N, K/G], `weight_shape` [2], and for an
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -45,6 +45,11 @@ class Int4Scheme:
     zero_point: bool  # the checkpoint stores zero points (else z = 8)
     gptq_v1: bool = False  # GPTQ's original format: qzeros hold z - 1
     skip: tuple[tuple[str, str], ...] = ()
+    scale_dtype: str = "float16"  # the scales' dtype in the checkpoint, kept in memory (never rounded)
+
+    @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.scale_dtype)
 
     def quantizes(self, module: str) -> bool:
         """Whether the Linear `module` (checkpoint name without `.weight`) is stored in 4 bits."""
@@ -57,12 +62,14 @@ class Int4Scheme:
         return True
 
 
-def parse_scheme(q: dict[str, Any], source: str) -> Int4Scheme:
-    """`quantization_config` of a 4-bit checkpoint -> Int4Scheme; Int4FormatError naming the key otherwise."""
+def parse_scheme(q: dict[str, Any], source: str, model_dtype: str = "bfloat16") -> Int4Scheme:
+    """`quantization_config` of a 4-bit checkpoint -> Int4Scheme; Int4FormatError naming the key otherwise.
+    `model_dtype`: config.json's torch_dtype, the dtype compressed-tensors writes scales in."""
     method = q.get("quant_method")
     where = f"{source}: quantization_config"
     if method == "compressed-tensors":
-        return _parse_ct(q, where)
+        scale = model_dtype if model_dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+        return replace(_parse_ct(q, where), scale_dtype=scale)
     if method in ("gptq", "auto-round"):
         return _parse_gptq(q, where)
     if method == "awq":
@@ -154,7 +161,7 @@ def _read(get: Getter, name: str, whole: tuple[int, ...], dim: int | None, start
 
 def read_int4(scheme: Int4Scheme, get: Getter, module: str, n: int, k: int, shard: Shard | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's part of the [N, K] weight `module` -> (qweight [n, k/8] int32, scales [n, k/G] fp32, zeros
+    """This rank's part of the [N, K] weight `module` -> (qweight [n, k/8] int32, scales [n, k/G] as stored, zeros
     [n, k/G] uint8), `shard` the slice held along N (dim 0) or K (dim 1), None for all of it."""
     g = scheme.group_size
     dim, start, size = (None, 0, 0) if shard is None else (shard.dim, shard.start, shard.size)
@@ -180,7 +187,7 @@ def read_int4(scheme: Int4Scheme, get: Getter, module: str, n: int, k: int, shar
             zeros = unpack_int4(zp.T.contiguous()).T[: rows[1]]  # [n, k/G]: signed zero point + 8
         else:
             zeros = torch.full_like(scales, 8, dtype=torch.uint8)
-        return qweight.contiguous(), scales.float(), zeros.contiguous()
+        return qweight.contiguous(), scales, zeros.contiguous()
     if scheme.fmt == "gptq":
         qweight = part(f"{module}.qweight", (k // PACK, n), 1, 1, 0, PACK, torch.int32)
         qzeros = part(f"{module}.qzeros", (k // g, -(-n // PACK)), 1, PACK, 0, g, torch.int32)
@@ -189,13 +196,13 @@ def read_int4(scheme: Int4Scheme, get: Getter, module: str, n: int, k: int, shar
         zeros = unpack_int4(qzeros)[:, : rows[1]].T  # [n, k/G]
         if scheme.gptq_v1:
             zeros = (zeros + 1) & 0xF  # v1 stores z - 1 (sym: 7 for 8)
-        return qweight.T.contiguous(), scales.T.float().contiguous(), zeros.contiguous()
+        return qweight.T.contiguous(), scales.T.contiguous(), zeros.contiguous()
     qweight = part(f"{module}.qweight", (k, n // PACK), 1, PACK, 0, 1, torch.int32)
     qzeros = part(f"{module}.qzeros", (k // g, n // PACK), 1, PACK, 0, g, torch.int32)
     scales = part(f"{module}.scales", (k // g, n), 1, 1, 0, g)
     u = _awq_columns(unpack_int4(qweight))  # [k, n]
     zeros = _awq_columns(unpack_int4(qzeros))  # [k/G, n]
-    return pack_int4(u.T), scales.T.float().contiguous(), zeros.T.contiguous()
+    return pack_int4(u.T), scales.T.contiguous(), zeros.T.contiguous()
 
 
 def _awq_columns(u: torch.Tensor) -> torch.Tensor:

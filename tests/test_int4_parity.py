@@ -5,6 +5,7 @@ of the largest logit) and the same 32 greedy tokens, in one process and over 2 t
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,22 @@ def test_two_ranks_match_transformers(pair) -> None:
         _check_logits(tp, hf, seed + 1)
         prompt = _prompt(9, seed + 2)
         assert tp.generate([prompt], GREEDY)[0].token_ids == hf_greedy(hf, prompt, 32)
+
+
+def test_triton_path_matches_transformers(pair) -> None:
+    """The Triton path through the interpreter: W4A16 GEMMs for the 4-bit Linears, the 4-bit grouped MoE GEMM
+    with the shared expert stacked as one more expert (fp32 activations, IEEE dots)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and the Triton interpreter is off")
+    dirs, hf, case, seed = pair
+    ours = Engine.from_pretrained(dirs["q"], device="cpu", dtype="float32", kernels="triton")
+    moe = ours.model.model.layers[1].mlp
+    assert moe.shared_experts is None and moe.experts.gate_up_proj.dtype == torch.int32  # stacked, still 4-bit
+    _check_logits(ours, hf, seed)
+    prompt = _prompt(7, seed + 3)
+    assert ours.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids == \
+        hf_greedy(hf, prompt, 4)
 
 
 def test_generate_cli_runs_a_4bit_checkpoint(tmp_path: Path) -> None:

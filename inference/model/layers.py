@@ -106,6 +106,12 @@ class Linear(nn.Module):
         return self.weight_scale_inv is not None and self.rt.kernels == "triton"
 
     def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:
+        if self.int4_group and self.rt.kernels == "triton":  # 4-bit codes dequantized in registers
+            from deepseek_mcp.kernels.w4a16 import w4a16_gemm
+
+            x = plain(x)
+            return w4a16_gemm(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.weight_scale,
+                              self.weight_zero)
         if self.takes_fp8:
             from deepseek_mcp.kernels.fp8 import fp8_gemm, fp8_linear
 

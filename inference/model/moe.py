@@ -123,7 +123,16 @@ class Experts(nn.Module):
         return torch.einsum("etd,te->td", ys.float(), w).to(x.dtype)  # [T, D]
 
     def fuse_gate_up_(self) -> None:
-        """For the grouped GEMM: gate and up as one [E, 2I, D] weight (scales: gate's blocks, then up's)."""
+        """For the grouped GEMM: gate and up as one [E, 2I, D] weight (scales: gate's blocks, then up's; 4-bit:
+        codes, scales and zero points stacked alike)."""
+        if self.int4_group:
+            for s in ("", "_scale", "_zero"):
+                fused = torch.cat((getattr(self, "gate_proj" + s), getattr(self, "up_proj" + s)), dim=1)
+                setattr(self, "gate_up_proj" + s, _frozen(fused))  # [E, 2I, D/8] / [E, 2I, D/G]
+                setattr(self, "gate_proj" + s, None)
+                setattr(self, "up_proj" + s, None)
+            self.gate_up_proj_scale_inv = None
+            return
         self.gate_up_proj = _frozen(torch.cat((self.gate_proj, self.up_proj), dim=1))
         if self.gate_proj_scale_inv is not None:
             self.gate_up_proj_scale_inv = _frozen(torch.cat((self.gate_proj_scale_inv, self.up_proj_scale_inv), 1))
@@ -146,6 +155,13 @@ class Experts(nn.Module):
             # [E + 1] first row per expert (E + 1 with the shared expert stacked), [T*k] sorted row -> pair,
             # [T*k] pair -> sorted row: one launch (the aten sort past 4096 pairs)
             offsets, order, inv = moe_align(idx, self.down_proj.shape[0])
+            if self.int4_group:  # 4-bit experts dequantized in registers
+                from deepseek_mcp.kernels.w4a16 import w4a16_moe_gemm
+
+                h = w4a16_moe_gemm(plain(x), offsets, self.gate_up_proj, self.gate_up_proj_scale,
+                                   self.gate_up_proj_zero, "swiglu", gather=(order, k))  # [T*k, I]
+                ys = w4a16_moe_gemm(h, offsets, self.down_proj, self.down_proj_scale, self.down_proj_zero)
+                return moe_combine(ys, weights, order, inv=inv, valid_rows=offsets[-1:])  # [T, D]
             xq, xs = (x.q, x.scale) if isinstance(x, Fp8Act) else (x, None)  # quantized by the norm before
             h = moe_grouped_gemm(xq, offsets, self.gate_up_proj, self.gate_up_proj_scale_inv, "swiglu",
                                  scale_fmt=self.rt.scale_fmt, gather=(order, k), x_scale=xs)  # [T*k, I]
@@ -202,6 +218,15 @@ class MoE(nn.Module):
         if shared is None or shared.gate_up_proj is None or ex.gate_up_proj is None:
             return
         if shared.gate_up_proj.weight.shape != ex.gate_up_proj.shape[1:]:
+            return
+        if ex.int4_group or shared.gate_up_proj.int4_group:  # 4-bit: codes, scales and zero points alike
+            if ex.int4_group != shared.gate_up_proj.int4_group or ex.int4_group != shared.down_proj.int4_group:
+                return
+            for name, linear in (("gate_up_proj", shared.gate_up_proj), ("down_proj", shared.down_proj)):
+                for s, attr in (("", "weight"), ("_scale", "weight_scale"), ("_zero", "weight_zero")):
+                    stacked = torch.cat((getattr(ex, name + s), getattr(linear, attr)[None]))  # [E + 1, ...]
+                    setattr(ex, name + s, _frozen(stacked))
+            self.shared_experts, self.gate.shared_expert = None, True
             return
         ex.gate_up_proj, ex.gate_up_proj_scale_inv = stack_shared_expert(
             ex.gate_up_proj, ex.gate_up_proj_scale_inv, shared.gate_up_proj)

@@ -124,15 +124,23 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# Decode is weight-bandwidth bound: 16-row tiles, many narrow column tiles; prefill: 64/128-row tiles.
-CONFIGS = [_cfg(16, 64, 64, 4, 4), _cfg(16, 128, 64, 4, 4), _cfg(16, 32, 128, 4, 4), _cfg(32, 64, 64, 4, 4),
-           _cfg(64, 64, 64, 4, 3), _cfg(64, 128, 64, 8, 3), _cfg(128, 64, 64, 8, 3), _cfg(128, 128, 32, 8, 3)]
+# Decode is weight-bandwidth bound: 16-row tiles, many narrow column tiles; prefill: 64/128-row tiles. No config
+# spills on sm_80 or sm_90a (python -m deepseek_mcp.kernels.aot --family w4a16 --all-configs --arch 80 / 90)
+# once SwiGLU's two accumulators drop the tiles in SWIGLU_SPILLS.
+CONFIGS = [_cfg(16, 64, 64, 4, 4), _cfg(16, 32, 128, 4, 4), _cfg(32, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 3),
+           _cfg(64, 128, 64, 8, 3), _cfg(128, 64, 64, 8, 3), _cfg(128, 128, 32, 8, 3)]
+SWIGLU_SPILLS = {(64, 64, 64), (64, 128, 64), (128, 128, 32)}  # (BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+def spills(cfg: triton.Config, swiglu: bool) -> bool:
+    return swiglu and (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]) in SWIGLU_SPILLS
 
 
 def _prune(configs, named_args, **kwargs):
     rows = max(1, named_args["M_BUCKET"] // max(1, named_args.get("E", 1)))
     cap = max(64, next_pow2(rows) * 2)
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= cap] or configs[:1]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and not spills(c, bool(kwargs.get("SWIGLU")))]
+    return kept or configs[:1]
 
 
 _tuned_dense = autotune(configs=CONFIGS, key=["N", "K", "GROUP"])(w4a16_gemm_kernel)

@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 from helpers import assert_close  # noqa: E402
 from reference.w4a16 import w4a16_gemm_torch, w4a16_moe_gemm_torch  # noqa: E402
 
+from deepseek_mcp.kernels.aot import run_family, toolchain_available  # noqa: E402
 from deepseek_mcp.kernels.platform import triton_available  # noqa: E402
 from deepseek_mcp.kernels.w4a16 import w4a16_gemm, w4a16_moe_gemm  # noqa: E402
 
@@ -148,3 +149,15 @@ def test_v3_experts_on_gpu() -> None:
     out = torch.full((x.shape[0], i), float("nan"), dtype=torch.bfloat16, device=DEV)
     got = w4a16_moe_gemm(x, _offsets(counts), q, s, z, "swiglu", out=out)
     assert_close(got, w4a16_moe_gemm_torch(x.float(), _offsets(counts), q, s, z, "swiglu"), what="V3 experts")
+
+
+@pytest.mark.skipif(not toolchain_available(), reason="needs triton's NVIDIA backend with its bundled ptxas")
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernels_compile_for_hopper_and_ampere_without_spills(arch: int) -> None:
+    """Ahead-of-time builds for sm_90a and sm_80 at V3 shapes (group 128): decode and prefill tiles, SwiGLU with
+    the gather and plain; no spills; Hopper's 128-row tiles use wgmma."""
+    rows = {r[1]: r for r in run_family("w4a16", arch=arch)}
+    assert len(rows) == 6 and not [r for r in rows.values() if r[2] == "FAILED:"], rows
+    assert all(r[3] == "0" for r in rows.values()), rows
+    if arch == 90:
+        assert rows["128x64x64 w8 s3"][5] == rows["swiglu+gather 128x64x64 w8 s3"][5] == "HGMMA", rows

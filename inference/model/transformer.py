@@ -52,7 +52,10 @@ class MLA(nn.Module):
         super().__init__()
         self.cfg, self.rt = cfg, rt
         h, d = cfg.num_heads, cfg.hidden_size  # this rank computes heads [rank * H/N, (rank + 1) * H/N)
-        n = f"{prefix}.".__add__  # the checkpoint's module names (which ones are 4-bit)
+
+        def n(module: str) -> str:  # the checkpoint's module names (which ones are 4-bit)
+            return f"{prefix}.{module}"
+
         if cfg.q_lora_rank is None:
             self.q_proj = ColumnParallelLinear(d, h * cfg.qk_head_dim, rt, fp8, device, tp, n("q_proj"))
         else:

@@ -225,28 +225,31 @@ def _fused_builds(all_configs: bool):
 
 
 def _w4a16_builds(all_configs: bool):
-    """The 4-bit GEMMs at DeepSeek-V3 shapes: bf16 activations and scales, group 128, 257 experts (the shared one
-    stacked)."""
+    """The weight-only GEMMs at DeepSeek-V3 shapes, bf16 activations, 257 experts (the shared one stacked): 4-bit
+    with bf16 scales and group 128, and (w8a16) FP8 e4m3 with fp32 128x128 block scales."""
     from deepseek_mcp.kernels import w4a16_triton as k
 
-    weights = {"q_ptr": "*i32:16", "s_ptr": "*bf16:16", "z_ptr": "*u8:16", "o_ptr": "*bf16:16", "GROUP": 128,
-               "UPCAST": False, "PREC": "tf32"}
-    for cfg in k.CONFIGS if all_configs else [k.CONFIGS[0], k.CONFIGS[-2]]:  # 16x64x64 (decode), 128x64x64
-        label = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} w{cfg.num_warps} " \
-                f"s{cfg.num_stages}"
-        yield k.w4a16_gemm_kernel, {**weights, "x_ptr": "*bf16:16", "M": "i32", "N": "i32:16", "K": "i32:16",
-                                    **{n: "i32:16" for n in ("stride_xm", "stride_qn", "stride_sn", "stride_om")},
-                                    **cfg.kwargs}, cfg.num_warps, cfg.num_stages, label
-        for swiglu, gather in ((True, True), (False, False)):
-            if k.spills(cfg, swiglu):
-                continue  # pruned at run time
-            spec = {**weights, "x_ptr": "*bf16:16", "off_ptr": "*i32:16", "ord_ptr": "*i32:16", "E": "i32",
-                    "N_OUT": "i32:16", "K": "i32:16", "M_BUCKET": "i32", "GATHER_K": "i32",
-                    **{n: "i32:16" for n in ("stride_xm", "stride_qe", "stride_qn", "stride_se", "stride_sn",
-                                             "stride_om")},
-                    "SWIGLU": swiglu, "GATHER": gather, "BLOCK_E": 512, **cfg.kwargs}
-            tag = "swiglu+gather " if swiglu else "moe "
-            yield k.w4a16_moe_kernel, spec, cfg.num_warps, cfg.num_stages, tag + label
+    for fp8 in (False, True):
+        weights = {"q_ptr": "*u8:16" if fp8 else "*i32:16", "s_ptr": "*fp32:16" if fp8 else "*bf16:16",
+                   "z_ptr": "*fp32:16" if fp8 else "*u8:16", "o_ptr": "*bf16:16", "GROUP": 128, "FP8": fp8,
+                   "UPCAST": False, "PREC": "tf32"}
+        kind = "w8a16 " if fp8 else ""
+        for cfg in k.CONFIGS if all_configs else [k.CONFIGS[0], k.CONFIGS[-2]]:  # 16x64x64 (decode), 128x64x64
+            label = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} w{cfg.num_warps} " \
+                    f"s{cfg.num_stages}"
+            yield k.w4a16_gemm_kernel, {**weights, "x_ptr": "*bf16:16", "M": "i32", "N": "i32:16", "K": "i32:16",
+                                        **{n: "i32:16" for n in ("stride_xm", "stride_qn", "stride_sn", "stride_om")},
+                                        **cfg.kwargs}, cfg.num_warps, cfg.num_stages, kind + label
+            for swiglu, gather in ((True, True), (False, False)):
+                if k.spills(cfg, swiglu, fp8):
+                    continue  # pruned at run time
+                spec = {**weights, "x_ptr": "*bf16:16", "off_ptr": "*i32:16", "ord_ptr": "*i32:16", "E": "i32",
+                        "N_OUT": "i32:16", "K": "i32:16", "M_BUCKET": "i32", "GATHER_K": "i32", "UP_SROW": "i32",
+                        **{n: "i32:16" for n in ("stride_xm", "stride_qe", "stride_qn", "stride_se", "stride_sn",
+                                                 "stride_om")},
+                        "SWIGLU": swiglu, "GATHER": gather, "BLOCK_E": 512, **cfg.kwargs}
+                tag = "swiglu+gather " if swiglu else "moe "
+                yield k.w4a16_moe_kernel, spec, cfg.num_warps, cfg.num_stages, kind + tag + label
 
 
 FAMILIES = {"fp8": _fp8_builds, "mla": _mla_builds, "moe": _moe_builds, "fused": _fused_builds,

@@ -20,11 +20,16 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from helpers import assert_close  # noqa: E402
-from reference.w4a16 import w4a16_gemm_torch, w4a16_moe_gemm_torch  # noqa: E402
+from reference.w4a16 import (  # noqa: E402
+    w4a16_gemm_torch,
+    w4a16_moe_gemm_torch,
+    w8a16_gemm_torch,
+    w8a16_moe_gemm_torch,
+)
 
 from deepseek_mcp.kernels.aot import run_family, toolchain_available  # noqa: E402
 from deepseek_mcp.kernels.platform import triton_available  # noqa: E402
-from deepseek_mcp.kernels.w4a16 import w4a16_gemm, w4a16_moe_gemm  # noqa: E402
+from deepseek_mcp.kernels.w4a16 import w4a16_gemm, w4a16_moe_gemm, w8a16_gemm, w8a16_moe_gemm  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -127,6 +132,48 @@ def test_bad_shapes_are_refused_naming_the_argument() -> None:
         w4a16_moe_gemm(x, _offsets([1, 1]), q3, s3, z3, "swiglu")
 
 
+def fp8_weight(lead: tuple[int, ...], n: int, k: int, swiglu: bool = False):
+    """Random e4m3 [*lead, N, K] with fp32 128x128 block scales (for swiglu gate's blocks then up's) and its
+    float64 dequantization, written from the block definition."""
+    w = (torch.randn(*lead, n, k) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+    halves = [(0, n // 2), (n // 2, n)] if swiglu else [(0, n)]
+    rows = sum(-(-(r1 - r0) // 128) for r0, r1 in halves)
+    s = torch.rand(*lead, rows, -(-k // 128)) * 2e-3 + 1e-4
+    wd = torch.empty(*lead, n, k, dtype=torch.float64)
+    srow = 0
+    for r0, r1 in halves:
+        blocks = torch.arange(r1 - r0) // 128 + srow
+        wd[..., r0:r1, :] = w[..., r0:r1, :].double() * s.double()[..., blocks, :][..., torch.arange(k) // 128]
+        srow += -(-(r1 - r0) // 128)
+    return w.to(DEV), s.to(DEV), wd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a16_gemm_matches_float64(dtype: torch.dtype) -> None:
+    """FP8 weights on GPUs without FP8 tensor cores: K and N past one 128 block, edge blocks partial."""
+    w, s, wd = fp8_weight((), 136, 160)
+    x = torch.randn(5, 160, device=DEV).to(dtype)
+    out = torch.full((5, 136), float("nan"), dtype=dtype, device=DEV)
+    ref = x.double().cpu() @ wd.T
+    check(w8a16_gemm(x, w, s, out=out), ref, dtype, "w8a16_gemm")
+    check(w8a16_gemm_torch(x, w, s), ref, dtype, "twin")
+
+
+def test_w8a16_moe_gemm_matches_float64() -> None:
+    """SwiGLU with I = 48, so up's scale blocks start at row 1 of the fused scales (not inside gate's block)."""
+    counts = [3, 0, 6, 2]
+    w, s, wd = fp8_weight((4,), 96, 160, swiglu=True)
+    x = torch.randn(sum(counts), 160, device=DEV)
+    out = torch.full((x.shape[0], 48), float("nan"), device=DEV)
+    ref = _reference(x.double().cpu(), counts, wd, True)
+    check(w8a16_moe_gemm(x, _offsets(counts), w, s, "swiglu", out=out), ref, torch.float32, "w8a16_moe_gemm")
+    check(w8a16_moe_gemm_torch(x, _offsets(counts), w, s, "swiglu"), ref, torch.float32, "twin")
+    w2, s2, wd2 = fp8_weight((4,), 40, 48)
+    h = torch.randn(sum(counts), 48, device=DEV)
+    check(w8a16_moe_gemm(h, _offsets(counts), w2, s2), _reference(h.double().cpu(), counts, wd2, False),
+          torch.float32, "w8a16 down")
+
+
 @needs_cuda
 @pytest.mark.parametrize("n, k", [(2048, 7168), (7168, 2048)])
 def test_v3_shapes_on_gpu(n: int, k: int) -> None:
@@ -154,10 +201,11 @@ def test_v3_experts_on_gpu() -> None:
 @pytest.mark.skipif(not toolchain_available(), reason="needs triton's NVIDIA backend with its bundled ptxas")
 @pytest.mark.parametrize("arch", [90, 80])
 def test_kernels_compile_for_hopper_and_ampere_without_spills(arch: int) -> None:
-    """Ahead-of-time builds for sm_90a and sm_80 at V3 shapes (group 128): decode and prefill tiles, SwiGLU with
-    the gather and plain; no spills; Hopper's 128-row tiles use wgmma."""
+    """Ahead-of-time builds for sm_90a and sm_80 at V3 shapes (group 128), 4-bit and W8A16 (FP8 weights, the
+    path of GPUs below compute capability 8.9): decode and prefill tiles, SwiGLU with the gather and plain; no
+    spills; Hopper's 128-row tiles use wgmma."""
     rows = {r[1]: r for r in run_family("w4a16", arch=arch)}
-    assert len(rows) == 6 and not [r for r in rows.values() if r[2] == "FAILED:"], rows
+    assert len(rows) == 11 and not [r for r in rows.values() if r[2] == "FAILED:"], rows
     assert all(r[3] == "0" for r in rows.values()), rows
     if arch == 90:
         assert rows["128x64x64 w8 s3"][5] == rows["swiglu+gather 128x64x64 w8 s3"][5] == "HGMMA", rows

@@ -233,7 +233,7 @@ def _w4a16_builds(all_configs: bool):
         weights = {"q_ptr": "*u8:16" if fp8 else "*i32:16", "s_ptr": "*fp32:16" if fp8 else "*bf16:16",
                    "z_ptr": "*fp32:16" if fp8 else "*u8:16", "o_ptr": "*bf16:16", "GROUP": 128, "FP8": fp8,
                    "UPCAST": False, "PREC": "tf32"}
-        kind = "w8a16 " if fp8 else ""
+        kind = "fp8 " if fp8 else ""
         for cfg in k.CONFIGS if all_configs else [k.CONFIGS[0], k.CONFIGS[-2]]:  # 16x64x64 (decode), 128x64x64
             label = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} w{cfg.num_warps} " \
                     f"s{cfg.num_stages}"
@@ -248,7 +248,7 @@ def _w4a16_builds(all_configs: bool):
                         **{n: "i32:16" for n in ("stride_xm", "stride_qe", "stride_qn", "stride_se", "stride_sn",
                                                  "stride_om")},
                         "SWIGLU": swiglu, "GATHER": gather, "BLOCK_E": 512, **cfg.kwargs}
-                tag = "swiglu+gather " if swiglu else "moe "
+                tag = "swiglu " if swiglu else "moe "  # swiglu: with the token gather
                 yield k.w4a16_moe_kernel, spec, cfg.num_warps, cfg.num_stages, kind + tag + label
 
 

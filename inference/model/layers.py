@@ -32,6 +32,12 @@ class Runtime:
     scale_fmt: str | None = None  # activation scales for FP8 GEMM ("ue8m0" on V3.1)
     fp8_block: int = 128
     int4: Int4Scheme | None = None  # 4-bit checkpoint: which Linears are 4-bit, their group size (int4.py)
+    fp8_gemm: bool = True  # False (Triton on GPUs below compute capability 8.9): FP8 weights run the W8A16 kernels
+
+    @property
+    def w8a16(self) -> bool:
+        """FP8 weights dequantized in registers by the weight-only kernels (kernels/w4a16.py), bf16 activations."""
+        return self.kernels == "triton" and not self.fp8_gemm and self.fp8_block == 128
 
     def int4_group(self, module: str) -> int:
         """The quantization group size of a 4-bit Linear named `module` in the checkpoint, 0 if not 4-bit."""
@@ -103,7 +109,7 @@ class Linear(nn.Module):
     @property
     def takes_fp8(self) -> bool:
         """Whether this layer's forward runs the FP8 GEMM (so an `Fp8Act` input saves its act_quant)."""
-        return self.weight_scale_inv is not None and self.rt.kernels == "triton"
+        return self.weight_scale_inv is not None and self.rt.kernels == "triton" and not self.rt.w8a16
 
     def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:
         if self.int4_group and self.rt.kernels == "triton":  # 4-bit codes dequantized in registers
@@ -112,6 +118,11 @@ class Linear(nn.Module):
             x = plain(x)
             return w4a16_gemm(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.weight_scale,
                               self.weight_zero)
+        if self.weight_scale_inv is not None and self.rt.w8a16:  # FP8 weights without FP8 tensor cores
+            from deepseek_mcp.kernels.w4a16 import w8a16_gemm
+
+            x = plain(x)
+            return w8a16_gemm(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.weight_scale_inv)
         if self.takes_fp8:
             from deepseek_mcp.kernels.fp8 import fp8_gemm, fp8_linear
 

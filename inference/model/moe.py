@@ -142,7 +142,7 @@ class Experts(nn.Module):
 
     @property
     def takes_fp8(self) -> bool:
-        return self.down_proj_scale_inv is not None and self.rt.kernels == "triton"
+        return self.down_proj_scale_inv is not None and self.rt.kernels == "triton" and not self.rt.w8a16
 
     def forward(self, x: torch.Tensor | Fp8Act, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights/idx [T, k] -> [T, D]: rows sorted by expert; only experts with rows do work."""
@@ -161,6 +161,13 @@ class Experts(nn.Module):
                 h = w4a16_moe_gemm(plain(x), offsets, self.gate_up_proj, self.gate_up_proj_scale,
                                    self.gate_up_proj_zero, "swiglu", gather=(order, k))  # [T*k, I]
                 ys = w4a16_moe_gemm(h, offsets, self.down_proj, self.down_proj_scale, self.down_proj_zero)
+                return moe_combine(ys, weights, order, inv=inv, valid_rows=offsets[-1:])  # [T, D]
+            if self.down_proj_scale_inv is not None and self.rt.w8a16:  # FP8 experts without FP8 tensor cores
+                from deepseek_mcp.kernels.w4a16 import w8a16_moe_gemm
+
+                h = w8a16_moe_gemm(plain(x), offsets, self.gate_up_proj, self.gate_up_proj_scale_inv, "swiglu",
+                                   gather=(order, k))  # [T*k, I]
+                ys = w8a16_moe_gemm(h, offsets, self.down_proj, self.down_proj_scale_inv)
                 return moe_combine(ys, weights, order, inv=inv, valid_rows=offsets[-1:])  # [T, D]
             xq, xs = (x.q, x.scale) if isinstance(x, Fp8Act) else (x, None)  # quantized by the norm before
             h = moe_grouped_gemm(xq, offsets, self.gate_up_proj, self.gate_up_proj_scale_inv, "swiglu",

@@ -220,3 +220,40 @@ def test_a_split_that_cuts_a_group_is_refused_naming_the_sizes(tmp_path: Path) -
     with pytest.raises(ParallelConfigError, match="model.layers.0.self_attn.q_b_proj: input size 48 is not a "
                                                   "multiple of the quantization group size 64"):
         Transformer(ModelConfig.from_dict(raw, "config.json"), Runtime(dtype=torch.float32), device="meta")
+
+
+@pytest.mark.parametrize("fmt, zero_point", [("compressed-tensors", True), ("gptq", False), ("awq", True)])
+def test_each_rank_reads_half_of_every_4bit_expert(fmt: str, zero_point: bool, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks loaded in one process: every routed expert's codes, scales and zero points are read as slices,
+    each rank exactly half of their bytes, and the two halves dequantize to the one-rank weight."""
+    from test_parallel_load import Recorder
+
+    from deepseek_mcp.inference.model import checkpoint
+    from deepseek_mcp.inference.model.checkpoint import find_checkpoint_files, load_weights
+
+    path = int4_checkpoint_pair(tmp_path, fmt, 16, zero_point)["q"]
+    cfg, files = ModelConfig.from_file(path), find_checkpoint_files(path)
+    payload = ("qweight", "qzeros", "scales", "weight_packed", "weight_scale", "weight_zero_point")
+    with safe_open(str(files.weight_files[0]), "pt") as f:
+        total = sum(f.get_tensor(n).nbytes for n in f.keys() if ".mlp.experts." in n and n.endswith(payload))
+    rt = Runtime(dtype=torch.float32)
+    whole = Transformer(cfg, rt)
+    load_weights(whole, files)
+    parts = []
+    for rank in range(2):
+        rec = Recorder()
+        monkeypatch.setattr(checkpoint, "safe_open", rec.open)
+        model = Transformer(cfg, rt, tp=TPContext(rank, 2))
+        load_weights(model, files)
+        expert_reads = [(n, i, b) for n, i, b in rec.reads if ".mlp.experts." in n and n.endswith(payload)]
+        assert all(i is not None for _, i, _ in expert_reads), "a rank read a whole 4-bit expert tensor"
+        assert 2 * sum(b for _, _, b in expert_reads) == total, rank
+        parts.append(model.model.layers[1].mlp.experts)
+    ex = whole.model.layers[1].mlp.experts
+    for proj, dim in (("gate_proj", 1), ("down_proj", 2)):  # gate: rows of I; down: columns of I
+        want = dequant_int4(getattr(ex, proj), getattr(ex, proj + "_scale"), getattr(ex, proj + "_zero"),
+                            torch.float32)
+        got = torch.cat([dequant_int4(getattr(p, proj), getattr(p, proj + "_scale"), getattr(p, proj + "_zero"),
+                                      torch.float32) for p in parts], dim=dim)
+        assert torch.equal(got, want), proj

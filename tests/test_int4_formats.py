@@ -197,6 +197,7 @@ def test_act_order_g_idx_and_unquantized_modules_are_refused(tmp_path: Path) -> 
 @pytest.mark.parametrize("change, message", [
     ({"desc_act": True}, "desc_act true .act-order. is not supported: its g_idx scatters each quantization group"),
     ({"bits": 8}, "8-bit weights are not supported"),
+    ({"lm_head": True}, "lm_head true is not supported"),
     ({"group_size": -1}, "group_size -1 is not supported"),
     ({"quant_method": "awq", "version": "gemv"}, "version 'gemv' is not supported"),
     ({"quant_method": "bitsandbytes"}, "quant_method 'bitsandbytes' is not supported"),

@@ -122,6 +122,8 @@ def _parse_gptq(q: dict[str, Any], where: str) -> Int4Scheme:
         raise Int4FormatError(f"{where}.packing_format {q.get('packing_format')!r} is not supported (AutoRound "
                               "checkpoints in the 'auto_gptq' packing only)")
     _check_bits_group(q.get("bits"), q.get("group_size"), where)
+    if q.get("lm_head"):
+        raise Int4FormatError(f"{where}.lm_head true is not supported: the output head is kept in 16 bits here")
     if q.get("desc_act"):
         raise Int4FormatError(f"{where}.desc_act true (act-order) is not supported: its g_idx scatters each "
                               "quantization group over the input dimension, so groups are neither contiguous for "

@@ -7,7 +7,9 @@ the last token; median of 5), decode tokens/s at batch 1 and 8 (greedy, 16-token
 decode step timed over 3 passes after a warm-up pass; ours through `EngineCore.step`, the loop the server and
 `Engine.generate` run; transformers' model called step by step with its KV cache), peak RSS, KV-cache bytes
 per token. Transformers reads a dequantized copy of the demo checkpoint (it has no CPU FP8 path); ours is measured
-on that same copy (same weights, same dtype) and on the FP8 original.
+on that same copy (same weights, same dtype), on the FP8 original, and on a 4-bit copy (compressed-tensors
+pack-quantized, symmetric, group 128, written by tests/quant_packers.py from the dequantized copy; the torch path
+dequantizes the weights each matmul reads, per call). `--skip-hf` leaves transformers out.
 """
 
 from __future__ import annotations
@@ -55,6 +57,38 @@ def dequantized_copy(src: Path, dst: Path, dtype: torch.dtype) -> Path:
     cfg = json.loads((src / "config.json").read_text())
     cfg.pop("quantization_config")
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def int4_copy(src: Path, dst: Path, group: int = 128) -> Path:
+    """The dequantized demo with every 2-D Linear weight (not embedding, head, norms, router) in compressed-tensors
+    pack-quantized 4 bits (round to nearest, symmetric, bf16 scales)."""
+    from quant_packers import SKIP_ALWAYS, pack_module, quant_config, quantize
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if (dst / "config.json").is_file():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    weight_map = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out = {}
+        with safe_open(str(src / shard), "pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                if k.endswith(".weight") and t.dim() == 2 and not any(x in k for x in SKIP_ALWAYS):
+                    u, s, z = quantize(t, group, False, torch.bfloat16)
+                    for suffix, packed in pack_module("compressed-tensors", u, s, z, False).items():
+                        out[f"{k.removesuffix('.weight')}.{suffix}"] = packed
+                else:
+                    out[k] = t
+        save_file(out, str(dst / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(out, shard))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = quant_config("compressed-tensors", group, False, [])
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst
 
@@ -240,6 +274,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--skip-hf", action="store_true", help="leave transformers out (no ratios)")
     ap.add_argument("--interleaved", type=int, metavar="ROUNDS", default=0,
                     help="instead: both implementations in one process, decode passes alternated, ROUNDS rounds")
     args = ap.parse_args()
@@ -257,9 +292,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         interleaved(deq, args.dtype, args.decode_tokens, args.interleaved)
         return
+    q4 = int4_copy(deq, default_cache_dir() / f"demo-int4-ct-g128-{args.dtype}")
     rows = {"ours (FP8 demo)": spawn("ours", demo, args), f"ours ({args.dtype} copy)": spawn("ours", deq, args),
-            f"transformers ({args.dtype} copy)": spawn("hf", deq, args)}
-    hf = rows[f"transformers ({args.dtype} copy)"]
+            "ours (4-bit copy)": spawn("ours", q4, args)}
+    if not args.skip_hf:
+        rows[f"transformers ({args.dtype} copy)"] = spawn("hf", deq, args)
+    hf = rows.get(f"transformers ({args.dtype} copy)")
     print(f"# engine benchmark: demo checkpoint, {cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
           f"dtype {args.dtype}, prompt {args.prompt_len} tokens, {args.decode_tokens} decode tokens")
     cols = ["prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s", "peak_rss_mb", "cache_bytes_per_token"]
@@ -268,7 +306,7 @@ def main() -> None:
     for name, r in rows.items():
         cells = []
         for c in cols:
-            ratio = f" ({r[c] / hf[c]:.2f}x)" if not name.startswith("transformers") else ""
+            ratio = f" ({r[c] / hf[c]:.2f}x)" if hf and not name.startswith("transformers") else ""
             cells.append(f"{r[c]:.1f}{ratio}" if isinstance(r[c], float) else f"{r[c]}{ratio}")
         print(f"| {name} | " + " | ".join(cells) + " |")
 

@@ -1,6 +1,6 @@
 """Check (against the torch twins) and time every Triton kernel on a CUDA GPU; print one table per kernel.
 
-    python bench/kernel_speed.py [--quick] [--only fp8|mla|moe]
+    python bench/kernel_speed.py [--quick] [--only fp8|mla|moe|w4a16]
 
 (Not `kernels.py`: a script's folder is first on sys.path, and a `kernels` module there hides Hugging Face's
 `kernels`, which transformers imports.)
@@ -164,10 +164,61 @@ def bench_moe(dev: torch.device, copy_gbs: float, quick: bool) -> None:
            "%copy"], rows)
 
 
+def _int4(dev, lead: tuple[int, ...], n: int, k: int, group: int = 128):
+    """Random 4-bit weight in the engine's form: codes [*lead, N, K/8] int32, bf16 scales, uint8 zeros."""
+    q = torch.randint(-(2**31), 2**31, (*lead, n, k // 8), dtype=torch.int32, device=dev)
+    s = (torch.rand(*lead, n, k // group, device=dev) * 0.02 + 0.002).to(torch.bfloat16)
+    z = torch.randint(0, 16, (*lead, n, k // group), dtype=torch.uint8, device=dev)
+    return q, s, z
+
+
+def bench_w4a16(dev: torch.device, copy_gbs: float, quick: bool) -> None:
+    """W4A16 dense GEMM at V3's projection shapes and the grouped expert GEMM (256 experts, top-8), group 128;
+    bytes = the 4-bit weight (+ scales and zeros) read once + activations in and out."""
+    from reference.w4a16 import w4a16_gemm_torch, w4a16_moe_gemm_torch
+
+    from deepseek_mcp.kernels.w4a16 import w4a16_gemm, w4a16_moe_gemm
+
+    rows = []
+    for n, k in GEMM_SHAPES[:2] if quick else GEMM_SHAPES:
+        q, s, z = _int4(dev, (), n, k)
+        wbytes = q.numel() * 4 + s.numel() * 3
+        for m in [1, 4096] if quick else GEMM_MS:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            out = w4a16_gemm(x, q, s, z)
+            err = rel_err(out, w4a16_gemm_torch(x, q, s, z))
+            t = timed(lambda: w4a16_gemm(x, q, s, z, out=out))  # noqa: B023
+            gbs = (wbytes + x.numel() * 2 + out.numel() * 2) / t / 1e6
+            rows.append([str(m), str(n), str(k), f"{err:.1e}", f"{t * 1e3:.1f}", f"{2 * m * n * k / t / 1e9:.0f}",
+                         f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%"])
+    table("w4a16_gemm (bf16 x, 4-bit W, group 128)", ["M", "N", "K", "relerr", "us", "TFLOPS", "GB/s", "%copy"],
+          rows)
+    experts, hidden, inter = 256, 7168, 2048
+    w13, w2 = _int4(dev, (experts,), 2 * inter, hidden), _int4(dev, (experts,), hidden, inter)
+    rows = []
+    for phase, tokens in [("decode", 32)] if quick else [("decode", 1), ("decode", 32), ("prefill", 4096)]:
+        ids = torch.rand(tokens, experts, device=dev).topk(8, dim=-1).indices.flatten()
+        counts = torch.bincount(ids, minlength=experts)
+        off = torch.zeros(experts + 1, dtype=torch.int32, device=dev)
+        off[1:] = counts.cumsum(0)
+        active, m = int((counts > 0).sum()), ids.numel()
+        for proj, (q, s, z), act, k in (("gate+up swiglu", w13, "swiglu", hidden), ("down", w2, None, inter)):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            out = w4a16_moe_gemm(x, off, q, s, z, act)
+            err = rel_err(out, w4a16_moe_gemm_torch(x, off, q, s, z, act)) if m <= 4096 else float("nan")
+            t = timed(lambda: w4a16_moe_gemm(x, off, q, s, z, act, out=out))  # noqa: B023
+            n = q.shape[1]
+            gbs = (active * (n * k // 2 + n * k // 128 * 3) + x.numel() * 2 + out.numel() * 2) / t / 1e6
+            rows.append([phase, str(tokens), proj, str(active), f"{err:.1e}", f"{t * 1e3:.1f}",
+                         f"{2 * m * n * k / t / 1e9:.0f}", f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%"])
+    table(f"w4a16_moe_gemm (V3: {experts} experts, top-8, hidden {hidden}, inter {inter}, group 128)",
+          ["phase", "tokens", "proj", "experts", "relerr", "us", "TFLOPS", "GB/s", "%copy"], rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
-    parser.add_argument("--only", choices=("fp8", "mla", "moe"), help="one kernel family")
+    parser.add_argument("--only", choices=("fp8", "mla", "moe", "w4a16"), help="one kernel family")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernel_speed.py: no CUDA device here; nothing to time. "
@@ -191,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_mla(dev, copy_gbs, args.quick)
     if args.only in (None, "moe"):
         bench_moe(dev, copy_gbs, args.quick)
+    if args.only in (None, "w4a16"):
+        bench_w4a16(dev, copy_gbs, args.quick)
     return 0
 
 

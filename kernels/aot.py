@@ -58,14 +58,15 @@ def toolchain_available() -> bool:
         return False
 
 
-def run_family(family: str, sass: bool = True, timeout: float = 600) -> list[list[str]]:
+def run_family(family: str, sass: bool = True, timeout: float = 600, arch: int = 90) -> list[list[str]]:
     """Compile one family in a fresh interpreter-free process -> rows [kernel, config, regs, spill, smem, mma]
     (a failed build has "FAILED" in place of regs and the message after it)."""
     import subprocess
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    cmd = [sys.executable, "-m", "deepseek_mcp.kernels.aot", "--family", family] + (["--sass"] if sass else [])
+    cmd = [sys.executable, "-m", "deepseek_mcp.kernels.aot", "--family", family, "--arch", str(arch)]
+    cmd += ["--sass"] if sass else []
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=timeout)
     rows = []
@@ -223,7 +224,36 @@ def _fused_builds(all_configs: bool):
         8, 2, "M64 N64 w8 s2"
 
 
-FAMILIES = {"fp8": _fp8_builds, "mla": _mla_builds, "moe": _moe_builds, "fused": _fused_builds}
+def _w4a16_builds(all_configs: bool):
+    """The weight-only GEMMs at DeepSeek-V3 shapes, bf16 activations, 257 experts (the shared one stacked): 4-bit
+    with bf16 scales and group 128, and (w8a16) FP8 e4m3 with fp32 128x128 block scales."""
+    from deepseek_mcp.kernels import w4a16_triton as k
+
+    for fp8 in (False, True):
+        weights = {"q_ptr": "*u8:16" if fp8 else "*i32:16", "s_ptr": "*fp32:16" if fp8 else "*bf16:16",
+                   "z_ptr": "*fp32:16" if fp8 else "*u8:16", "o_ptr": "*bf16:16", "GROUP": 128, "FP8": fp8,
+                   "UPCAST": False, "PREC": "tf32"}
+        kind = "fp8 " if fp8 else ""
+        for cfg in k.CONFIGS if all_configs else [k.CONFIGS[0], k.CONFIGS[-2]]:  # 16x64x64 (decode), 128x64x64
+            label = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} w{cfg.num_warps} " \
+                    f"s{cfg.num_stages}"
+            yield k.w4a16_gemm_kernel, {**weights, "x_ptr": "*bf16:16", "M": "i32", "N": "i32:16", "K": "i32:16",
+                                        **{n: "i32:16" for n in ("stride_xm", "stride_qn", "stride_sn", "stride_om")},
+                                        **cfg.kwargs}, cfg.num_warps, cfg.num_stages, kind + label
+            for swiglu, gather in ((True, True), (False, False)):
+                if k.spills(cfg, swiglu, fp8):
+                    continue  # pruned at run time
+                spec = {**weights, "x_ptr": "*bf16:16", "off_ptr": "*i32:16", "ord_ptr": "*i32:16", "E": "i32",
+                        "N_OUT": "i32:16", "K": "i32:16", "M_BUCKET": "i32", "GATHER_K": "i32", "UP_SROW": "i32",
+                        **{n: "i32:16" for n in ("stride_xm", "stride_qe", "stride_qn", "stride_se", "stride_sn",
+                                                 "stride_om")},
+                        "SWIGLU": swiglu, "GATHER": gather, "BLOCK_E": 512, **cfg.kwargs}
+                tag = "swiglu " if swiglu else "moe "  # swiglu: with the token gather
+                yield k.w4a16_moe_kernel, spec, cfg.num_warps, cfg.num_stages, kind + tag + label
+
+
+FAMILIES = {"fp8": _fp8_builds, "mla": _mla_builds, "moe": _moe_builds, "fused": _fused_builds,
+            "w4a16": _w4a16_builds}
 
 
 def all_builds(all_configs: bool = False, families: tuple[str, ...] = tuple(FAMILIES)):

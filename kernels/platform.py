@@ -57,8 +57,15 @@ def fp8_supported(device: torch.device | str) -> bool:
     return _capability(dev.index if dev.index is not None else torch.cuda.current_device()) >= (8, 9)
 
 
+def fp8_gemm_runs(device: torch.device | str, kernels: str) -> bool:
+    """Whether FP8 weights run the FP8 tensor-core GEMMs: everywhere but the Triton path on a CUDA GPU below
+    compute capability 8.9, where they run the W8A16 kernels instead (kernels/w4a16.py; the CPU interpreter
+    emulates FP8)."""
+    return not (kernels == "triton" and torch.device(device).type == "cuda" and not fp8_supported(device))
+
+
 def fp8_unsupported_notice(device: torch.device | str) -> str:
-    """One line to log when an FP8 checkpoint must be dequantized to bf16 instead of running FP8 kernels."""
+    """One line to log when an FP8 checkpoint runs the W8A16 kernels instead of the FP8 GEMMs."""
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available():
         index = dev.index if dev.index is not None else torch.cuda.current_device()
@@ -66,8 +73,8 @@ def fp8_unsupported_notice(device: torch.device | str) -> str:
         where = f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor})"
     else:
         where = f"device {dev}"
-    return (f"FP8 GEMM kernels need compute capability >= 8.9; {where} lacks them, so FP8 weights are "
-            "dequantized to bf16 at load (about 2x the weight memory)")
+    return (f"FP8 GEMM kernels need compute capability >= 8.9; {where} lacks them, so FP8 weights stay FP8 and "
+            "run the W8A16 kernels (dequantized in registers, bf16 activations)")
 
 
 def use_user_cache(cache_dir: Path) -> Path:

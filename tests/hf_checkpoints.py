@@ -11,7 +11,8 @@ import torch
 def tiny_hf_model(path: Path, *, q_lora_rank: int | None = 48, yarn: bool = True, n_group: int = 2,
                   topk_group: int = 1, hidden: int = 64, seed: int = 0, legacy_rope: bool = False, top_k: int = 2,
                   vocab_size: int = 256, moe_intermediate_size: int = 32, qk_nope_head_dim: int = 16,
-                  qk_rope_head_dim: int = 8, v_head_dim: int = 16, num_hidden_layers: int = 3):
+                  qk_rope_head_dim: int = 8, v_head_dim: int = 16, intermediate_size: int = 96,
+                  num_hidden_layers: int = 3):
     """Save a tiny random model to `path` and return it (fp32, eval mode)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -20,7 +21,8 @@ def tiny_hf_model(path: Path, *, q_lora_rank: int | None = 48, yarn: bool = True
         rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 1.0,
                 "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0}
     cfg = DeepseekV3Config(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=96, moe_intermediate_size=moe_intermediate_size,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate_size,
+        moe_intermediate_size=moe_intermediate_size,
         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
         num_experts_per_tok=top_k, n_group=n_group,
         topk_group=topk_group, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=q_lora_rank,

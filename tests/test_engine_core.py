@@ -152,7 +152,8 @@ def test_config_accepts_both_rope_keys_and_null_q_lora():
 
 @pytest.mark.parametrize("change,needle", [
     ({"model_type": "llama"}, "model_type 'llama' is not supported"),
-    ({"quantization_config": {"quant_method": "awq"}}, "quant_method 'awq'"),
+    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quant_method 'bitsandbytes'"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 3}}, "3-bit weights are not supported"),
     ({"n_group": 3}, "not divisible by n_group"),
     ({"hidden_size": None}, "hidden_size must be a positive integer"),
 ])

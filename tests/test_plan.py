@@ -104,3 +104,52 @@ def test_server_refuses_a_plan_that_does_not_fit_before_loading() -> None:
     anyio.run(main)
     assert host.status == "failed" and host.engine is None
     assert "PlanError: does not fit: 8 rank(s)" in host.error and "GiB per GPU at size 8" in host.error
+
+
+FOUR_BIT = {  # the three community formats of V3.1 in 4 bits, as their tools write the config
+    "awq group 64": {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm",
+                     "modules_to_not_convert": None},
+    "compressed-tensors, attention in bf16": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}},
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp.gate$"]},
+    "gptq group 128": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False},
+}
+
+
+def _v31_4bit(case: str, tmp_path: Path) -> Path:
+    import json
+
+    raw = json.loads(V31.read_text())
+    raw["quantization_config"] = FOUR_BIT[case]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@needs_v31
+@pytest.mark.parametrize("case", list(FOUR_BIT))
+def test_4bit_v31_per_rank_bytes_equal_the_meta_model(case: str, tmp_path: Path) -> None:
+    cfg = ModelConfig.from_file(_v31_4bit(case, tmp_path))
+    assert cfg.int4 is not None and cfg.quant is None
+    for rank in (0, 7):
+        assert weight_bytes(cfg, 8, rank, fp8=False) == _meta_bytes(cfg, 8, rank, False), rank
+    total = sum(weight_bytes(cfg, 1, 0, fp8=False).values())
+    assert 330 * 10**9 < total < 400 * 10**9, total / 10**9  # ~360-380 GB: routed experts at ~a quarter of bf16
+
+
+@needs_v31
+def test_plan_cli_fits_4bit_v31_on_one_8x80gb_node(capsys, tmp_path: Path) -> None:
+    path = _v31_4bit("awq group 64", tmp_path)
+    assert main(["--model", str(path), "--tensor-parallel-size", "8", "--gpu-memory-gib", "79"]) == 0
+    out = capsys.readouterr().out
+    assert "4-bit awq" in out and "per 64 inputs" in out
+    tokens = int(out.split("cache tokens that fit: ")[1].split()[0].replace(",", ""))
+    assert tokens >= 4096, out
+    assert main(["--model", str(V31), "--tensor-parallel-size", "8", "--gpu-memory-gib", "79"]) == 1  # FP8: no
+    assert "does not fit" in capsys.readouterr().err
+    gptq = _v31_4bit("gptq group 128", tmp_path)  # the dense layers' 18432 inputs over 32 ranks: 4.5 groups
+    assert main(["--model", str(gptq), "--tensor-parallel-size", "32", "--gpu-memory-gib", "79"]) == 2
+    assert "model.layers.0.mlp.down_proj: input size 18432 over 32 rank(s) gives slices of 576, which cut the " \
+        "128-wide quantization groups" in capsys.readouterr().err

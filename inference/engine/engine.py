@@ -70,9 +70,8 @@ def _resolve(path_or_repo_id: str | os.PathLike | None, device: torch.device | s
     if fp8 and kernels == "triton" and dev.type == "cuda":  # the CPU interpreter emulates FP8
         from deepseek_mcp.kernels.platform import fp8_supported, fp8_unsupported_notice
 
-        if not fp8_supported(dev):
+        if not fp8_supported(dev):  # the W8A16 kernels run (Runtime.fp8_gemm False)
             log.warning(fp8_unsupported_notice(dev))
-            dequantize_fp8 = True
     return path, config, files, dev, dt, fp8, kernels, dequantize_fp8
 
 
@@ -148,9 +147,12 @@ class Engine:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         path, config, files, dev, dt, fp8, kernels, dequantize_fp8 = _resolve(
             path_or_repo_id, device, dtype, kernels, dequantize_fp8)
+        from deepseek_mcp.kernels.platform import fp8_gemm_runs
+
         rt = Runtime(dtype=dt, kernels=kernels,
                      scale_fmt=config.quant.scale_fmt if config.quant else None,
-                     fp8_block=config.quant.block_size[0] if config.quant else 128)
+                     fp8_block=config.quant.block_size[0] if config.quant else 128,
+                     fp8_gemm=fp8_gemm_runs(dev, kernels))
         tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else None)
         name = DEMO_NAME if path_or_repo_id is None else str(path_or_repo_id)
         from deepseek_mcp.inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, start_ranks, under_torchrun
@@ -194,7 +196,7 @@ class Engine:
         """Of the whole model as the checkpoint holds it: counted on a meta-device copy, so neither the layout for
         the step (fused and split weights) nor a tensor-parallel split changes it."""
         meta = Transformer(self.config, Runtime(dtype=self.dtype), fp8=self.fp8, device="meta")
-        return sum(p.numel() for p in meta.parameters())
+        return sum(p.numel() * (8 if p.dtype == torch.int32 else 1) for p in meta.parameters())  # 8 4-bit codes
 
     @property
     def parallel_description(self) -> str | None:

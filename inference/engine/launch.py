@@ -148,9 +148,12 @@ def build_rank_model(spec: RankSpec, group: Group) -> Transformer:
     cfg = ModelConfig.from_file(path)
     files = find_checkpoint_files(path)
     fp8 = checkpoint_is_fp8(files, cfg)
+    from deepseek_mcp.kernels.platform import fp8_gemm_runs
+
     rt = Runtime(dtype=getattr(torch, spec.dtype), kernels=spec.kernels,
                  scale_fmt=cfg.quant.scale_fmt if cfg.quant else None,
-                 fp8_block=cfg.quant.block_size[0] if cfg.quant else 128)
+                 fp8_block=cfg.quant.block_size[0] if cfg.quant else 128,
+                 fp8_gemm=fp8_gemm_runs(group.device, spec.kernels))
     model = Transformer(cfg, rt, fp8, group.device, group.tp)  # this rank's part only
     load_weights(model, files, progress=False)
     if cfg.tie_word_embeddings:

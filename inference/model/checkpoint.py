@@ -21,9 +21,10 @@ import torch
 from safetensors import safe_open
 
 from deepseek_mcp.inference.model.config import ModelConfig
-from deepseek_mcp.inference.model.layers import FP8_DTYPE
+from deepseek_mcp.inference.model.layers import FP8_DTYPE, Linear
 from deepseek_mcp.inference.model.moe import Experts
 from deepseek_mcp.inference.model.parallel import Shard
+from deepseek_mcp.inference.model.quant_formats import Int4FormatError, read_int4
 from deepseek_mcp.inference.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,13 @@ def _local_names(model: Transformer) -> dict[str, tuple[torch.Tensor, int | None
     """Checkpoint tensor name -> (parameter, expert index into its stack) for everything this model holds."""
     names: dict[str, tuple[torch.Tensor, int | None]] = {}
     experts = {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
+    int4 = {name for name, m in model.named_modules() if getattr(m, "int4_group", 0)}  # read by _load_int4
     for pname, p in model.named_parameters(remove_duplicate=False):
         if p is None:
             continue
         prefix, _, attr = pname.rpartition(".")
+        if prefix in int4:
+            continue
         if prefix in experts:
             proj, kind = (attr.removesuffix("_scale_inv"), "weight_scale_inv") if attr.endswith("_scale_inv") \
                 else (attr, "weight")
@@ -161,6 +165,7 @@ def load_weights(model: Transformer, files: CheckpointFiles, *, progress: bool |
     tensor is read at a time, so peak host memory stays near what this rank holds."""
     cfg = model.cfg
     local = _local_names(model)
+    int4_read = _load_int4(model, files) if cfg.int4 is not None else set()
     cut = {name + "_scale_inv" for name, (p, _) in local.items()
            if getattr(p, "shard", None) is not None and p.shard.dequant_block}
     loaded: set[str] = set()
@@ -183,7 +188,7 @@ def load_weights(model: Transformer, files: CheckpointFiles, *, progress: bool |
                     if layer and int(layer.group(1)) >= cfg.num_layers:
                         # the multi-token-prediction layer (unless built), its copies of the embedding and head
                         skipped_mtp += 1
-                    elif name not in cut:  # a cut slice's scales were read with its weight
+                    elif name not in cut and name not in int4_read:  # a cut slice's scales: read with its weight
                         unknown.append(name)
                     continue
                 param, expert = local[name]
@@ -213,6 +218,68 @@ def load_weights(model: Transformer, files: CheckpointFiles, *, progress: bool |
     check_loaded(files.root, set(local), loaded, unknown)
     if skipped_mtp:
         log.info("skipped %d multi-token-prediction tensors", skipped_mtp)
+
+
+def _int4_targets(model: Transformer) -> list[tuple[str, tuple[torch.Tensor, ...], int, int, Shard | None]]:
+    """Every 4-bit weight this model holds: (checkpoint module, its (codes, scales, zeros) destinations, the
+    checkpoint weight's whole [N, K], the slice held)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, Linear) and m.int4_group:
+            shard = getattr(m.weight, "shard", None)
+            n = shard.full if shard is not None and shard.dim == 0 else m.out_features
+            k = shard.full if shard is not None and shard.dim == 1 else m.in_features
+            out.append((name, (m.weight, m.weight_scale, m.weight_zero), n, k, shard))
+        elif isinstance(m, Experts) and m.int4_group:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                q, scale, zero = (getattr(m, proj + s) for s in ("", "_scale", "_zero"))
+                shard = q.shard
+                n, k = (shard.full, q.shape[-1] * 8) if shard.dim == 0 else (q.shape[1], shard.full)
+                out += [(f"{name}.{e}.{proj}", (q[e], scale[e], zero[e]), n, k, shard) for e in range(q.shape[0])]
+    return out
+
+
+def _load_int4(model: Transformer, files: CheckpointFiles) -> set[str]:
+    """Read every 4-bit weight (this rank's slice, quant_formats.py converting its format) into the model; the
+    checkpoint tensor names read. Errors name the file (or the folder, for a missing tensor) and the tensor."""
+    scheme, read = model.cfg.int4, set()
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+        where: list[Path] = [files.root]
+
+        def get(tensor: str):
+            path = files.tensor_to_file.get(tensor)
+            if path is None:
+                module = tensor.rpartition(".")[0]
+                hint = (f"; the checkpoint stores {module}.weight unquantized, so add {module} to the "
+                        "quantization_config's ignore / modules_to_not_convert") \
+                    if module + ".weight" in files.tensor_to_file else ""
+                raise Int4FormatError(f"tensor {tensor} is missing ({scheme.fmt} 4-bit module){hint}")
+            if path not in handles:
+                handles[path] = stack.enter_context(_open(path))
+            where[0] = path
+            read.add(tensor)
+            return handles[path].get_slice(tensor)
+
+        for module, dst, n, k, shard in _int4_targets(model):
+            where[0] = files.root
+            try:
+                parts = read_int4(scheme, get, module, n, k, shard)
+                for d, src in zip(dst, parts):
+                    if tuple(src.shape) != tuple(d.shape):
+                        raise Int4FormatError(f"module {module} reads as {tuple(src.shape)}, expected "
+                                              f"{tuple(d.shape)}")
+                    if src.is_floating_point() and not torch.equal(src.to(d.dtype).to(src.dtype), src):
+                        raise Int4FormatError(f"the scales of {module} are {src.dtype}, which {d.dtype} (the "
+                                              "scale dtype of this format and config.json) cannot hold exactly")
+                    with torch.no_grad():
+                        d.copy_(src)
+            except Int4FormatError as e:
+                raise CheckpointError(f"{where[0]}: {e}") from None
+            except Exception as e:
+                raise CheckpointError(f"{where[0]}: 4-bit module {module} could not be read (truncated or corrupt "
+                                      f"file?): {type(e).__name__}: {e}") from None
+    return read
 
 
 def _open(path: Path):

@@ -6,7 +6,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deepseek_mcp.inference.model.quant_formats import Int4Scheme
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
 
@@ -63,7 +66,8 @@ class ModelConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     rope: RopeConfig = field(default_factory=RopeConfig)
-    quant: QuantConfig | None = None
+    quant: QuantConfig | None = None  # FP8 block-scaled weights
+    int4: Int4Scheme | None = None  # 4-bit weights (compressed-tensors, GPTQ, AWQ: quant_formats.py)
     num_nextn_predict_layers: int = 0
     bos_token_id: int = 0
     eos_token_id: int = 1
@@ -140,6 +144,8 @@ class ModelConfig:
         if isinstance(eos, list):
             eos = eos[0]
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
+        quant = raw.get("quantization_config")
+        int4 = _parse_int4(quant, source, str(dtype)) if quant and quant.get("quant_method") != "fp8" else None
         return cls(
             vocab_size=raw["vocab_size"],
             hidden_size=raw["hidden_size"],
@@ -163,7 +169,8 @@ class ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             rope=_parse_rope(raw, source),
-            quant=_parse_quant(raw.get("quantization_config"), source),
+            quant=None if int4 else _parse_quant(quant, source),
+            int4=int4,
             num_nextn_predict_layers=int(raw.get("num_nextn_predict_layers") or 0),
             bos_token_id=int(raw.get("bos_token_id") if raw.get("bos_token_id") is not None else 0),
             eos_token_id=int(eos if eos is not None else 1),
@@ -203,6 +210,15 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
         truncate=bool(params.get("truncate", True)),
         interleave=interleave,
     )
+
+
+def _parse_int4(q: dict[str, Any], source: str, model_dtype: str) -> Int4Scheme:
+    from deepseek_mcp.inference.model.quant_formats import Int4FormatError, parse_scheme
+
+    try:
+        return parse_scheme(q, source, model_dtype.removeprefix("torch."))
+    except Int4FormatError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _parse_quant(q: dict[str, Any] | None, source: str) -> QuantConfig | None:

@@ -6,14 +6,19 @@ by default) and holds only its rank's slice (parallel.py says how the model spli
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deepseek_mcp.inference.model import onednn
+from deepseek_mcp.inference.model.int4 import dequant_int4, int4_params, split_int4
 from deepseek_mcp.inference.model.layout import dequant_fp8
 from deepseek_mcp.inference.model.parallel import ONE_DEVICE, Shard, TPContext, padded_vocab, scale_shard, split
+
+if TYPE_CHECKING:
+    from deepseek_mcp.inference.model.quant_formats import Int4Scheme
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -26,6 +31,17 @@ class Runtime:
     kernels: str = "torch"  # "torch" (the model's torch code) or "triton"
     scale_fmt: str | None = None  # activation scales for FP8 GEMM ("ue8m0" on V3.1)
     fp8_block: int = 128
+    int4: Int4Scheme | None = None  # 4-bit checkpoint: which Linears are 4-bit, their group size (int4.py)
+    fp8_gemm: bool = True  # False (Triton on GPUs below compute capability 8.9): FP8 weights run the W8A16 kernels
+
+    @property
+    def w8a16(self) -> bool:
+        """FP8 weights dequantized in registers by the weight-only kernels (kernels/w4a16.py), bf16 activations."""
+        return self.kernels == "triton" and not self.fp8_gemm and self.fp8_block == 128
+
+    def int4_group(self, module: str) -> int:
+        """The quantization group size of a 4-bit Linear named `module` in the checkpoint, 0 if not 4-bit."""
+        return self.int4.group_size if self.int4 is not None and self.int4.quantizes(module) else 0
 
 
 @dataclass(frozen=True)
@@ -48,13 +64,24 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """y = x W^T, with W in the activation dtype or FP8 e4m3 with 128x128 block scales."""
+    """y = x W^T, with W in the activation dtype, FP8 e4m3 with 128x128 block scales, or (`group` > 0) 4-bit codes
+    with per-group scales and zero points (int4.py: `weight` int32 [N, K/8], `weight_scale` (the
+    checkpoint's dtype) and `weight_zero` uint8 [N, K/G])."""
 
-    def __init__(self, in_features: int, out_features: int, rt: Runtime, fp8: bool, device: torch.device):
+    def __init__(self, in_features: int, out_features: int, rt: Runtime, fp8: bool, device: torch.device,
+                 group: int = 0, name: str = "weight"):
         super().__init__()
         self.in_features, self.out_features, self.rt = in_features, out_features, rt
+        self.int4_group = group
+        self.weight_scale = self.weight_zero = None
         wdtype = FP8_DTYPE if fp8 else rt.dtype
-        self.weight = _frozen(torch.empty(out_features, in_features, dtype=wdtype, device=device))
+        if group:
+            q, scale, zero = int4_params((), out_features, in_features, group, device, name,
+                                         rt.int4.scale_torch_dtype if rt.int4 else torch.float16)
+            self.weight, self.weight_scale, self.weight_zero = _frozen(q), _frozen(scale), _frozen(zero)
+            fp8 = False
+        else:
+            self.weight = _frozen(torch.empty(out_features, in_features, dtype=wdtype, device=device))
         if fp8:
             b = rt.fp8_block
             scale = torch.empty(-(-out_features // b), -(-in_features // b), dtype=torch.float32, device=device)
@@ -66,6 +93,8 @@ class Linear(nn.Module):
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.packed:
             return onednn.unpack(self.weight).to(dtype)
+        if self.int4_group:
+            return dequant_int4(self.weight, self.weight_scale, self.weight_zero, dtype)
         if self.weight_scale_inv is None:
             return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
         return dequant_fp8(self.weight, self.weight_scale_inv, self.rt.fp8_block, dtype)
@@ -80,9 +109,20 @@ class Linear(nn.Module):
     @property
     def takes_fp8(self) -> bool:
         """Whether this layer's forward runs the FP8 GEMM (so an `Fp8Act` input saves its act_quant)."""
-        return self.weight_scale_inv is not None and self.rt.kernels == "triton"
+        return self.weight_scale_inv is not None and self.rt.kernels == "triton" and not self.rt.w8a16
 
     def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:
+        if self.int4_group and self.rt.kernels == "triton":  # 4-bit codes dequantized in registers
+            from deepseek_mcp.kernels.w4a16 import w4a16_gemm
+
+            x = plain(x)
+            return w4a16_gemm(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.weight_scale,
+                              self.weight_zero)
+        if self.weight_scale_inv is not None and self.rt.w8a16:  # FP8 weights without FP8 tensor cores
+            from deepseek_mcp.kernels.w4a16 import w8a16_gemm
+
+            x = plain(x)
+            return w8a16_gemm(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.weight_scale_inv)
         if self.takes_fp8:
             from deepseek_mcp.kernels.fp8 import fp8_gemm, fp8_linear
 
@@ -100,9 +140,11 @@ class ColumnParallelLinear(Linear):
     """Holds output rows [rank * n, (rank + 1) * n) of the full [out, in] weight; output [.., n], no collective."""
 
     def __init__(self, in_features: int, out_features: int, rt: Runtime, fp8: bool, device: torch.device,
-                 tp: TPContext):
-        shard, fp8 = split(out_features, tp, 0, fp8, rt.fp8_block)
-        super().__init__(in_features, shard.size, rt, fp8, device)
+                 tp: TPContext, name: str = ""):
+        group = rt.int4_group(name)
+        shard, fp8 = (split_int4(out_features, tp, 0, group, name), False) if group else \
+            split(out_features, tp, 0, fp8, rt.fp8_block)
+        super().__init__(in_features, shard.size, rt, fp8, device, group, name)
         _mark(self, shard)
 
 
@@ -111,9 +153,11 @@ class RowParallelLinear(Linear):
     all-reduced unless `reduce` is False (the MoE sums its experts' partial outputs first)."""
 
     def __init__(self, in_features: int, out_features: int, rt: Runtime, fp8: bool, device: torch.device,
-                 tp: TPContext, reduce: bool = True):
-        shard, fp8 = split(in_features, tp, 1, fp8, rt.fp8_block)
-        super().__init__(shard.size, out_features, rt, fp8, device)
+                 tp: TPContext, reduce: bool = True, name: str = ""):
+        group = rt.int4_group(name)
+        shard, fp8 = (split_int4(in_features, tp, 1, group, name), False) if group else \
+            split(in_features, tp, 1, fp8, rt.fp8_block)
+        super().__init__(shard.size, out_features, rt, fp8, device, group, name)
         _mark(self, shard)
         self.tp, self.reduce = tp, reduce
 
@@ -174,10 +218,19 @@ def fuse_linears(parts: list[Linear]) -> Linear | None:
     """One Linear whose output is the concatenation of `parts`' outputs (same input), or None where FP8 scale
     blocks would straddle a seam (every part but the last must end on a whole 128-row block)."""
     first = parts[0]
+    if first.int4_group:  # 4-bit: codes, scales and zero points stacked row-wise alike
+        if any(p.int4_group != first.int4_group or p.in_features != first.in_features for p in parts):
+            return None
+        fused = Linear(first.in_features, sum(p.out_features for p in parts), first.rt, False,
+                       torch.device("meta"), first.int4_group)
+        for attr in ("weight", "weight_scale", "weight_zero"):
+            setattr(fused, attr, _frozen(torch.cat([getattr(p, attr) for p in parts])))
+        return fused
     fp8 = first.weight_scale_inv is not None
     if fp8 and any(p.out_features % first.rt.fp8_block for p in parts[:-1]):
         return None
-    if any(p.in_features != first.in_features or (p.weight_scale_inv is not None) != fp8 for p in parts):
+    if any(p.in_features != first.in_features or (p.weight_scale_inv is not None) != fp8 or p.int4_group
+           for p in parts):
         return None
     fused = Linear(first.in_features, sum(p.out_features for p in parts), first.rt, fp8, torch.device("meta"))
     fused.weight = _frozen(torch.cat([p.weight for p in parts]))  # [sum N, K]
@@ -227,11 +280,13 @@ class MLP(nn.Module):
     False (a shared expert, summed with the routed ones first)."""
 
     def __init__(self, dim: int, inter: int, rt: Runtime, fp8: bool, device: torch.device,
-                 tp: TPContext = ONE_DEVICE, reduce: bool = True):
+                 tp: TPContext = ONE_DEVICE, reduce: bool = True, prefix: str = ""):
         super().__init__()
-        self.gate_proj = ColumnParallelLinear(dim, inter, rt, fp8, device, tp)
-        self.up_proj = ColumnParallelLinear(dim, inter, rt, fp8, device, tp)
-        self.down_proj = RowParallelLinear(inter, dim, rt, fp8, device, tp, reduce=reduce)
+        p = f"{prefix}." if prefix else ""  # the checkpoint's module names (which ones are 4-bit)
+        self.gate_proj = ColumnParallelLinear(dim, inter, rt, fp8, device, tp, name=p and p + "gate_proj")
+        self.up_proj = ColumnParallelLinear(dim, inter, rt, fp8, device, tp, name=p and p + "up_proj")
+        self.down_proj = RowParallelLinear(inter, dim, rt, fp8, device, tp, reduce=reduce,
+                                           name=p and p + "down_proj")
         self.gate_up_proj: Linear | None = None
 
     def fuse_gate_up_(self) -> None:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepseek_mcp.inference.model.config import ConfigError, ModelConfig
-from deepseek_mcp.inference.model.parallel import ParallelConfigError, check_divisible, padded_vocab
+from deepseek_mcp.inference.model.int4 import int4_nbytes, split_int4
+from deepseek_mcp.inference.model.parallel import ParallelConfigError, TPContext, check_divisible, padded_vocab
 
 KINDS = ("attention", "dense_mlp", "routed_experts", "shared_experts", "embedding_and_head", "norms_and_router")
 GIB = 2**30
@@ -47,32 +48,49 @@ def _split(n_full: int, k_full: int, dim: int, rank: int, world: int, fp8: bool,
 def weight_bytes(cfg: ModelConfig, world: int, rank: int = 0, *, fp8: bool, dtype_bytes: int = 2) -> dict[str, int]:
     """One rank's parameter bytes by kind as laid out for the step (`Transformer.prepare_for_kernels_`: kv_b_proj
     as dense W_UK / W_UV in the activation dtype, the router weight in fp32); the multi-token-prediction layer is
-    not loaded."""
+    not loaded. A 4-bit checkpoint (`cfg.int4`): the Linears its scheme quantizes as codes + fp32 scales + uint8
+    zero points per group (int4.py), the others in the activation dtype; a split cutting a group raises
+    ParallelConfigError as the model would."""
     b, dt, d, h = cfg.quant.block_size[0] if cfg.quant else 128, dtype_bytes, cfg.hidden_size, cfg.num_heads
+    q4, tp = cfg.int4, TPContext(rank, world)
+    fp8 = fp8 and q4 is None
     out = dict.fromkeys(KINDS, 0)
-    attn = _linear(cfg.kv_lora_rank + cfg.qk_rope_head_dim, d, fp8, b, dt) + cfg.kv_lora_rank * dt
-    if cfg.q_lora_rank is None:
-        attn += _split(h * cfg.qk_head_dim, d, 0, rank, world, fp8, b, dt)
-    else:
-        attn += _linear(cfg.q_lora_rank, d, fp8, b, dt) + cfg.q_lora_rank * dt
-        attn += _split(h * cfg.qk_head_dim, cfg.q_lora_rank, 0, rank, world, fp8, b, dt)
-    attn += _split(h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, 0, rank, world, False, b, dt)
-    attn += _split(d, h * cfg.v_head_dim, 1, rank, world, fp8, b, dt)
 
-    def mlp(inter: int) -> int:  # gate/up rows and down columns of an [inter]-wide SwiGLU
-        return 2 * _split(inter, d, 0, rank, world, fp8, b, dt) + _split(d, inter, 1, rank, world, fp8, b, dt)
+    def lin(name: str, n: int, k: int, dim: int | None) -> int:  # dim: None replicated, 0 column, 1 row split
+        g = q4.group_size if q4 is not None and q4.quantizes(name) else 0
+        if g:
+            if dim is not None:
+                size = split_int4(n if dim == 0 else k, tp, dim, g, name).size
+                n, k = (size, k) if dim == 0 else (n, size)
+            return int4_nbytes(n, k, g, q4.scale_torch_dtype.itemsize)
+        return _linear(n, k, fp8, b, dt) if dim is None else _split(n, k, dim, rank, world, fp8, b, dt)
+
+    def mlp(prefix: str, inter: int) -> int:  # gate/up rows and down columns of an [inter]-wide SwiGLU
+        return lin(prefix + "gate_proj", inter, d, 0) + lin(prefix + "up_proj", inter, d, 0) + \
+            lin(prefix + "down_proj", d, inter, 1)
 
     for layer in range(cfg.num_layers):
+        a, m = f"model.layers.{layer}.self_attn.", f"model.layers.{layer}.mlp."
+        attn = lin(a + "kv_a_proj_with_mqa", cfg.kv_lora_rank + cfg.qk_rope_head_dim, d, None) + cfg.kv_lora_rank * dt
+        if cfg.q_lora_rank is None:
+            attn += lin(a + "q_proj", h * cfg.qk_head_dim, d, 0)
+        else:
+            attn += lin(a + "q_a_proj", cfg.q_lora_rank, d, None) + cfg.q_lora_rank * dt
+            attn += lin(a + "q_b_proj", h * cfg.qk_head_dim, cfg.q_lora_rank, 0)
+        if q4 is not None and q4.quantizes(a + "kv_b_proj"):  # its split must still keep whole words
+            split_int4(h * (cfg.qk_nope_head_dim + cfg.v_head_dim), tp, 0, q4.group_size, a + "kv_b_proj")
+        attn += _split(h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, 0, rank, world, False, b, dt)
+        attn += lin(a + "o_proj", d, h * cfg.v_head_dim, 1)
         out["attention"] += attn
         out["norms_and_router"] += 2 * d * dt
         if cfg.is_moe_layer(layer):
             i = cfg.moe_intermediate_size
-            out["routed_experts"] += cfg.n_routed_experts * mlp(i)  # every expert's slice of I
+            out["routed_experts"] += cfg.n_routed_experts * mlp(m + "experts.0.", i)  # every expert's slice of I
             out["norms_and_router"] += cfg.n_routed_experts * (d + 1) * 4  # fp32 weight and bias
             if cfg.n_shared_experts:
-                out["shared_experts"] += mlp(i * cfg.n_shared_experts)
+                out["shared_experts"] += mlp(m + "shared_experts.", i * cfg.n_shared_experts)
         else:
-            out["dense_mlp"] += mlp(cfg.intermediate_size)
+            out["dense_mlp"] += mlp(m, cfg.intermediate_size)
     rows = padded_vocab(cfg.vocab_size, world) // world
     out["embedding_and_head"] = rows * d * dt * (1 if cfg.tie_word_embeddings else 2)
     out["norms_and_router"] += d * dt
@@ -147,6 +165,10 @@ def smallest_fit(cfg: ModelConfig, p: Plan, **kw) -> tuple[int | None, float]:
 def render(p: Plan) -> str:
     cfg, g = p.cfg, lambda x: f"{x / GIB:9.2f} GiB"
     wfmt = "FP8 e4m3 + fp32 128x128 block scales" if p.fp8 else "activation dtype"
+    if cfg.int4 is not None:
+        q4 = cfg.int4
+        wfmt = (f"4-bit {q4.fmt} (int4 codes + {q4.scale_dtype} scales + uint8 zero points per {q4.group_size} "
+                "inputs) where quantized, the rest in the activation dtype")
     lines = [f"{cfg.name}: {p.world_size} rank(s) x {p.memory_bytes / GIB:.1f} GiB; weights {wfmt}, bf16 activations",
              "weights per rank (rank 0):"]
     lines += [f"  {kind:<20}{g(p.weights[kind])}" for kind in KINDS]

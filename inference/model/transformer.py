@@ -11,6 +11,8 @@ Module and parameter names follow the Hugging Face checkpoint, so loading is a n
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -45,21 +47,28 @@ class MLA(nn.Module):
     [H, v, C]; q_a_proj and kv_a_proj_with_mqa fused into one GEMM (one activation quantization under FP8).
     """
 
-    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device, tp: TPContext):
+    def __init__(self, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device, tp: TPContext,
+                 prefix: str = "self_attn"):
         super().__init__()
         self.cfg, self.rt = cfg, rt
         h, d = cfg.num_heads, cfg.hidden_size  # this rank computes heads [rank * H/N, (rank + 1) * H/N)
+
+        def n(module: str) -> str:  # the checkpoint's module names (which ones are 4-bit)
+            return f"{prefix}.{module}"
+
         if cfg.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(d, h * cfg.qk_head_dim, rt, fp8, device, tp)
+            self.q_proj = ColumnParallelLinear(d, h * cfg.qk_head_dim, rt, fp8, device, tp, n("q_proj"))
         else:
-            self.q_a_proj = Linear(d, cfg.q_lora_rank, rt, fp8, device)
+            self.q_a_proj = Linear(d, cfg.q_lora_rank, rt, fp8, device, rt.int4_group(n("q_a_proj")), n("q_a_proj"))
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, rt, device)
-            self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, h * cfg.qk_head_dim, rt, fp8, device, tp)
-        self.kv_a_proj_with_mqa = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, rt, fp8, device)
+            self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, h * cfg.qk_head_dim, rt, fp8, device, tp,
+                                                 n("q_b_proj"))
+        self.kv_a_proj_with_mqa = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, rt, fp8, device,
+                                         rt.int4_group(n("kv_a_proj_with_mqa")), n("kv_a_proj_with_mqa"))
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, rt, device)
         self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), rt,
-                                              fp8, device, tp)
-        self.o_proj = RowParallelLinear(h * cfg.v_head_dim, d, rt, fp8, device, tp)
+                                              fp8, device, tp, n("kv_b_proj"))
+        self.o_proj = RowParallelLinear(h * cfg.v_head_dim, d, rt, fp8, device, tp, name=n("o_proj"))
         self.qkv_a_proj: Linear | None = None  # set by prepare_()
         self.w_uk: nn.Parameter | None = None
         self.w_uv: nn.Parameter | None = None
@@ -130,11 +139,12 @@ class MLA(nn.Module):
 class Block(nn.Module):
     def __init__(self, layer: int, cfg: ModelConfig, rt: Runtime, fp8: bool, device: torch.device, tp: TPContext):
         super().__init__()
-        self.self_attn = MLA(cfg, rt, fp8, device, tp)
+        prefix = f"model.layers.{layer}"
+        self.self_attn = MLA(cfg, rt, fp8, device, tp, f"{prefix}.self_attn")
         if cfg.is_moe_layer(layer):
-            self.mlp: nn.Module = MoE(cfg, rt, fp8, device, tp)
+            self.mlp: nn.Module = MoE(cfg, rt, fp8, device, tp, f"{prefix}.mlp")
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rt, fp8, device, tp)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rt, fp8, device, tp, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rt, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rt, device)
 
@@ -185,7 +195,8 @@ class MTPLayer(Block):
         d = cfg.hidden_size
         self.enorm = RMSNorm(d, cfg.rms_norm_eps, rt, device)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps, rt, device)
-        self.eh_proj = Linear(2 * d, d, rt, fp8, device)
+        eh = f"model.layers.{cfg.num_layers}.eh_proj"
+        self.eh_proj = Linear(2 * d, d, rt, fp8, device, rt.int4_group(eh), eh)
         self.shared_head = SharedHead(cfg, rt, device)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -209,6 +220,8 @@ class Transformer(nn.Module):
             raise ValueError("the multi-token-prediction layer was asked for, but config.json has "
                              "num_nextn_predict_layers = 0: this checkpoint has none")
         device = torch.device(device)
+        if cfg.int4 is not None:  # a 4-bit checkpoint: its scheme says which Linears are 4-bit
+            rt, fp8 = replace(rt, int4=cfg.int4), False
         self.cfg, self.rt, self.tp = cfg, rt, tp
         self.model = DecoderStack(cfg, rt, fp8, device, tp)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, rt, device, tp)

@@ -2,7 +2,8 @@
 
 Tool calls (V3.1 chat template / model card):
     <｜tool▁calls▁begin｜> (<｜tool▁call▁begin｜> NAME <｜tool▁sep｜> ARGS <｜tool▁call▁end｜>)+ <｜tool▁calls▁end｜>
-with ARGS compact JSON (no free whitespace, "," and ":" separators) valid for NAME's schema, then EOS.
+with ARGS compact JSON (no free whitespace, "," and ":" separators) valid for NAME's schema, then EOS; for a
+custom tool (`ToolSpec.grammar`) ARGS is raw text in the tool's lark or regex grammar.
 """
 
 from __future__ import annotations
@@ -35,13 +36,35 @@ def json_ebnf(schema: Mapping[str, Any], where: str) -> str:
     return bounded_number_rules(str(grammar))
 
 
+def input_ebnf(tool: ToolSpec) -> str:
+    """The grammar of a call's input: compact JSON for the tool's schema, or a custom tool's own grammar
+    (lark or regex) for its raw text."""
+    where = f"tool {tool.name!r}"
+    if tool.grammar is None:
+        return json_ebnf(tool.parameters, where)
+    syntax, definition = tool.grammar
+    try:
+        if syntax == "regex":
+            grammar = xgr.Grammar.from_regex(definition)
+        elif syntax == "lark":
+            grammar = xgr.Grammar.from_lark(definition)
+        else:
+            raise ConstraintError(f"{where}: grammar syntax must be 'lark' or 'regex', got {syntax!r}")
+    except (RuntimeError, ValueError) as e:
+        if isinstance(e, ConstraintError):
+            raise
+        raise ConstraintError(f"{where}: the grammar engine cannot compile its {syntax} grammar: "
+                              f"{first_line(e)}") from None
+    return str(grammar)
+
+
 def tool_calls_tag(tools: Sequence[ToolSpec], vocab: GrammarVocab, *, parallel: bool) -> st.StructuralTag:
     """Structural tag for one tool-call block: calls begin, one call (or more when `parallel`), calls end."""
     ids = vocab.tools
     calls = [
         st.SequenceFormat(elements=[
             st.TokenFormat(token=ids.call_begin), st.ConstStringFormat(value=t.name), st.TokenFormat(token=ids.sep),
-            st.GrammarFormat(grammar=json_ebnf(t.parameters, f"tool {t.name!r}")), st.TokenFormat(token=ids.call_end),
+            st.GrammarFormat(grammar=input_ebnf(t)), st.TokenFormat(token=ids.call_end),
         ])
         for t in tools
     ]
@@ -76,7 +99,7 @@ class GrammarCache:
         return len(self._items)
 
     def tools(self, tools: Sequence[ToolSpec], parallel: bool) -> Compiled:
-        key = canonical(["tools", parallel, [[t.name, t.parameters] for t in tools]])
+        key = canonical(["tools", parallel, [[t.name, t.parameters, t.grammar] for t in tools]])
         return self._get(key, lambda: self._compile_tools(tools, parallel))
 
     def json(self, schema: Mapping[str, Any] | None, where: str) -> Compiled:

@@ -36,6 +36,7 @@ from deepseek_mcp.mcp_server.api.requests import (
     CountTokensRequest,
     MessagesRequest,
 )
+from deepseek_mcp.mcp_server.api.responses_routes import ResponsesRoutes
 from deepseek_mcp.mcp_server.api.sse import EventStreamResponse, Write
 from deepseek_mcp.mcp_server.hosts import HostGate
 from deepseek_mcp.mcp_server.model_host import DEMO_NAME
@@ -67,6 +68,9 @@ class ApiApp:
         self.names = served_model_names(service)
         self.security = TransportSecurityMiddleware(security_settings(self.config))
         self._token = self.config.token.encode() if self.config.token else None
+        self.responses = ResponsesRoutes(service, body=self._body, model=self._model,
+                                         ready=lambda: check_ready(service), complete=self._complete)
+        responses = self.responses
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.guarded(self.models, None), methods=["GET"]),
@@ -74,6 +78,11 @@ class ApiApp:
             Route("/v1/completions", self.guarded(self.completions, "openai"), methods=["POST"]),
             Route("/v1/messages", self.guarded(self.messages, "anthropic"), methods=["POST"]),
             Route("/v1/messages/count_tokens", self.guarded(self.count_tokens, "anthropic"), methods=["POST"]),
+            Route("/v1/responses", self.guarded(responses.create, "openai"), methods=["POST"]),
+            Route("/v1/responses/{response_id}", self.guarded(responses.retrieve, "openai"), methods=["GET"]),
+            Route("/v1/responses/{response_id}", self.guarded(responses.delete, "openai"), methods=["DELETE"]),
+            Route("/v1/responses/{response_id}/input_items", self.guarded(responses.input_items, "openai"),
+                  methods=["GET"]),
             Route("/v1/{rest:path}", self.guarded(self.unknown, None), methods=["GET", "POST", "PUT", "DELETE"]),
         ]
         self.app = Starlette(routes=routes)
@@ -189,7 +198,8 @@ class ApiApp:
 
     async def unknown(self, request: Request, flavor: Flavor) -> Response:
         raise ApiError(404, f"no route {request.method} {request.url.path}; this server has /v1/models, "
-                            "/v1/chat/completions, /v1/completions, /v1/messages, /v1/messages/count_tokens",
+                            "/v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, "
+                            "/v1/messages/count_tokens",
                        code="not_found")
 
     async def chat(self, request: Request, flavor: Flavor) -> Response:

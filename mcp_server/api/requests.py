@@ -187,6 +187,7 @@ class ResponsesRequest(_Closed):
     previous_response_id: str | None = None
     include: list[Includable] | None = None  # accepted; nothing listed is added (see the docs)
     metadata: dict[str, str] | None = Field(None, max_length=16)
+    client_metadata: dict[str, Any] | None = None  # accepted, ignored (Codex CLI sends its session ids)
     user: str | None = None  # accepted, ignored
     safety_identifier: str | None = None  # accepted, ignored
     prompt_cache_key: str | None = None  # accepted: the prefix cache needs no key

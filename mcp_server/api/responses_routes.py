@@ -4,6 +4,7 @@ stored responses live in a ResponseStore (response_store.py)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,6 +21,8 @@ from deepseek_mcp.mcp_server.api.sse import EventStreamResponse, Write
 from deepseek_mcp.mcp_server.failures import RequestError
 from deepseek_mcp.mcp_server.pipeline import Choice, Plan, Prepared
 from deepseek_mcp.mcp_server.service import ChatService
+
+log = logging.getLogger(__name__)
 
 Body = Callable[[Request, Any], Awaitable[Any]]
 Complete = Callable[[Request, Prepared, str, str], Awaitable["list[Choice] | None"]]
@@ -77,7 +80,11 @@ class ResponsesRoutes:
             except Exception as e:  # headers are sent: the failure becomes the stream's last events
                 if isinstance(e, OSError):  # the client went away mid-write
                     raise
-                await stream.fail(from_exception(e))
+                err = from_exception(e)
+                log.info("responses stream failed: %d %s", err.status, err.message)
+                await stream.fail(err)
+                return
+            log.info("responses (%s): streamed %s, %d output items", model, rid, len(stream.output))
 
         return EventStreamResponse(produce)
 

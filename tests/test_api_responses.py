@@ -225,7 +225,7 @@ def test_function_tools_required(client: OpenAI, server: LiveServer) -> None:
 
 @pytest.mark.parametrize("syntax, definition, pattern", [("regex", CODE, CODE),
                                                           ("lark", PATCH_LARK, r"\*\*\* [a-z]{2,6} [0-9]{1,3}")])
-def test_custom_tool_grammar(client: OpenAI, syntax: str, definition: str, pattern: str) -> None:
+def test_custom_tool_grammar(client: OpenAI, server: LiveServer, syntax: str, definition: str, pattern: str) -> None:
     tool = {"type": "custom", "name": "code", "description": "Submit a code",
             "format": {"type": "grammar", "syntax": syntax, "definition": definition}}
     r = client.responses.create(model=MODEL, input="Give me a code", tools=[tool, WEATHER],
@@ -238,6 +238,14 @@ def test_custom_tool_grammar(client: OpenAI, syntax: str, definition: str, patte
                                          "output": "accepted"}])
     assert r2.usage.input_tokens > r.usage.input_tokens + len(call.input) // 4
     assert r2.usage.input_tokens_details.cached_tokens >= r.usage.input_tokens - 16
+    # streamed: the input deltas join to the call's input
+    events = events_of(server, {"model": MODEL, "input": "Another code", "tools": [tool], "tool_choice": "required",
+                                "max_output_tokens": 40})
+    text = "".join(e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta")
+    done = next(e for e in events if e["type"] == "response.custom_tool_call_input.done")
+    item = events[-1]["response"]["output"][-1]
+    assert text == done["input"] == item["input"] and item["type"] == "custom_tool_call"
+    assert re.fullmatch(pattern, text)
 
 
 def test_text_format_json_schema(client: OpenAI) -> None:

@@ -223,11 +223,13 @@ def test_function_tools_required(client: OpenAI, server: LiveServer) -> None:
     jsonschema.validate(json.loads(args), CITY)
 
 
-@pytest.mark.parametrize("syntax, definition, pattern", [("regex", CODE, CODE),
-                                                          ("lark", PATCH_LARK, r"\*\*\* [a-z]{2,6} [0-9]{1,3}")])
-def test_custom_tool_grammar(client: OpenAI, server: LiveServer, syntax: str, definition: str, pattern: str) -> None:
-    tool = {"type": "custom", "name": "code", "description": "Submit a code",
-            "format": {"type": "grammar", "syntax": syntax, "definition": definition}}
+@pytest.mark.parametrize("fmt, pattern", [
+    ({"type": "grammar", "syntax": "regex", "definition": CODE}, CODE),
+    ({"type": "grammar", "syntax": "lark", "definition": PATCH_LARK}, r"\*\*\* [a-z]{2,6} [0-9]{1,3}"),
+    ({"type": "text"}, r"[^\x00]*"),
+    ({"type": "grammar", "syntax": "regex", "definition": r"x.*"}, r"x[^\x00]*")])  # `.` as xgrammar reads it
+def test_custom_tool_grammar(client: OpenAI, server: LiveServer, fmt: dict[str, Any], pattern: str) -> None:
+    tool = {"type": "custom", "name": "code", "description": "Submit a code", "format": fmt}
     r = client.responses.create(model=MODEL, input="Give me a code", tools=[tool, WEATHER],
                                 tool_choice={"type": "custom", "name": "code"}, max_output_tokens=40)
     call = r.output[-1]
@@ -236,7 +238,7 @@ def test_custom_tool_grammar(client: OpenAI, server: LiveServer, syntax: str, de
     r2 = client.responses.create(model=MODEL, previous_response_id=r.id, max_output_tokens=4, tools=[tool, WEATHER],
                                  input=[{"type": "custom_tool_call_output", "call_id": call.call_id,
                                          "output": "accepted"}])
-    assert r2.usage.input_tokens > r.usage.input_tokens + len(call.input) // 4
+    assert r2.usage.input_tokens > r.usage.input_tokens + r.usage.output_tokens // 2  # the call is in the history
     assert r2.usage.input_tokens_details.cached_tokens >= r.usage.input_tokens - 16
     # streamed: the input deltas join to the call's input
     events = events_of(server, {"model": MODEL, "input": "Another code", "tools": [tool], "tool_choice": "required",
@@ -337,6 +339,13 @@ def test_errors(client: OpenAI, server: LiveServer) -> None:
     status, body = error_of(create(tools=[{"type": "custom", "name": "c", "format": {
         "type": "grammar", "syntax": "regex", "definition": "(unclosed"}}], tool_choice="required"))
     assert status == 400 and "regex" in body["message"]
+    status, body = error_of(create(tools=[WEATHER], tool_choice={"type": "custom", "name": "get_weather"}))
+    assert status == 400 and body["param"] == "tool_choice" and "custom" in body["message"]
+    status, body = error_of(create(input=[{"type": "function_call_output", "call_id": "c", "output": {"x": 1}}]))
+    assert status == 400 and body["param"] == "input[0].output"
+    status, body = error_of(create(text={"format": {"type": "json_schema", "name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "bogus"}}}}}))
+    assert status == 400 and body["param"] == "text.format" and "response_format" not in body["message"]
     status, body = error_of(create(tool_choice="required"))
     assert status == 400 and body["param"] == "tool_choice"
     status, body = error_of(create(include=["nonsense"]))

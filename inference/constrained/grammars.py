@@ -8,6 +8,7 @@ custom tool (`ToolSpec.grammar`) ARGS is raw text in the tool's lark or regex gr
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -55,7 +56,49 @@ def input_ebnf(tool: ToolSpec) -> str:
             raise
         raise ConstraintError(f"{where}: the grammar engine cannot compile its {syntax} grammar: "
                               f"{first_line(e)}") from None
-    return str(grammar)
+    return without_nul(str(grammar))
+
+
+_CLASS_ITEM = re.compile(r"(\\U[0-9a-fA-F]{8}|\\u[0-9a-fA-F]{4}|\\x[0-9a-fA-F]{2}|\\.|[^\\])"
+                         r"(?:-(\\U[0-9a-fA-F]{8}|\\u[0-9a-fA-F]{4}|\\x[0-9a-fA-F]{2}|\\.|[^\\]))?")
+
+
+def without_nul(ebnf: str) -> str:
+    """`ebnf` with NUL taken out of every character class. Control tokens reach the grammar as text that starts
+    with NUL (vocab.py), so a class holding NUL (a regex `.` or `[\\s\\S]`) would admit them inside a custom
+    tool's text; no text input needs NUL."""
+    out, i, n = [], 0, len(ebnf)
+    while i < n:
+        c = ebnf[i]
+        if c == '"':  # a literal: copied as is
+            j = i + 1
+            while j < n and ebnf[j] != '"':
+                j += 2 if ebnf[j] == "\\" else 1
+            out.append(ebnf[i:j + 1])
+            i = j + 1
+        elif c == "[":
+            j = i + 1
+            while j < n and ebnf[j] != "]":
+                j += 2 if ebnf[j] == "\\" else 1
+            body = ebnf[i + 1:j]
+            out.append("[" + (("^\\0" + body[1:]) if body.startswith("^") else _drop_nul(body)) + "]")
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _drop_nul(body: str) -> str:
+    items = []
+    for m in _CLASS_ITEM.finditer(body):
+        lo, hi = m.group(1), m.group(2)
+        if lo in ("\\0", "\\x00"):
+            if hi is None or hi in ("\\0", "\\x00"):
+                continue
+            lo = "\\x01"
+        items.append(lo if hi is None else f"{lo}-{hi}")
+    return "".join(items) or body  # a class of NUL alone stays (the planner then finds no way through it)
 
 
 def tool_calls_tag(tools: Sequence[ToolSpec], vocab: GrammarVocab, *, parallel: bool) -> st.StructuralTag:

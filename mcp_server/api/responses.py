@@ -101,11 +101,11 @@ def thinking_of(req: Any, model: str) -> tuple[bool, float | None]:
     return True, FRACTIONS[effort]
 
 
-def _text(content: Any, where: str) -> str:
+def _text(content: Any, where: str, key: str = "content") -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise invalid(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+        raise invalid(f"{where}.{key} must be a string or a list of text parts", f"{where}.{key}")
     parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -113,8 +113,8 @@ def _text(content: Any, where: str) -> str:
             parts.append(part["refusal"])
             continue
         if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
-            raise invalid(f"{where}.content[{j}]: part type {kind!r} is not supported (this model reads text: "
-                          "input_text, output_text)", f"{where}.content[{j}].type")
+            raise invalid(f"{where}.{key}[{j}]: part type {kind!r} is not supported (this model reads text: "
+                          "input_text, output_text)", f"{where}.{key}[{j}].type")
         parts.append(part["text"])
     return "".join(parts)
 
@@ -158,7 +158,7 @@ def template_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind in ("function_call_output", "custom_tool_call_output"):
-            out.append({"role": "tool", "content": _text(item.get("output"), where)})
+            out.append({"role": "tool", "content": _text(item.get("output"), where, "output")})
         elif kind != "reasoning":
             raise invalid(f"{where}: input item type {kind!r} is not supported (this server reads message, "
                           "function_call, function_call_output, custom_tool_call, custom_tool_call_output and "
@@ -199,6 +199,9 @@ def tool_plan(tools: list[dict[str, Any]] | None, choice: Any) -> Tools:
         if kind not in ("function", "custom") or not isinstance(mode.get("name"), str):
             raise unsupported("tool_choice", f"type {kind!r}: give 'auto', 'none', 'required' or {{\"type\": "
                                              "\"function\" | \"custom\", \"name\": ...}")
+        if (mode["name"] in custom) != (kind == "custom"):
+            raise invalid(f"tool_choice names {mode['name']!r} as a {kind} tool, but no {kind} tool of that name "
+                          "was given", "tool_choice")
         mode = NamedToolChoice(name=mode["name"])
     if not specs:
         if mode in ("auto", "none"):

@@ -93,8 +93,10 @@ class ResponsesRoutes:
         try:
             return await self.service.prepare(plan)
         except RequestError as e:
-            text = str(e).replace("max_tokens", "max_output_tokens")
-            param = "max_output_tokens" if "max_output_tokens" in text else "tools" if "tool" in text else None
+            text = str(e).replace("max_tokens", "max_output_tokens").replace("response_format", "text.format")
+            text = text.replace("thinking_budget", "the reasoning budget (reasoning.effort)")
+            param = "text.format" if text.startswith("text.format") else "max_output_tokens" \
+                if "max_output_tokens" in text else "tools" if "tool" in text else None
             if "the prompt is" in text or "shorten the prompt" in text:
                 param = "input"
             raise invalid(text, param) from None

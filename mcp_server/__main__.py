@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "returns what it has with finish_reason 'time', an error if nothing yet (default 50)")
     s.add_argument("--load-wait", type=float, metavar="SECONDS",
                    help="how long a call waits for a model still loading (default 600)")
-    s.add_argument("--max-conversations", type=int, help="stored conversations kept (default 256)")
+    s.add_argument("--max-conversations", type=int, help="stored conversations kept, and as many "
+                   "stored /v1/responses (default 256)")
     s.add_argument("--max-waiting", type=int, help="requests that may queue for a batch slot; more are refused "
                                                    "at once (HTTP 429) (default 256)")
     s.add_argument("--max-conversation-tokens", type=int, metavar="TOKENS",

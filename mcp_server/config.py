@@ -41,7 +41,8 @@ class Limits(_Section):
         50.0, gt=0, description="Generation time limit per call; the call returns what it has (finish 'time')."
     )
     load_wait_s: float = Field(600.0, gt=0, description="How long a call waits for a model still loading.")
-    max_conversations: int = Field(256, gt=0, description="Stored conversations kept (least recently used go).")
+    max_conversations: int = Field(
+        256, gt=0, description="Stored conversations kept, and as many stored API responses (least recently used go).")
     max_conversation_tokens: int = Field(
         1_000_000, gt=0, description="Tokens all stored conversations may hold together (least recently used go)."
     )

@@ -56,7 +56,7 @@ class GrammarConstraints:
         False: at most one call; `thinking`: the calls come after `</think>`."""
         tool_choice: Any = {"name": choice.name} if choice.name is not None else choice.mode
         factory = self.factory(tokenizer, vocab_size)
-        return [factory.for_tools([s.as_openai() for s in tools], tool_choice, max_tokens,
+        return [factory.for_tools(list(tools), tool_choice, max_tokens,
                                   parallel_tool_calls=parallel_tool_calls, thinking=thinking)]
 
     def response_format(self, *, tokenizer: Any, response_format: Mapping[str, Any], max_tokens: int,

@@ -1,15 +1,16 @@
-"""Server-side conversation memory: an LRU map from conversation id to its messages, bounded by count and by
-total tokens, and the per-conversation turn locks that keep concurrent calls on one conversation in order."""
+"""Server-side conversation memory: an LRU map from id to what is kept (the MCP tools' conversations, the
+Responses API's stored responses), bounded by count and by total tokens, and the per-conversation turn locks
+that keep concurrent calls on one conversation in order."""
 
 from __future__ import annotations
 
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 
@@ -26,15 +27,27 @@ class Conversation:
     num_tokens: int = 0  # the rendered conversation (prompt + last reply), what it costs to keep
 
 
-class ConversationStore:
-    """Keeps the most recently used conversations: at most `capacity` of them and, together, at most
-    `max_tokens` tokens (the least recently used go first; the newest is kept even when it alone is over).
-    Messages are stored as plain dicts (copied)."""
+class Kept(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def num_tokens(self) -> int: ...
 
-    def __init__(self, capacity: int, max_tokens: int | None = None) -> None:
+
+K = TypeVar("K", bound=Kept)
+
+
+class ConversationStore(Generic[K]):
+    """Keeps the most recently used entries: at most `capacity` of them and, together, at most `max_tokens`
+    tokens (the least recently used go first; the newest is kept even when it alone is over). Entries are
+    copied in and out with `copy` (conversations: their messages as plain dicts; immutable entries need none)."""
+
+    def __init__(self, capacity: int, max_tokens: int | None = None,
+                 copy: Callable[[K], K] | None = None) -> None:
         self.capacity = capacity
         self.max_tokens = max_tokens
-        self._items: OrderedDict[str, Conversation] = OrderedDict()
+        self._copy: Callable[[K], K] = copy or _copy  # type: ignore[assignment]
+        self._items: OrderedDict[str, K] = OrderedDict()
         self._lock = threading.Lock()
         self.total_tokens = 0
 
@@ -44,21 +57,21 @@ class ConversationStore:
     def new_id(self) -> str:
         return "conv_" + secrets.token_hex(12)
 
-    def get(self, conversation_id: str) -> Conversation:
+    def get(self, conversation_id: str) -> K:
         """A snapshot copy; raises UnknownConversation."""
         with self._lock:
             conv = self._items.get(conversation_id)
             if conv is None:
                 raise UnknownConversation(conversation_id)
             self._items.move_to_end(conversation_id)
-            return _copy(conv)
+            return self._copy(conv)
 
-    def put(self, conv: Conversation) -> None:
+    def put(self, conv: K) -> None:
         with self._lock:
             old = self._items.pop(conv.id, None)
             if old is not None:
                 self.total_tokens -= old.num_tokens
-            self._items[conv.id] = _copy(conv)
+            self._items[conv.id] = self._copy(conv)
             self.total_tokens += conv.num_tokens
             while len(self._items) > 1 and (len(self._items) > self.capacity or (
                     self.max_tokens is not None and self.total_tokens > self.max_tokens)):
@@ -66,17 +79,17 @@ class ConversationStore:
                 self.total_tokens -= evicted.num_tokens
 
     def remove(self, conversation_id: str) -> int:
-        """Forget a conversation; returns how many messages it held. Raises UnknownConversation."""
+        """Forget an entry; returns how many messages it held (0 if it has none). Raises UnknownConversation."""
         with self._lock:
             conv = self._items.pop(conversation_id, None)
             if conv is not None:
                 self.total_tokens -= conv.num_tokens
         if conv is None:
             raise UnknownConversation(conversation_id)
-        return len(conv.messages)
+        return len(getattr(conv, "messages", ()))
 
 
-def _copy(conv: Conversation) -> Conversation:
+def _copy(conv: Any) -> Any:
     return Conversation(conv.id, conv.system, [dict(m) for m in conv.messages], conv.num_tokens)
 
 

@@ -76,7 +76,7 @@ class ChatService(Pipeline):
     def __init__(self, host: ModelHost, config: ServerConfig, *,
                  tool_call_processors: ToolCallProcessors | None = None) -> None:
         super().__init__(host, config, tool_call_processors=tool_call_processors)
-        self.conversations = ConversationStore(config.limits.max_conversations,
+        self.conversations: ConversationStore[Conversation] = ConversationStore(config.limits.max_conversations,
                                                config.limits.max_conversation_tokens)
         self.turns = TurnLocks()
         self._num_parameters: int | None = None

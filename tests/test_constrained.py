@@ -554,6 +554,25 @@ def test_grammar_cache_is_an_lru_on_canonical_schemas(tok: Tokenizer) -> None:
     assert factory.cache.misses == 4
 
 
+def test_custom_tool_grammars_without_nul(factory: ConstraintFactory) -> None:
+    from deepseek_mcp.inference.constrained.grammars import input_ebnf, without_nul
+    from deepseek_mcp.inference.text.tools import ToolSpec
+
+    # control tokens reach the grammar as text starting with NUL: no custom tool's class may hold it
+    assert without_nul('root ::= [\\0-\\b] [^a] "[\\0]" [a\\0] [\\x00-z]') == \
+        'root ::= [\\x01-\\b] [^\\0a] "[\\0]" [a] [\\x01-z]'
+    empty = {"type": "object", "properties": {}}
+    for grammar in (("regex", r"[\s\S]*"), ("regex", r"x.*"), ("lark", 'start: /(.|\\n)*/')):
+        spec = ToolSpec("t", "", empty, grammar=grammar)
+        assert "\\0-" not in input_ebnf(spec)
+        proc = factory.for_tools([spec], "required", 32)  # plans: the shortest call is a few tokens
+        assert proc.min_tokens < 12
+    with pytest.raises(ConstraintError, match="lark grammar"):
+        factory.for_tools([ToolSpec("t", "", empty, grammar=("lark", "start: nothing"))], "required", 32)
+    with pytest.raises(ConstraintError, match="grammar syntax"):
+        input_ebnf(ToolSpec("t", "", empty, grammar=("ebnf", 'root ::= "a"')))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # End to end on the demo checkpoint (random weights, real vocabulary) through the AsyncEngine
 

@@ -2,11 +2,13 @@
 
 Tool calls (V3.1 chat template / model card):
     <｜tool▁calls▁begin｜> (<｜tool▁call▁begin｜> NAME <｜tool▁sep｜> ARGS <｜tool▁call▁end｜>)+ <｜tool▁calls▁end｜>
-with ARGS compact JSON (no free whitespace, "," and ":" separators) valid for NAME's schema, then EOS.
+with ARGS compact JSON (no free whitespace, "," and ":" separators) valid for NAME's schema, then EOS; for a
+custom tool (`ToolSpec.grammar`) ARGS is raw text in the tool's lark or regex grammar.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -35,13 +37,77 @@ def json_ebnf(schema: Mapping[str, Any], where: str) -> str:
     return bounded_number_rules(str(grammar))
 
 
+def input_ebnf(tool: ToolSpec) -> str:
+    """The grammar of a call's input: compact JSON for the tool's schema, or a custom tool's own grammar
+    (lark or regex) for its raw text."""
+    where = f"tool {tool.name!r}"
+    if tool.grammar is None:
+        return json_ebnf(tool.parameters, where)
+    syntax, definition = tool.grammar
+    try:
+        if syntax == "regex":
+            grammar = xgr.Grammar.from_regex(definition)
+        elif syntax == "lark":
+            grammar = xgr.Grammar.from_lark(definition)
+        else:
+            raise ConstraintError(f"{where}: grammar syntax must be 'lark' or 'regex', got {syntax!r}")
+    except (RuntimeError, ValueError) as e:
+        if isinstance(e, ConstraintError):
+            raise
+        raise ConstraintError(f"{where}: the grammar engine cannot compile its {syntax} grammar: "
+                              f"{first_line(e)}") from None
+    return without_nul(str(grammar))
+
+
+_CLASS_ITEM = re.compile(r"(\\U[0-9a-fA-F]{8}|\\u[0-9a-fA-F]{4}|\\x[0-9a-fA-F]{2}|\\.|[^\\])"
+                         r"(?:-(\\U[0-9a-fA-F]{8}|\\u[0-9a-fA-F]{4}|\\x[0-9a-fA-F]{2}|\\.|[^\\]))?")
+
+
+def without_nul(ebnf: str) -> str:
+    """`ebnf` with NUL taken out of every character class. Control tokens reach the grammar as text that starts
+    with NUL (vocab.py), so a class holding NUL (a regex `.` or `[\\s\\S]`) would admit them inside a custom
+    tool's text; no text input needs NUL."""
+    out, i, n = [], 0, len(ebnf)
+    while i < n:
+        c = ebnf[i]
+        if c == '"':  # a literal: copied as is
+            j = i + 1
+            while j < n and ebnf[j] != '"':
+                j += 2 if ebnf[j] == "\\" else 1
+            out.append(ebnf[i:j + 1])
+            i = j + 1
+        elif c == "[":
+            j = i + 1
+            while j < n and ebnf[j] != "]":
+                j += 2 if ebnf[j] == "\\" else 1
+            body = ebnf[i + 1:j]
+            out.append("[" + (("^\\0" + body[1:]) if body.startswith("^") else _drop_nul(body)) + "]")
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _drop_nul(body: str) -> str:
+    items = []
+    for m in _CLASS_ITEM.finditer(body):
+        lo, hi = m.group(1), m.group(2)
+        if lo in ("\\0", "\\x00"):
+            if hi is None or hi in ("\\0", "\\x00"):
+                continue
+            lo = "\\x01"
+        items.append(lo if hi is None else f"{lo}-{hi}")
+    return "".join(items) or body  # a class of NUL alone stays (the planner then finds no way through it)
+
+
 def tool_calls_tag(tools: Sequence[ToolSpec], vocab: GrammarVocab, *, parallel: bool) -> st.StructuralTag:
     """Structural tag for one tool-call block: calls begin, one call (or more when `parallel`), calls end."""
     ids = vocab.tools
     calls = [
         st.SequenceFormat(elements=[
             st.TokenFormat(token=ids.call_begin), st.ConstStringFormat(value=t.name), st.TokenFormat(token=ids.sep),
-            st.GrammarFormat(grammar=json_ebnf(t.parameters, f"tool {t.name!r}")), st.TokenFormat(token=ids.call_end),
+            st.GrammarFormat(grammar=input_ebnf(t)), st.TokenFormat(token=ids.call_end),
         ])
         for t in tools
     ]
@@ -76,7 +142,7 @@ class GrammarCache:
         return len(self._items)
 
     def tools(self, tools: Sequence[ToolSpec], parallel: bool) -> Compiled:
-        key = canonical(["tools", parallel, [[t.name, t.parameters] for t in tools]])
+        key = canonical(["tools", parallel, [[t.name, t.parameters, t.grammar] for t in tools]])
         return self._get(key, lambda: self._compile_tools(tools, parallel))
 
     def json(self, schema: Mapping[str, Any] | None, where: str) -> Compiled:

@@ -31,6 +31,9 @@ class ToolSpec:
     name: str
     description: str
     parameters: Any  # JSON Schema of the arguments object
+    # A custom tool (OpenAI Responses): its input is raw text in this grammar, not JSON; (syntax, definition)
+    # with syntax "lark" or "regex" (the constrained decoding compiles it). None: JSON arguments.
+    grammar: tuple[str, str] | None = None
 
     def as_openai(self) -> dict[str, Any]:
         return {

@@ -29,7 +29,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deepseek_mcp.mcp_server.api import anthropic_messages, completions, openai_chat
 from deepseek_mcp.mcp_server.api.anthropic_stream import MessageStream
-from deepseek_mcp.mcp_server.api.errors import ApiError, Flavor, from_exception, from_validation, invalid
+from deepseek_mcp.mcp_server.api.errors import (
+    ApiError,
+    Flavor,
+    from_exception,
+    from_validation,
+    invalid,
+    shutting_down,
+)
 from deepseek_mcp.mcp_server.api.openai_stream import ChunkStream
 from deepseek_mcp.mcp_server.api.requests import (
     ChatCompletionRequest,
@@ -37,6 +44,7 @@ from deepseek_mcp.mcp_server.api.requests import (
     CountTokensRequest,
     MessagesRequest,
 )
+from deepseek_mcp.mcp_server.api.responses_routes import ResponsesRoutes
 from deepseek_mcp.mcp_server.api.sse import EventStreamResponse, Write
 from deepseek_mcp.mcp_server.hosts import HostGate
 from deepseek_mcp.mcp_server.metrics import CONTENT_TYPE
@@ -44,7 +52,7 @@ from deepseek_mcp.mcp_server.model_host import DEMO_NAME
 from deepseek_mcp.mcp_server.pipeline import Choice, Prepared
 from deepseek_mcp.mcp_server.progress import Progress
 from deepseek_mcp.mcp_server.service import ChatService
-from deepseek_mcp.mcp_server.shutdown import SHUTTING_DOWN, Drain
+from deepseek_mcp.mcp_server.shutdown import Drain
 from deepseek_mcp.mcp_server.transports import run_uvicorn, security_settings
 
 log = logging.getLogger(__name__)
@@ -63,10 +71,6 @@ def served_model_names(service: ChatService) -> list[str]:
     return [base, *(a for a in ALIASES if a != base)]
 
 
-def _shutting_down() -> ApiError:
-    return ApiError(503, SHUTTING_DOWN, code="shutting_down", headers={"Retry-After": "5", "Connection": "close"})
-
-
 class ApiApp:
     def __init__(self, service: ChatService, drain: Drain | None = None) -> None:
         self.service = service
@@ -75,6 +79,10 @@ class ApiApp:
         self.names = served_model_names(service)
         self.security = TransportSecurityMiddleware(security_settings(self.config))
         self._token = self.config.token.encode() if self.config.token else None
+        self.responses = ResponsesRoutes(service, body=self._body, model=self._model,
+                                         ready=lambda: check_ready(service), complete=self._complete,
+                                         drain=self.drain)
+        responses = self.responses
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.guarded(self.metrics, None), methods=["GET"]),
@@ -83,6 +91,11 @@ class ApiApp:
             Route("/v1/completions", self.guarded(self.completions, "openai"), methods=["POST"]),
             Route("/v1/messages", self.guarded(self.messages, "anthropic"), methods=["POST"]),
             Route("/v1/messages/count_tokens", self.guarded(self.count_tokens, "anthropic"), methods=["POST"]),
+            Route("/v1/responses", self.guarded(responses.create, "openai"), methods=["POST"]),
+            Route("/v1/responses/{response_id}", self.guarded(responses.retrieve, "openai"), methods=["GET"]),
+            Route("/v1/responses/{response_id}", self.guarded(responses.delete, "openai"), methods=["DELETE"]),
+            Route("/v1/responses/{response_id}/input_items", self.guarded(responses.input_items, "openai"),
+                  methods=["GET"]),
             Route("/v1/{rest:path}", self.guarded(self.unknown, None), methods=["GET", "POST", "PUT", "DELETE"]),
         ]
         self.app = Starlette(routes=routes)
@@ -116,10 +129,10 @@ class ApiApp:
             try:
                 self._check_token(request)
                 if self.drain.draining:
-                    raise _shutting_down()
+                    raise shutting_down()
                 with self.drain.guard(f"{request.method} {request.url.path}") as request.state.guard:
                     return await handler(request, shape)
-                raise _shutting_down()  # reached only when the stop cancelled the handler
+                raise shutting_down()  # reached only when the stop cancelled the handler
             except ClientDisconnect:  # gone while its body was read: nothing to answer
                 log.info("%s %s: client disconnected before its request was read", request.method,
                          request.url.path)
@@ -215,7 +228,8 @@ class ApiApp:
 
     async def unknown(self, request: Request, flavor: Flavor) -> Response:
         raise ApiError(404, f"no route {request.method} {request.url.path}; this server has /v1/models, "
-                            "/v1/chat/completions, /v1/completions, /v1/messages, /v1/messages/count_tokens",
+                            "/v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, "
+                            "/v1/messages/count_tokens",
                        code="not_found")
 
     async def chat(self, request: Request, flavor: Flavor) -> Response:
@@ -321,7 +335,7 @@ class ApiApp:
             with self.drain.guard(f"{plan.caller} {plan.request_id} (stream)") as guard:
                 await self.service.run_streaming(prep, on_item)
             if guard.aborted:
-                raise _shutting_down()
+                raise shutting_down()
         except Exception as e:  # headers are sent: the error becomes the stream's last event
             err = from_exception(e)
             if err.code != "shutting_down":  # the stop logged it

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 
 from deepseek_mcp.mcp_server.failures import GenerationFailed, GenerationTimeout, RequestError, ServerBusy
 from deepseek_mcp.mcp_server.model_host import ModelUnavailable
+from deepseek_mcp.mcp_server.shutdown import SHUTTING_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 
 def unsupported(param: str, why: str) -> ApiError:
     return ApiError(400, f"`{param}` is not supported by this server: {why}", param=param, code="unsupported")
+
+
+def shutting_down() -> ApiError:
+    """The server's stop refusing or ending a request (503; the client may retry elsewhere or later)."""
+    return ApiError(503, SHUTTING_DOWN, code="shutting_down", headers={"Retry-After": "5", "Connection": "close"})
 
 
 def from_validation(err: ValidationError) -> ApiError:

@@ -17,7 +17,7 @@ from sync_guard import HostSyncError, NoHostSync  # noqa: E402
 
 from deepseek_mcp.inference.engine.batch import ScheduledSeq, build_batch  # noqa: E402
 from deepseek_mcp.inference.engine.engine import Engine  # noqa: E402
-from deepseek_mcp.inference.engine.sampling import SamplingParams, make_generator, sample  # noqa: E402
+from deepseek_mcp.inference.engine.sampling import SamplingParams, sample  # noqa: E402
 from deepseek_mcp.inference.engine.step_inputs import StepInputs  # noqa: E402
 from deepseek_mcp.inference.model import attention  # noqa: E402
 
@@ -138,11 +138,16 @@ def test_decode_step_has_no_host_sync(ckpts):
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8),
               SamplingParams(temperature=0.7, seed=3), SamplingParams(temperature=1.0, top_k=5),
               SamplingParams(temperature=1.0, top_p=0.9)]
-    gens = [make_generator(p, DEVICE) for p in params]
     step = [ScheduledSeq([11], len(p), t) for p, t in zip(prompts, tables)]
     with torch.inference_mode(), NoHostSync():
         logits = runner.run(step)
-        tokens = sample(logits, params, gens, sync_free=True)
+        if DEVICE == "cuda":  # the sampler's host-to-device copies must not synchronize the stream either
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            tokens = sample(logits, params, [0, 1, 2, 3, 4], sync_free=True)
+        finally:
+            if DEVICE == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
     assert len(tokens.tolist()) == 5 and tokens.tolist()[0] == int(logits[0].argmax())
 
 
@@ -154,11 +159,11 @@ def test_sync_free_sampling_draws_the_same_tokens():
               SamplingParams(temperature=0.5, top_k=50, top_p=0.5, seed=3), SamplingParams(temperature=0),
               SamplingParams(temperature=1.2, top_p=0.95, seed=4), SamplingParams(temperature=0.7, seed=5)]
     for _ in range(5):
-        a = sample(logits, params, [make_generator(p) for p in params], sync_free=False)
-        b = sample(logits, params, [make_generator(p) for p in params], sync_free=True)
+        a = sample(logits, params, [0] * 6, sync_free=False)
+        b = sample(logits, params, [0] * 6, sync_free=True)
         assert torch.equal(a, b)
         logits = logits.roll(1, dims=1)
     top_k_only = [SamplingParams(temperature=1.0, top_k=k, seed=k) for k in (1, 5, 40)]
-    a = sample(logits[:3], top_k_only, [make_generator(p) for p in top_k_only], sync_free=False)
-    b = sample(logits[:3], top_k_only, [make_generator(p) for p in top_k_only], sync_free=True)
+    a = sample(logits[:3], top_k_only, [0] * 3, sync_free=False)
+    b = sample(logits[:3], top_k_only, [0] * 3, sync_free=True)
     assert torch.equal(a, b)

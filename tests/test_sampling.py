@@ -9,16 +9,11 @@ from reference.sampling import apply_top_k_top_p
 from deepseek_mcp.inference.engine.sampling import (
     SamplingParams,
     StopChecker,
+    draw_key,
     find_stop_string,
-    make_generator,
     sample,
 )
 from deepseek_mcp.inference.text.tokenizer import Tokenizer
-
-
-def _gens(params: list[SamplingParams]) -> list[torch.Generator | None]:
-    return [make_generator(p) for p in params]
-
 
 # -- SamplingParams ----------------------------------------------------------------------------------------
 
@@ -60,9 +55,8 @@ def test_params_types_and_defaults() -> None:
         SamplingParams(ignore_eos=1)  # type: ignore[arg-type]
     with pytest.raises(AttributeError):
         p.temperature = 1.0  # type: ignore[misc]
-    assert make_generator(p) is None
-    g1, g2 = make_generator(SamplingParams(seed=11)), make_generator(SamplingParams(seed=11))
-    assert g1 is not None and g2 is not None and torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
+    assert draw_key(11, 3) == draw_key(11, 3) and len({draw_key(11, i) for i in range(100)}) == 100
+    assert draw_key(-1, 0) == draw_key(2**64 - 1, 0) != draw_key(0, 0)  # a seed is its 64 bits
 
 
 # -- sample ------------------------------------------------------------------------------------------------
@@ -71,16 +65,16 @@ def test_params_types_and_defaults() -> None:
 def test_greedy_is_argmax() -> None:
     logits = torch.randn(6, 1000) * 3
     params = [SamplingParams(), SamplingParams(top_k=5, top_p=0.3), SamplingParams(seed=1)] * 2
-    out = sample(logits, params, _gens(params))
+    out = sample(logits, params, [0] * 6)
     assert out.dtype == torch.int64 and out.shape == (6,)
     assert torch.equal(out, logits.argmax(dim=-1))
 
 
 def test_shape_errors() -> None:
     with pytest.raises(ValueError, match=r"logits must be \[B, V\]"):
-        sample(torch.randn(10), [SamplingParams()], [None])
-    with pytest.raises(ValueError, match="one SamplingParams and one generator per row: 2 rows, 1 params"):
-        sample(torch.randn(2, 10), [SamplingParams()], [None])
+        sample(torch.randn(10), [SamplingParams()], [0])
+    with pytest.raises(ValueError, match="one SamplingParams and one token index per row: 2 rows, 1 params"):
+        sample(torch.randn(2, 10), [SamplingParams()], [0])
 
 
 def _run_seeded(row_logits: torch.Tensor, params: SamplingParams, batch_with: list[SamplingParams],
@@ -88,12 +82,13 @@ def _run_seeded(row_logits: torch.Tensor, params: SamplingParams, batch_with: li
     """Sample `steps` tokens for one seeded request placed at `position` among unrelated requests."""
     batch = list(batch_with)
     batch.insert(position, params)
-    gens = _gens(batch)
     out = []
-    for _ in range(steps):
+    for n in range(steps):
         others = torch.randn(len(batch), row_logits.shape[-1])
         others[position] = row_logits
-        out.append(int(sample(others, batch, gens)[position]))
+        index = [n + 3 * j for j in range(len(batch))]  # the other rows are at other tokens of theirs
+        index[position] = n
+        out.append(int(sample(others, batch, index)[position]))
     return out
 
 
@@ -124,7 +119,7 @@ def test_seeded_rows_independent_of_batch_with_tied_logits() -> None:
 def test_unseeded_rows_sample() -> None:
     logits = torch.zeros(3, 50)
     params = [SamplingParams(temperature=1.0)] * 3
-    draws = torch.stack([sample(logits, params, [None] * 3) for _ in range(20)])  # [20, 3]
+    draws = torch.stack([sample(logits, params, [0] * 3) for _ in range(20)])  # [20, 3]
     assert draws.unique().numel() > 10 and int(draws.min()) >= 0 and int(draws.max()) < 50
 
 
@@ -220,14 +215,12 @@ def test_top_p_rows_are_independent() -> None:
 def test_masked_tokens_never_sampled() -> None:
     logits = torch.randn(1, 100)
     params = [SamplingParams(temperature=2.0, top_k=3, seed=5)]
-    gens = _gens(params)
     allowed = set(logits[0].topk(3).indices.tolist())
-    draws = {int(sample(logits, params, gens)[0]) for _ in range(300)}
+    draws = {int(sample(logits, params, [n])[0]) for n in range(300)}
     assert draws == allowed
     params = [SamplingParams(temperature=1.0, top_p=0.5, seed=6)]
     logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
-    gens = _gens(params)
-    draws = {int(sample(logits, params, gens)[0]) for _ in range(300)}
+    draws = {int(sample(logits, params, [n])[0]) for n in range(300)}
     assert draws == {1, 3}  # 0.4 + 0.3 >= 0.5 while 0.4 alone is not
 
 
@@ -240,7 +233,7 @@ def test_temperature_sampling_distribution(temperature: float) -> None:
     params = [SamplingParams(temperature=temperature)] * n
     with torch.random.fork_rng():
         torch.manual_seed(2024)
-        draws = sample(logits.expand(n, -1).contiguous(), params, [None] * n)
+        draws = sample(logits.expand(n, -1).contiguous(), params, [0] * n)
     counts = torch.bincount(draws, minlength=8).double()
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 30.0, (chi2, counts.tolist(), expected.tolist())
@@ -249,12 +242,12 @@ def test_temperature_sampling_distribution(temperature: float) -> None:
     assert float(((counts - wrong) ** 2 / wrong).sum()) > 100.0
 
 
-def test_seeded_generator_distribution() -> None:
+def test_seeded_draws_distribution() -> None:
+    """One seeded request's successive tokens (token index 0, 1, ...) follow softmax(logits)."""
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     params = [SamplingParams(temperature=1.0, seed=99)]
-    gens = _gens(params)
     n = 3000
-    counts = torch.bincount(torch.cat([sample(logits, params, gens) for _ in range(n)]), minlength=4).double()
+    counts = torch.bincount(torch.cat([sample(logits, params, [i]) for i in range(n)]), minlength=4).double()
     expected = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64) * n
     assert float(((counts - expected) ** 2 / expected).sum()) < 25.0
 
@@ -353,18 +346,19 @@ def test_no_nan_or_masked_pick_with_extreme_logits() -> None:
     logits[:, 10] = 0.0
     logits[:, 20] = float("-inf")
     params = [SamplingParams(temperature=0.01, seed=s) for s in range(4)]
-    out = sample(logits, params, _gens(params))
+    out = sample(logits, params, [0] * 4)
     assert out.tolist() == [10, 10, 10, 10]
     assert not math.isnan(float(apply_top_k_top_p(logits, torch.tensor([2] * 4), torch.full((4,), 0.9)).max()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_rows_with_cuda_generators() -> None:
+def test_cuda_rows_draw_as_on_the_cpu() -> None:
     logits = torch.randn(3, 4096, device="cuda")
     params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=50, seed=3),
               SamplingParams(temperature=0.7, top_p=0.9, seed=4)]
-    first = sample(logits, params, [make_generator(p, "cuda") for p in params])
-    again = sample(logits, params, [make_generator(p, "cuda") for p in params])
+    first = sample(logits, params, [0, 5, 9])
+    again = sample(logits, params, [0, 5, 9])
+    assert torch.equal(first.cpu(), sample(logits.cpu(), params, [0, 5, 9]))  # the same noise on both
     assert first.device.type == "cuda" and torch.equal(first, again)
     assert int(first[0]) == int(logits[0].argmax())
     assert int(first[1]) in set(logits[1].topk(50).indices.tolist())

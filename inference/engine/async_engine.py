@@ -33,7 +33,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from deepseek_mcp.inference.engine.block_manager import BlockManager
 from deepseek_mcp.inference.engine.core import EngineCore, Runner, StepResult
 from deepseek_mcp.inference.engine.logits_process import LogitsProcessor
-from deepseek_mcp.inference.engine.sampling import SamplingParams, make_generator
+from deepseek_mcp.inference.engine.sampling import SamplingParams
 from deepseek_mcp.inference.engine.scheduler import Scheduler
 from deepseek_mcp.inference.engine.sequence import Sequence, SeqUpdate
 
@@ -194,8 +194,7 @@ class AsyncEngine:
                                  f"the {self.scheduler.max_num_seqs} batch slots; the bound is {self.max_waiting})")
         send, recv = anyio.create_memory_object_stream[RequestOutput | BaseException](math.inf)
         seq = Sequence(rid, prompt_ids, params, tuple(logits_processors),
-                  generator=make_generator(params, self.device),
-                  decoder=self.tokenizer.incremental_decoder(), eos_id=self.tokenizer.eos_id)
+                       decoder=self.tokenizer.incremental_decoder(), eos_id=self.tokenizer.eos_id)
         return self._iterate(_Request(seq, send), recv)
 
     async def _iterate(

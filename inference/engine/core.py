@@ -22,7 +22,7 @@ from deepseek_mcp.inference.engine.runner import (
     cache_bytes_per_token,
     check_cache_fits,
 )
-from deepseek_mcp.inference.engine.sampling import sample
+from deepseek_mcp.inference.engine.sampling import sample, to_device
 from deepseek_mcp.inference.engine.scheduler import Scheduler, SchedulerOutput
 from deepseek_mcp.inference.engine.sequence import Sequence, SeqUpdate
 from deepseek_mcp.inference.resources import available_memory
@@ -145,11 +145,11 @@ class EngineCore:
         if sampling:
             rows = logits.float()  # [B, V]
             if len(out.sample_rows) < len(out.seqs):  # rows that only computed a prefill chunk
-                rows = rows[torch.tensor(out.sample_rows, device=logits.device)]  # [S, V]
+                rows = rows[to_device(out.sample_rows, logits.device, torch.long)]  # [S, V]
             if any(s.logits_processors for s in sampling):
                 apply_logits_processors(rows, [s.logits_processors for s in sampling],
                                         [s.output_ids for s in sampling])
-            tokens = sample(rows, [s.params for s in sampling], [s.generator for s in sampling]).tolist()
+            tokens = sample(rows, [s.params for s in sampling], [s.num_output_tokens for s in sampling]).tolist()
         result.updates = self.scheduler.postprocess(out, tokens)
 
     def _pool_for(self, seqs: list[Sequence]) -> ThreadPoolExecutor | None:

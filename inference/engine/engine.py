@@ -16,7 +16,7 @@ import torch
 from deepseek_mcp.inference.engine.batch import ScheduledSeq
 from deepseek_mcp.inference.engine.core import EngineCore
 from deepseek_mcp.inference.engine.runner import ModelRunner
-from deepseek_mcp.inference.engine.sampling import SamplingParams, make_generator
+from deepseek_mcp.inference.engine.sampling import SamplingParams
 from deepseek_mcp.inference.engine.sequence import Sequence
 from deepseek_mcp.inference.model.checkpoint import (
     checkpoint_is_fp8,
@@ -264,8 +264,7 @@ class Engine:
         core = EngineCore(self, max_num_seqs=len(prompts), max_num_batched_tokens=sum(map(len, prompts)),
                           cache_tokens=num_blocks * block_size, block_size=block_size,
                           warm_up=False)  # a pool per call: compiled on first use, eager
-        seqs = [Sequence(str(i), p, sp, generator=make_generator(sp, self.device),
-                    decoder=self.tokenizer.incremental_decoder(), eos_id=self.tokenizer.eos_id)
+        seqs = [Sequence(str(i), p, sp, decoder=self.tokenizer.incremental_decoder(), eos_id=self.tokenizer.eos_id)
                 for i, (p, sp) in enumerate(zip(prompts, plist))]
         for seq in seqs:
             core.scheduler.add(seq)

@@ -2,9 +2,13 @@
 
 `sample` handles a batch of rows with different parameters: greedy rows take the argmax; the rest are divided
 by their temperature, filtered by top-k / top-p (one `topk` or one sort for the whole batch, per-row k and p
-as tensors) and drawn by inverse CDF: one uniform u per row, the token is the first whose cumulative
-probability exceeds u. Each seeded row takes its uniform from its own `torch.Generator`, so its tokens depend
-only on its own seed and logits, never on which other requests share the batch.
+as tensors) and drawn by the Gumbel-max trick: the token is the argmax of `logits / T + g` over the candidates,
+with standard Gumbel noise `g` for each vocabulary id. A seeded row's noise is a pure function of (seed, token
+index, vocabulary id), a counter-based hash computed on the device (`gumbel_noise`): its tokens depend on
+nothing but its own seed and logits, never on the batch, the chunking of its prompt or a prefix-cache hit. And
+since only the winner of a perturbed argmax counts, a last-bit change of the logits (another batch shape,
+another attention path over a cached prefix) moves a sampled token about as rarely as a greedy one; an
+inverse-CDF draw over the cumulative probabilities would move whenever the shift crossed the draw's bin edge.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import torch
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # the signed and unsigned 64-bit ranges
+_M32, _M64 = 2**32 - 1, 2**64 - 1
 _NUCLEUS_CANDIDATES = (1024, 16384)  # top-p without top-k tries these short lists before a full sort
 
 
@@ -77,11 +82,64 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A request's own random stream (None when it has no seed: such rows use torch's global generator)."""
-    if params.seed is None:
-        return None
-    return torch.Generator(device=torch.device(device)).manual_seed(params.seed)
+def to_device(values: Sequence[int] | Sequence[float] | torch.Tensor, device: torch.device,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Small host data on the device without waiting for it: pinned and copied asynchronously on CUDA
+    (`torch.tensor(..., device=cuda)` copies from pageable memory and synchronizes the stream)."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Counter-based noise: the same (seed, token index, vocabulary id) gives the same draw on every batch
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def draw_key(seed: int, token_index: int) -> int:
+    """The 64-bit key of a seeded request's draw of its `token_index`-th generated token (host arithmetic)."""
+    return _splitmix64(_splitmix64(seed & _M64) ^ token_index)
+
+
+def draw_keys(seeds: Sequence[int | None], token_index: Sequence[int]) -> torch.Tensor:
+    """[R, 2] int32 on the host: each row's key as two 32-bit words (their bits held in int32). Unseeded rows
+    take a fresh key from torch's global generator (so `torch.manual_seed` makes them repeat)."""
+    words: list[int] = []
+    for seed, n in zip(seeds, token_index, strict=True):
+        key = 0 if seed is None else draw_key(seed, n)
+        words += (key & _M32, key >> 32)
+    keys = torch.tensor([(w ^ 0x80000000) - 0x80000000 for w in words], dtype=torch.int32).view(-1, 2)  # [R, 2]
+    unseeded = [i for i, seed in enumerate(seeds) if seed is None]
+    if unseeded:
+        keys[unseeded] = torch.randint(-(2**31), 2**31, (len(unseeded), 2), dtype=torch.int32)
+    return keys
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' lowbias32 integer hash, a bijection of 32-bit words, on int32 tensors holding the words'
+    bits (multiplications wrap modulo 2**32; right shifts masked to be logical)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * (0x846CA68B - 2**32)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def gumbel_noise(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise of each (row key, vocabulary id): keys [R, 2] int32, ids [R, K] or [K] -> [R, K]
+    float32. Two hash rounds (one per key word) give a 32-bit word u per entry; g = -log(-log(u)) with u in
+    (0, 1) (g from about -3.1 to 22.9). Pure tensor arithmetic: no generator state, no host read."""
+    x = _lowbias32(ids.to(torch.int32) ^ keys[:, :1])  # [R, K]
+    x = _lowbias32(x ^ keys[:, 1:])  # [R, K]
+    u = (x.double() + (2**31 + 0.5)) * 2.0**-32  # [R, K] in (0, 1)
+    return (-torch.log(-torch.log(u))).float()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,32 +220,24 @@ def _candidates(
     raise AssertionError("unreachable: the last candidate list is the whole vocabulary")
 
 
-def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw: probs [R, K] (rows need not be normalized), uniforms [R] in [0, 1) -> [R] column."""
-    cdf = probs.double().cumsum(dim=-1)  # [R, K]
-    total = cdf[:, -1:]  # [R, 1]
-    # target strictly below total (u * total may round up to it), so the first cdf > target has p > 0
-    target = torch.minimum(uniforms.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    choice = torch.searchsorted(cdf, target, right=True)  # [R, 1]
-    return choice.clamp_(max=cdf.shape[1] - 1).squeeze(1)  # clamp only matters for an all-NaN row
-
-
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
+    token_index: Sequence[int],
     sync_free: bool | None = None,
 ) -> torch.Tensor:
     """Draw one token per row. logits [B, V] float32; returns [B] int64 on logits' device.
 
-    sync_free (default: on any device but the CPU, where a device read costs nothing): every decision comes
-    from the host-side params, so nothing waits for the device until the caller reads the tokens."""
+    token_index[b]: how many tokens row b's request generated before this one. A seeded row's draw depends on
+    (seed, token_index, its logits) only. sync_free (default: on any device but the CPU, where a device read
+    costs nothing): every decision comes from the host-side params, so nothing waits for the device until the
+    caller reads the tokens."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
-    num_rows = logits.shape[0]
-    if len(params) != num_rows or len(generators) != num_rows:
-        raise ValueError(f"need one SamplingParams and one generator per row: {num_rows} rows, "
-                         f"{len(params)} params, {len(generators)} generators")
+    num_rows, vocab = logits.shape
+    if len(params) != num_rows or len(token_index) != num_rows:
+        raise ValueError(f"need one SamplingParams and one token index per row: {num_rows} rows, "
+                         f"{len(params)} params, {len(token_index)} token indices")
     logits = logits.float()
     if sync_free is None:
         sync_free = logits.device.type != "cpu"
@@ -196,28 +246,20 @@ def sample(
     if not rows:
         return out
     device = logits.device
-    row_idx = torch.tensor(rows, device=device)
-    temps = torch.tensor([params[i].temperature for i in rows], device=device, dtype=torch.float32)
+    row_idx = to_device(rows, device, torch.long)  # [R]
+    temps = to_device([params[i].temperature for i in rows], device, torch.float32)  # [R]
     x = logits if len(rows) == num_rows else logits[row_idx]  # [R, V]
     ids: torch.Tensor | None = None
     if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
-        top_k = torch.tensor([params[i].top_k for i in rows], device=device, dtype=torch.long)
-        top_p = torch.tensor([params[i].top_p for i in rows], device=device, dtype=torch.float32)
+        top_k = to_device([params[i].top_k for i in rows], device, torch.long)
+        top_p = to_device([params[i].top_p for i in rows], device, torch.float32)
         host = ([params[i].top_k for i in rows], [params[i].top_p for i in rows]) if sync_free else None
-        x, ids = _candidates(x, top_k, top_p, temps, host)  # [R, K] each
+        x, ids = _candidates(x, top_k, top_p, temps, host)  # [R, K] each, filtered entries at -inf
     else:
         x = x / temps[:, None]
-    probs = x.softmax(dim=-1)  # [R, K]
-    # One uniform per row and step: a seeded row's stream depends on nothing but its own steps.
-    uniforms = torch.empty(len(rows), device=device, dtype=torch.float64)
-    unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
-    if unseeded:
-        uniforms[unseeded] = torch.rand(len(unseeded), device=device, dtype=torch.float64)
-    for j, i in enumerate(rows):
-        gen = generators[i]
-        if gen is not None:
-            uniforms[j] = torch.rand((), generator=gen, device=device, dtype=torch.float64)
-    choice = _draw(probs, uniforms)  # [R]
+    keys = to_device(draw_keys([params[i].seed for i in rows], [token_index[i] for i in rows]), device)  # [R, 2]
+    vocab_ids = ids if ids is not None else torch.arange(vocab, device=device)  # [R, K] or [V]
+    choice = (x + gumbel_noise(keys, vocab_ids)).argmax(dim=-1)  # [R] Gumbel-max: a draw from softmax(x)
     out[row_idx] = choice if ids is None else ids.gather(1, choice[:, None]).squeeze(1)
     return out
 

@@ -2,10 +2,15 @@
 
 Each `schedule()` builds one model step:
 1. every running sequence that is decoding gets its one new token;
-2. running sequences still prefilling get the next chunk of their prompt from what is left of the
-   `max_num_batched_tokens` budget (so a long prompt never stalls the decodes);
-3. waiting sequences are admitted (first come, first served) while the budget, `max_num_seqs` and the
-   block pool allow; each starts from its longest cached prefix.
+2. what is left of the `max_num_batched_tokens` budget is shared, max-min fairly (`fair_shares`), by the
+   running sequences still prefilling and the waiting sequences that free slots (`max_num_seqs`) can take,
+   first come first served: a prompt shorter than the fair share is computed whole in this step, the longer
+   ones split the rest. So a new request is admitted in the next step whatever else is prefilling, and its
+   first token takes about `prompt / (budget / prompts in prefill)` steps: a long prompt neither stalls the
+   decodes nor holds new requests out. Each waiting sequence starts from its longest cached prefix; one the
+   pool cannot hold stops admission (it keeps its place);
+3. budget a share did not use (a request the pool could not take, a preempted row) tops up the prefills in
+   row order, as far as free blocks allow.
 When a running sequence needs a block and the pool is empty, the newest running sequence is preempted: its
 blocks are released and it goes back to the front of the waiting queue, to be recomputed later (its full
 blocks usually still sit in the prefix cache). Nothing is admitted in a step that preempted.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 from collections import abc, deque
 from dataclasses import dataclass
+from itertools import islice
 
 from deepseek_mcp.inference.engine.batch import ScheduledSeq
 from deepseek_mcp.inference.engine.block_manager import BlockManager, chain_block_hashes
@@ -101,40 +107,46 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
         chosen: dict[Sequence, int] = {}  # seq -> new tokens this step, in row order
         preempted: list[Sequence] = []
 
-        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-        prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
-        for seq in decoding + prefilling:
-            if seq.status is not SequenceStatus.RUNNING or budget == 0:
-                continue  # preempted earlier in this step, or no budget left for a chunk
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            need = self._blocks_needed(seq, num_new)
-            while need > self.bm.num_free_blocks:
-                victim = self.running[-1]
-                budget += chosen.pop(victim, 0)
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            if need:
-                seq.block_table.extend(self.bm.allocate(need))
-            chosen[seq] = num_new
-            budget -= num_new
+        # 1. every decoding sequence gets its token (the budget always covers them: it is >= max_num_seqs)
+        for seq in [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]:
+            if seq.status is SequenceStatus.RUNNING and self._make_room(seq, 1, chosen, preempted):
+                chosen[seq] = 1
 
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            num_new = self._admit(seq, budget)
-            if num_new == 0:
+        # 2. the rest of the budget is shared by the prompts in prefill, running or about to be admitted
+        prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        slots = self.max_num_seqs - len(self.running)
+        admits = [] if preempted else list(islice(self.waiting, max(slots, 0)))
+        demands = [s.num_tokens - s.num_computed_tokens for s in prefilling]
+        demands += [s.num_tokens - self._num_cached(s) for s in admits]
+        shares = fair_shares(demands, self._budget_left(chosen))
+        for seq, share in zip(prefilling, shares[: len(prefilling)], strict=True):
+            if share and seq.status is SequenceStatus.RUNNING and self._make_room(seq, share, chosen, preempted):
+                chosen[seq] = share
+        for seq, share in zip(admits, shares[len(prefilling) :], strict=True):
+            if preempted or share == 0:  # nothing is admitted in a step that preempted
+                break
+            num_new = self._admit(seq, share)
+            if num_new == 0:  # the pool cannot hold it now: it keeps its place at the head
                 break
             self.waiting.popleft()
             self.running.append(seq)
             chosen[seq] = num_new
-            budget -= num_new
+
+        # 3. budget left unused (a share that could not be admitted, a preempted row) tops up the prefills in order
+        left = self._budget_left(chosen)
+        for seq in chosen:
+            if left == 0:
+                break
+            start = seq.num_computed_tokens + chosen[seq]
+            room = (len(seq.block_table) + self.bm.num_free_blocks) * self.block_size - start
+            extra = min(seq.num_tokens - start, left, room)
+            if extra > 0:
+                seq.block_table.extend(self.bm.allocate(self._blocks_needed(seq, chosen[seq] + extra)))
+                chosen[seq] += extra
+                left -= extra
 
         seqs = list(chosen)
         scheduled: list[ScheduledSeq] = []
@@ -172,13 +184,38 @@ class Scheduler:
         total = seq.num_computed_tokens + num_new
         return -(-total // self.block_size) - len(seq.block_table)
 
+    def _budget_left(self, chosen: dict[Sequence, int]) -> int:
+        return self.max_num_batched_tokens - sum(chosen.values())
+
+    def _make_room(self, seq: Sequence, num_new: int, chosen: dict[Sequence, int], preempted: list[Sequence]) -> bool:
+        """Blocks for `num_new` more tokens of a running sequence, preempting the newest running sequences while
+        the pool is short (their rows leave `chosen`); False if `seq` itself had to go."""
+        need = self._blocks_needed(seq, num_new)
+        while need > self.bm.num_free_blocks:
+            victim = self.running[-1]
+            chosen.pop(victim, None)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        if need:
+            seq.block_table.extend(self.bm.allocate(need))
+        return True
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks a waiting sequence would start from (no references taken). The block holding the last
+        token is never taken from the cache: its logits must be computed."""
+        hashes = chain_block_hashes(seq.token_ids, self.block_size, seq.block_hashes)
+        return self.bm.match_prefix(hashes[: (seq.num_tokens - 1) // self.block_size])
+
+    def _num_cached(self, seq: Sequence) -> int:
+        return len(self._cached_prefix(seq)) * self.block_size
+
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Give a waiting sequence its cached prefix and blocks for its first chunk; returns the chunk
         length, or 0 if the pool cannot hold it now (nothing is taken then)."""
         bs = self.block_size
-        hashes = chain_block_hashes(seq.token_ids, bs, seq.block_hashes)
-        # the block holding the last token is never taken from the cache: its logits must be computed
-        cached = self.bm.match_prefix(hashes[: (seq.num_tokens - 1) // bs])
+        cached = self._cached_prefix(seq)  # again: allocations earlier in this step may have evicted some
         num_cached = len(cached) * bs
         num_new = min(seq.num_tokens - num_cached, budget)
         need = -(-(num_cached + num_new) // bs) - len(cached)
@@ -216,3 +253,25 @@ class Scheduler:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
+
+
+def fair_shares(demands: abc.Sequence[int], budget: int) -> list[int]:
+    """Split `budget` tokens among prefills wanting `demands` tokens, max-min fairly (water-filling): every
+    demand below the common level is met in full, the others get the level; the remainder of the integer
+    division goes to the earliest that still want more. A 1-token prompt beside a 20k-token one gets its token;
+    the long prompt gets the rest. Each share is at least 1 while the budget covers one token per demand."""
+    shares = [0] * len(demands)
+    left = budget
+    order = sorted(range(len(demands)), key=lambda i: demands[i])  # stable: ties keep their order
+    for rank, i in enumerate(order):
+        level = left // (len(demands) - rank)
+        if demands[i] > level:  # this one and every longer one get the level
+            capped = sorted(order[rank:])
+            for j in capped:
+                shares[j] = level
+            for j in capped[: left - level * len(capped)]:
+                shares[j] += 1
+            return shares
+        shares[i] = demands[i]
+        left -= demands[i]
+    return shares

@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING
 from deepseek_mcp.inference.engine.sampling import SamplingParams, StopChecker, TextDecoder
 
 if TYPE_CHECKING:
-    import torch
-
     from deepseek_mcp.inference.engine.logits_process import LogitsProcessor
 
 
@@ -56,7 +54,6 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     logits_processors: tuple[LogitsProcessor, ...] = ()
-    generator: torch.Generator | None = None
     decoder: TextDecoder | None = None
     eos_id: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)

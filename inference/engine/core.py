@@ -25,6 +25,7 @@ from deepseek_mcp.inference.engine.runner import (
 from deepseek_mcp.inference.engine.sampling import sample, to_device
 from deepseek_mcp.inference.engine.scheduler import Scheduler, SchedulerOutput
 from deepseek_mcp.inference.engine.sequence import Sequence, SeqUpdate
+from deepseek_mcp.inference.engine.speculative import Drafter, emitted_tokens
 from deepseek_mcp.inference.resources import available_memory
 
 DEFAULT_TOKENS_PER_SEQ = 8192  # default cache size: this many tokens per concurrent sequence ...
@@ -92,6 +93,8 @@ class EngineCore:
         runner: Runner | None = None,
         warm_up: bool | None = None,
         enforce_eager: bool = False,
+        drafter: Drafter | None = None,
+        speculative_tokens: int = 0,
     ) -> None:
         """`engine`: an `inference.engine.engine.Engine` (config, device, dtype, max_context, make_runner).
         `runner` replaces the engine's model runner (tests); its `num_blocks` then sizes the pool.
@@ -105,6 +108,11 @@ class EngineCore:
         else:
             num_blocks = int(runner.num_blocks)
         self.runner = runner
+        if speculative_tokens < 0 or (speculative_tokens and drafter is None):
+            raise ValueError(f"speculative_tokens {speculative_tokens} needs a drafter and must be >= 0")
+        self.drafter = drafter if speculative_tokens else None
+        self.speculative_tokens = speculative_tokens
+        self.vocab_size = int(engine.config.vocab_size)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens,
@@ -138,19 +146,41 @@ class EngineCore:
         sampling = [out.seqs[r] for r in out.sample_rows]
         prep = start_prepare(self._pool_for(sampling),
                              [(s.logits_processors, s.output_ids) for s in sampling if s.logits_processors])
-        logits = self.runner.run(out.scheduled)  # [B, V]
+        logits = self.runner.run(out.scheduled)  # [sum of num_logits, V]: one row per row, 1 + drafts verifying
         if prep is not None:
             prep.result()
-        tokens: list[int] = []
-        if sampling:
+        first = [0]  # each row's first logits row
+        for sched in out.scheduled:
+            first.append(first[-1] + sched.num_logits)
+        emitted: dict[int, int | list[int]] = {}
+        plain = [r for r in out.sample_rows if out.scheduled[r].num_logits == 1]
+        if plain:
+            seqs = [out.seqs[r] for r in plain]
             rows = logits.float()  # [B, V]
-            if len(out.sample_rows) < len(out.seqs):  # rows that only computed a prefill chunk
-                rows = rows[to_device(out.sample_rows, logits.device, torch.long)]  # [S, V]
-            if any(s.logits_processors for s in sampling):
-                apply_logits_processors(rows, [s.logits_processors for s in sampling],
-                                        [s.output_ids for s in sampling])
-            tokens = sample(rows, [s.params for s in sampling], [s.num_output_tokens for s in sampling]).tolist()
-        result.updates = self.scheduler.postprocess(out, tokens)
+            if len(plain) < len(out.seqs) or first[-1] != len(out.seqs):  # prefill chunks or drafts beside them
+                rows = rows[to_device([first[r] for r in plain], logits.device, torch.long)]  # [S, V]
+            if any(s.logits_processors for s in seqs):
+                apply_logits_processors(rows, [s.logits_processors for s in seqs], [s.output_ids for s in seqs])
+            tokens = sample(rows, [s.params for s in seqs], [s.num_output_tokens for s in seqs]).tolist()
+            emitted.update(zip(plain, tokens, strict=True))
+        for r in out.sample_rows:
+            if out.scheduled[r].num_logits > 1:
+                emitted[r] = verify(out.seqs[r], out.scheduled[r].token_ids[1:], logits[first[r] : first[r + 1]])
+        result.updates = self.scheduler.postprocess(out, [emitted[r] for r in out.sample_rows])
+        if self.drafter is not None:
+            self._propose()
+
+    def _propose(self) -> None:
+        """Drafts for every decoding sequence's next step: as many as `speculative_tokens`, its max_tokens and
+        the model length leave room for, each a token id of the vocabulary (else none are kept)."""
+        sch = self.scheduler
+        for seq in sch.running:
+            if seq.num_tokens - seq.num_computed_tokens != 1:
+                continue
+            room = min(self.speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
+                       sch.max_model_len - seq.num_tokens - 1)
+            drafts = [int(t) for t in self.drafter.propose(seq, room)] if room > 0 else []
+            seq.draft_ids = drafts[:room] if all(0 <= t < self.vocab_size for t in drafts) else []
 
     def _pool_for(self, seqs: list[Sequence]) -> ThreadPoolExecutor | None:
         if not any(has_prepare(s.logits_processors) for s in seqs):
@@ -158,3 +188,25 @@ class EngineCore:
         if self._prepare_pool is None:
             self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logits-prepare")
         return self._prepare_pool
+
+
+def verify(seq: Sequence, drafts: abc.Sequence[int], logits: torch.Tensor) -> list[int]:
+    """The tokens a decoding row emits from its verified drafts: logits [1 + K, V] of the last token and each
+    draft. Each position is sampled as plain decoding would (processors seeing the tokens emitted before it,
+    the draw keyed by the output index), and the next one is read only while the sample equals its draft
+    (speculative.py)."""
+    n_out = seq.num_output_tokens
+    if not seq.logits_processors:  # every position at once; one host read
+        targets = sample(logits.float(), [seq.params] * len(logits), range(n_out, n_out + len(logits))).tolist()
+        return emitted_tokens(drafts, targets)
+    out_ids = list(seq.output_ids)
+    tokens: list[int] = []
+    for j in range(len(logits)):
+        row = logits[j : j + 1].float()  # [1, V]
+        apply_logits_processors(row, [seq.logits_processors], [out_ids])
+        t = int(sample(row, [seq.params], [n_out + j])[0])
+        tokens.append(t)
+        out_ids.append(t)
+        if j == len(drafts) or t != drafts[j]:
+            break
+    return tokens

@@ -18,6 +18,7 @@ from deepseek_mcp.inference.engine.core import EngineCore
 from deepseek_mcp.inference.engine.runner import ModelRunner
 from deepseek_mcp.inference.engine.sampling import SamplingParams
 from deepseek_mcp.inference.engine.sequence import Sequence
+from deepseek_mcp.inference.engine.speculative import Drafter
 from deepseek_mcp.inference.model.checkpoint import (
     checkpoint_is_fp8,
     find_checkpoint_files,
@@ -248,10 +249,11 @@ class Engine:
         return runner.run([ScheduledSeq(token_ids, 0, list(range(n_blocks)))], all_logits=True)
 
     def generate(self, prompts: abc.Sequence[abc.Sequence[int]], params: SamplingParams | abc.Sequence[SamplingParams],
-                 block_size: int = 16) -> list[GenerationOutput]:
+                 block_size: int = 16, *, drafter: Drafter | None = None, speculative_tokens: int = 0
+                 ) -> list[GenerationOutput]:
         """Batched generation through the server's step (`EngineCore`: scheduler, paged cache, processors,
         sampling): a cache sized for every prompt plus its max_tokens, so all are admitted at once, prefill
-        in one step and decode one token per step, never preempted."""
+        in one step and decode one token per step (1 + accepted drafts with a `drafter`), never preempted."""
         prompts = [list(p) for p in prompts]
         plist = list(params) if isinstance(params, abc.Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
@@ -263,7 +265,8 @@ class Engine:
         num_blocks = sum(-(-(len(p) + sp.max_tokens) // block_size) for p, sp in zip(prompts, plist))
         core = EngineCore(self, max_num_seqs=len(prompts), max_num_batched_tokens=sum(map(len, prompts)),
                           cache_tokens=num_blocks * block_size, block_size=block_size,
-                          warm_up=False)  # a pool per call: compiled on first use, eager
+                          warm_up=False,  # a pool per call: compiled on first use, eager
+                          drafter=drafter, speculative_tokens=speculative_tokens)
         seqs = [Sequence(str(i), p, sp, decoder=self.tokenizer.incremental_decoder(), eos_id=self.tokenizer.eos_id)
                 for i, (p, sp) in enumerate(zip(prompts, plist))]
         for seq in seqs:

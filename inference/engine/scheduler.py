@@ -110,10 +110,16 @@ class Scheduler:
         chosen: dict[Sequence, int] = {}  # seq -> new tokens this step, in row order
         preempted: list[Sequence] = []
 
-        # 1. every decoding sequence gets its token (the budget always covers them: it is >= max_num_seqs)
-        for seq in [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]:
-            if seq.status is SequenceStatus.RUNNING and self._make_room(seq, 1, chosen, preempted):
-                chosen[seq] = 1
+        # 1. every decoding sequence gets its token (the budget always covers them: it is >= max_num_seqs), and
+        #    its drafts to verify as far as the budget left over by one token per decode allows
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        spare = self.max_num_batched_tokens - len(decoding)
+        for seq in decoding:
+            seq.draft_ids = seq.draft_ids[: max(spare, 0)]
+            spare -= len(seq.draft_ids)
+            n = 1 + len(seq.draft_ids)
+            if seq.status is SequenceStatus.RUNNING and self._make_room(seq, n, chosen, preempted):
+                chosen[seq] = n
 
         # 2. the rest of the budget is shared by the prompts in prefill, running or about to be admitted
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
@@ -153,13 +159,17 @@ class Scheduler:
         sample_rows: list[int] = []
         for row, seq in enumerate(seqs):
             start, n = seq.num_computed_tokens, chosen[seq]
-            scheduled.append(ScheduledSeq(seq.token_ids[start : start + n], start, seq.block_table))  # live list
-            if start + n == seq.num_tokens:
+            drafts = seq.draft_ids if start + 1 == seq.num_tokens else []  # only a decoding row verifies drafts
+            ids = seq.token_ids[start : start + n - len(drafts)] + drafts
+            scheduled.append(ScheduledSeq(ids, start, seq.block_table, 1 + len(drafts)))  # live list
+            if start + n - len(drafts) == seq.num_tokens:
                 sample_rows.append(row)
         return SchedulerOutput(seqs, scheduled, sample_rows, preempted)
 
-    def postprocess(self, out: SchedulerOutput, sampled_token_ids: abc.Sequence[int]) -> list[SeqUpdate]:
-        """Advance the step's sequences; `sampled_token_ids[i]` belongs to row `out.sample_rows[i]`."""
+    def postprocess(self, out: SchedulerOutput, sampled_token_ids: abc.Sequence[int | abc.Sequence[int]]
+                    ) -> list[SeqUpdate]:
+        """Advance the step's sequences; `sampled_token_ids[i]` belongs to row `out.sample_rows[i]`: its token, or
+        for a row that verified drafts the tokens it emits (the drafts it accepted, then the target's own)."""
         if len(sampled_token_ids) != len(out.sample_rows):
             raise ValueError(f"{len(sampled_token_ids)} sampled tokens for {len(out.sample_rows)} rows")
         token_of_row = dict(zip(out.sample_rows, sampled_token_ids, strict=True))
@@ -167,11 +177,28 @@ class Scheduler:
         for row, (seq, sched) in enumerate(zip(out.seqs, out.scheduled, strict=True)):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran
-            seq.num_computed_tokens += len(sched.token_ids)
-            self._register_full_blocks(seq)
-            if row not in token_of_row:
+            emitted = token_of_row.get(row)
+            tokens = [] if emitted is None else [int(emitted)] if isinstance(emitted, int) else list(emitted)
+            drafts = sched.num_logits - 1
+            if drafts:  # the last token and the accepted drafts hold valid latents; the rejected drafts' slots
+                # roll back: the next tokens overwrite them. Their blocks stay in the live list (append-only, as
+                # the runner and the tensor-parallel codec mirror it) and take the sequence's next tokens.
+                accepted = len(tokens) - 1
+                if not 0 <= accepted <= drafts:
+                    raise ValueError(f"{len(tokens)} tokens emitted for {drafts} drafts")
+                seq.num_computed_tokens += 1 + accepted
+                seq.num_drafted += drafts
+                seq.num_accepted += accepted
+            else:
+                seq.num_computed_tokens += len(sched.token_ids)
+            seq.draft_ids = []
+            if not tokens:
+                self._register_full_blocks(seq)
                 continue
-            update = seq.append_token(int(token_of_row[row]))
+            update = seq.append_tokens(tokens)  # before the blocks are hashed: accepted drafts are in them
+            # a stop among the emitted tokens drops the rest: never count latents past the tokens kept
+            seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+            self._register_full_blocks(seq)
             updates.append(update)
             if update.finished:
                 self.running.remove(seq)
@@ -182,7 +209,7 @@ class Scheduler:
     # ---- helpers ------------------------------------------------------------------------------------
     def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
         total = seq.num_computed_tokens + num_new
-        return -(-total // self.block_size) - len(seq.block_table)
+        return max(0, -(-total // self.block_size) - len(seq.block_table))
 
     def _budget_left(self, chosen: dict[Sequence, int]) -> int:
         return self.max_num_batched_tokens - sum(chosen.values())
@@ -251,6 +278,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.bm.free(seq.block_table)
         seq.block_table = []
+        seq.draft_ids = []
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
 

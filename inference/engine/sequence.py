@@ -66,6 +66,9 @@ class Sequence:
     num_registered_blocks: int = field(init=False, default=0)  # leading blocks indexed in the prefix cache
     num_cached_tokens: int = field(init=False, default=-1)  # prefix hit at first admission; -1 before
     num_preemptions: int = field(init=False, default=0)
+    draft_ids: list[int] = field(init=False, default_factory=list)  # proposed to follow token_ids (speculation)
+    num_drafted: int = field(init=False, default=0)  # drafts verified so far
+    num_accepted: int = field(init=False, default=0)  # of them, emitted
     finish_reason: str | None = field(init=False, default=None)
     first_token_time: float | None = field(init=False, default=None)
     last_token_time: float | None = field(init=False, default=None)
@@ -126,6 +129,22 @@ class Sequence:
             self.finish_reason = step.finish_reason
         return SeqUpdate(self.request_id, [token_id], step.text_delta, step.finished, step.finish_reason,
                          self._checker.matched)
+
+    def append_tokens(self, token_ids: list[int]) -> SeqUpdate:
+        """`append_token` for each (a verified speculation emits several) until one stops the sequence (the rest
+        are dropped), as one update."""
+        ids: list[int] = []
+        text = ""
+        update = None
+        for t in token_ids:
+            update = self.append_token(t)
+            ids += update.new_token_ids
+            text += update.text_delta
+            if update.finished:
+                break
+        if update is None:
+            raise ValueError("append_tokens needs at least one token")
+        return SeqUpdate(self.request_id, ids, text, update.finished, update.finish_reason, update.stop)
 
     def finish(self, reason: str) -> SeqUpdate:
         """Stop from outside the token stream (abort); text held back for stop strings is dropped."""

@@ -82,6 +82,29 @@ def test_short_request_admitted_while_a_long_prompt_prefills() -> None:
     check_no_leaks(sched)
 
 
+def test_requests_sharing_a_prefix_in_flight_wait_for_it_instead_of_computing_it_again() -> None:
+    """Four requests with the same 40-token system prompt arrive together (budget 8): the first is admitted,
+    the others wait until it has computed the shared blocks and then take them from the prefix cache (fair
+    admission alone admitted all four at once and computed the shared prefix four times); an unrelated request
+    is still admitted at once; every output is the reference."""
+    rng = random.Random()
+    sched, runner = make(num_blocks=256, block_size=4, max_num_seqs=8, max_num_batched_tokens=8)
+    shared = rand_prompt(rng, 40)
+    prompts = {f"s{i}": shared + rand_prompt(rng, 3) for i in range(4)}
+    seqs = {rid: add(sched, rid, p, 3) for rid, p in prompts.items()}
+    other = add(sched, "other", rand_prompt(rng, 6), 3)
+    out, _ = step(sched, runner)
+    assert {s.request_id for s in out.seqs} == {"s0", "other"}
+    run_all(sched, runner)
+    assert sched.bm.prefix_hit_rate > 0
+    for rid in ("s1", "s2", "s3"):
+        assert seqs[rid].num_cached_tokens == 40, (rid, seqs[rid].num_cached_tokens)  # the 10 shared blocks
+    for rid, p in prompts.items():
+        assert seqs[rid].output_ids == reference(p, 3)
+    assert other.output_ids == reference(other.prompt_ids, 3)
+    check_no_leaks(sched)
+
+
 def test_first_token_bound_with_several_long_prompts() -> None:
     """Three long prompts in prefill and a 30-token request: the request gets a fair share (budget / 4) from the
     step after it arrives, so its first token comes within ceil(30 / (budget / 4)) steps, not after ~600 tokens

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections import abc, deque
 from dataclasses import dataclass
-from itertools import islice
 
 from deepseek_mcp.inference.engine.batch import ScheduledSeq
 from deepseek_mcp.inference.engine.block_manager import BlockManager, chain_block_hashes
@@ -124,7 +123,7 @@ class Scheduler:
         # 2. the rest of the budget is shared by the prompts in prefill, running or about to be admitted
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         slots = self.max_num_seqs - len(self.running)
-        admits = [] if preempted else list(islice(self.waiting, max(slots, 0)))
+        admits = [] if preempted else self._admissible(prefilling, max(slots, 0))
         demands = [s.num_tokens - s.num_computed_tokens for s in prefilling]
         demands += [s.num_tokens - self._num_cached(s) for s in admits]
         shares = fair_shares(demands, self._budget_left(chosen))
@@ -137,7 +136,7 @@ class Scheduler:
             num_new = self._admit(seq, share)
             if num_new == 0:  # the pool cannot hold it now: it keeps its place at the head
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
             chosen[seq] = num_new
 
@@ -228,6 +227,31 @@ class Scheduler:
         if need:
             seq.block_table.extend(self.bm.allocate(need))
         return True
+
+    def _admissible(self, prefilling: list[Sequence], slots: int) -> list[Sequence]:
+        """The first `slots` waiting sequences, in order, passing over one whose next uncached block a running
+        prefill (or one admitted before it here) is about to compute: admitted now it would compute the same
+        block again; a step or a few later it takes it from the prefix cache (requests that share a system prompt
+        arrive together)."""
+        bs = self.block_size
+        pending: set[bytes] = set()  # full blocks a prefill in flight has not computed yet
+
+        def add(seq: Sequence, computed: int) -> None:
+            pending.update(chain_block_hashes(seq.token_ids, bs, seq.block_hashes)[computed // bs :])
+
+        for seq in prefilling:
+            add(seq, seq.num_computed_tokens)
+        out: list[Sequence] = []
+        for seq in self.waiting:
+            if len(out) == slots:
+                break
+            hashes = chain_block_hashes(seq.token_ids, bs, seq.block_hashes)
+            cached = self._num_cached(seq)
+            if cached // bs < (seq.num_tokens - 1) // bs and hashes[cached // bs] in pending:
+                continue
+            out.append(seq)
+            add(seq, cached)
+        return out
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks a waiting sequence would start from (no references taken). The block holding the last

@@ -112,7 +112,7 @@ class EngineCore:
             raise ValueError(f"speculative_tokens {speculative_tokens} needs a drafter and must be >= 0")
         self.drafter = drafter if speculative_tokens else None
         self.speculative_tokens = speculative_tokens
-        self.vocab_size = int(engine.config.vocab_size)
+        self.vocab_size = int(engine.config.vocab_size) if self.drafter is not None else 0  # drafts' bound
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens,

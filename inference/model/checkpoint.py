@@ -172,15 +172,15 @@ def load_weights(model: Transformer, files: CheckpointFiles, *, progress: bool |
     unknown: list[str] = []
     skipped_mtp = 0
     bar = _progress_bar(sum(f.stat().st_size for f in files.weight_files), progress)
-    with ExitStack() as stack:
-        handles: dict[Path, object] = {}
+    for path in files.weight_files:  # each file (and a scale file it needs) open, so mapped, only while read
+        with ExitStack() as stack:
+            handles: dict[Path, object] = {}
 
-        def handle(p: Path):
-            if p not in handles:
-                handles[p] = stack.enter_context(_open(p))
-            return handles[p]
+            def handle(p: Path, stack: ExitStack = stack, handles: dict[Path, object] = handles):
+                if p not in handles:
+                    handles[p] = stack.enter_context(_open(p))
+                return handles[p]
 
-        for path in files.weight_files:
             f = handle(path)
             for name in f.keys():
                 if name not in local:

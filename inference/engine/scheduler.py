@@ -123,9 +123,10 @@ class Scheduler:
         # 2. the rest of the budget is shared by the prompts in prefill, running or about to be admitted
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         slots = self.max_num_seqs - len(self.running)
-        admits = [] if preempted else self._admissible(prefilling, max(slots, 0))
+        candidates = [] if preempted else self._admissible(prefilling, max(slots, 0))  # (seq, cached tokens)
+        admits = [seq for seq, _ in candidates]
         demands = [s.num_tokens - s.num_computed_tokens for s in prefilling]
-        demands += [s.num_tokens - self._num_cached(s) for s in admits]
+        demands += [seq.num_tokens - cached for seq, cached in candidates]
         shares = fair_shares(demands, self._budget_left(chosen))
         for seq, share in zip(prefilling, shares[: len(prefilling)], strict=True):
             if share and seq.status is SequenceStatus.RUNNING and self._make_room(seq, share, chosen, preempted):
@@ -228,7 +229,7 @@ class Scheduler:
             seq.block_table.extend(self.bm.allocate(need))
         return True
 
-    def _admissible(self, prefilling: list[Sequence], slots: int) -> list[Sequence]:
+    def _admissible(self, prefilling: list[Sequence], slots: int) -> list[tuple[Sequence, int]]:
         """The first `slots` waiting sequences, in order, passing over one whose next uncached block a running
         prefill (or one admitted before it here) is about to compute: admitted now it would compute the same
         block again; a step or a few later it takes it from the prefix cache (requests that share a system prompt
@@ -241,7 +242,7 @@ class Scheduler:
 
         for seq in prefilling:
             add(seq, seq.num_computed_tokens)
-        out: list[Sequence] = []
+        out: list[tuple[Sequence, int]] = []  # with the tokens each would take from the prefix cache
         for seq in self.waiting:
             if len(out) == slots:
                 break
@@ -249,7 +250,7 @@ class Scheduler:
             cached = self._num_cached(seq)
             if cached // bs < (seq.num_tokens - 1) // bs and hashes[cached // bs] in pending:
                 continue
-            out.append(seq)
+            out.append((seq, cached))
             add(seq, cached)
         return out
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_checkpoints import FP8_SKIP, tiny_hf_model
+from mtp_checkpoints import MAIN_LAYERS, mtp_checkpoint
 from reference.mtp import mtp_logits_reference
 from safetensors.torch import load_file, save_file
 
@@ -21,47 +21,6 @@ from deepseek_mcp.inference.model.layers import Runtime
 from deepseek_mcp.inference.model.transformer import Transformer
 
 pytest.importorskip("transformers")
-MAIN_LAYERS = 3
-
-
-def _write(root: Path, fp8: bool, seed: int) -> tuple[Path, object, dict[str, torch.Tensor]]:
-    """A tiny model with an MTP layer: transformers writes MAIN_LAYERS + 1 layers (the last one is the MTP block,
-    a MoE layer), the MTP's own tensors are added, config.json says MAIN_LAYERS and one next-n layer. Returns the
-    checkpoint, the main model's transformers config and every tensor as the reference reads it (FP8: the exact
-    dequantization)."""
-    from reference.fp8 import weight_dequant_torch
-
-    from deepseek_mcp.inference.model.demo import quantize_fp8_blockwise
-
-    hf_dir = root / "hf"
-    hf = tiny_hf_model(hf_dir, seed=seed, hidden=128, num_hidden_layers=MAIN_LAYERS + 1)
-    tensors = load_file(str(hf_dir / "model.safetensors"))
-    g = torch.Generator().manual_seed(seed + 1)
-    d, mtp = hf.config.hidden_size, f"model.layers.{MAIN_LAYERS}."
-    for name in ("enorm", "hnorm", "shared_head.norm"):
-        tensors[mtp + name + ".weight"] = 1 + 0.1 * torch.randn(d, generator=g)
-    tensors[mtp + "eh_proj.weight"] = torch.randn(d, 2 * d, generator=g) * (2 * d) ** -0.5
-    tensors[mtp + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()  # as released: copies
-    tensors[mtp + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
-    stored, ref = {}, {}
-    for name, t in tensors.items():
-        if fp8 and name.endswith(".weight") and t.dim() == 2 and not any(s in name for s in FP8_SKIP):
-            q, s = quantize_fp8_blockwise(t)
-            stored[name], stored[name + "_scale_inv"] = q, s
-            ref[name] = weight_dequant_torch(q, s)
-        else:
-            stored[name] = ref[name] = t
-    out = root / "ckpt"
-    out.mkdir()
-    save_file(stored, str(out / "model.safetensors"))
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg["num_hidden_layers"], cfg["num_nextn_predict_layers"] = MAIN_LAYERS, 1
-    if fp8:
-        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
-                                      "activation_scheme": "dynamic", "scale_fmt": "ue8m0"}
-    (out / "config.json").write_text(json.dumps(cfg))
-    hf.config.num_hidden_layers = MAIN_LAYERS
-    return out, hf.config, ref
 
 
 def _ours(path: Path, fp8: bool, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +47,7 @@ def test_mtp_layer_matches_its_equations_in_float64(fp8: bool, tmp_path: Path) -
     from helpers import fresh_seed
 
     seed = fresh_seed()
-    path, hf_config, ref_tensors = _write(tmp_path, fp8, seed % 1000)
+    path, hf_config, ref_tensors = mtp_checkpoint(tmp_path, fp8, seed % 1000)
     ids = torch.randint(0, 256, (23,), generator=torch.Generator().manual_seed(seed)).tolist()
     want_main, want = mtp_logits_reference(hf_config, ref_tensors, ids)
     got_main, got = _ours(path, fp8, ids)
@@ -115,7 +74,7 @@ def test_demo_checkpoint_loads_its_mtp_layer() -> None:
 
 
 def test_missing_mtp_tensor_is_named(tmp_path: Path) -> None:
-    path, _, _ = _write(tmp_path, False, 3)
+    path, _, _ = mtp_checkpoint(tmp_path, False, 3)
     tensors = load_file(str(path / "model.safetensors"))
     del tensors[f"model.layers.{MAIN_LAYERS}.eh_proj.weight"]
     save_file(tensors, str(path / "model.safetensors"))

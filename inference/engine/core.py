@@ -17,6 +17,7 @@ import torch
 from deepseek_mcp.inference.engine.batch import ScheduledSeq
 from deepseek_mcp.inference.engine.block_manager import BlockManager
 from deepseek_mcp.inference.engine.logits_process import apply_logits_processors, has_prepare, start_prepare
+from deepseek_mcp.inference.engine.mtp_drafter import MAX_SPECULATIVE_TOKENS, MTPDrafter, draft_room
 from deepseek_mcp.inference.engine.runner import (
     CacheMemoryError,
     cache_bytes_per_token,
@@ -62,13 +63,14 @@ def plan_cache_blocks(
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     device = torch.device(engine.device)
+    mtp = getattr(engine.model, "mtp", None) is not None  # its latent cache is one more layer of the pool
     if cache_tokens is not None:
         if cache_tokens < block_size:
             raise ValueError(f"cache_tokens ({cache_tokens}) must hold at least one block of {block_size} tokens")
         num_blocks = -(-cache_tokens // block_size)
-        check_cache_fits(engine.config, num_blocks, block_size, engine.dtype, device, "cache_tokens")
+        check_cache_fits(engine.config, num_blocks, block_size, engine.dtype, device, "cache_tokens", mtp)
         return num_blocks
-    per_token = cache_bytes_per_token(engine.config, engine.dtype)
+    per_token = cache_bytes_per_token(engine.config, engine.dtype, mtp)
     budget_tokens = int(available_memory(device) * memory_fraction) // per_token
     want = max_num_seqs * min(engine.max_context, DEFAULT_TOKENS_PER_SEQ)
     num_blocks = min(budget_tokens, want) // block_size
@@ -94,13 +96,15 @@ class EngineCore:
         warm_up: bool | None = None,
         enforce_eager: bool = False,
         drafter: Drafter | None = None,
-        speculative_tokens: int = 0,
+        speculative_tokens: int | None = None,
     ) -> None:
         """`engine`: an `inference.engine.engine.Engine` (config, device, dtype, max_context, make_runner).
         `runner` replaces the engine's model runner (tests); its `num_blocks` then sizes the pool.
         A runner with `warm_up` compiles its kernels for this pool's limits and captures the decode CUDA graphs
         before the first step (`warm_up` None: where that pays, the Triton path on CUDA; `enforce_eager`: no
-        graphs)."""
+        graphs).
+        `speculative_tokens` K (None: the engine's `speculative_tokens`, as loaded): each decoding sequence
+        verifies up to K drafts per step, from `drafter`, else from the model's MTP layer (mtp_drafter.py)."""
         if runner is None:
             num_blocks = plan_cache_blocks(engine, block_size=block_size, cache_tokens=cache_tokens,
                                            max_num_seqs=max_num_seqs, memory_fraction=memory_fraction)
@@ -108,8 +112,20 @@ class EngineCore:
         else:
             num_blocks = int(runner.num_blocks)
         self.runner = runner
-        if speculative_tokens < 0 or (speculative_tokens and drafter is None):
-            raise ValueError(f"speculative_tokens {speculative_tokens} needs a drafter and must be >= 0")
+        if speculative_tokens is None:
+            speculative_tokens = int(getattr(engine, "speculative_tokens", 0))
+        if speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
+        self.mtp: MTPDrafter | None = None
+        if speculative_tokens and drafter is None:
+            if not getattr(runner, "has_mtp", False):
+                raise ValueError(f"speculative_tokens {speculative_tokens} needs a drafter: load the model with "
+                                 "its multi-token-prediction layer (Engine.from_pretrained(speculative_tokens=K), "
+                                 "`--speculative-tokens K`) or pass one")
+            if speculative_tokens > MAX_SPECULATIVE_TOKENS:
+                raise ValueError(f"speculative_tokens {speculative_tokens} is more than the MTP layer drafts "
+                                 f"usefully; use 1..{MAX_SPECULATIVE_TOKENS}")
+            self.mtp = MTPDrafter(runner)
         self.drafter = drafter if speculative_tokens else None
         self.speculative_tokens = speculative_tokens
         self.vocab_size = int(engine.config.vocab_size) if self.drafter is not None else 0  # drafts' bound
@@ -146,7 +162,10 @@ class EngineCore:
         sampling = [out.seqs[r] for r in out.sample_rows]
         prep = start_prepare(self._pool_for(sampling),
                              [(s.logits_processors, s.output_ids) for s in sampling if s.logits_processors])
-        logits = self.runner.run(out.scheduled)  # [sum of num_logits, V]: one row per row, 1 + drafts verifying
+        if self.mtp is not None:  # every new token's state kept for the MTP layer
+            logits = self.runner.run(out.scheduled, keep_hidden=True)
+        else:
+            logits = self.runner.run(out.scheduled)  # [sum of num_logits, V]: one row per row, 1 + drafts verifying
         if prep is not None:
             prep.result()
         first = [0]  # each row's first logits row
@@ -167,7 +186,9 @@ class EngineCore:
             if out.scheduled[r].num_logits > 1:
                 emitted[r] = verify(out.seqs[r], out.scheduled[r].token_ids[1:], logits[first[r] : first[r + 1]])
         result.updates = self.scheduler.postprocess(out, [emitted[r] for r in out.sample_rows])
-        if self.drafter is not None:
+        if self.mtp is not None:
+            self.mtp.draft_step(out, self.scheduler, self.speculative_tokens)
+        elif self.drafter is not None:
             self._propose()
 
     def _propose(self) -> None:
@@ -177,8 +198,7 @@ class EngineCore:
         for seq in sch.running:
             if seq.num_tokens - seq.num_computed_tokens != 1:
                 continue
-            room = min(self.speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
-                       sch.max_model_len - seq.num_tokens - 1)
+            room = draft_room(seq, self.speculative_tokens, sch.max_model_len)
             drafts = [int(t) for t in self.drafter.propose(seq, room)] if room > 0 else []
             seq.draft_ids = drafts[:room] if all(0 <= t < self.vocab_size for t in drafts) else []
 

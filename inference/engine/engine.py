@@ -93,8 +93,10 @@ class GenerationOutput:
 
 class Engine:
     def __init__(self, model: Transformer, config: ModelConfig, tokenizer: Tokenizer, device: torch.device,
-                 dtype: torch.dtype, name: str, path: Path, kernels: str, fp8: bool, ranks: Any = None):
+                 dtype: torch.dtype, name: str, path: Path, kernels: str, fp8: bool, ranks: Any = None,
+                 speculative_tokens: int = 0):
         self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.speculative_tokens = speculative_tokens  # MTP drafts per decode step (0: off); needs model.mtp
         self.device, self.dtype = device, dtype
         self.name, self.path, self.kernels, self.fp8 = name, path, kernels, fp8
         self.ranks = ranks  # tensor parallel: (launch.Group, distributed.ControlPlane); None on one device
@@ -130,7 +132,8 @@ class Engine:
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike | None = None, device: torch.device | str = "auto",
                         dtype: torch.dtype | str | None = None, *, kernels: str = "auto",
                         dequantize_fp8: bool | str = False, progress: bool | None = None, tensor_parallel_size: int = 1,
-                        dist_timeout_s: float | None = None, cpu_prepack: bool = True) -> Engine:
+                        dist_timeout_s: float | None = None, cpu_prepack: bool = True,
+                        speculative_tokens: int = 0) -> Engine:
         """Load a DeepseekV3ForCausalLM checkpoint (None: the demo checkpoint, written on first use).
 
         dequantize_fp8: True replaces FP8 weights by dense ones at load, False keeps them FP8 (the CPU torch
@@ -143,9 +146,18 @@ class Engine:
         `dist_timeout_s` bounds every collective. Use the engine as a context manager, or `close()` it.
 
         `cpu_prepack` False keeps the CPU's bf16 weights as loaded (`F.linear` every call) instead of reordered
-        once into oneDNN's layout (`Transformer.prepare_for_kernels_`): for comparisons."""
+        once into oneDNN's layout (`Transformer.prepare_for_kernels_`): for comparisons.
+
+        `speculative_tokens` K in 1..3 also loads the checkpoint's multi-token-prediction layer (its weights and
+        one more layer of latent cache) and drafts K tokens per decode step with it (mtp_drafter.py); the tokens
+        are the same as without. 0 (default): the layer is not loaded."""
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+        from deepseek_mcp.inference.engine.mtp_drafter import MAX_SPECULATIVE_TOKENS
+
+        if not 0 <= speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_tokens must be 0 (off) to {MAX_SPECULATIVE_TOKENS}, "
+                             f"got {speculative_tokens}")
         path, config, files, dev, dt, fp8, kernels, dequantize_fp8 = _resolve(
             path_or_repo_id, device, dtype, kernels, dequantize_fp8)
         from deepseek_mcp.kernels.platform import fp8_gemm_runs
@@ -163,11 +175,12 @@ class Engine:
         if tensor_parallel_size > 1:
             dequantize_fp8 = dequantize_fp8 is True
             spec = RankSpec(str(path), str(dt).removeprefix("torch."), kernels, dev.type,
-                            bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S)
+                            bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S,
+                            mtp=speculative_tokens > 0)
             model, group, plane = start_ranks(spec, tensor_parallel_size)
             return cls(model, config, tokenizer, group.device, dt, name, path, kernels,
-                       fp8 and not dequantize_fp8, ranks=(group, plane))
-        model = Transformer(config, rt, fp8=fp8, device=dev)
+                       fp8 and not dequantize_fp8, ranks=(group, plane), speculative_tokens=speculative_tokens)
+        model = Transformer(config, rt, fp8=fp8, device=dev, mtp=speculative_tokens > 0)
         load_weights(model, files, progress=progress)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -178,7 +191,8 @@ class Engine:
             fp8 = False
         model.prepare_for_kernels_(cpu_prepack=cpu_prepack)
         model.eval()
-        return cls(model, config, tokenizer, dev, dt, name, path, kernels, fp8)
+        return cls(model, config, tokenizer, dev, dt, name, path, kernels, fp8,
+                   speculative_tokens=speculative_tokens)
 
     @staticmethod
     def run_rank(path_or_repo_id: str | os.PathLike | None = None, device: torch.device | str = "auto",
@@ -249,11 +263,12 @@ class Engine:
         return runner.run([ScheduledSeq(token_ids, 0, list(range(n_blocks)))], all_logits=True)
 
     def generate(self, prompts: abc.Sequence[abc.Sequence[int]], params: SamplingParams | abc.Sequence[SamplingParams],
-                 block_size: int = 16, *, drafter: Drafter | None = None, speculative_tokens: int = 0
+                 block_size: int = 16, *, drafter: Drafter | None = None, speculative_tokens: int | None = None
                  ) -> list[GenerationOutput]:
         """Batched generation through the server's step (`EngineCore`: scheduler, paged cache, processors,
         sampling): a cache sized for every prompt plus its max_tokens, so all are admitted at once, prefill
-        in one step and decode one token per step (1 + accepted drafts with a `drafter`), never preempted."""
+        in one step and decode one token per step (1 + accepted drafts with a `drafter`, or the MTP layer's
+        with `speculative_tokens`, by default the engine's), never preempted."""
         prompts = [list(p) for p in prompts]
         plist = list(params) if isinstance(params, abc.Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):

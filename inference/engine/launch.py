@@ -47,6 +47,7 @@ class RankSpec:
     device_type: str  # "cpu" | "cuda"
     dequantize_fp8: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
+    mtp: bool = False  # the multi-token-prediction layer too (speculative decoding)
 
 
 @dataclass
@@ -154,7 +155,7 @@ def build_rank_model(spec: RankSpec, group: Group) -> Transformer:
                  scale_fmt=cfg.quant.scale_fmt if cfg.quant else None,
                  fp8_block=cfg.quant.block_size[0] if cfg.quant else 128,
                  fp8_gemm=fp8_gemm_runs(group.device, spec.kernels))
-    model = Transformer(cfg, rt, fp8, group.device, group.tp)  # this rank's part only
+    model = Transformer(cfg, rt, fp8, group.device, group.tp, mtp=spec.mtp)  # this rank's part only
     load_weights(model, files, progress=False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -19,14 +19,14 @@ class CacheMemoryError(MemoryError):
     """The requested cache pool cannot fit; raised before anything large is allocated."""
 
 
-def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """(kv_lora_rank + qk_rope_head_dim) x layers x element size: nothing per head."""
-    return cfg.kv_cache_dim * cfg.num_layers * torch.empty((), dtype=dtype).element_size()
+def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp: bool = False) -> int:
+    """(kv_lora_rank + qk_rope_head_dim) x layers (+ the MTP layer's) x element size: nothing per head."""
+    return cfg.kv_cache_dim * (cfg.num_layers + mtp) * torch.empty((), dtype=dtype).element_size()
 
 
 def check_cache_fits(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                     device: torch.device, setting: str = "cache_tokens") -> None:
-    need = num_blocks * block_size * cache_bytes_per_token(cfg, dtype)
+                     device: torch.device, setting: str = "cache_tokens", mtp: bool = False) -> None:
+    need = num_blocks * block_size * cache_bytes_per_token(cfg, dtype, mtp)
     have = available_memory(device)
     if need > 0.9 * have:
         raise CacheMemoryError(
@@ -35,7 +35,9 @@ def check_cache_fits(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: 
 
 
 class ModelRunner:
-    """Owns the cache pool `[num_layers, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]`."""
+    """Owns the cache pool `[num_layers (+ 1: the MTP layer's), num_blocks, block_size, kv_lora_rank +
+    qk_rope_head_dim]`. With the model's multi-token-prediction layer it also runs its drafting forwards (`draft`),
+    which read the hidden states of the last step (`run(..., keep_hidden=True)`) or of the last draft."""
 
     def __init__(self, model: Transformer, config: ModelConfig, num_blocks: int, block_size: int,
                  device: torch.device | str, dtype: torch.dtype, setting: str = "cache_tokens"):
@@ -44,24 +46,50 @@ class ModelRunner:
         self.model, self.config = model, config
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device, self.dtype = torch.device(device), dtype
-        check_cache_fits(config, num_blocks, block_size, dtype, self.device, setting)
-        self.kv_cache = torch.zeros(config.num_layers, num_blocks, block_size, config.kv_cache_dim,
+        self.has_mtp = getattr(model, "mtp", None) is not None
+        check_cache_fits(config, num_blocks, block_size, dtype, self.device, setting, self.has_mtp)
+        self.kv_cache = torch.zeros(config.num_layers + self.has_mtp, num_blocks, block_size, config.kv_cache_dim,
                                     dtype=dtype, device=self.device)
         self.inputs = StepInputs(num_blocks, block_size, self.device)  # persistent block table, staged inputs
         self.graphs: DecodeGraphs | None = None  # set by warm_up on CUDA unless enforce_eager
+        self.hidden: torch.Tensor | None = None  # [T, D] every new token's normed state, last run(keep_hidden)
+        self.draft_hidden: torch.Tensor | None = None  # [N, D] the MTP layer's normed states, last draft()
 
     @property
     def cache_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
-    def run(self, seqs: Sequence[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
+    def run(self, seqs: Sequence[ScheduledSeq], all_logits: bool = False, keep_hidden: bool = False
+            ) -> torch.Tensor:
         """Compute the new tokens of every sequence; logits [B, V] float32 of each one's last token
-        (or [T, V] for every new token with all_logits)."""
+        (or [T, V] for every new token with all_logits). `keep_hidden`: every new token's normed state is kept
+        in `self.hidden` [T, D] for the MTP layer (eager: the decode CUDA graphs return logits only)."""
         input_ids, positions, meta = self.inputs.build(seqs, all_logits)  # block ids checked as they arrive
+        if keep_hidden:
+            logits, self.hidden = self.model(input_ids, positions, meta, self.kv_cache, all_hidden=True)
+            return logits
         bucket = None if self.graphs is None or all_logits else self.graphs.bucket(meta)
         if bucket is not None:  # a pure-decode step: replay the bucket's CUDA graph
             return self.graphs.run(input_ids, positions, meta, bucket)
         return self.model(input_ids, positions, meta, self.kv_cache)
+
+    def draft(self, seqs: Sequence[ScheduledSeq], hidden_rows: Sequence[int], chained: bool = False
+              ) -> torch.Tensor:
+        """One forward of the MTP layer: `seqs` give, per sequence, the tokens at t + 1 for positions t from
+        `start_pos` (its latent cache written at t), `hidden_rows` the row of each new token's state at t in
+        `self.hidden` (or, `chained`, in the last draft's `self.draft_hidden`). Returns logits [B, V] float32 of
+        each sequence's last row (the token at t + 2); its states are kept for a chained draft."""
+        if not self.has_mtp:
+            raise RuntimeError("this model was loaded without its multi-token-prediction layer")
+        source = self.draft_hidden if chained else self.hidden
+        if source is None:
+            raise RuntimeError("draft() needs the states of a run(keep_hidden=True) (or of a draft, chained)")
+        input_ids, positions, meta = self.inputs.build(seqs)
+        if len(hidden_rows) != len(input_ids):
+            raise ValueError(f"{len(hidden_rows)} hidden rows for {len(input_ids)} draft tokens")
+        hidden = source[torch.tensor(hidden_rows, dtype=torch.int64).to(source.device, non_blocking=True)]
+        logits, self.draft_hidden = self.model.draft(input_ids, positions, hidden, meta, self.kv_cache)
+        return logits
 
     def warms(self, force: bool | None) -> bool:
         """Whether `warm_up(force=force)` does anything: by default only on the Triton path on CUDA."""

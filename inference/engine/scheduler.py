@@ -206,6 +206,17 @@ class Scheduler:
                 self._release(seq)
         return updates
 
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for a running sequence's first `num_tokens` positions from free blocks only (nothing is
+        preempted): the MTP drafter's latents ahead of the sequence, which its next step needs anyway. False,
+        nothing taken, when the pool is short."""
+        need = max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+        if need > self.bm.num_free_blocks:
+            return False
+        if need:
+            seq.block_table.extend(self.bm.allocate(need))
+        return True
+
     # ---- helpers ------------------------------------------------------------------------------------
     def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
         total = seq.num_computed_tokens + num_new

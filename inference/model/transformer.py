@@ -233,10 +233,11 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: torch.Tensor, return_hidden: bool = False
+                kv_cache: torch.Tensor, return_hidden: bool = False, all_hidden: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids/positions [T], kv_cache [L (+ 1 with the MTP layer), num_blocks, block_size, C + R] ->
-        logits [N, V] fp32 (and the normed hidden states [N, D] the head read, for the MTP layer)."""
+        logits [N, V] fp32 (and, for the MTP layer, the normed hidden states: [N, D], the rows the head read,
+        with `return_hidden`; [T, D], every new token's, with `all_hidden`)."""
         if not self.prepared:
             raise RuntimeError("call prepare_for_kernels_() after loading the weights, before the first forward")
         x = self.model.embed_tokens(input_ids)  # [T, D]
@@ -245,6 +246,9 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, cos, sin, self.rotary, meta, kv_cache[i])
         rows = meta.logits_indices
+        if all_hidden:
+            states, _ = self.model.norm.add_forward(x, residual)  # [T, D]
+            return self.lm_head(states[rows]).float(), states
         h, _ = self.model.norm.add_forward(x[rows], residual[rows])  # [N, D]
         logits = self.lm_head(h).float()
         return (logits, h) if return_hidden else logits

@@ -1,0 +1,156 @@
+"""Speculative decoding with the model's own MTP layer in the engine step (issue 24; mtp_drafter.py): tokens equal
+plain decoding's for K = 1..3, greedy and seeded, single and batched, with chunked prefill, preemption and prefix
+hits; on a model the MTP layer predicts exactly (tests/mtp_checkpoints.py, `bigram=0`) every draft is accepted and
+the target forwards fall to ceil(N / (K + 1)); each draft equals the one computed from scratch (the layer's latent
+cache stays right through rollbacks); the pool is whole again afterwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mtp_checkpoints import mtp_checkpoint
+
+from deepseek_mcp.inference.engine.batch import ScheduledSeq, build_batch
+from deepseek_mcp.inference.engine.core import EngineCore
+from deepseek_mcp.inference.engine.engine import Engine
+from deepseek_mcp.inference.engine.sampling import SamplingParams
+from deepseek_mcp.inference.engine.sequence import Sequence
+
+pytest.importorskip("transformers")
+N = 16  # tokens generated per request
+
+
+def _engine(root: Path, bigram: float | None, k: int = 3) -> Engine:
+    path, _, _ = mtp_checkpoint(root, False, seed=5, bigram=bigram)
+    return Engine.from_pretrained(path, device="cpu", dtype="float32", speculative_tokens=k)
+
+
+@pytest.fixture(scope="module")
+def exact(tmp_path_factory) -> Engine:
+    return _engine(tmp_path_factory.mktemp("bigram"), 0.0)
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory) -> Engine:
+    return _engine(tmp_path_factory.mktemp("partial"), 0.03)
+
+
+def _run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], k: int, *, cache_tokens: int = 1024,
+         budget: int = 64, max_num_seqs: int | None = None, record: list | None = None
+         ) -> tuple[list[Sequence], int, EngineCore]:
+    """Every request through EngineCore; returns the sequences, the steps taken and the core. `record` gets
+    (tokens, drafts) of every sequence after each step that left it drafts."""
+    core = EngineCore(engine, max_num_seqs=max_num_seqs or len(prompts), max_num_batched_tokens=budget,
+                      cache_tokens=cache_tokens, block_size=4, warm_up=False, speculative_tokens=k)
+    seqs = [Sequence(str(i), p, sp, eos_id=engine.tokenizer.eos_id) for i, (p, sp) in enumerate(zip(prompts, params))]
+    for s in seqs:
+        core.scheduler.add(s)
+    steps = 0
+    while core.scheduler.has_work():
+        result = core.step()
+        if result.error is not None:
+            raise result.error
+        steps += 1
+        if record is not None:
+            record += [(list(s.token_ids), list(s.draft_ids)) for s in core.scheduler.running if s.draft_ids]
+    core.close()
+    return seqs, steps, core
+
+
+def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_every_draft_accepted_where_the_layer_predicts_exactly(exact: Engine, k: int) -> None:
+    prompts = _prompts(k, (6,))
+    params = [SamplingParams(max_tokens=N, ignore_eos=True)]
+    plain, plain_steps, _ = _run(exact, prompts, params, 0)
+    spec, steps, core = _run(exact, prompts, params, k)
+    assert spec[0].output_ids == plain[0].output_ids
+    s = spec[0]
+    assert s.num_drafted == s.num_accepted > 0  # the layer predicts the model's greedy token: all accepted
+    # one prefill step, then each step emits 1 + K tokens (fewer where max_tokens leaves less room)
+    assert plain_steps == N
+    assert steps == 1 + -(-(N - 1) // (k + 1)), (steps, s.num_accepted)
+    assert steps == plain_steps - s.num_accepted
+    assert core.mtp is not None and core.mtp.forwards > 0
+    core.block_manager.check(idle=True)
+    assert core.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_batched_greedy_and_seeded_equal_plain_with_chunked_prefill(partial: Engine, k: int) -> None:
+    prompts = _prompts(10 + k, (5, 23, 11, 40))
+    params = [SamplingParams(max_tokens=N, ignore_eos=True),
+              SamplingParams(max_tokens=N - 5, ignore_eos=True, temperature=1.0, top_p=0.9, seed=7),
+              SamplingParams(max_tokens=N, ignore_eos=True, temperature=0.7, seed=3),
+              SamplingParams(max_tokens=N - 2, ignore_eos=True)]
+    plain, _, _ = _run(partial, prompts, params, 0, budget=24)  # a budget of 24: the prompts prefill in chunks
+    spec, _, core = _run(partial, prompts, params, k, budget=24)
+    assert [s.output_ids for s in spec] == [s.output_ids for s in plain]
+    drafted, accepted = sum(s.num_drafted for s in spec), sum(s.num_accepted for s in spec)
+    assert 0 < accepted < drafted, (accepted, drafted)  # context matters here: some drafts miss, some hold
+    core.block_manager.check(idle=True)
+    assert core.block_manager.num_used_blocks == 0
+
+
+def test_preemption_and_prefix_hits_change_no_token(partial: Engine) -> None:
+    shared = _prompts(21, (24,))[0]
+    prompts = [shared + p for p in _prompts(22, (3, 5, 4, 6))]
+    params = [SamplingParams(max_tokens=N, ignore_eos=True)] * len(prompts)
+    plain, _, _ = _run(partial, prompts, params, 0, cache_tokens=48, max_num_seqs=4)
+    spec, _, core = _run(partial, prompts, params, 3, cache_tokens=48, max_num_seqs=4)  # 12 blocks for 4 x ~45
+    assert [s.output_ids for s in spec] == [s.output_ids for s in plain]
+    assert core.scheduler.num_preemptions > 0
+    assert any(s.num_cached_tokens > 0 for s in spec)
+    assert sum(s.num_accepted for s in spec) > 0
+    core.block_manager.check(idle=True)
+    assert core.block_manager.num_used_blocks == 0
+
+
+def _scratch_drafts(engine: Engine, tokens: list[int], k: int) -> list[int]:
+    """The MTP layer's greedy drafts after `tokens`, computed from nothing: the main model over every token, the
+    layer over every position, then chained (a fresh cache, no paging history)."""
+    model, cfg, bs = engine.model, engine.config, 4
+    n_blocks = -(-(len(tokens) + k) // bs)
+    cache = torch.full((cfg.num_layers + 1, n_blocks, bs, cfg.kv_cache_dim), float("nan"))  # poisoned
+    table = list(range(n_blocks))
+    dev = torch.device("cpu")
+    x, pos, meta = build_batch([ScheduledSeq(tokens[:-1], 0, table)], bs, dev, all_logits=True)
+    _, hidden = model(x, pos, meta, cache, return_hidden=True)  # states at 0 .. P - 1
+    x, pos, meta = build_batch([ScheduledSeq(tokens[1:], 0, table)], bs, dev)
+    logits, h = model.draft(x, pos, hidden, meta, cache)
+    drafts = [int(logits[-1].argmax())]
+    for j in range(1, k):
+        x, pos, meta = build_batch([ScheduledSeq([drafts[-1]], len(tokens) + j - 2, table)], bs, dev)
+        logits, h = model.draft(x, pos, h[-1:], meta, cache)
+        drafts.append(int(logits[-1].argmax()))
+    return drafts
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_each_draft_equals_the_layer_from_scratch(partial: Engine, k: int) -> None:
+    """After verifies that accepted some drafts and rolled others back, and after chunked prefill, the drafts
+    the engine proposes are those of the layer run over the whole sequence afresh."""
+    record: list = []
+    prompts = _prompts(30, (9, 30))
+    params = [SamplingParams(max_tokens=N, ignore_eos=True)] * 2
+    spec, _, _ = _run(partial, prompts, params, k, budget=16, record=record)
+    assert sum(s.num_accepted for s in spec) > 0 and len(record) > 10
+    for tokens, drafts in record:
+        want = _scratch_drafts(partial, tokens, k)[: len(drafts)]
+        assert drafts == want, (len(tokens), drafts, want)
+
+
+def test_speculative_tokens_is_checked(tmp_path: Path, partial: Engine) -> None:
+    with pytest.raises(ValueError, match="speculative_tokens must be 0"):
+        Engine.from_pretrained(None, device="cpu", speculative_tokens=4)
+    plain = Engine.from_pretrained(mtp_checkpoint(tmp_path, False, seed=1)[0], device="cpu", dtype="float32")
+    assert plain.model.mtp is None and plain.speculative_tokens == 0
+    with pytest.raises(ValueError, match="needs a drafter: load the model with its multi-token-prediction"):
+        EngineCore(plain, max_num_seqs=1, cache_tokens=64, block_size=4, warm_up=False, speculative_tokens=1)
+    assert EngineCore(partial, max_num_seqs=1, cache_tokens=64, block_size=4, warm_up=False).mtp is not None

@@ -154,3 +154,19 @@ def test_speculative_tokens_is_checked(tmp_path: Path, partial: Engine) -> None:
     with pytest.raises(ValueError, match="needs a drafter: load the model with its multi-token-prediction"):
         EngineCore(plain, max_num_seqs=1, cache_tokens=64, block_size=4, warm_up=False, speculative_tokens=1)
     assert EngineCore(partial, max_num_seqs=1, cache_tokens=64, block_size=4, warm_up=False).mtp is not None
+
+
+def test_two_ranks_draft_and_verify_like_one_process(tmp_path: Path, partial: Engine) -> None:
+    """Under tensor parallelism every rank runs the same MTP forwards (DRAFT) on its split of the layer: tokens,
+    drafts and acceptances equal one process's."""
+    path, _, _ = mtp_checkpoint(tmp_path, False, seed=5, bigram=0.03)  # the `partial` fixture's checkpoint
+    prompts = _prompts(40, (7, 19))
+    params = [SamplingParams(max_tokens=N, ignore_eos=True), SamplingParams(max_tokens=N, temperature=0.8, seed=2)]
+    one, _, _ = _run(partial, prompts, params, 2, budget=16)
+    with Engine.from_pretrained(path, device="cpu", dtype="float32", tensor_parallel_size=2,
+                                speculative_tokens=2) as tp:
+        two, _, core = _run(tp, prompts, params, 2, budget=16)
+        core.block_manager.check(idle=True)
+    assert [s.output_ids for s in two] == [s.output_ids for s in one]
+    assert [(s.num_drafted, s.num_accepted) for s in two] == [(s.num_drafted, s.num_accepted) for s in one]
+    assert sum(s.num_accepted for s in two) > 0

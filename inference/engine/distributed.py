@@ -6,7 +6,8 @@ fixed-size int64 message, a header `[command, cache id, a, b, payload length]` t
 new-token count, start position, its block list's handle and length; the token ids; only the blocks added since
 the last step, `step_codec.py`), with a second broadcast only for a payload too long to fit inline. Every worker
 rebuilds the same batch and runs the same forward; only rank 0 gets the logits. Workers run no per-request
-Python beyond extending each live block list by its new blocks.
+Python beyond extending each live block list by its new blocks. With the MTP drafter, RUN keeps every rank's
+hidden states and DRAFT runs the layer's forwards on them (the rows of the states to read, then the step).
 
 Failure: every process group has a timeout; a keep-alive thread sends no-op commands while idle, so a worker
 waiting for a command notices a dead rank 0 and a dead worker is noticed even between requests. Workers write a
@@ -34,7 +35,7 @@ from deepseek_mcp.inference.engine.step_codec import StepDecoder, StepEncoder
 
 log = logging.getLogger(__name__)
 
-NOOP, NEW_CACHE, FREE_CACHE, RUN, STOP, WARM_UP = range(6)
+NOOP, NEW_CACHE, FREE_CACHE, RUN, STOP, WARM_UP, DRAFT = range(7)
 HEADER = 5
 MESSAGE = 512  # int64 slots per broadcast: the header, then a payload that fits inline (a decode step of ~100
 # sequences with short tables); a longer payload follows in a second broadcast
@@ -131,14 +132,26 @@ class ControlPlane:
         self._frees.append(cache_id)  # sent before the next command (this may run in a finalizer)
 
     def run(self, cache_id: int, seqs: Sequence[ScheduledSeq], all_logits: bool, local: ModelRunner,
-            encoder: StepEncoder) -> torch.Tensor:
+            encoder: StepEncoder, keep_hidden: bool = False) -> torch.Tensor:
         with self._lock:
             self.check()
             payload = encoder.encode(seqs)  # a bad step raises ValueError here: nothing sent, nothing recorded
             try:
                 self._flush_frees()
-                self._send(RUN, cache_id, len(seqs), int(all_logits), payload)
-                return local.run(seqs, all_logits)
+                self._send(RUN, cache_id, len(seqs), int(all_logits) | int(keep_hidden) << 1, payload)
+                return local.run(seqs, all_logits, keep_hidden)
+            except Exception as e:
+                raise self._fail(e) from e
+
+    def draft(self, cache_id: int, seqs: Sequence[ScheduledSeq], hidden_rows: Sequence[int], chained: bool,
+              local: ModelRunner, encoder: StepEncoder) -> torch.Tensor:
+        with self._lock:
+            self.check()
+            payload = torch.cat((torch.tensor(list(hidden_rows), dtype=torch.int64), encoder.encode(seqs)))
+            try:
+                self._flush_frees()
+                self._send(DRAFT, cache_id, len(seqs), int(chained) | len(hidden_rows) << 1, payload)
+                return local.draft(seqs, hidden_rows, chained)
             except Exception as e:
                 raise self._fail(e) from e
 
@@ -276,8 +289,16 @@ class DistributedRunner:
     def cache_tokens(self) -> int:
         return self.local.cache_tokens
 
-    def run(self, seqs: Sequence[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
-        return self.plane.run(self.cache_id, seqs, all_logits, self.local, self.encoder)
+    @property
+    def has_mtp(self) -> bool:
+        return self.local.has_mtp
+
+    def run(self, seqs: Sequence[ScheduledSeq], all_logits: bool = False, keep_hidden: bool = False) -> torch.Tensor:
+        return self.plane.run(self.cache_id, seqs, all_logits, self.local, self.encoder, keep_hidden)
+
+    def draft(self, seqs: Sequence[ScheduledSeq], hidden_rows: Sequence[int], chained: bool = False) -> torch.Tensor:
+        """`ModelRunner.draft` on every rank (the MTP layer is split like the main model's blocks)."""
+        return self.plane.draft(self.cache_id, seqs, hidden_rows, chained, self.local, self.encoder)
 
 
 def worker_loop(rank: int, model: Any, control_group: Any, store: Any, device: torch.device,
@@ -309,7 +330,11 @@ def worker_loop(rank: int, model: Any, control_group: Any, store: Any, device: t
                 payload = torch.empty(n, dtype=torch.int64)
                 dist.broadcast(payload, src=0, group=control_group)
             if cmd == RUN:
-                caches[cache_id].run(decoders[cache_id].decode(payload, a), bool(b))
+                caches[cache_id].run(decoders[cache_id].decode(payload, a), bool(b & 1), bool(b & 2))
+            elif cmd == DRAFT:
+                rows = b >> 1
+                caches[cache_id].draft(decoders[cache_id].decode(payload[rows:], a), payload[:rows].tolist(),
+                                       bool(b & 1))
             elif cmd == NEW_CACHE:
                 flag = torch.zeros(1, dtype=torch.int64)
                 try:

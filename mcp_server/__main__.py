@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "worker processes on this machine, one per GPU (under torchrun: its world size)")
     m.add_argument("--dist-timeout", type=float, metavar="SECONDS", help="timeout of every collective between "
                    "the ranks; a rank that dies or hangs fails the calls naming it (default 300)")
+    m.add_argument("--speculative-tokens", type=int, metavar="K",
+                   help="speculative decoding with the checkpoint's multi-token-prediction layer: K = 1..3 draft "
+                        "tokens per decode step, verified in one forward (same tokens; the layer's weights and "
+                        "one more cache layer load; default 0 = off)")
     m.add_argument("--no-constrained-decoding", dest="constrained_decoding", action="store_const", const=False,
                    help="sample tool calls and response_format output without the grammar (default: constrained)")
     m.add_argument("--trusted-control-tokens", dest="trusted_control_tokens", action="store_const", const=True,
@@ -149,7 +153,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
             "cache_tokens": args.cache_tokens, "max_num_seqs": args.max_num_seqs,
             "enforce_eager": args.enforce_eager,
             "tensor_parallel_size": args.tensor_parallel_size, "dist_timeout_s": args.dist_timeout,
-            "constrained_decoding": args.constrained_decoding,
+            "speculative_tokens": args.speculative_tokens, "constrained_decoding": args.constrained_decoding,
             "trusted_control_tokens": args.trusted_control_tokens, "transport": args.transport,
             "host": args.host, "port": args.port, "path": args.path, "token": args.token,
             "allowed_hosts": args.allowed_host, "allowed_origins": args.allowed_origin, "log_level": args.log_level,

@@ -81,6 +81,10 @@ class ServerConfig(_Section):
         1, ge=1, description="Ranks the model is split over: N-1 worker processes here (one per GPU), or torchrun's."
     )
     dist_timeout_s: float = Field(300.0, gt=0, description="Timeout of every collective between the ranks.")
+    speculative_tokens: int = Field(
+        0, ge=0, le=3, description="Speculative decoding with the checkpoint's multi-token-prediction layer: draft "
+        "tokens per decode step (1-3), verified in one forward; the output tokens are the same. 0 = off (the "
+        "layer is not loaded). Pays where a decode step is bound by reading the weights (GPU, batch 1).")
     constrained_decoding: bool = Field(
         True, description="Grammar-constrained tool calls and response_format (needs xgrammar: Linux, macOS)."
     )

@@ -41,6 +41,37 @@ class RunResult:
     stop: int | str | None = None  # finished with "stop": the engine's matched stop token id or stop string
     ttft_s: float | None = None  # the engine's: submission to the first token
     decode_tok_s: float = 0.0  # the engine's: tokens per second after the first (0 with fewer than two)
+    speculative: SpeculativeCounts | None = None  # when the engine decodes speculatively
+
+
+@dataclass(frozen=True)
+class SpeculativeCounts:
+    """One request's speculative decoding: drafts verified, of them accepted, and steps that verified drafts."""
+
+    draft_tokens: int
+    accepted_tokens: int
+    verify_steps: int
+
+
+def speculative_usage(runs: list[RunResult]) -> dict[str, Any] | None:
+    """The `speculative` block of a response's usage (None without speculative decoding): drafts verified and
+    accepted, the acceptance rate, and the mean accepted length, tokens emitted per verifying step (the
+    accepted drafts plus the target's own token, as vLLM's mean acceptance length)."""
+    counts = [r.speculative for r in runs if r.speculative is not None]
+    if not counts:
+        return None
+    drafted = sum(c.draft_tokens for c in counts)
+    accepted = sum(c.accepted_tokens for c in counts)
+    steps = sum(c.verify_steps for c in counts)
+    return {"draft_tokens": drafted, "accepted_tokens": accepted,
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+            "mean_accepted_length": round(1 + accepted / steps, 4) if steps else 0.0}
+
+
+def with_speculative(usage: dict[str, Any], runs: list[RunResult]) -> dict[str, Any]:
+    """`usage` with its `speculative` block where the engine decodes speculatively (else as it was)."""
+    spec = speculative_usage(runs)
+    return usage if spec is None else {**usage, "speculative": spec}
 
 
 @dataclass(frozen=True)
@@ -199,7 +230,9 @@ async def run_request(
     end = time.monotonic()
     return RunResult(live.token_ids, "".join(texts), reason, len(prompt_ids), cached, end - live.started,
                      (live.admitted_at or end) - live.started, stop if reason == "stop" else None,
-                     None if stats is None else stats.ttft_s, 0.0 if stats is None else stats.tokens_per_s)
+                     None if stats is None else stats.ttft_s, 0.0 if stats is None else stats.tokens_per_s,
+                     None if stats is None or not getattr(aengine, "speculative_tokens", 0) else
+                     SpeculativeCounts(stats.num_drafted, stats.num_accepted, stats.num_verify_steps))
 
 
 def log_request(route: str, request_id: str, run: RunResult) -> None:
@@ -212,6 +245,12 @@ def log_request(route: str, request_id: str, run: RunResult) -> None:
               "ttft_s": None if run.ttft_s is None else round(run.ttft_s, 4),
               "decode_tok_s": round(run.decode_tok_s, 2), "elapsed_s": round(run.elapsed_s, 4),
               "finish_reason": run.finish_reason}
+    spec = speculative_usage([run])
+    drafts = ""
+    if spec is not None:
+        fields["speculative"] = spec
+        drafts = f", {spec['accepted_tokens']}/{spec['draft_tokens']} drafts accepted"
     log.info("%s %s: %d prompt tokens (%d cached), %d completion tokens, queued %.2f s, first token %s, %.1f tok/s "
-             "decoding, %.2f s in all, finish %s", route, request_id, run.prompt_tokens, run.cached_tokens, n,
-             run.queued_s, ttft, run.decode_tok_s, run.elapsed_s, run.finish_reason, extra={"fields": fields})
+             "decoding%s, %.2f s in all, finish %s", route, request_id, run.prompt_tokens, run.cached_tokens, n,
+             run.queued_s, ttft, run.decode_tok_s, drafts, run.elapsed_s, run.finish_reason,
+             extra={"fields": fields})

@@ -58,6 +58,10 @@ class _EngineCollector(Collector):
         yield counter("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
                       s.prefix_hit_tokens)
         yield counter("num_preemptions", "Cumulative number of preemptions from the engine.", s.num_preemptions)
+        if getattr(s, "speculative_tokens", 0):  # as vLLM's spec_decode counters (a verifying step: one draft)
+            yield counter("spec_decode_num_drafts", "Number of spec decoding drafts.", s.verify_steps)
+            yield counter("spec_decode_num_draft_tokens", "Number of draft tokens.", s.draft_tokens)
+            yield counter("spec_decode_num_accepted_tokens", "Number of accepted tokens.", s.accepted_tokens)
 
 
 class Metrics:

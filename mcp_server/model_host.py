@@ -44,12 +44,14 @@ def default_loader(config: ServerConfig) -> Callable[[], Any]:
         from deepseek_mcp.inference.model.plan import check_before_load
 
         check_before_load(config.model, config.tensor_parallel_size, config.device, config.dtype,
-                          max_num_seqs=config.max_num_seqs, cache_tokens=config.cache_tokens)  # refuse before loading
+                          max_num_seqs=config.max_num_seqs, cache_tokens=config.cache_tokens,
+                          mtp=config.speculative_tokens > 0)  # refuse before loading
 
         def from_pretrained() -> Any:
             return Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
                                           kernels=config.kernels, tensor_parallel_size=config.tensor_parallel_size,
-                                          dist_timeout_s=config.dist_timeout_s, dequantize_fp8="auto")
+                                          dist_timeout_s=config.dist_timeout_s, dequantize_fp8="auto",
+                                          speculative_tokens=config.speculative_tokens)
 
         return from_pretrained() if config.model is not None else logging_demo_write(from_pretrained)
 

@@ -210,10 +210,19 @@ class ListModelsInput(_Strict):
 # ---------------------------------------------------------------------------------------------- outputs
 
 
+class SpeculativeUsage(BaseModel):
+    draft_tokens: int = Field(description="Draft tokens the model verified.")
+    accepted_tokens: int = Field(description="Of them, accepted (emitted without a step of their own).")
+    acceptance_rate: float
+    mean_accepted_length: float = Field(description="Tokens emitted per verifying step (accepted drafts + 1).")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    speculative: SpeculativeUsage | None = Field(
+        None, description="Speculative decoding (--speculative-tokens), where the server runs it.")
 
 
 class GenerationOutput(BaseModel):

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from deepseek_mcp.inference.text.control import THINK_END
 from deepseek_mcp.mcp_server.config import ServerConfig
 from deepseek_mcp.mcp_server.conversations import Conversation, ConversationStore, TurnLocks, UnknownConversation
-from deepseek_mcp.mcp_server.engine_request import RunResult
+from deepseek_mcp.mcp_server.engine_request import RunResult, speculative_usage
 from deepseek_mcp.mcp_server.failures import RequestError
 from deepseek_mcp.mcp_server.model_host import ModelHost
 from deepseek_mcp.mcp_server.model_info import count_parameters, describe_model
@@ -202,7 +202,8 @@ class ChatService(Pipeline):
 
 def _usage(run: RunResult) -> Usage:
     n = len(run.token_ids)
-    return Usage(prompt_tokens=run.prompt_tokens, completion_tokens=n, total_tokens=run.prompt_tokens + n)
+    return Usage(prompt_tokens=run.prompt_tokens, completion_tokens=n, total_tokens=run.prompt_tokens + n,
+                 speculative=speculative_usage([run]))
 
 
 def _unknown_conversation(conversation_id: str, capacity: int) -> str:

@@ -170,3 +170,19 @@ def test_two_ranks_draft_and_verify_like_one_process(tmp_path: Path, partial: En
     assert [s.output_ids for s in two] == [s.output_ids for s in one]
     assert [(s.num_drafted, s.num_accepted) for s in two] == [(s.num_drafted, s.num_accepted) for s in one]
     assert sum(s.num_accepted for s in two) > 0
+
+
+def test_bf16_verify_rows_compute_each_position_as_plain_decoding() -> None:
+    """In bf16 a verify row's positions go through the decode path (one attention row per token), not the
+    prefill's naive form, whose different rounding flipped near-tied greedy tokens of the demo's random model
+    within 40 tokens (it fails so when step_inputs.py's decode view is removed)."""
+    from deepseek_mcp.inference.engine.speculative import ReplayDrafter
+
+    engine = Engine.from_pretrained(None, speculative_tokens=3)
+    assert engine.dtype == torch.bfloat16
+    prompts = [torch.randint(0, 120000, (n,), generator=torch.Generator().manual_seed(0)).tolist() for n in (9, 30)]
+    sp = SamplingParams(max_tokens=40, ignore_eos=True)
+    base = [o.token_ids for o in engine.generate(prompts, sp, speculative_tokens=0)]
+    assert [o.token_ids for o in engine.generate(prompts, sp)] == base  # the engine's K = 3, MTP drafts
+    replay = ReplayDrafter({str(i): b for i, b in enumerate(base)}, engine.config.vocab_size, 0.7)
+    assert [o.token_ids for o in engine.generate(prompts, sp, drafter=replay, speculative_tokens=3)] == base

@@ -44,13 +44,13 @@ def _kind(name: str) -> str:
     return "dense_mlp"
 
 
-def _meta_bytes(cfg: ModelConfig, n: int, rank: int, fp8: bool) -> dict[str, int]:
+def _meta_bytes(cfg: ModelConfig, n: int, rank: int, fp8: bool, mtp: bool = False) -> dict[str, int]:
     rt = Runtime(dtype=torch.bfloat16, scale_fmt=cfg.quant.scale_fmt if cfg.quant else None)
-    model = Transformer(cfg, rt, fp8, "meta", TPContext(rank, n))
+    model = Transformer(cfg, rt, fp8, "meta", TPContext(rank, n), mtp=mtp)
     model.prepare_for_kernels_()  # the step's layout: W_UK / W_UV dense, the router in fp32, fusions
     out = dict.fromkeys(KINDS, 0)
     for name, p in model.named_parameters():
-        out[_kind(name)] += p.numel() * p.element_size()
+        out["mtp_layer" if name.startswith("mtp.") else _kind(name)] += p.numel() * p.element_size()
     return out
 
 
@@ -62,6 +62,12 @@ def test_v31_per_rank_bytes_equal_the_meta_model(n: int) -> None:
         assert weight_bytes(cfg, n, rank, fp8=True) == _meta_bytes(cfg, n, rank, True)
     p = plan(cfg, n, 139 * GIB)
     assert p.fits and p.cache_bytes_per_token == 61 * 576 * 2
+    # with the multi-token-prediction layer (speculative decoding): one more block, one more cache layer
+    for rank in (0, n - 1):
+        assert weight_bytes(cfg, n, rank, fp8=True, mtp=True) == _meta_bytes(cfg, n, rank, True, mtp=True)
+    with_mtp = plan(cfg, n, 139 * GIB, mtp=True)
+    assert with_mtp.cache_bytes_per_token == 62 * 576 * 2
+    assert 0.5 * GIB < with_mtp.weights["mtp_layer"] < 2.5 * GIB  # ~11.5 GB of FP8 experts over n ranks
     total = sum(weight_bytes(cfg, 1, 0, fp8=True).values())
     assert 600 * GIB < total < 650 * GIB  # ~671B parameters in FP8, the MTP layer not loaded
     assert p.weights_total < total / n + 2.5 * GIB  # only q_a/kv_a, norms and the router are replicated

@@ -44,6 +44,9 @@ class RequestStats:
     tokens_per_s: float  # decode rate after the first token (0 until there are two tokens)
     elapsed_s: float  # since submission
     num_preemptions: int = 0
+    num_drafted: int = 0  # speculative decoding: drafts verified, accepted, steps that verified drafts
+    num_accepted: int = 0
+    num_verify_steps: int = 0
 
 
 @dataclass
@@ -74,6 +77,11 @@ class EngineStats:
     num_preemptions: int
     num_steps: int
     generated_tokens: int
+    speculative_tokens: int = 0  # drafts per decode step (0: no speculative decoding)
+    draft_tokens: int = 0  # drafts verified, of them accepted, and steps of a sequence that verified drafts
+    accepted_tokens: int = 0
+    verify_steps: int = 0
+    acceptance_rate: float = 0.0  # accepted / draft tokens
 
 
 class EngineClosedError(RuntimeError):
@@ -236,7 +244,15 @@ class AsyncEngine:
             block_size=bm.block_size, cached_blocks=bm.num_cached_blocks, prefix_hit_tokens=bm.prefix_hit_tokens,
             prefix_query_tokens=bm.prefix_query_tokens, num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps, generated_tokens=self.generated_tokens,
+            speculative_tokens=self.speculative_tokens, draft_tokens=self.scheduler.num_draft_tokens,
+            accepted_tokens=self.scheduler.num_accepted_tokens, verify_steps=self.scheduler.num_verify_steps,
+            acceptance_rate=self.scheduler.num_accepted_tokens / max(self.scheduler.num_draft_tokens, 1),
         )
+
+    @property
+    def speculative_tokens(self) -> int:
+        """Drafts per decode step (0: no speculative decoding)."""
+        return self.core.speculative_tokens
 
     @property
     def cache_capacity_tokens(self) -> int:
@@ -360,7 +376,9 @@ class AsyncEngine:
         first, last = seq.first_token_time, seq.last_token_time
         rate = (n - 1) / (last - first) if first is not None and last is not None and n > 1 and last > first else 0.0
         stats = RequestStats(ttft_s=None if first is None else first - seq.arrival_time, tokens_per_s=rate,
-                             elapsed_s=now - seq.arrival_time, num_preemptions=seq.num_preemptions)
+                             elapsed_s=now - seq.arrival_time, num_preemptions=seq.num_preemptions,
+                             num_drafted=seq.num_drafted, num_accepted=seq.num_accepted,
+                             num_verify_steps=seq.num_verify_steps)
         out = RequestOutput(
             request_id=seq.request_id, new_token_ids=update.new_token_ids, text_delta=update.text_delta,
             token_ids=seq.output_ids, finished=update.finished, finish_reason=update.finish_reason,

@@ -71,6 +71,9 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: the newest is preempted first
         self._by_id: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        self.num_draft_tokens = 0  # speculative decoding: drafts verified, accepted, and the steps verifying
+        self.num_accepted_tokens = 0
+        self.num_verify_steps = 0
 
     # ---- requests -----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -189,6 +192,10 @@ class Scheduler:
                 seq.num_computed_tokens += 1 + accepted
                 seq.num_drafted += drafts
                 seq.num_accepted += accepted
+                seq.num_verify_steps += 1
+                self.num_draft_tokens += drafts
+                self.num_accepted_tokens += accepted
+                self.num_verify_steps += 1
             else:
                 seq.num_computed_tokens += len(sched.token_ids)
             seq.draft_ids = []

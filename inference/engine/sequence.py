@@ -69,6 +69,7 @@ class Sequence:
     draft_ids: list[int] = field(init=False, default_factory=list)  # proposed to follow token_ids (speculation)
     num_drafted: int = field(init=False, default=0)  # drafts verified so far
     num_accepted: int = field(init=False, default=0)  # of them, emitted
+    num_verify_steps: int = field(init=False, default=0)  # steps that verified drafts
     finish_reason: str | None = field(init=False, default=None)
     first_token_time: float | None = field(init=False, default=None)
     last_token_time: float | None = field(init=False, default=None)

@@ -126,6 +126,15 @@ class StepInputs:
             logits_rows = list(range(num_tokens))
         else:  # the last num_logits new tokens of each sequence (1, or 1 + drafts being verified)
             logits_rows = [r for s, end in zip(seqs, qsl[1:]) for r in range(end - s.num_logits, end)]
+        if num_tokens > bsz and not all_logits and all(s.num_logits == n for s, n in zip(seqs, query_lens)):
+            # decodes verifying drafts, nothing else: run as a decode of one row per token, token j of a sequence
+            # seeing its first start_pos + j + 1 positions, so each position is computed as plain decoding would
+            # compute it (the absorbed form, not the prefill's naive form: in bf16 their roundings differ and
+            # could flip a near-tied greedy token)
+            rows = [r for r, n in zip(rows, query_lens) for _ in range(n)]
+            seq_lens = [s.start_pos + j + 1 for s, n in zip(seqs, query_lens) for j in range(n)]
+            query_lens, bsz = [1] * num_tokens, num_tokens
+            qsl = list(range(num_tokens + 1))
         # every section starts on 16 bytes (an even int64 offset): Triton specializes pointers on that alignment,
         # so an odd token count would otherwise compile a second variant of the kernels that read them
         sizes = (num_tokens, num_tokens, num_tokens, bsz, bsz + 1, len(logits_rows), bsz, len(changes))

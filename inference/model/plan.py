@@ -22,7 +22,8 @@ from deepseek_mcp.inference.model.config import ConfigError, ModelConfig
 from deepseek_mcp.inference.model.int4 import int4_nbytes, split_int4
 from deepseek_mcp.inference.model.parallel import ParallelConfigError, TPContext, check_divisible, padded_vocab
 
-KINDS = ("attention", "dense_mlp", "routed_experts", "shared_experts", "embedding_and_head", "norms_and_router")
+KINDS = ("attention", "dense_mlp", "routed_experts", "shared_experts", "embedding_and_head", "norms_and_router",
+         "mtp_layer")
 GIB = 2**30
 CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -45,12 +46,14 @@ def _split(n_full: int, k_full: int, dim: int, rank: int, world: int, fp8: bool,
     return _linear(n, k, fp8 and not cut, block, dt)
 
 
-def weight_bytes(cfg: ModelConfig, world: int, rank: int = 0, *, fp8: bool, dtype_bytes: int = 2) -> dict[str, int]:
+def weight_bytes(cfg: ModelConfig, world: int, rank: int = 0, *, fp8: bool, dtype_bytes: int = 2,
+                 mtp: bool = False) -> dict[str, int]:
     """One rank's parameter bytes by kind as laid out for the step (`Transformer.prepare_for_kernels_`: kv_b_proj
-    as dense W_UK / W_UV in the activation dtype, the router weight in fp32); the multi-token-prediction layer is
-    not loaded. A 4-bit checkpoint (`cfg.int4`): the Linears its scheme quantizes as codes + fp32 scales + uint8
-    zero points per group (int4.py), the others in the activation dtype; a split cutting a group raises
-    ParallelConfigError as the model would."""
+    as dense W_UK / W_UV in the activation dtype, the router weight in fp32); the multi-token-prediction layer
+    (`mtp`: loaded for speculative decoding) as one more block, its norms and eh_proj, all in `mtp_layer`. A 4-bit
+    checkpoint (`cfg.int4`): the Linears its scheme quantizes as codes + fp32 scales + uint8 zero points per group
+    (int4.py), the others in the activation dtype; a split cutting a group raises ParallelConfigError as the
+    model would."""
     b, dt, d, h = cfg.quant.block_size[0] if cfg.quant else 128, dtype_bytes, cfg.hidden_size, cfg.num_heads
     q4, tp = cfg.int4, TPContext(rank, world)
     fp8 = fp8 and q4 is None
@@ -69,7 +72,12 @@ def weight_bytes(cfg: ModelConfig, world: int, rank: int = 0, *, fp8: bool, dtyp
         return lin(prefix + "gate_proj", inter, d, 0) + lin(prefix + "up_proj", inter, d, 0) + \
             lin(prefix + "down_proj", d, inter, 1)
 
-    for layer in range(cfg.num_layers):
+    main = out  # the main model's bytes, once the MTP layer's are counted apart
+    for layer in range(cfg.num_layers + mtp):
+        if layer == cfg.num_layers:  # the MTP layer: its block counted like the others, then moved to its kind
+            main, out = out, dict.fromkeys(KINDS, 0)
+            eh = f"model.layers.{layer}.eh_proj"
+            out["norms_and_router"] += 3 * d * dt + lin(eh, d, 2 * d, None)  # enorm, hnorm, shared_head.norm
         a, m = f"model.layers.{layer}.self_attn.", f"model.layers.{layer}.mlp."
         attn = lin(a + "kv_a_proj_with_mqa", cfg.kv_lora_rank + cfg.qk_rope_head_dim, d, None) + cfg.kv_lora_rank * dt
         if cfg.q_lora_rank is None:
@@ -91,6 +99,8 @@ def weight_bytes(cfg: ModelConfig, world: int, rank: int = 0, *, fp8: bool, dtyp
                 out["shared_experts"] += mlp(m + "shared_experts.", i * cfg.n_shared_experts)
         else:
             out["dense_mlp"] += mlp(m, cfg.intermediate_size)
+    if mtp:
+        main["mtp_layer"], out = sum(out.values()), main
     rows = padded_vocab(cfg.vocab_size, world) // world
     out["embedding_and_head"] = rows * d * dt * (1 if cfg.tie_word_embeddings else 2)
     out["norms_and_router"] += d * dt
@@ -109,6 +119,7 @@ class Plan:
     headroom_bytes: int
     min_cache_tokens: int
     fp8: bool
+    mtp: bool = False  # the multi-token-prediction layer loaded (speculative decoding)
 
     @property
     def weights_total(self) -> int:
@@ -135,16 +146,18 @@ def activation_bytes(cfg: ModelConfig, world: int, batched_tokens: int, num_seqs
 
 
 def plan(cfg: ModelConfig, world_size: int, memory_bytes: int, *, fp8: bool | None = None, dtype_bytes: int = 2,
-         batched_tokens: int = 512, num_seqs: int = 16, min_cache_tokens: int = 4096) -> Plan:
-    """Raises ParallelConfigError for a size that does not split (as the engine would at start)."""
+         batched_tokens: int = 512, num_seqs: int = 16, min_cache_tokens: int = 4096, mtp: bool = False) -> Plan:
+    """Raises ParallelConfigError for a size that does not split (as the engine would at start). `mtp`: with the
+    multi-token-prediction layer (speculative decoding): its weights and one more layer of latent cache."""
     check_divisible(cfg, world_size)
     fp8 = cfg.quant is not None if fp8 is None else fp8
-    weights = weight_bytes(cfg, world_size, 0, fp8=fp8, dtype_bytes=dtype_bytes)
-    biggest = max(sum(weight_bytes(cfg, world_size, r, fp8=fp8, dtype_bytes=dtype_bytes).values())
+    weights = weight_bytes(cfg, world_size, 0, fp8=fp8, dtype_bytes=dtype_bytes, mtp=mtp)
+    biggest = max(sum(weight_bytes(cfg, world_size, r, fp8=fp8, dtype_bytes=dtype_bytes, mtp=mtp).values())
                   for r in {0, world_size - 1})
-    return Plan(cfg, world_size, memory_bytes, weights, biggest, cfg.kv_cache_dim * cfg.num_layers * dtype_bytes,
+    return Plan(cfg, world_size, memory_bytes, weights, biggest,
+                cfg.kv_cache_dim * (cfg.num_layers + mtp) * dtype_bytes,
                 activation_bytes(cfg, world_size, batched_tokens, num_seqs),
-                max(GIB, memory_bytes // 20), min_cache_tokens, fp8)
+                max(GIB, memory_bytes // 20), min_cache_tokens, fp8, mtp)
 
 
 def smallest_fit(cfg: ModelConfig, p: Plan, **kw) -> tuple[int | None, float]:
@@ -152,7 +165,7 @@ def smallest_fit(cfg: ModelConfig, p: Plan, **kw) -> tuple[int | None, float]:
     size = None
     for n in CANDIDATE_SIZES:
         try:
-            if plan(cfg, n, p.memory_bytes, fp8=p.fp8, **kw).fits:
+            if plan(cfg, n, p.memory_bytes, fp8=p.fp8, mtp=p.mtp, **kw).fits:
                 size = n
                 break
         except ParallelConfigError:
@@ -174,10 +187,12 @@ def render(p: Plan) -> str:
     lines += [f"  {kind:<20}{g(p.weights[kind])}" for kind in KINDS]
     lines.append(f"  {'total':<20}{g(p.weights_total)}" + (f"  (largest rank {g(p.weights_max).strip()})"
                                                            if p.weights_max != p.weights_total else ""))
-    if cfg.num_nextn_predict_layers:
-        lines.append(f"  multi-token-prediction layer ({cfg.num_nextn_predict_layers}): skipped, not loaded")
+    if cfg.num_nextn_predict_layers and not p.mtp:
+        lines.append(f"  multi-token-prediction layer ({cfg.num_nextn_predict_layers}): skipped, not loaded "
+                     "(loaded with --speculative-tokens)")
+    layers = f"{cfg.num_layers} layers" + (" + the MTP layer" if p.mtp else "")
     lines += [
-        f"latent KV cache: {p.cache_bytes_per_token:,} bytes/token ({cfg.num_layers} layers x {cfg.kv_cache_dim} "
+        f"latent KV cache: {p.cache_bytes_per_token:,} bytes/token ({layers} x {cfg.kv_cache_dim} "
         "x 2 bytes), replicated on every rank (each rank holds the full latent cache, as in DeepSeek's reference)",
         f"activations (estimate):{g(p.activation_bytes)}",
         f"headroom:              {g(p.headroom_bytes)}  (CUDA context, NCCL buffers, fragmentation)",
@@ -213,13 +228,16 @@ def main(argv: list[str] | None = None, prog: str = "deepseek-mcp plan") -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--min-cache-tokens", type=int, default=4096, help="cache tokens a plan must leave room for")
+    ap.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                    help="K > 0: with the multi-token-prediction layer (its weights and latent cache)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
     kw = dict(batched_tokens=args.max_num_batched_tokens, num_seqs=args.max_num_seqs,
               min_cache_tokens=args.min_cache_tokens)
     try:
         cfg = read_config(args.model)
-        p = plan(cfg, args.tensor_parallel_size, int(args.gpu_memory_gib * GIB), **kw)
+        p = plan(cfg, args.tensor_parallel_size, int(args.gpu_memory_gib * GIB), mtp=args.speculative_tokens > 0,
+                 **kw)
     except (ConfigError, ParallelConfigError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
@@ -250,7 +268,7 @@ class PlanError(MemoryError):
 
 
 def check_before_load(model: str | None, tensor_parallel_size: int, device: str = "auto", dtype: str | None = None,
-                      *, max_num_seqs: int = 16, cache_tokens: int | None = None) -> Plan | None:
+                      *, max_num_seqs: int = 16, cache_tokens: int | None = None, mtp: bool = False) -> Plan | None:
     """The server's start: the plan for one GPU per rank (on CPU, a share of the host memory per rank), refused
     with the smallest size or memory that would fit. None where it does not apply (one rank on CPU)."""
     import torch
@@ -272,7 +290,7 @@ def check_before_load(model: str | None, tensor_parallel_size: int, device: str 
         memory = available_memory(torch.device("cpu")) // tensor_parallel_size
     dtype_bytes = 4 if (dtype or cfg.torch_dtype) in ("float32", "fp32") else 2
     p = plan(cfg, tensor_parallel_size, memory, dtype_bytes=dtype_bytes, num_seqs=max_num_seqs,
-             min_cache_tokens=cache_tokens or min(4096, cfg.max_position_embeddings))
+             min_cache_tokens=cache_tokens or min(4096, cfg.max_position_embeddings), mtp=mtp)
     if not p.fits:
         raise PlanError(verdict(cfg, p, dtype_bytes=dtype_bytes, num_seqs=max_num_seqs,
                                 min_cache_tokens=p.min_cache_tokens) + "\n" + render(p))

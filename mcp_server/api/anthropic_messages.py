@@ -21,6 +21,7 @@ from typing import Any
 
 from deepseek_mcp.inference.text.parse import ToolCall
 from deepseek_mcp.mcp_server.api.errors import invalid
+from deepseek_mcp.mcp_server.engine_request import with_speculative
 from deepseek_mcp.mcp_server.pipeline import Choice, Plan
 from deepseek_mcp.mcp_server.schemas import McpTool, NamedToolChoice
 from deepseek_mcp.mcp_server.tool_specs import BadToolSpec, ToolChoice, normalize_choice, normalize_tools
@@ -201,8 +202,8 @@ def stop_reason(c: Choice) -> str:
 
 def usage(c: Choice) -> dict[str, Any]:
     cached = c.run.cached_tokens
-    return {"input_tokens": c.run.prompt_tokens - cached, "output_tokens": len(c.run.token_ids),
-            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+    return with_speculative({"input_tokens": c.run.prompt_tokens - cached, "output_tokens": len(c.run.token_ids),
+                             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}, [c.run])
 
 
 def message_response(plan: Plan, c: Choice, model: str, message_id: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from deepseek_mcp.inference.text.template import BOS
 from deepseek_mcp.mcp_server.api.errors import invalid
 from deepseek_mcp.mcp_server.api.openai_chat import refuse_unsupported
 from deepseek_mcp.mcp_server.api.sse import Write, sse
+from deepseek_mcp.mcp_server.engine_request import with_speculative
 from deepseek_mcp.mcp_server.failures import RequestError
 from deepseek_mcp.mcp_server.logprobs import TokenLogprob, completion_logprobs
 from deepseek_mcp.mcp_server.pipeline import Choice, Item, Plan
@@ -72,8 +73,9 @@ def usage(choices: list[Choice], n: int) -> dict[str, Any]:
     firsts = [c for c in choices if c.index % n == 0]
     prompt = sum(c.run.prompt_tokens for c in firsts)
     completion = sum(len(c.run.token_ids) for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(c.run.cached_tokens for c in firsts)}}
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": sum(c.run.cached_tokens for c in firsts)}}
+    return with_speculative(out, [c.run for c in choices])
 
 
 def finish(c: Choice) -> str:

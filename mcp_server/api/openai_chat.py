@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from deepseek_mcp.mcp_server.api.errors import ApiError, invalid, unsupported
+from deepseek_mcp.mcp_server.engine_request import with_speculative
 from deepseek_mcp.mcp_server.logprobs import chat_logprobs
 from deepseek_mcp.mcp_server.pipeline import Choice, Plan
 from deepseek_mcp.mcp_server.schemas import NamedToolChoice
@@ -148,9 +149,10 @@ def chat_plan(req: Any, model: str) -> Plan:
 def usage(choices: list[Choice]) -> dict[str, Any]:
     prompt = choices[0].run.prompt_tokens if choices else 0
     completion = sum(len(c.run.token_ids) for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": choices[0].run.cached_tokens if choices else 0},
-            "completion_tokens_details": {"reasoning_tokens": sum(c.reasoning_tokens for c in choices)}}
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": choices[0].run.cached_tokens if choices else 0},
+           "completion_tokens_details": {"reasoning_tokens": sum(c.reasoning_tokens for c in choices)}}
+    return with_speculative(out, [c.run for c in choices])
 
 
 def tool_call_json(c: Choice, i: int) -> dict[str, Any]:

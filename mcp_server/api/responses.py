@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from deepseek_mcp.inference.text.tools import EMPTY_PARAMETERS
 from deepseek_mcp.mcp_server.api.errors import ApiError, invalid, unsupported
 from deepseek_mcp.mcp_server.api.openai_chat import EFFORT_FRACTION, REASONER_ALIAS
+from deepseek_mcp.mcp_server.engine_request import with_speculative
 from deepseek_mcp.mcp_server.pipeline import Choice, Plan
 from deepseek_mcp.mcp_server.schemas import NamedToolChoice, ResponseFormat
 from deepseek_mcp.mcp_server.tool_specs import BadToolSpec, ToolChoice, ToolSpec, normalize_choice, normalize_tools
@@ -297,9 +298,10 @@ def status_of(c: Choice) -> str:
 
 def usage(c: Choice) -> dict[str, Any]:
     out = len(c.run.token_ids)
-    return {"input_tokens": c.run.prompt_tokens, "input_tokens_details": {"cached_tokens": c.run.cached_tokens},
-            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": c.reasoning_tokens},
-            "total_tokens": c.run.prompt_tokens + out}
+    return with_speculative({"input_tokens": c.run.prompt_tokens,
+                             "input_tokens_details": {"cached_tokens": c.run.cached_tokens}, "output_tokens": out,
+                             "output_tokens_details": {"reasoning_tokens": c.reasoning_tokens},
+                             "total_tokens": c.run.prompt_tokens + out}, [c.run])
 
 
 def reasoning_item(item_id: str, text: str, summary: bool, status: str = "completed") -> dict[str, Any]:

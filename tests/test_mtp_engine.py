@@ -186,3 +186,35 @@ def test_bf16_verify_rows_compute_each_position_as_plain_decoding() -> None:
     assert [o.token_ids for o in engine.generate(prompts, sp)] == base  # the engine's K = 3, MTP drafts
     replay = ReplayDrafter({str(i): b for i, b in enumerate(base)}, engine.config.vocab_size, 0.7)
     assert [o.token_ids for o in engine.generate(prompts, sp, drafter=replay, speculative_tokens=3)] == base
+
+
+def test_verify_steps_replay_the_decode_graphs_with_hidden_states(partial: Engine) -> None:
+    """The decode graphs (EagerGraph standing in for CUDA graphs on CPU) serve the verify steps: a step of B
+    sequences verifying K drafts replays the bucket of B x (1 + K) rows and hands the MTP layer the hidden states
+    the graph computed; the tokens and drafts equal the eager run's."""
+    from deepseek_mcp.inference.engine.cuda_graphs import EagerGraph
+
+    prompts = _prompts(50, (6, 11))
+    params = [SamplingParams(max_tokens=N, ignore_eos=True)] * 2
+    eager, _, _ = _run(partial, prompts, params, 2, budget=32)
+    core = EngineCore(partial, max_num_seqs=2, max_num_batched_tokens=32, cache_tokens=1024, block_size=4,
+                      warm_up=False, speculative_tokens=2)
+    core.runner.warm_up(max_num_seqs=2 * 3, max_num_batched_tokens=32, max_context=64, force=True, graph=EagerGraph)
+    graphs = core.runner.graphs
+    assert graphs.hidden and graphs.buckets[-1] == 6
+    replayed: list[int] = []
+    run_hidden = graphs.run_hidden
+
+    def counting(input_ids, positions, meta, b):
+        replayed.append(meta.num_seqs)
+        return run_hidden(input_ids, positions, meta, b)
+
+    graphs.run_hidden = counting
+    seqs = [Sequence(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+    for s in seqs:
+        core.scheduler.add(s)
+    while core.scheduler.has_work():
+        assert core.step().error is None
+    assert [s.output_ids for s in seqs] == [s.output_ids for s in eager]
+    assert [(s.num_drafted, s.num_accepted) for s in seqs] == [(s.num_drafted, s.num_accepted) for s in eager]
+    assert max(replayed) > 2  # steps with more rows than sequences: verify steps replayed

@@ -136,7 +136,9 @@ class EngineCore:
         self._prepare_pool: ThreadPoolExecutor | None = None
         warm = getattr(runner, "warm_up", None)
         if warm is not None and warm_up is not False:
-            warm(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            # a step verifying drafts is a decode of one row per token: up to 1 + K rows per sequence
+            warm(max_num_seqs=max_num_seqs * (1 + self.speculative_tokens),
+                 max_num_batched_tokens=max_num_batched_tokens,
                  max_context=engine.max_context, enforce_eager=enforce_eager, force=warm_up)
 
     def step(self) -> StepResult:

@@ -8,6 +8,10 @@ longest context, so its stride (a kernel argument frozen in the graph) never cha
 length are never read. The MLA split count is fixed per bucket at the one for the longest context (empty
 splits merge to nothing), so one graph serves every context length.
 
+A step of decodes verifying drafts runs as a decode of one row per token (step_inputs.py), so it replays the
+bucket of its token count (the buckets then go up to max_num_seqs x (1 + K)); with the MTP drafter the graphs
+also output every row's normed hidden state, which the layer reads (its own forwards run eagerly).
+
 Prefill and mixed steps, batches past the largest bucket and `--enforce-eager` run eagerly. Only the Triton path
 on CUDA is captured (the torch twins read host lengths); `EagerGraph` stands in for `torch.cuda.CUDAGraph` in
 the CPU tests of the staging and padding.
@@ -23,9 +27,11 @@ import torch
 from deepseek_mcp.inference.engine.warmup import bucket_for, decode_buckets
 from deepseek_mcp.inference.model.attention import AttentionMetadata
 
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+
 
 class Graph(Protocol):
-    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor: ...
+    def capture(self, fn: Callable[[], Outputs]) -> Outputs: ...
 
     def replay(self) -> None: ...
 
@@ -37,7 +43,7 @@ class CudaGraph:
         self.graph = torch.cuda.CUDAGraph()
         self.pool = pool
 
-    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def capture(self, fn: Callable[[], Outputs]) -> Outputs:
         """One eager run on a side stream first (compiles, tunes, lazy library init outside the capture)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -58,10 +64,10 @@ class EagerGraph:
     """Replays by calling the forward again on the static buffers (CPU tests of the staging logic)."""
 
     def __init__(self, pool: object | None = None) -> None:
-        self.fn: Callable[[], torch.Tensor] | None = None
-        self.out: torch.Tensor | None = None
+        self.fn: Callable[[], Outputs] | None = None
+        self.out: Outputs | None = None
 
-    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def capture(self, fn: Callable[[], Outputs]) -> Outputs:
         fn()  # the warm run, as CudaGraph's
         self.fn = fn
         self.out = fn()
@@ -70,20 +76,24 @@ class EagerGraph:
     def replay(self) -> None:
         assert self.fn is not None and self.out is not None
         with torch.inference_mode():  # the captured output is an inference tensor (the model runs in that mode)
-            self.out.copy_(self.fn())
+            new = self.fn()
+            for buf, value in zip(*((self.out, new) if isinstance(new, tuple) else ((self.out,), (new,)))):
+                buf.copy_(value)
 
     @property
     def pool(self) -> None:
         return None
 
 
-Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor], torch.Tensor]
+Forward = Callable[..., Outputs]
 
 
 class DecodeGraphs:
     def __init__(self, model: Forward, kv_cache: torch.Tensor, block_size: int, max_num_seqs: int,
-                 max_context: int, graph: type = CudaGraph) -> None:
-        self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
+                 max_context: int, graph: type = CudaGraph, hidden: bool = False) -> None:
+        """`max_num_seqs`: the most rows a decode step has; `hidden`: the graphs also output every row's normed
+        hidden state (`model(..., all_hidden=True)`, for the MTP drafter)."""
+        self.model, self.kv_cache, self.block_size, self.hidden = model, kv_cache, block_size, hidden
         self.max_context, self.graph_type = max_context, graph
         self.buckets = decode_buckets(max_num_seqs)
         n, dev = self.buckets[-1], kv_cache.device
@@ -96,6 +106,7 @@ class DecodeGraphs:
         self.rows = torch.arange(n + 1, dtype=torch.int64, device=dev)  # query_start_loc and logits rows
         self.graphs: dict[int, Graph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> [b, V] the graph's output buffer
+        self.states: dict[int, torch.Tensor] = {}  # bucket -> [b, D] with `hidden`
 
     def meta(self, b: int) -> AttentionMetadata:
         """Static metadata of bucket b: host lengths stand at the longest context (they only pick the split
@@ -114,11 +125,17 @@ class DecodeGraphs:
                 log(f"capturing CUDA graph: decode batch {b}")
             meta = self.meta(b)
 
-            def forward(b: int = b, meta: AttentionMetadata = meta) -> torch.Tensor:
+            def forward(b: int = b, meta: AttentionMetadata = meta) -> Outputs:
+                if self.hidden:
+                    return self.model(self.input_ids[:b], self.positions[:b], meta, self.kv_cache, all_hidden=True)
                 return self.model(self.input_ids[:b], self.positions[:b], meta, self.kv_cache)
 
             graph = self.graph_type(pool)
-            self.logits[b] = graph.capture(forward)
+            out = graph.capture(forward)
+            if self.hidden:
+                self.logits[b], self.states[b] = out
+            else:
+                self.logits[b] = out
             self.graphs[b] = graph
             pool = graph.pool
 
@@ -144,3 +161,9 @@ class DecodeGraphs:
         self.stage(input_ids, positions, meta, b)
         self.graphs[b].replay()
         return self.logits[b][: meta.num_seqs].clone()
+
+    def run_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, b: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`run`, and the rows' normed hidden states [B, D] (graphs captured with `hidden`; copies)."""
+        logits = self.run(input_ids, positions, meta, b)
+        return logits, self.states[b][: meta.num_seqs].clone()

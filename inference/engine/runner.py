@@ -63,12 +63,16 @@ class ModelRunner:
             ) -> torch.Tensor:
         """Compute the new tokens of every sequence; logits [B, V] float32 of each one's last token
         (or [T, V] for every new token with all_logits). `keep_hidden`: every new token's normed state is kept
-        in `self.hidden` [T, D] for the MTP layer (eager: the decode CUDA graphs return logits only)."""
+        in `self.hidden` [T, D] for the MTP layer (the decode CUDA graphs output them too when the model has
+        the layer)."""
         input_ids, positions, meta = self.inputs.build(seqs, all_logits)  # block ids checked as they arrive
-        if keep_hidden:
-            logits, self.hidden = self.model(input_ids, positions, meta, self.kv_cache, all_hidden=True)
-            return logits
         bucket = None if self.graphs is None or all_logits else self.graphs.bucket(meta)
+        if keep_hidden:
+            if bucket is not None and self.graphs.hidden:  # a pure-decode (or verify) step: replay its graph
+                logits, self.hidden = self.graphs.run_hidden(input_ids, positions, meta, bucket)
+            else:
+                logits, self.hidden = self.model(input_ids, positions, meta, self.kv_cache, all_hidden=True)
+            return logits
         if bucket is not None:  # a pure-decode step: replay the bucket's CUDA graph
             return self.graphs.run(input_ids, positions, meta, bucket)
         return self.model(input_ids, positions, meta, self.kv_cache)
@@ -126,7 +130,7 @@ class ModelRunner:
         if not graphs:
             return
         decode = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_num_seqs, max_context,
-                              **({} if graph is None else {"graph": graph}))
+                              hidden=self.has_mtp, **({} if graph is None else {"graph": graph}))
         with torch.inference_mode():
             decode.capture(log)
         self.graphs = decode

@@ -218,3 +218,38 @@ def test_verify_steps_replay_the_decode_graphs_with_hidden_states(partial: Engin
     assert [s.output_ids for s in seqs] == [s.output_ids for s in eager]
     assert [(s.num_drafted, s.num_accepted) for s in seqs] == [(s.num_drafted, s.num_accepted) for s in eager]
     assert max(replayed) > 2  # steps with more rows than sequences: verify steps replayed
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "awq"])
+def test_4bit_checkpoint_drafts_with_its_4bit_mtp_layer(tmp_path: Path, fmt: str) -> None:
+    """A 4-bit checkpoint's MTP layer loads 4-bit (its Linears as the scheme quantizes them): its logits equal
+    the fp32 dequantized checkpoint's, and speculative decoding changes no token."""
+    from mtp_checkpoints import int4_mtp_checkpoint
+
+    dirs = int4_mtp_checkpoint(tmp_path, fmt, 16, seed=5, bigram=0.03)
+    q = Engine.from_pretrained(dirs["q"], device="cpu", dtype="float32", speculative_tokens=2)
+    deq = Engine.from_pretrained(dirs["deq"], device="cpu", dtype="float32", speculative_tokens=2)
+    assert q.model.mtp.eh_proj.int4_group and q.model.mtp.mlp.experts.int4_group  # the layer is 4-bit
+    assert not deq.model.mtp.eh_proj.int4_group
+    tokens = _prompts(60, (12,))[0]
+    draft_q, draft_deq = (_scratch_logits(e, tokens) for e in (q, deq))
+    torch.testing.assert_close(draft_q, draft_deq, rtol=1e-4, atol=1e-4 * draft_deq.abs().max().item())
+    prompts = _prompts(61, (5, 14))
+    params = [SamplingParams(max_tokens=N, ignore_eos=True)] * 2
+    plain, _, _ = _run(q, prompts, params, 0)
+    spec, _, core = _run(q, prompts, params, 2)
+    assert [s.output_ids for s in spec] == [s.output_ids for s in plain]
+    assert sum(s.num_accepted for s in spec) > 0
+    core.block_manager.check(idle=True)
+
+
+def _scratch_logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
+    """The MTP layer's logits [S - 1, V] over a whole sequence, from nothing (as `_scratch_drafts`)."""
+    model, cfg, bs = engine.model, engine.config, 4
+    n_blocks = -(-len(tokens) // bs)
+    cache = torch.full((cfg.num_layers + 1, n_blocks, bs, cfg.kv_cache_dim), float("nan"))
+    table = list(range(n_blocks))
+    x, pos, meta = build_batch([ScheduledSeq(tokens, 0, table)], bs, torch.device("cpu"), all_logits=True)
+    _, hidden = model(x, pos, meta, cache, return_hidden=True)
+    x, pos, meta = build_batch([ScheduledSeq(tokens[1:], 0, table)], bs, torch.device("cpu"), all_logits=True)
+    return model.draft(x, pos, hidden[:-1], meta, cache)[0]

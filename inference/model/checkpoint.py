@@ -119,8 +119,13 @@ def _local_names(model: Transformer) -> dict[str, tuple[torch.Tensor, int | None
             names[pname] = (p, None)
     if model.cfg.tie_word_embeddings:
         names.pop("lm_head.weight", None)
-    mtp = f"model.layers.{model.cfg.num_layers}."  # the multi-token-prediction layer's names in the checkpoint
-    return {mtp + n.removeprefix("mtp.") if n.startswith("mtp.") else n: v for n, v in names.items()}
+    return {checkpoint_name(model, n): v for n, v in names.items()}
+
+
+def checkpoint_name(model: Transformer, name: str) -> str:
+    """A parameter's or module's name in the checkpoint: the model's own, but the multi-token-prediction layer
+    (`mtp.*` here) is `model.layers.{num_hidden_layers}.*` there."""
+    return f"model.layers.{model.cfg.num_layers}.{name.removeprefix('mtp.')}" if name.startswith("mtp.") else name
 
 
 def _read_slice(f, name: str, shard: Shard, whole: tuple[int, ...]) -> torch.Tensor:
@@ -224,7 +229,8 @@ def _int4_targets(model: Transformer) -> list[tuple[str, tuple[torch.Tensor, ...
     """Every 4-bit weight this model holds: (checkpoint module, its (codes, scales, zeros) destinations, the
     checkpoint weight's whole [N, K], the slice held)."""
     out = []
-    for name, m in model.named_modules():
+    for module_name, m in model.named_modules():
+        name = checkpoint_name(model, module_name)
         if isinstance(m, Linear) and m.int4_group:
             shard = getattr(m.weight, "shard", None)
             n = shard.full if shard is not None and shard.dim == 0 else m.out_features

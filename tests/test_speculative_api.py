@@ -86,3 +86,28 @@ def test_the_flag_reaches_the_config_and_is_bounded() -> None:
     assert ServerConfig.model_validate(overrides(args)).speculative_tokens == 3
     with pytest.raises(ValueError, match="speculative_tokens"):
         ServerConfig(speculative_tokens=4)
+
+
+def test_constrained_tool_call_under_speculation(servers: tuple[LiveServer, LiveServer]) -> None:
+    """`tool_choice: required` with the MTP layer drafting: the grammar sees every verified position in order, so
+    the call parses and validates, and it is the plain server's call."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["city", "days"], "additionalProperties": False}
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Weather in Paris for 3 days?"}],
+            "tools": [{"type": "function", "function": {"name": "forecast", "parameters": schema}}],
+            "tool_choice": "required", "max_tokens": 64}
+    calls = []
+    for server in servers:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as http:
+            r = http.post("/v1/chat/completions", json=body).json()
+        call = r["choices"][0]["message"]["tool_calls"][0]["function"]
+        jsonschema.validate(json.loads(call["arguments"]), schema)
+        calls.append(call)
+        usage = r["usage"]
+    assert calls[0] == calls[1]
+    assert usage["speculative"]["draft_tokens"] > 0

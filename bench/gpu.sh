@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One command wherever a GPU is available (under 8 minutes on one H100/H200):
+# One command wherever a GPU is available (under 10 minutes on one H100/H200):
 #   bash bench/gpu.sh [--out DIR]
 # 1. the CUDA tests of the kernels, the decode CUDA graphs and the warm-up (pytest, if the container has it),
 # 2. bench/kernel_speed.py --quick (FP8 GEMM vs torch bf16 at the V3 shapes, mla_decode GB/s vs a device copy),
 # 3. bench/layer.py (one real-size V3.1 MoE layer, eager and CUDA-graph rows),
 # 4. bench/e2e.py (the demo checkpoint end to end on CUDA: the engine's logits against the CPU path, then the
-#    server with its CUDA graphs answering one MCP chat and one /v1/chat/completions).
+#    server with its CUDA graphs answering one MCP chat and one /v1/chat/completions),
+# 5. bench/speculative.py on CUDA (decode tok/s with K = 0..3 drafts: replayed at set acceptances, and the MTP
+#    layer's).
 # Prints one markdown report and writes it to DIR/gpu.md (default bench/out).
 # Installs into a temporary folder only (never the machine's environment): this package without dependencies,
 # where the interpreter cannot import it, and the wheels in .whl/ (bench/wheels.sh; carry .whl to a machine
@@ -60,5 +62,12 @@ print(f'device: {d}; torch {torch.__version__}; triton {triton.__version__}')" 2
   echo
   echo "## bench/e2e.py"
   timeout 300 $PY bench/e2e.py --prompts 2 --out "$OUT" 2>&1 | tail -40
+  echo
+  echo "## bench/speculative.py (issue 24: the verify path's cost on the GPU, the MTP layer's overhead)"
+  if [ "$CUDA" = 1 ]; then
+    timeout 150 $PY bench/speculative.py --device cuda --dtype bfloat16 --runs 3 --tokens 32 --batches 1 2>&1 | tail -40
+  else
+    echo "skipped: no CUDA device (the CPU rows are in bench/RESULTS.md)"
+  fi
 } | tee "$REPORT"
 echo "report written to $REPORT"

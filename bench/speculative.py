@@ -8,6 +8,7 @@ the first draft, which rows (1) at 0.85 model. Whether the outputs equal the pla
 (verify-only steps run as a decode of one row per token, so also in bfloat16 they do).
 
     python bench/speculative.py [--tokens 32] [--runs 3] [--threads 1] [--dtype float32] [--device cpu]
+                                [--batches 1,8]
 
 Decode tokens/s = generated tokens after the first / time from the first token to the last (greedy, 16-token
 prompts, through `EngineCore.step`), min-max over the runs.
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(None, device=args.device, dtype=args.dtype, speculative_tokens=3)
@@ -68,7 +70,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     print("| batch | K | drafts | decode tok/s (min-max) | vs K = 0 | accepted / drafted | same tokens |")
     print("|---:|---:|---|---|---|---:|---|")
-    for batch in (1, 8):
+    for batch in (int(b) for b in args.batches.split(",")):
         prompts = [torch.randint(1000, 100000, (16,), generator=g).tolist() for _ in range(batch)]
         base, want, _ = run(engine, prompts, args.tokens)  # warm-up and the replayed outputs
         ref = {str(i): o for i, o in enumerate(want)}

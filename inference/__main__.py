@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run decode steps eagerly: no CUDA graphs (as deepseek-mcp --enforce-eager)")
     gen.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                      help="split the model over N ranks: N-1 worker processes here, one per GPU (or CPU + gloo)")
+    gen.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                     help="draft K = 1..3 tokens per step with the checkpoint's MTP layer, verified in one forward "
+                          "(the same tokens; as deepseek-mcp --speculative-tokens)")
     gen.add_argument("--backend", dest="kernels", choices=["auto", "torch", "triton"], action=_DeprecatedAlias,
                      help="deprecated alias of --kernels")
     return parser
@@ -128,13 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     from deepseek_mcp.inference.engine.sampling import SamplingParams
 
     if torchrun_rank() > 0:  # torchrun started every rank: those but 0 run the model loop
-        return Engine.run_rank(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels)
+        return Engine.run_rank(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels,
+                               speculative_tokens=args.speculative_tokens)
 
     engine = None
     try:
         t0 = time.perf_counter()
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels,
-                                        tensor_parallel_size=args.tensor_parallel_size, dequantize_fp8="auto")
+                                        tensor_parallel_size=args.tensor_parallel_size, dequantize_fp8="auto",
+                                        speculative_tokens=args.speculative_tokens)
         load_s = time.perf_counter() - t0
         ranks = engine.tensor_parallel_size
         if args.raw:

@@ -263,7 +263,7 @@ def run_rank(config: ServerConfig) -> int:
 
     os.dup2(2, 1)  # torchrun gives every rank the same stdout, which carries rank 0's protocol
     return Engine.run_rank(config.model, config.device, config.dtype, kernels=config.kernels,
-                           dist_timeout_s=config.dist_timeout_s)
+                           dist_timeout_s=config.dist_timeout_s, speculative_tokens=config.speculative_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

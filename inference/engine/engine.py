@@ -197,14 +197,15 @@ class Engine:
     @staticmethod
     def run_rank(path_or_repo_id: str | os.PathLike | None = None, device: torch.device | str = "auto",
                  dtype: torch.dtype | str | None = None, *, kernels: str = "auto", dequantize_fp8: bool = False,
-                 dist_timeout_s: float | None = None) -> int:
+                 dist_timeout_s: float | None = None, speculative_tokens: int = 0) -> int:
         """A rank > 0 that torchrun started: load this rank's slices and run rank 0's steps until it stops."""
         from deepseek_mcp.inference.engine.launch import DEFAULT_TIMEOUT_S, RankSpec, run_worker
 
         path, _, _, dev, dt, fp8, kernels, dequantize_fp8 = _resolve(
             path_or_repo_id, device, dtype, kernels, dequantize_fp8)
         return run_worker(RankSpec(str(path), str(dt).removeprefix("torch."), kernels, dev.type,
-                                   bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S))
+                                   bool(fp8 and dequantize_fp8), dist_timeout_s or DEFAULT_TIMEOUT_S,
+                                   mtp=speculative_tokens > 0))
 
     @property
     def num_parameters(self) -> int:

@@ -171,8 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     tp = f" x{ranks} ranks" if ranks > 1 else ""
     print(f"[{engine.name} on {engine.device}{tp} ({engine.dtype}, {engine.kernels} kernels): loaded in "
           f"{load_s:.1f}s; {len(ids)} prompt tokens, {n} generated in {gen_s:.2f}s, finish_reason="
-          f"{out.finish_reason if out is not None else None}]", file=sys.stderr)
+          f"{out.finish_reason if out is not None else None}{_drafts(out)}]", file=sys.stderr)
     return 0
+
+
+def _drafts(out: object) -> str:
+    """`, a/b drafts accepted` where the request decoded speculatively."""
+    stats = getattr(out, "stats", None)
+    if stats is None or not stats.num_drafted:
+        return ""
+    return f", {stats.num_accepted}/{stats.num_drafted} drafts accepted"
 
 
 if __name__ == "__main__":

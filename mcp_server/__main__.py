@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -25,9 +25,6 @@ from deepseek_mcp.mcp_server.config import (
     printable,
 )
 from deepseek_mcp.mcp_server.log_format import setup_logging
-
-if TYPE_CHECKING:
-    from deepseek_mcp.mcp_server.shutdown import Drain
 
 log = logging.getLogger("deepseek-mcp")
 
@@ -132,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--body-timeout", type=float, metavar="SECONDS",
                    help="answer 408 and close a connection whose request body takes longer than this (default 60)")
     t.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, how long requests under way may finish before their streams end with an "
-                        "error event (default 1; the process exits within this plus 1 s)")
+                   help="on SIGTERM/SIGINT, how long requests under way (MCP tool calls over stdio too) may finish "
+                        "before their streams end with an error event, tool calls with an error result (default 1; "
+                        "the process exits within this plus 1 s)")
     a = p.add_argument_group("OpenAI / Anthropic API")
     a.add_argument("--api-port", type=int, metavar="PORT",
                    help="serve /v1/* on this port too (e.g. beside a stdio MCP server); with --transport http "
@@ -213,12 +211,6 @@ async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope, received:
     scope.cancel()
 
 
-async def _cancel_after_drain(stop: anyio.Event, drain: Drain, scope: anyio.CancelScope) -> None:
-    await stop.wait()
-    await drain.drain()
-    scope.cancel()
-
-
 async def serve(config: ServerConfig) -> int:
     """Serve until the transport ends (stdin closes) or a signal arrives; the exit status (128 + signal)."""
     from deepseek_mcp.mcp_server.api.app import ApiApp, serve_api
@@ -236,18 +228,16 @@ async def serve(config: ServerConfig) -> int:
     received: list[int] = []
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
-        http = config.transport != "stdio" or config.api_port is not None
-        drain_s = config.limits.shutdown_grace_s if http else 0.0
-        grace = drain_s + _STOP_AFTER_GRACE_S if http else 0.0
-        await tg.start(functools.partial(_stop_on_signal, stop, tg.cancel_scope, received, grace,
+        # HTTP requests and tool calls (stdio too) get the grace period (mcp_server/shutdown.py)
+        drain_s = config.limits.shutdown_grace_s
+        await tg.start(functools.partial(_stop_on_signal, stop, tg.cancel_scope, received,
+                                         drain_s + _STOP_AFTER_GRACE_S,
                                          max(drain_s + _EXIT_AFTER_GRACE_S, _EXIT_AT_LEAST_S)))
         async with host.running(), anyio.create_task_group() as inner:  # leaving it stops the engine
             if config.api_port is not None and (config.transport == "stdio" or config.api_port != config.port):
                 inner.start_soon(serve_api, api, config.api_port, stop)
-            if config.transport == "stdio":
-                with anyio.CancelScope() as stdio:  # stdin never ends on a signal: cancelled once the API drained
-                    inner.start_soon(_cancel_after_drain, stop, api.drain, stdio)
-                    await serve_stdio(mcp)
+            if config.transport == "stdio":  # on a signal: drains, then ends stdin as if the client closed it
+                await serve_stdio(mcp, stop, api.drain)
             else:
                 await serve_http(mcp, config, stop, wrap=api.mount, drain=api.drain)
             inner.cancel_scope.cancel()

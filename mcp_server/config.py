@@ -64,8 +64,9 @@ class Limits(_Section):
         60.0, gt=0, description="HTTP: a request's whole body must arrive within this from its headers; else 408 "
         "and the connection is closed.")
     shutdown_grace_s: float = Field(
-        1.0, ge=0, le=600, description="On SIGTERM/SIGINT: how long requests under way may run on; then streams end "
-        "with their API's error event, other requests get 503. The process exits within this plus 1 s.")
+        1.0, ge=0, le=600, description="On SIGTERM/SIGINT: how long requests under way (MCP tool calls over stdio too) "
+        "may run on; then streams end with their API's error event, other requests get 503, tool calls an error "
+        "result. The process exits within this plus 1 s.")
 
 
 class ServerConfig(_Section):

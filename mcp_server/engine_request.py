@@ -41,6 +41,10 @@ class RunResult:
     stop: int | str | None = None  # finished with "stop": the engine's matched stop token id or stop string
     ttft_s: float | None = None  # the engine's: submission to the first token
     decode_tok_s: float = 0.0  # the engine's: tokens per second after the first (0 with fewer than two)
+    # One gap per token after the first (len(token_ids) - 1 of them): seconds since the engine delivered the
+    # previous token. Tokens one step delivers together (a verified speculation, several at once) arrive
+    # together: the first of them carries the gap, the others 0 (the pause a streaming client sees before each).
+    inter_token_s: list[float] = field(default_factory=list)
     speculative: SpeculativeCounts | None = None  # when the engine decodes speculatively
 
 
@@ -170,6 +174,8 @@ async def run_request(
     stats: Any = None  # the engine's RequestStats of its last output
     timed_out = False
     cached = 0
+    gaps: list[float] = []  # RunResult.inter_token_s
+    delivered_at: float | None = None  # the engine's clock (seconds since submission) at the last tokens
     stream_scope = anyio.CancelScope()
 
     async def heartbeat() -> None:
@@ -200,8 +206,15 @@ async def run_request(
                                             logits_processors=processors)
                     async with aclosing(stream):
                         async for out in stream:
-                            if out.new_token_ids and live.first_token_at is None:
-                                live.first_token_at = time.monotonic()
+                            if out.new_token_ids:
+                                if live.first_token_at is None:
+                                    live.first_token_at = time.monotonic()
+                                # the engine's clock where it says (stats: since submission), else ours
+                                at = out.stats.elapsed_s if out.stats is not None else time.monotonic() - live.started
+                                if delivered_at is not None:  # else these are the first: no gap before
+                                    gaps.append(at - delivered_at)
+                                gaps.extend([0.0] * (len(out.new_token_ids) - 1))  # came with the first
+                                delivered_at = at
                             live.token_ids = out.token_ids  # a fresh list per update (a slice)
                             cached = out.num_cached_tokens or 0
                             stats = out.stats
@@ -231,7 +244,7 @@ async def run_request(
     return RunResult(live.token_ids, "".join(texts), reason, len(prompt_ids), cached, end - live.started,
                      (live.admitted_at or end) - live.started, stop if reason == "stop" else None,
                      None if stats is None else stats.ttft_s, 0.0 if stats is None else stats.tokens_per_s,
-                     None if stats is None or not getattr(aengine, "speculative_tokens", 0) else
+                     gaps, None if stats is None or not getattr(aengine, "speculative_tokens", 0) else
                      SpeculativeCounts(stats.num_drafted, stats.num_accepted, stats.num_verify_steps))
 
 

@@ -87,6 +87,11 @@ class Metrics:
         self.tpot = Histogram(PREFIX + "request_time_per_output_token_seconds",
                               "Histogram of time_per_output_token_seconds per request (after the first token).",
                               model, buckets=_TPOT_BUCKETS, registry=r)
+        # vLLM's inter_token_latency_seconds: one observation per generated token after the first of its
+        # request; tokens one step delivers together count the gap for the first of them and 0 for the others
+        # (RunResult.inter_token_s), so the count is generation tokens minus requests and the sum the decode time.
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                             model, buckets=_TPOT_BUCKETS, registry=r)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
                              model, buckets=_LATENCY_BUCKETS, registry=r)
         self.queue = Histogram(PREFIX + "request_queue_time_seconds",
@@ -106,6 +111,9 @@ class Metrics:
             self.ttft.labels(model).observe(run.ttft_s)
         if run.decode_tok_s > 0:
             self.tpot.labels(model).observe(1.0 / run.decode_tok_s)
+        itl = self.itl.labels(model)
+        for gap in run.inter_token_s:
+            itl.observe(gap)
         self.e2e.labels(model).observe(run.elapsed_s)
         self.queue.labels(model).observe(run.queued_s)
 

@@ -119,6 +119,8 @@ def _tool(name: str, title: str, doc: str, input_model: type[BaseModel], output_
         try:
             if drain is None:
                 return _ok(await run(request, Progress(ctx.report_progress)))
+            if drain.draining:  # over HTTP the stop refuses the request itself; over stdio, here
+                return _error(SHUTTING_DOWN)
             with drain.guard(f"{name} (MCP tool call)"):
                 return _ok(await run(request, Progress(ctx.report_progress)))
             return _error(SHUTTING_DOWN)  # reached only when the stop cancelled the call

@@ -7,7 +7,8 @@ inside `Drain.guard(label)`: when the grace period is over the drain cancels tho
 ends its response itself (a stream with its API's error event, a plain request with a 503 in its API's shape).
 Whatever is still open after that (an MCP stream) is cancelled by the middleware, which ends its response (a
 503 if nothing was sent yet, else the end of the body). MCP tool calls run inside guards too (server.py) and end
-with an error result. One INFO line per request the stop aborted.
+with an error result; over stdio, where there is no HTTP request, the tool calls are the guards the drain waits
+for (transports.serve_stdio ends stdin once their answers are out). One INFO line per request the stop aborted.
 """
 
 from __future__ import annotations
@@ -122,9 +123,9 @@ class Drain:
         try:
             self.draining = True
             started = time.monotonic()
-            if self._requests:
-                log.info("stopping: refusing new requests; %d under way get %.1f s to finish", len(self._requests),
-                         self.grace_s)
+            if self._requests or self._guards:
+                log.info("stopping: refusing new requests; %d under way get %.1f s to finish",
+                         max(len(self._requests), len(self._guards)), self.grace_s)
             await self._wait_idle(self.grace_s)
             for g in list(self._guards):
                 g.aborted = True
@@ -143,8 +144,9 @@ class Drain:
             self._finished.set()
 
     async def _wait_idle(self, limit_s: float) -> None:
+        """Until no HTTP request and no guarded work (an MCP tool call over stdio has no HTTP request) is left."""
         with anyio.move_on_after(limit_s):
-            while self._requests:
+            while self._requests or self._guards:
                 await anyio.sleep(0.01)
 
 

@@ -175,18 +175,27 @@ def _jsonrpc_error(exc: Exception) -> SessionMessage:
 
 
 class StdinLines:
-    """Lines of stdin for the SDK's stdio transport, read so that stopping the server (Ctrl-C) never waits on a
-    blocked read (the SDK's reader thread would hold the process until stdin closed). On POSIX the event loop
-    waits for the descriptor to be readable, then takes what is there; where it cannot watch the descriptor (a
-    regular file; Windows) the read runs in a worker thread the server may abandon. Reads are `os.read` on a
-    private duplicate of fd 0, so an abandoned thread holds no Python buffer lock at exit."""
+    """Lines of stdin for the SDK's stdio transport, read so that stopping the server never waits on a blocked
+    read (the SDK's reader thread would hold the process until stdin closed): `end()` ends the lines at once, as
+    if stdin had closed. On POSIX the event loop waits for the descriptor to be readable, then takes what is
+    there; where it cannot watch the descriptor (a regular file; Windows) the read runs in a worker thread the
+    server may abandon. Reads are `os.read` on a private duplicate of fd 0, so an abandoned thread holds no Python
+    buffer lock at exit."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._buffer = bytearray()
         self._scanned = 0  # bytes of the buffer known to hold no newline
         self._eof = False
+        self._ended = False
+        self._reading: anyio.CancelScope | None = None
         self._poll = os.name == "posix"
+
+    def end(self) -> None:
+        """No more lines (the server is stopping): a read under way returns, lines not yet taken are dropped."""
+        self._ended = True
+        if self._reading is not None:
+            self._reading.cancel()
 
     def __aiter__(self) -> StdinLines:
         return self
@@ -194,14 +203,22 @@ class StdinLines:
     async def __anext__(self) -> str:
         while (end := self._buffer.find(b"\n", self._scanned)) < 0:
             self._scanned = len(self._buffer)
+            if self._ended:
+                raise StopAsyncIteration
             if self._eof:
                 if not self._buffer:
                     raise StopAsyncIteration
                 end = len(self._buffer) - 1  # a last line without its newline
                 break
-            chunk = await self._read()
+            with anyio.CancelScope() as self._reading:
+                chunk = await self._read()
+            self._reading = None
+            if self._ended:
+                raise StopAsyncIteration
             self._eof = not chunk
             self._buffer += chunk
+        if self._ended:
+            raise StopAsyncIteration
         line = bytes(self._buffer[: end + 1])
         del self._buffer[: end + 1]
         self._scanned = 0
@@ -233,27 +250,64 @@ def _claim_stdin() -> Iterator[int]:
         os.close(private)
 
 
-async def serve_stdio(mcp: MCPServer) -> None:
+# On a stop, after the drain: how long requests already answered by their handlers get for the answer to reach
+# the transport before stdin is ended (a request the client itself cancelled is never answered).
+_ANSWER_WAIT_S = 0.3
+
+
+async def serve_stdio(mcp: MCPServer, stop: anyio.Event | None = None, drain: Drain | None = None) -> None:
+    """Serve until stdin closes, or until `stop` is set: then `drain` ends the tool calls under way (each with
+    its error result, after the grace period), their answers are written, and stdin is ended as if the client
+    had closed it, so the session ends in order and stdout carries nothing but whole JSON-RPC messages."""
     lowlevel = mcp._lowlevel_server  # noqa: SLF001 - the SDK's own run_stdio_async does the same
     log.info("serving MCP over stdio (SIGINT or SIGTERM stops the server)")
     with _claim_stdin() as stdin_fd:
-        await _serve_stdio(lowlevel, StdinLines(stdin_fd))
+        await _serve_stdio(lowlevel, StdinLines(stdin_fd), stop, drain)
 
 
-async def _serve_stdio(lowlevel: Any, stdin: Any) -> None:
+async def _serve_stdio(lowlevel: Any, stdin: Any, stop: anyio.Event | None = None,
+                       drain: Drain | None = None) -> None:
+    unanswered: set[Any] = set()  # ids of the client's requests not answered yet
     async with stdio_server(stdin=stdin) as (read_stream, write_stream):
         inner_send, inner_read = anyio.create_memory_object_stream[Any](0)
+        out_send, out_read = anyio.create_memory_object_stream[Any](0)
 
-        async def pump() -> None:
-            async with inner_send:
+        async def pump(errors: Any) -> None:  # stdin's messages to the session; a bad line answered at once
+            async with inner_send, errors:
                 async for item in read_stream:
-                    if isinstance(item, Exception):
-                        log.info("stdin line rejected: %s", str(item).splitlines()[0])
-                        await write_stream.send(_jsonrpc_error(item))
-                    else:
+                    try:
+                        if isinstance(item, Exception):
+                            log.info("stdin line rejected: %s", str(item).splitlines()[0])
+                            await errors.send(_jsonrpc_error(item))
+                            continue
+                        if isinstance(item.message, types.JSONRPCRequest):
+                            unanswered.add(item.message.id)
                         await inner_send.send(item)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        pass  # the session is over: what still arrives is dropped
+
+        async def forward() -> None:  # the server's messages to the SDK's stdout writer, answers noted
+            async with out_read, write_stream:
+                async for item in out_read:
+                    if isinstance(item.message, (types.JSONRPCResponse, types.JSONRPCError)):
+                        unanswered.discard(item.message.id)
+                    await write_stream.send(item)
+
+        async def end_on_stop(stop: anyio.Event) -> None:
+            await stop.wait()
+            if drain is not None:
+                await drain.drain()  # tool calls under way end, each with its error result
+            with anyio.move_on_after(_ANSWER_WAIT_S):
+                while unanswered:
+                    await anyio.sleep(0.01)
+            stdin.end()  # as if the client closed stdin: the session ends, answering what is left
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pump)
-            await lowlevel.run(inner_read, write_stream, lowlevel.create_initialization_options())
-            tg.cancel_scope.cancel()
+            tg.start_soon(pump, out_send.clone())
+            tg.start_soon(forward)
+            async with anyio.create_task_group() as session:
+                if stop is not None:
+                    session.start_soon(end_on_stop, stop)
+                await lowlevel.run(inner_read, out_send, lowlevel.create_initialization_options())
+                session.cancel_scope.cancel()
+            stdin.end()  # read no more; the pump and the writer finish what they hold

@@ -566,17 +566,70 @@ def test_hostile_bodies_get_4xx_in_the_api_shape(server: LiveServer) -> None:
         r = http.post("/v1/completions", content=chunks())
         assert r.status_code == 413, r.text
         r = http.post("/v1/chat/completions", content=b"[" * 100_000 + b"]" * 100_000)
-        assert r.status_code == 400 and "too deeply" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "JSON nested deeper than 128 levels" in r.json()["error"]["message"]
         schema: dict[str, Any] = {"type": "string"}
         for _ in range(200):
             schema = {"type": "object", "properties": {"a": schema}}
         r = http.post("/v1/chat/completions", json={
             "model": "deepseek-chat", "messages": HELLO, "max_tokens": 4, "tool_choice": "required",
             "tools": [{"type": "function", "function": {"name": "deep", "parameters": schema}}]})
-        assert r.status_code == 400, r.text
+        assert r.status_code == 400 and "JSON nested deeper than 128 levels" in r.text, r.text  # 400 levels
         r = http.post("/v1/completions", content=b'{"model": "deepseek-chat", "prompt": "a\\ud800b", "max_tokens": 2}')
         assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text
         r = http.post("/v1/completions", content=b'{"model": "deepseek-chat", "prompt": "a\\ud83d\\ude00b", '
                                                  b'"max_tokens": 2}')
         assert r.status_code == 200, r.text  # a surrogate pair is one character: fine
         assert http.get("/health").json()["status"] == "ok"
+
+
+def test_nesting_limits_are_400s_naming_the_limit_in_each_api_shape(server: LiveServer) -> None:
+    """A body nested 129 levels (one past MAX_JSON_DEPTH) or 100,000, and a tool schema nested 65 JSON levels (one
+    past MAX_SCHEMA_DEPTH), are 400s naming the limit in the route's own error shape: OpenAI's chat completions
+    and Responses, Anthropic's messages; a body at the limits is served."""
+    from test_json_depth import deep_schema
+
+    openai_auth = {"Authorization": f"Bearer {TOKEN}"}
+    anthropic_auth = {"x-api-key": TOKEN, "anthropic-version": "2023-06-01"}
+
+    def message(r: httpx.Response, route: str) -> str:
+        assert r.status_code == 400, (route, r.text)
+        if route == "/v1/messages":
+            body = r.json()
+            assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
+            return str(body["error"]["message"])
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_request", error
+        return str(error["message"])
+
+    def tools(route: str, schema: dict[str, Any]) -> list[dict[str, Any]]:
+        if route == "/v1/messages":
+            return [{"name": "deep", "description": "d", "input_schema": schema}]
+        if route == "/v1/responses":
+            return [{"type": "function", "name": "deep", "parameters": schema}]
+        return [{"type": "function", "function": {"name": "deep", "parameters": schema}}]
+
+    def nested(depth: int) -> Any:
+        value: Any = 1
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for route in ("/v1/chat/completions", "/v1/messages", "/v1/responses"):
+            auth = anthropic_auth if route == "/v1/messages" else openai_auth
+            ask: dict[str, Any] = ({"input": "Hello", "max_output_tokens": 16} if route == "/v1/responses" else
+                                   {"messages": HELLO[1:], "max_tokens": 2})
+            base = {"model": "deepseek-chat", **ask}
+            for raw in (json.dumps({**base, "x": nested(128)}).encode(), b"[" * 100_000 + b"]" * 100_000):
+                got = message(http.post(route, content=raw, headers=auth), route)
+                assert "JSON nested deeper than 128 levels" in got, (route, got)
+            at_limit = http.post(route, headers=auth, json={**base, "x": nested(127)})  # 128 levels in all
+            if route == "/v1/responses":  # a closed shape: the unknown field, not the depth, is refused
+                assert message(at_limit, route) == "x: unknown field", at_limit.text
+            else:
+                assert at_limit.status_code == 200, (route, at_limit.text)
+            got = message(http.post(route, headers=auth, json={**base, "tools": tools(route, deep_schema(65))}),
+                          route)
+            assert "JSON nested deeper than 64 levels" in got and "deep" in got, (route, got)
+            fits = http.post(route, headers=auth, json={**base, "tools": tools(route, deep_schema(64))})
+            assert fits.status_code == 200, (route, fits.text)

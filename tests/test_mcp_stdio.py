@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -164,3 +165,65 @@ async def test_sdk_client_over_stdio() -> None:
         assert generated < 24 + 3 + 3 + 3000  # the long call stopped early
         await anyio.sleep(0.3)
         assert (await ok("list_models", {}))["models"][0]["stats"]["generated_tokens"] == generated
+
+
+async def test_sigterm_during_a_tool_call_answers_it_and_exits_in_time(tmp_path: Path) -> None:
+    """SIGTERM with a long tool call (3000 tokens) and a short one (2 tokens) under way, default grace (1 s): the
+    short call finishes within the grace, the long one ends with an error result saying the server is shutting
+    down, a call sent after the signal is refused the same way at once; the process exits with 143 within 2 s,
+    stdout holds only whole JSON-RPC messages up to EOF, stderr one line for the aborted call and no traceback."""
+    stderr_path = tmp_path / "stderr.txt"
+    stderr = stderr_path.open("wb")
+    proc = await anyio.open_process([str(SCRIPT), "--temperature", "0"], env=server_env(), stderr=stderr)
+
+    def call(request_id: int, max_tokens: int) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {
+            "name": "chat", "arguments": {"prompt": "hi", "max_tokens": max_tokens},
+            "_meta": {"progressToken": f"p{request_id}"}}}
+
+    try:
+        peer = RawPeer(proc)
+        await peer.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}})
+        await peer.response(1)
+        await peer.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        await peer.send(call(2, 3000))
+        while not any(m.get("method") == "notifications/progress" and m["params"]["progressToken"] == "p2"
+                      and m["params"].get("message", "").startswith("generated ") for m in peer.seen):
+            await peer.receive()  # the long call is generating
+        await peer.send(call(3, 2))
+        while not any(m.get("method") == "notifications/progress" and m["params"]["progressToken"] == "p3"
+                      for m in peer.seen):
+            await peer.receive()  # the short call is under way
+        before_signal = len(peer.seen)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(5):
+            while "SIGTERM received" not in stderr_path.read_text():
+                await anyio.sleep(0.01)
+        await peer.send(call(4, 3))  # within the grace period: refused
+        with anyio.fail_after(10):
+            while True:  # everything up to EOF: whole JSON-RPC lines (receive() asserts it)
+                try:
+                    await peer.receive()
+                except anyio.IncompleteRead:  # EOF
+                    break
+            assert peer.reader.buffer == b"", peer.reader.buffer  # no partial line before EOF
+            code = await proc.wait()
+        took = time.monotonic() - sent
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        stderr.close()
+    log = stderr_path.read_text()
+    answers = {m["id"]: m["result"] for m in peer.seen if "result" in m}
+    print(f"SIGTERM to exit over stdio: {took:.2f} s")
+    assert code == 143 and took < 2.0, (code, took, log[-3000:])
+    assert "Traceback" not in log and "ERROR" not in log, log[-5000:]
+    assert not [m for m in peer.seen[:before_signal] if m.get("id") == 3]  # answered after the signal
+    assert answers[3]["isError"] is False, (answers[3], log[-3000:])
+    assert answers[3]["structuredContent"]["usage"]["completion_tokens"] == 2
+    for i in (2, 4):
+        assert answers[i]["isError"] is True and "shutting down" in answers[i]["content"][0]["text"], answers[i]
+    assert log.count("stopping: aborted chat (MCP tool call)") == 1, log[-3000:]

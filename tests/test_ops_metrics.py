@@ -102,6 +102,11 @@ def test_metrics_count_what_was_sent(server: LiveServer) -> None:
         assert total(m, f"deepseek_mcp:{histogram}_count") == sent, histogram
         assert total(m, f"deepseek_mcp:{histogram}_bucket", le="+Inf") == sent, histogram
     assert total(m, "deepseek_mcp:request_time_per_output_token_seconds_count") == sent  # each made 2+ tokens
+    # one inter-token latency per token after the first of each request
+    assert total(m, "deepseek_mcp:inter_token_latency_seconds_count") == completion - sent
+    assert total(m, "deepseek_mcp:inter_token_latency_seconds_bucket", le="+Inf") == completion - sent
+    assert 0 < total(m, "deepseek_mcp:inter_token_latency_seconds_sum") < total(
+        m, "deepseek_mcp:e2e_request_latency_seconds_sum")
     assert 0 < total(m, "deepseek_mcp:time_to_first_token_seconds_sum") < total(
         m, "deepseek_mcp:e2e_request_latency_seconds_sum")
     assert total(m, "deepseek_mcp:request_aborted_total") == 0
@@ -115,6 +120,43 @@ def test_metrics_count_what_was_sent(server: LiveServer) -> None:
     queries = total(m, "deepseek_mcp:prefix_cache_queries_total")
     assert queries == prompt and 0 <= total(m, "deepseek_mcp:prefix_cache_hits_total") <= queries
     assert total(m, "deepseek_mcp:num_preemptions_total") == server.aengine.stats().num_preemptions
+
+
+def test_inter_token_latency_is_one_gap_per_token_after_the_first() -> None:
+    """Outputs of 2, 1 and 3 tokens delivered at 1.0, 1.5 and 2.25 s (the engine's clock): the second token of
+    the first output and the last two of the third came with another one (gap 0); the others waited 0.5 and
+    0.75 s. Five observations for six tokens, summing to the 1.25 s from the first token to the last."""
+    from types import SimpleNamespace
+
+    from deepseek_mcp.inference.engine.sampling import SamplingParams
+    from deepseek_mcp.mcp_server.engine_request import run_request
+    from deepseek_mcp.mcp_server.metrics import Metrics
+
+    class Steps:  # stands in for AsyncEngine: three outputs, then finished
+        scheduler = None
+
+        def abort(self, request_id: str) -> None:
+            raise AssertionError("nothing to abort")
+
+        async def stream(self, prompt_ids: list[int], params: Any, **_: Any) -> Any:
+            ids: list[int] = []
+            for i, (n, at) in enumerate([(2, 1.0), (1, 1.5), (3, 2.25)]):
+                new = list(range(len(ids), len(ids) + n))
+                ids = ids + new
+                yield SimpleNamespace(new_token_ids=new, token_ids=ids, text_delta="x" * n, num_cached_tokens=0,
+                                      finished=i == 2, finish_reason="length" if i == 2 else None, stop=None,
+                                      stats=SimpleNamespace(elapsed_s=at, ttft_s=0.9, tokens_per_s=4.0))
+
+    run = anyio.run(lambda: run_request(Steps(), [1, 2, 3], SamplingParams(max_tokens=6), time_limit_s=60))
+    assert len(run.token_ids) == 6 and run.inter_token_s == [0.0, 0.5, 0.75, 0.0, 0.0], run.inter_token_s
+    metrics = Metrics(SimpleNamespace(name="m", aengine=None))
+    metrics.observe_run(run)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics.render().decode()) for s in family.samples}
+    assert total(samples, "deepseek_mcp:inter_token_latency_seconds_count") == 5
+    assert total(samples, "deepseek_mcp:inter_token_latency_seconds_sum") == 1.25
+    assert total(samples, "deepseek_mcp:inter_token_latency_seconds_bucket", le="0.01") == 3  # the three zeros
+    assert total(samples, "deepseek_mcp:inter_token_latency_seconds_bucket", le="0.5") == 4
 
 
 def test_a_client_gone_is_counted_as_aborted(server: LiveServer) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from deepseek_mcp.inference.constrained.errors import ConstraintError
 from deepseek_mcp.inference.constrained.numbers import bound_numbers
+from deepseek_mcp.inference.text.json_depth import schema_depth_error
 from deepseek_mcp.inference.text.tools import BadToolSpec, ToolSpec, normalize_tools, schema_error
 
 SEPARATORS = (",", ":")  # compact JSON: json.dumps(..., separators=(",", ":"))
@@ -38,6 +39,9 @@ def check_schema(schema: Any, where: str, *, want_object: bool) -> dict[str, Any
     if not isinstance(schema, Mapping):
         raise ConstraintError(f"{where}: the schema must be a JSON object, got {type(schema).__name__}")
     schema = dict(schema)
+    too_deep = schema_depth_error(schema, where)
+    if too_deep:
+        raise ConstraintError(too_deep)
     error = schema_error(schema)
     if error:
         raise ConstraintError(f"{where}: not a valid JSON Schema at {error}")

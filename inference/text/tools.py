@@ -17,6 +17,8 @@ import jsonschema
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
+from deepseek_mcp.inference.text.json_depth import schema_depth_error
+
 # A name the chat template can carry verbatim between <｜tool▁call▁begin｜> and <｜tool▁sep｜>.
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
 EMPTY_PARAMETERS: Mapping[str, Any] = {"type": "object", "properties": {}}
@@ -67,6 +69,9 @@ def normalize_tools(tools: Sequence[Any] | None, *, check_names: bool = False,
             if kind != "object":
                 raise BadToolSpec(f"{where}: the input schema must describe an object (\"type\": \"object\"), "
                                   f"got type {kind!r}")
+            too_deep = schema_depth_error(spec.parameters, where)
+            if too_deep:
+                raise BadToolSpec(too_deep)
             error = schema_error(spec.parameters)
             if error:
                 raise BadToolSpec(f"{where}: the input schema is not valid JSON Schema at {error}")

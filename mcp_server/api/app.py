@@ -10,9 +10,7 @@ settings), and with a token configured every /v1 route needs it, as `Authorizati
 from __future__ import annotations
 
 import hmac
-import json
 import logging
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -29,12 +27,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deepseek_mcp.mcp_server.api import anthropic_messages, completions, openai_chat
 from deepseek_mcp.mcp_server.api.anthropic_stream import MessageStream
+from deepseek_mcp.mcp_server.api.body import parse_object, read_body
 from deepseek_mcp.mcp_server.api.errors import (
     ApiError,
     Flavor,
     from_exception,
     from_validation,
-    invalid,
     shutting_down,
 )
 from deepseek_mcp.mcp_server.api.openai_stream import ChunkStream
@@ -56,7 +54,6 @@ from deepseek_mcp.mcp_server.shutdown import Drain
 from deepseek_mcp.mcp_server.transports import run_uvicorn, security_settings
 
 log = logging.getLogger(__name__)
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 ALIASES = ("deepseek-chat", "deepseek-reasoner")
 M = TypeVar("M", bound=BaseModel)
@@ -157,44 +154,12 @@ class ApiApp:
                                 "<token>' or 'x-api-key: <token>'", code="invalid_api_key")
 
     async def _body(self, request: Request, model: type[M]) -> M:
-        raw = await self._read_body(request)
-        try:
-            data = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise invalid(f"the request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise invalid("the request body nests JSON arrays or objects too deeply to read") from None
-        except ValueError:  # an integer past Python's conversion limit (4,300 digits)
-            raise invalid("the request body holds a number with too many digits to read") from None
-        if not isinstance(data, dict):
-            raise invalid("the request body must be a JSON object")
-        if _SURROGATE_ESCAPE.search(raw):  # a \ud800-\udfff escape: valid JSON, but text only if paired
-            try:
-                json.dumps(data, ensure_ascii=False).encode()
-            except UnicodeEncodeError:
-                raise invalid("the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without "
-                              "its pair): not text; send valid Unicode") from None
+        """The body within `limits.max_request_bytes` and MAX_JSON_DEPTH (api/body.py), validated as `model`."""
+        data = parse_object(await read_body(request, self.config.limits.max_request_bytes))
         try:
             return model.model_validate(data)
         except ValidationError as e:
             raise from_validation(e) from None
-
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, refused with 413 once it passes `limits.max_request_bytes` (by its Content-Length at once,
-        else while it is read), before anything parses it."""
-        limit = self.config.limits.max_request_bytes
-        too_large = ApiError(413, f"the request body is larger than this server takes ({limit} bytes, "
-                                  "limits.max_request_bytes)", code="request_too_large")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        parts, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            parts.append(chunk)
-        return b"".join(parts)
 
     def _model(self, name: str) -> str:
         if name not in self.names:

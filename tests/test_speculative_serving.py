@@ -341,6 +341,35 @@ def test_prefix_hits_on_blocks_accepted_drafts_filled(engine: Engine) -> None:
     assert aeng.stats().prefix_hit_tokens == 48
 
 
+def test_drafts_take_free_blocks_and_never_preempt() -> None:
+    """A pool of 3 blocks of 4 tokens, two decoding sequences of 4 tokens (3 computed), one block free: drafts of 3
+    tokens each. Their own tokens fit their blocks, so nobody is preempted (K = 0 would preempt nobody): the first
+    one's drafts take the free block, the second verifies none. Then, with the second sequence at a block boundary,
+    its token takes the free block before the first one's drafts can (its own drafts fill the rest of it)."""
+    from deepseek_mcp.inference.engine.block_manager import BlockManager
+    from deepseek_mcp.inference.engine.scheduler import Scheduler
+
+    for b_prompt, want in (([4, 5, 6], [("a", 4), ("b", 1)]), ([4, 5, 6, 7], [("a", 1), ("b", 4)])):
+        bm = BlockManager(3, 4)
+        sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=16)
+        a = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=10))
+        b = Sequence("b", b_prompt, SamplingParams(max_tokens=10))
+        sched.add(a)
+        sched.add(b)
+        sched.postprocess(sched.schedule(), [7, 8])  # both prefilled, one block each
+        assert bm.num_free_blocks == 1
+        a.draft_ids, b.draft_ids = [9, 9, 9], [9, 9, 9]
+        out = sched.schedule()
+        assert not out.preempted and sched.num_preemptions == 0, b_prompt
+        assert [(s.request_id, len(row.token_ids)) for s, row in zip(out.seqs, out.scheduled)] == want, b_prompt
+        assert [row.num_logits for row in out.scheduled] == [n for _, n in want]
+        assert bm.num_free_blocks == 0
+        sched.postprocess(out, [[9, 9, 9, 1] if n == 4 else [1] for _, n in want])
+        for s in (a, b):
+            sched.abort(s.request_id)
+        bm.check(idle=True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The MCP tools: stop strings, the thinking budget and a constrained tool call, K = 0 against K = 2
 

@@ -27,6 +27,7 @@ from hf_checkpoints import tiny_hf_model
 from deepseek_mcp.inference.engine.async_engine import AsyncEngine, RequestOutput
 from deepseek_mcp.inference.engine.core import EngineCore, verify
 from deepseek_mcp.inference.engine.engine import Engine
+from deepseek_mcp.inference.engine.logits_process import ThinkingBudget
 from deepseek_mcp.inference.engine.sampling import SamplingParams, sample
 from deepseek_mcp.inference.engine.sequence import Sequence
 from deepseek_mcp.inference.engine.speculative import ReplayDrafter, emitted_tokens
@@ -232,6 +233,7 @@ class Job:
     prompt: list[int]
     params: SamplingParams
     arrive: int = 0  # submitted once the engine has taken this many steps
+    processors: Callable[[], list[Any]] | None = None  # a fresh set for each run
 
 
 @dataclass
@@ -278,7 +280,8 @@ def serve(engine: Engine, rounds: list[list[Job]], drafter: ReplayDrafter | None
                 with anyio.fail_after(60):
                     while aeng.num_steps < job.arrive:
                         await anyio.sleep(0.001)
-                async for out in aeng.stream(job.prompt, job.params, request_id=job.rid):
+                procs = job.processors() if job.processors else ()
+                async for out in aeng.stream(job.prompt, job.params, request_id=job.rid, logits_processors=procs):
                     outs[job.rid] = out
 
             for jobs in rounds:
@@ -317,12 +320,42 @@ def test_async_batches_equal_plain_decoding(engine: Engine, k: int) -> None:
     assert drafter.accepted > 0 and sum(s.num_drafted for s in drafter.seqs.values()) > drafter.accepted
 
 
+def test_async_processors_see_every_verified_position(engine: Engine) -> None:
+    """Requests with processors through the async engine, K = 0 and K = 3: penalties on the output so far and a
+    logprob recorder (the server's), a thinking budget. The same tokens, and logprobs within 1e-4 (a verify row's
+    logits are a decode row's up to float32 rounding)."""
+    from deepseek_mcp.mcp_server.request_processors import LogprobRecorder, Penalties
+
+    recorders: list[LogprobRecorder] = []
+
+    def penalized() -> list[Any]:
+        recorders.append(LogprobRecorder(top_n=2))
+        return [recorders[-1], Penalties(presence=0.4, frequency=0.3)]
+
+    first, second = prompts(9, 14, seed=6)
+    jobs = [Job("p", first, SamplingParams(max_tokens=14, ignore_eos=True), 0, penalized),
+            Job("t", second, SamplingParams(max_tokens=12, ignore_eos=True), 1, lambda: [ThinkingBudget(5, 7)])]
+    options = dict(max_num_seqs=2, max_num_batched_tokens=16, cache_tokens=512, block_size=4)
+    plain, _ = serve(engine, [jobs], **options)
+    want = {rid: o.token_ids for rid, o in plain.items()}
+    assert want["t"][5] == 7 and 7 not in want["t"][:5]  # the budget forced it
+    drafter = WatchingDrafter(want, VOCAB, acceptance=0.7)
+    got, _ = serve(engine, [jobs], drafter, 3, **options)
+    assert {rid: o.token_ids for rid, o in got.items()} == want
+    assert all(s.num_accepted > 0 for s in drafter.seqs.values())
+    ref, spec = (r.entries(want["p"]) for r in recorders)
+    for (t, lp, top), (t2, lp2, top2) in zip(ref, spec, strict=True):
+        assert t == t2 and abs(lp - lp2) < 1e-4 and [i for i, _ in top] == [i for i, _ in top2]
+        assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(top, top2, strict=True))
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_preempted_speculative_requests_equal_plain_decoding(engine: Engine, k: int) -> None:
     """24 blocks of 4 tokens for five requests of up to 41 tokens (drafts take slots too): requests are
-    preempted, recomputed from the prefix cache and verify drafts again."""
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
-    jobs = [Job(str(i), p, params) for i, p in enumerate(prompts(18, 22, 15, 25, 20, seed=10 + k))]
+    preempted, recomputed from the prefix cache and verify drafts again. One request is seeded and sampled."""
+    params = [SamplingParams(max_tokens=16, ignore_eos=True)] * 4
+    params.insert(2, SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.8, seed=3))
+    jobs = [Job(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts(18, 22, 15, 25, 20, seed=10 + k), params))]
     want = plain_outputs(engine, jobs)
     drafter = WatchingDrafter(want, VOCAB, acceptance=0.8)
     got, aeng = serve(engine, [jobs], drafter, k, max_num_seqs=5, max_num_batched_tokens=64, cache_tokens=96,

@@ -260,11 +260,15 @@ def test_generate_verifies_every_draft_whatever_the_prompt_length(engine: Engine
     """`Engine.generate`'s token budget holds a decode and its K drafts, even when the prompts are shorter: K = 3,
     12 tokens, drafts always right: 3 + 3 + 2 drafts verified (the first token comes from the prefill)."""
     params = SamplingParams(max_tokens=12, ignore_eos=True)
-    for prompt in ([5], [5, 6], [5, 6, 7, 8, 9]):
+
+    def check(prompt: list[int]) -> None:
         want = engine.generate([prompt], params)[0].token_ids
         drafter = WatchingDrafter({"0": want}, VOCAB)
         assert engine.generate([prompt], params, drafter=drafter, speculative_tokens=3)[0].token_ids == want
         assert (drafter.seqs["0"].num_drafted, drafter.seqs["0"].num_accepted) == (8, 8), prompt
+
+    for prompt in ([5], [5, 6], [5, 6, 7, 8, 9]):
+        on_worker(lambda: check(prompt))  # noqa: B023  (called at once)
 
 
 def serve(engine: Engine, rounds: list[list[Job]], drafter: ReplayDrafter | None = None, k: int = 0,

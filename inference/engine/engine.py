@@ -279,7 +279,9 @@ class Engine:
         for p, sp in zip(prompts, plist):
             self.check_prompt(p, sp.max_tokens)
         num_blocks = sum(-(-(len(p) + sp.max_tokens) // block_size) for p, sp in zip(prompts, plist))
-        core = EngineCore(self, max_num_seqs=len(prompts), max_num_batched_tokens=sum(map(len, prompts)),
+        k = self.speculative_tokens if speculative_tokens is None else speculative_tokens
+        budget = max(sum(map(len, prompts)), len(prompts) * (1 + k))  # the prefill, or a decode and its drafts
+        core = EngineCore(self, max_num_seqs=len(prompts), max_num_batched_tokens=budget,
                           cache_tokens=num_blocks * block_size, block_size=block_size,
                           warm_up=False,  # a pool per call: compiled on first use, eager
                           drafter=drafter, speculative_tokens=speculative_tokens)

@@ -1,7 +1,8 @@
 """Continuous-batching scheduler: decodes, chunked prefill and admission under a token budget per step.
 
 Each `schedule()` builds one model step:
-1. every running sequence that is decoding gets its one new token;
+1. every running sequence that is decoding gets its one new token, then its drafts to verify (speculative
+   decoding) as far as the budget and the free blocks allow: drafts never preempt;
 2. what is left of the `max_num_batched_tokens` budget is shared, max-min fairly (`fair_shares`), by the
    running sequences still prefilling and the waiting sequences that free slots (`max_num_seqs`) can take,
    first come first served: a prompt shorter than the fair share is computed whole in this step, the longer
@@ -112,16 +113,21 @@ class Scheduler:
         chosen: dict[Sequence, int] = {}  # seq -> new tokens this step, in row order
         preempted: list[Sequence] = []
 
-        # 1. every decoding sequence gets its token (the budget always covers them: it is >= max_num_seqs), and
-        #    its drafts to verify as far as the budget left over by one token per decode allows
+        # 1. every decoding sequence gets its token (the budget always covers them: it is >= max_num_seqs); then its
+        #    drafts to verify, as far as the budget left over and the free blocks allow: a draft never preempts
         decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-        spare = self.max_num_batched_tokens - len(decoding)
         for seq in decoding:
-            seq.draft_ids = seq.draft_ids[: max(spare, 0)]
+            if seq.status is SequenceStatus.RUNNING and self._make_room(seq, 1, chosen, preempted):
+                chosen[seq] = 1
+        spare = self._budget_left(chosen)
+        for seq in decoding:
+            if seq not in chosen:  # preempted: its drafts were dropped with its blocks
+                continue
+            room = (len(seq.block_table) + self.bm.num_free_blocks) * self.block_size - seq.num_tokens
+            seq.draft_ids = seq.draft_ids[: max(min(spare, room), 0)]
             spare -= len(seq.draft_ids)
-            n = 1 + len(seq.draft_ids)
-            if seq.status is SequenceStatus.RUNNING and self._make_room(seq, n, chosen, preempted):
-                chosen[seq] = n
+            chosen[seq] += len(seq.draft_ids)
+            seq.block_table.extend(self.bm.allocate(self._blocks_needed(seq, chosen[seq])))
 
         # 2. the rest of the budget is shared by the prompts in prefill, running or about to be admitted
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]

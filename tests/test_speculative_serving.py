@@ -534,6 +534,11 @@ def test_mcp_tools_under_speculation_equal_plain_decoding(demo: Engine) -> None:
 
     drafter = PromptReplayDrafter(recorded, demo.config.vocab_size, acceptance=0.7)
     spec = call_tools(demo, lambda e: AsyncEngine(e, drafter=drafter, speculative_tokens=2, **options), calls)
+    blocks = [r["usage"].pop("speculative") for r in spec]  # each result reports its drafts; plain ones none
+    assert all(b is not None for b in blocks) and sum(b["draft_tokens"] for b in blocks) > 0
+    assert all(r["usage"].get("speculative") is None for r in plain)
+    for r in plain:
+        r["usage"].pop("speculative", None)
     assert spec == plain
     schemas = {t["name"]: t["inputSchema"] for t in (WEATHER, SEARCH)}
     for c in spec[2]["tool_calls"]:

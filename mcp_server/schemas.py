@@ -222,7 +222,8 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     speculative: SpeculativeUsage | None = Field(
-        None, description="Speculative decoding (--speculative-tokens), where the server runs it.")
+        None, description="Speculative decoding (--speculative-tokens), where the server runs it.",
+        exclude_if=lambda v: v is None)  # absent, not null, without speculative decoding
 
 
 class GenerationOutput(BaseModel):

@@ -168,13 +168,16 @@ async def test_sdk_client_over_stdio() -> None:
 
 
 async def test_sigterm_during_a_tool_call_answers_it_and_exits_in_time(tmp_path: Path) -> None:
-    """SIGTERM with a long tool call (3000 tokens) and a short one (2 tokens) under way, default grace (1 s): the
-    short call finishes within the grace, the long one ends with an error result saying the server is shutting
-    down, a call sent after the signal is refused the same way at once; the process exits with 143 within 2 s,
-    stdout holds only whole JSON-RPC messages up to EOF, stderr one line for the aborted call and no traceback."""
+    """SIGTERM with a long tool call (3000 tokens) and a short one (2 tokens) under way, a grace of 2 s (the default
+    is 1 s; 2 s keeps the short call's finish within it on a loaded CI machine): the short call finishes within
+    the grace, the long one ends with an error result saying the server is shutting down, a call sent after the
+    signal is refused the same way at once; the process exits with 143 within the grace plus 1 s, stdout holds
+    only whole JSON-RPC messages up to EOF, stderr one line for the aborted call and no traceback."""
     stderr_path = tmp_path / "stderr.txt"
     stderr = stderr_path.open("wb")
-    proc = await anyio.open_process([str(SCRIPT), "--temperature", "0"], env=server_env(), stderr=stderr)
+    grace = 2.0
+    proc = await anyio.open_process([str(SCRIPT), "--temperature", "0", "--shutdown-grace", str(grace)],
+                                    env=server_env(), stderr=stderr)
 
     def call(request_id: int, max_tokens: int) -> dict[str, Any]:
         return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {
@@ -219,7 +222,7 @@ async def test_sigterm_during_a_tool_call_answers_it_and_exits_in_time(tmp_path:
     log = stderr_path.read_text()
     answers = {m["id"]: m["result"] for m in peer.seen if "result" in m}
     print(f"SIGTERM to exit over stdio: {took:.2f} s")
-    assert code == 143 and took < 2.0, (code, took, log[-3000:])
+    assert code == 143 and took < grace + 1.0, (code, took, log[-3000:])
     assert "Traceback" not in log and "ERROR" not in log, log[-5000:]
     assert not [m for m in peer.seen[:before_signal] if m.get("id") == 3]  # answered after the signal
     assert answers[3]["isError"] is False, (answers[3], log[-3000:])

@@ -15,7 +15,7 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 
@@ -24,7 +24,6 @@ from deepseek_mcp.inference.engine.async_engine import QueueFullError
 from deepseek_mcp.inference.engine.distributed import WorkerFailure
 from deepseek_mcp.inference.engine.logits_process import ThinkingBudget
 from deepseek_mcp.inference.engine.sampling import SamplingParams
-from deepseek_mcp.inference.text.bounded import PromptTooLong
 from deepseek_mcp.inference.text.parse import Event, ParseResult, StreamParser, ToolCall
 from deepseek_mcp.inference.text.template import THINK_END, render_ids
 from deepseek_mcp.mcp_server.config import ServerConfig
@@ -40,8 +39,6 @@ from deepseek_mcp.mcp_server.schemas import ResponseFormat
 from deepseek_mcp.mcp_server.tool_specs import ToolChoice, ToolSpec
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -197,27 +194,10 @@ class Pipeline:
                                    continue_final_message=continue_final,
                                    trusted_control_tokens=self.config.trusted_control_tokens)
         try:
-            prompt_ids = await self.tokenize(lambda limit: render(max_tokens=limit))
+            prompt_ids = await self.host.tokenize(lambda limit: render(max_tokens=limit))
         except ValueError as e:
             raise RequestError(str(e)) from None
         return aengine, tokenizer, prompt_ids
-
-    async def tokenize(self, encode: Callable[[int], T]) -> T:
-        """`encode(limit)` on a worker thread (a long prompt never holds up the event loop), `limit` the longest
-        prompt the context takes; an encoder that stops past it (PromptTooLong) gets the answer `sampling` gives
-        a prompt too long for the context, with the tokens counted before it stopped."""
-        try:
-            return await anyio.to_thread.run_sync(encode, self.host.context_tokens() - 1)
-        except PromptTooLong as e:
-            err = self.too_long(e.num_tokens, at_least=True)
-            raise (RequestError(f"{e.where}: {err}") if e.where else err) from None
-
-    def too_long(self, num_prompt_tokens: int, *, at_least: bool = False) -> RequestError:
-        context = self.host.context_tokens()
-        size = f"at least {num_prompt_tokens}" if at_least else f"{num_prompt_tokens}"
-        return RequestError(f"the prompt is {size} tokens but the context holds {context} "
-                            f"({self.host.context_limit()}); shorten the prompt or messages, or start a new "
-                            "conversation (omit conversation_id)")
 
     def sampling(self, num_prompt_tokens: int, *, max_tokens: int | None, temperature: float | None,
                  top_p: float | None, seed: int | None, stop: Sequence[str] | None,
@@ -226,7 +206,7 @@ class Pipeline:
         context = self.host.context_tokens()
         room = context - num_prompt_tokens
         if room < 1:
-            raise self.too_long(num_prompt_tokens)
+            raise self.host.too_long(num_prompt_tokens)
         if max_tokens is None:
             max_tokens = min(self.config.limits.max_tokens, room)
         elif max_tokens > room:

@@ -1,8 +1,8 @@
 """A body under the 16 MiB limit whose prompt is far past the context (issue 22, item 1), sent to the console script:
-each route refuses it with its 400 "the prompt is at least N tokens but the context holds C" within ANSWER_BOUND_S,
-having encoded only as far as the context (inference/text/bounded.py); the server's RSS grows by less than
-RSS_BOUND, and `GET /health` answers within HEALTH_BOUND_S throughout (the encoding runs on a worker thread, in
-pieces that release the GIL).
+each route (count_tokens and a batch of raw prompts too) refuses it with its 400 "the prompt is at least N tokens
+but the context holds C" within ANSWER_BOUND_S, having encoded only as far as the context (inference/text/
+bounded.py); the server's RSS grows by less than RSS_BOUND, and `GET /health` answers within HEALTH_BOUND_S
+throughout (the encoding runs on a worker thread, in pieces that release the GIL).
 
 Before: such a body was tokenized whole before the context check, on the event loop or in one call that held the
 GIL. On a 2-vCPU VM, 15 MB of code lines took 26.7 s to refuse, RSS +2.9 GB, /health stalled 16.5 s; 15 MB of one
@@ -90,6 +90,9 @@ def test_a_prompt_far_past_the_context_is_refused_cheaply_on_every_route(
         ("/v1/completions", AUTH, {"model": "deepseek-chat", "prompt": code, "max_tokens": 2}, True),
         ("/v1/messages", anthropic, {"model": "deepseek-chat", "max_tokens": 2,
                                      "messages": [{"role": "user", "content": prose(TEXT_BYTES)}]}, True),
+        ("/v1/messages/count_tokens", anthropic, {"model": "deepseek-chat",
+                                                  "messages": [{"role": "user", "content": code}]}, True),
+        ("/v1/completions", AUTH, {"model": "deepseek-chat", "prompt": ["Say hi.", code], "max_tokens": 2}, True),
     ]
     bodies = [json.dumps(body, ensure_ascii=False).encode() for _, _, body, _ in requests]
     assert all(len(b) < LIMIT for b in bodies), [len(b) for b in bodies]
@@ -105,11 +108,11 @@ def test_a_prompt_far_past_the_context_is_refused_cheaply_on_every_route(
     print(f"answers {', '.join(f'{req[0]} {s:.2f} s' for req, (s, _) in zip(requests, answers))}; RSS "
           f"{baseline / 2**20:.0f} MB, grew at most {grown / 2**20:.0f} MB; /health slowest {slowest * 1000:.0f} ms "
           f"of {len(watch.health)}")
-    for (path, _, _, near), (seconds, r) in zip(requests, answers):
+    for (path, _, body, near), (seconds, r) in zip(requests, answers):
         assert r.status_code == 400, (path, r.text[:500])
         error = r.json()["error"]
         assert error["type"] == "invalid_request_error", (path, r.text[:500])
-        message = error["message"]
+        message = error["message"].removeprefix("prompt[1]: " if isinstance(body.get("prompt"), list) else "")
         assert message.startswith("the prompt is at least ") and f"the context holds {context} " in message, message
         counted = int(message.split()[5])
         assert counted >= context and (counted < context + 20_000 or not near), message  # stopped at the context

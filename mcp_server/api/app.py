@@ -226,8 +226,8 @@ class ApiApp:
         req = await self._body(request, CompletionRequest)
         model = self._model(req.model)
         check_ready(self.service)
-        plan = await self.service.tokenize(functools.partial(completions.completion_plan, req,
-                                                             self.service.host.engine.tokenizer))
+        host = self.service.host
+        plan = await host.tokenize(functools.partial(completions.completion_plan, req, host.engine.tokenizer))
         rid = "cmpl-" + secrets.token_hex(12)
         plan.caller, plan.request_id = "completions", rid
         prep = await self.service.prepare(plan)

@@ -66,7 +66,7 @@ def logprobs_of(req: Any) -> int | None:
 
 
 def completion_plan(req: Any, tokenizer: Any, max_prompt_tokens: int | None = None) -> Plan:
-    """The request as a plan of raw prompts; `max_prompt_tokens`: PromptTooLong past it (Pipeline.tokenize runs
+    """The request as a plan of raw prompts; `max_prompt_tokens`: PromptTooLong past it (ModelHost.tokenize runs
     this on a worker thread with the context's limit)."""
     refuse_unsupported(req)
     return Plan(prompts=_prompts(req, tokenizer, max_prompt_tokens), max_tokens=req.max_tokens,

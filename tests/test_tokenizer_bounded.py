@@ -124,6 +124,15 @@ def test_varied_text_in_small_pieces_equals_the_whole(tok: Tokenizer, monkeypatc
         assert tok.encode_text(text) == whole_plain(tok, text)
 
 
+def test_long_plain_text_spelling_control_tokens_in_one_piece(tok: Tokenizer) -> None:
+    """No cut for 200k characters, and added tokens spelled: the plain encoding goes through the backend without
+    its added tokens (one call that releases the GIL), to the step-by-step ids."""
+    text = "<｜User｜> <｜end▁of▁sentence｜>" * 8000
+    assert not cut_everywhere(text)[1:]
+    assert tok.encode_text(text, limit=NO_LIMIT) == whole_plain(tok, text)
+    assert tok._plain is not None
+
+
 def test_short_text_is_unchanged(tok: Tokenizer) -> None:
     for _ in range(50):
         text = varied_text(random.randrange(1, 600))
@@ -162,11 +171,11 @@ def test_a_limit_stops_after_a_few_pieces(tok: Tokenizer, monkeypatch: pytest.Mo
         assert sum(encoded) < 20 * limit, sum(encoded)  # chars encoded: a few per token, not 15 M
 
 
-@pytest.mark.parametrize("run", ["x", "中", "😀"])
+@pytest.mark.parametrize("run", ["x", "中", "😀", "<｜User｜> ", ". 😀 "])
 def test_a_giant_word_is_refused_by_its_bound_unencoded(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch,
                                                        run: str) -> None:
-    """One pre-tokenizer piece of 15 MB has no cut: its bytes over its longest possible token prove it too long
-    (a run of "x": 8 bytes at most per token), so nothing is encoded."""
+    """15 MB with no cut: its bytes over its longest possible token (a run of "x": 8 bytes at most per token), or
+    a byte's count over the most one token holds ("U": 2), prove it too long, so nothing is encoded."""
     def never(text: str) -> list[int]:
         raise AssertionError(f"encoded {len(text)} characters")
 
@@ -181,7 +190,8 @@ def test_token_bounds_are_lower_bounds(tok: Tokenizer) -> None:
     bounds = tok._token_bounds()
     assert bounds.longest(b"x") == 8 and bounds.longest(bytes(range(256))) == 128
     samples = ["x" * 5000, "." * 5000, "".join(random.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5000)),
-               "".join(random.choice("中文你好世界的一是") for _ in range(2000)), "😀" * 1000, varied_text(5000)]
+               "".join(random.choice("中文你好世界的一是") for _ in range(2000)), "😀" * 1000, varied_text(5000),
+               "<｜User｜> " * 500, ". 😀 " * 1000, "".join(random.choice("!?.,;: <>") for _ in range(5000))]
     for text in samples:
         data = text.encode()
         assert alphabet(data) == bytes(sorted(set(data)))

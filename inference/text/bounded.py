@@ -27,9 +27,10 @@ token (so no added token spans the cut), and only when no added token strips the
 whose normalizer or pre-tokenizer differs (another checkpoint's `tokenizer.json`) is encoded whole.
 `tests/test_tokenizer_bounded.py` checks the ids against the whole encoding, every BMP character at every rule.
 
-**Bounded.** A stretch with no cut (one piece: megabytes of one word or one run of punctuation) is first checked
-against a lower bound that needs no encoding (`TokenBounds`); only one the bound cannot refuse is encoded whole,
-and such a piece holds at most `longest entry x limit` bytes.
+**Bounded.** A stretch with no cut (megabytes of one word, of one run of punctuation, of a pattern without ASCII
+letters or digits) is first checked against lower bounds that need no encoding (`TokenBounds`); only one they
+cannot refuse is encoded whole (at most `longest entry x limit` bytes: 8 x limit for a run of "x", 128 x limit
+for a run of dots, which is then a prompt the context may take).
 """
 
 from __future__ import annotations
@@ -95,13 +96,20 @@ def _state(component: Any) -> dict[str, Any] | None:
 
 
 class TokenBounds:
-    """Lower bounds on a byte-level piece's token count that need no encoding: its tokens are vocabulary entries
-    made of the piece's own bytes, so a piece of n bytes over the byte set S takes at least n / L(S) tokens,
-    L(S) the longest entry whose bytes all lie in S (8 for a run of "x", 20 for lowercase letters, 128 at most)."""
+    """Lower bounds on a byte-level piece's token count that need no encoding. Its tokens are vocabulary entries
+    made of the piece's own bytes, so a piece of n bytes over the byte set S takes at least n / L(S) tokens, L(S)
+    the longest entry whose bytes all lie in S (8 for a run of "x", 20 for lowercase letters, 128 at most); and
+    one holding byte b f times takes at least f / M(b), M(b) the most times one entry holds b (2 for "U", "<" or
+    an emoji's lead byte, 5 for "e", 128 for a space)."""
 
     def __init__(self, entries: Iterable[bytes]) -> None:
         self._entries = sorted({e for e in entries if e}, key=len, reverse=True)
         self._longest: dict[bytes, int] = {}
+        most = [1] * 256
+        for e in self._entries:
+            for b in set(e):
+                most[b] = max(most[b], e.count(b))
+        self._most = tuple(most)
 
     def longest(self, alphabet: bytes) -> int:
         """The longest entry made of the bytes in `alphabet` (1 if none: a byte alone is a token)."""
@@ -110,7 +118,11 @@ class TokenBounds:
         return self._longest[alphabet]
 
     def at_least(self, data: bytes) -> int:
-        return -(-len(data) // self.longest(alphabet(data)))
+        present = alphabet(data)
+        bound = -(-len(data) // self.longest(present))
+        for b in sorted(present, key=self._most.__getitem__)[:16]:  # the bytes fewest to an entry
+            bound = max(bound, -(-data.count(b) // self._most[b]))
+        return bound
 
 
 def alphabet(data: bytes) -> bytes:

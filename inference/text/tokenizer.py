@@ -39,6 +39,7 @@ V31_RENAMED_IDS: tuple[int, ...] = (128796, 128797)
 _SKIPPED_IDS = frozenset({0, 1, 2, 128805})
 _PLACEHOLDER = re.compile(r"<｜place▁holder▁no▁\d+｜>")
 _GIL_FREE_CHARS = 4096  # longer text is encoded by encode_batch, which releases the GIL while it runs
+_STEPWISE_CHARS = 1 << 16  # plain text spelling an added token: step by step up to this long (~0.1 s of GIL)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,6 +214,7 @@ class Tokenizer:
         # Plain text through the backend's own encode (one call, the GIL released) unless that may differ.
         self._plain_by_backend = backend.truncation is None and backend.padding is None
         self._bounds: TokenBounds | None = None
+        self._plain: tokenizers.Tokenizer | None = None
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -335,12 +337,23 @@ class Tokenizer:
             ids = self._encode_piece(text)
             if self._special_ids.isdisjoint(ids):
                 return ids
+            if len(text) > _STEPWISE_CHARS:  # long: the same pipeline in one call that releases the GIL
+                return self._plain_backend().encode_batch([text], add_special_tokens=False)[0].ids
         backend = self._backend
         if backend.normalizer is not None:
             text = backend.normalizer.normalize_str(text)
         pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
         model = backend.model
         return [t.id for piece, _ in pieces for t in model.tokenize(piece)]
+
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        """This backend without its added tokens: its `encode` is normalizer, pre-tokenizer, model. Built on first
+        use (~0.7 s, 60-90 MB), only for long plain text that spells an added token."""
+        if self._plain is None:
+            data = json.loads(self._backend.to_str())
+            data["added_tokens"] = []
+            self._plain = tokenizers.Tokenizer.from_str(json.dumps(data))
+        return self._plain
 
     def _token_bounds(self) -> TokenBounds:
         """Every entry's bytes (added tokens as their UTF-8), for lower bounds on long pieces; built on first use."""

@@ -91,6 +91,14 @@ def deepseek_cuts(backend: Any) -> bool:
     return same and last.get("type") == "ByteLevel" and not last.get("add_prefix_space") and not last.get("use_regex")
 
 
+def without_added_tokens(backend: Any) -> Any:
+    """`backend` (a `tokenizers.Tokenizer`) without its added tokens: its `encode` is normalizer, pre-tokenizer,
+    model, the plain-text pipeline, in one call that releases the GIL (~0.7 s and 60-90 MB to build)."""
+    data = json.loads(backend.to_str())
+    data["added_tokens"] = []
+    return type(backend).from_str(json.dumps(data))
+
+
 def _state(component: Any) -> dict[str, Any] | None:
     return None if component is None else json.loads(component.__getstate__())
 

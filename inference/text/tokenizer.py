@@ -27,7 +27,7 @@ from typing import Any
 
 import tokenizers
 
-from deepseek_mcp.inference.text.bounded import TokenBounds, deepseek_cuts, encode_in_pieces
+from deepseek_mcp.inference.text.bounded import TokenBounds, deepseek_cuts, encode_in_pieces, without_added_tokens
 from deepseek_mcp.inference.text.control import BOS as BOS_TOKEN
 from deepseek_mcp.inference.text.control import EOS as EOS_TOKEN
 from deepseek_mcp.inference.text.control import PAD as PAD_TOKEN
@@ -338,22 +338,14 @@ class Tokenizer:
             if self._special_ids.isdisjoint(ids):
                 return ids
             if len(text) > _STEPWISE_CHARS:  # long: the same pipeline in one call that releases the GIL
-                return self._plain_backend().encode_batch([text], add_special_tokens=False)[0].ids
+                self._plain = self._plain or without_added_tokens(self._backend)  # built on first use
+                return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
         backend = self._backend
         if backend.normalizer is not None:
             text = backend.normalizer.normalize_str(text)
         pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
         model = backend.model
         return [t.id for piece, _ in pieces for t in model.tokenize(piece)]
-
-    def _plain_backend(self) -> tokenizers.Tokenizer:
-        """This backend without its added tokens: its `encode` is normalizer, pre-tokenizer, model. Built on first
-        use (~0.7 s, 60-90 MB), only for long plain text that spells an added token."""
-        if self._plain is None:
-            data = json.loads(self._backend.to_str())
-            data["added_tokens"] = []
-            self._plain = tokenizers.Tokenizer.from_str(json.dumps(data))
-        return self._plain
 
     def _token_bounds(self) -> TokenBounds:
         """Every entry's bytes (added tokens as their UTF-8), for lower bounds on long pieces; built on first use."""

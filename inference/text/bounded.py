@@ -25,7 +25,8 @@ same in the first part, and matching resumes at p as it starts on the second par
 `encode` first matches added tokens (control tokens) in the text: it cuts only where a or b appears in no added
 token (so no added token spans the cut), and only when no added token strips the space beside it. A tokenizer
 whose normalizer or pre-tokenizer differs (another checkpoint's `tokenizer.json`) is encoded whole.
-`tests/test_tokenizer_bounded.py` checks the ids against the whole encoding, every BMP character at every rule.
+`tests/test_tokenizer_bounded.py` checks the ids against the whole encoding: every BMP character (and a fifth of
+the assigned astral ones) beside rules 1, 2 and 4, every pair of ASCII characters, varied text cut everywhere.
 
 **Bounded.** A stretch with no cut (megabytes of one word, of one run of punctuation, of a pattern without ASCII
 letters or digits) is first checked against lower bounds that need no encoding (`TokenBounds`); only one they

@@ -14,17 +14,20 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 
 from deepseek_mcp.inference.model.demo import DEMO_NAME
+from deepseek_mcp.inference.text.bounded import PromptTooLong
 from deepseek_mcp.mcp_server.config import ServerConfig
+from deepseek_mcp.mcp_server.failures import RequestError
 from deepseek_mcp.mcp_server.progress import Progress
 
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "failed"]
+T = TypeVar("T")
 
 
 class ModelUnavailable(RuntimeError):
@@ -205,6 +208,23 @@ class ModelHost:
             return (f"capped by the KV cache ({self.cache_capacity_tokens()} tokens; --cache-tokens raises it) "
                     f"below the model's {model_context}-token context (max_position_embeddings)")
         return "the model's context (max_position_embeddings)"
+
+    def too_long(self, num_prompt_tokens: int, *, at_least: bool = False) -> RequestError:
+        """The answer to a prompt the context cannot take (`at_least`: its encoding stopped past the limit)."""
+        size = f"at least {num_prompt_tokens}" if at_least else f"{num_prompt_tokens}"
+        return RequestError(f"the prompt is {size} tokens but the context holds {self.context_tokens()} "
+                            f"({self.context_limit()}); shorten the prompt or messages, or start a new "
+                            "conversation (omit conversation_id)")
+
+    async def tokenize(self, encode: Callable[[int], T]) -> T:
+        """`encode(limit)` on a worker thread (a long prompt never holds up the event loop), `limit` the longest
+        prompt the context takes; an encoding that stops past it (PromptTooLong, inference/text/bounded.py) is
+        answered as a prompt too long, with the tokens it counted."""
+        try:
+            return await anyio.to_thread.run_sync(encode, self.context_tokens() - 1)
+        except PromptTooLong as e:
+            err = self.too_long(e.num_tokens, at_least=True)
+            raise (RequestError(f"{e.where}: {err}") if e.where else err) from None
 
     # -- waiting --------------------------------------------------------------------------------------
 

@@ -194,7 +194,7 @@ class Pipeline:
                                    continue_final_message=continue_final,
                                    trusted_control_tokens=self.config.trusted_control_tokens)
         try:
-            prompt_ids = await anyio.to_thread.run_sync(render)
+            prompt_ids = await self.host.tokenize(lambda limit: render(max_tokens=limit))
         except ValueError as e:
             raise RequestError(str(e)) from None
         return aengine, tokenizer, prompt_ids
@@ -206,9 +206,7 @@ class Pipeline:
         context = self.host.context_tokens()
         room = context - num_prompt_tokens
         if room < 1:
-            raise RequestError(f"the prompt is {num_prompt_tokens} tokens but the context holds {context} "
-                               f"({self.host.context_limit()}); shorten the prompt or messages, or start a new "
-                               "conversation (omit conversation_id)")
+            raise self.host.too_long(num_prompt_tokens)
         if max_tokens is None:
             max_tokens = min(self.config.limits.max_tokens, room)
         elif max_tokens > room:

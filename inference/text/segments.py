@@ -8,16 +8,20 @@ characters it is, so content can never end a turn, forge an assistant turn or pl
 
 `trusted=True` restores what the official template plus the tokenizer do (the whole string encoded at once,
 control-token text anywhere becomes control), for callers that build prompts from text they control.
+
+`max_tokens` bounds the work: encoding stops with `PromptTooLong` once the ids certainly pass it, so a prompt far
+past the context costs a few pieces of encoding, not all of it (bounded.py).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import groupby
 from operator import itemgetter
 from typing import Protocol
 
+from deepseek_mcp.inference.text.bounded import PromptTooLong
 from deepseek_mcp.inference.text.control import BOS, V31_SPECIAL_TOKENS
 
 Segment = tuple[str, bool]  # (text, is_control)
@@ -33,9 +37,9 @@ class TokenEncoder(Protocol):
     @property
     def bos_id(self) -> int | None: ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, limit: int | None = None) -> list[int]: ...
 
-    def encode_text(self, text: str) -> list[int]: ...
+    def encode_text(self, text: str, limit: int | None = None) -> list[int]: ...
 
 
 class Parts:
@@ -81,33 +85,46 @@ def template_segments(s: str) -> list[Segment]:
     return out
 
 
-def encode_segments(segments: Iterable[Segment], tokenizer: TokenEncoder, *, trusted: bool = False) -> list[int]:
+def encode_segments(segments: Iterable[Segment], tokenizer: TokenEncoder, *, trusted: bool = False,
+                    max_tokens: int | None = None) -> list[int]:
     """Ids of the segments; starts with the BOS id (RuntimeError otherwise, or if encoding added a BOS).
 
     Untrusted (the default): control segments are encoded as control tokens, text segments (adjacent ones
     merged) with `encode_text`, which never yields an added token. Control tokens split the official encoding
     at the same places, so for content that spells no control token the ids equal `tokenizer.encode` of the
     joined string. `trusted`: `tokenizer.encode` of the joined string (today's official behaviour).
+    `max_tokens`: PromptTooLong as soon as there are certainly more ids than that (the rest is not encoded).
     """
     joined = (("".join(s for s, _ in group), is_control) for is_control, group in groupby(segments, itemgetter(1)))
     runs = [(s, is_control) for s, is_control in joined if s]
-    text = "".join(s for s, _ in runs)
     control_ids: set[int] = set()
     text_ids: list[int] = []
+    ids: list[int] = []
+
+    def encode(fn: Callable[..., list[int]], s: str) -> list[int]:
+        if max_tokens is None:
+            return list(fn(s))
+        try:
+            return list(fn(s, limit=max_tokens - len(ids)))
+        except PromptTooLong as e:
+            raise PromptTooLong(len(ids) + e.num_tokens, max_tokens) from None
+
     if trusted:
-        ids = list(tokenizer.encode(text))
+        text = "".join(s for s, _ in runs)
+        ids = encode(tokenizer.encode, text)
         num_bos = text.count(BOS)
     else:
         plain = getattr(tokenizer, "encode_text", None)  # a test double without it is checked below instead
-        ids = []
         for s, is_control in runs:
-            part = list(tokenizer.encode(s) if is_control or plain is None else plain(s))
+            part = encode(tokenizer.encode if is_control or plain is None else plain, s)
             if is_control:
                 control_ids.update(part)
             else:
                 text_ids.extend(part)
             ids.extend(part)
         num_bos = sum(s.count(BOS) for s, is_control in runs if is_control)
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise PromptTooLong(len(ids), max_tokens)
     bos_id = tokenizer.bos_id
     if bos_id is None or not ids or ids[0] != bos_id:
         raise RuntimeError(f"rendered prompt does not start with BOS id {bos_id}: tokenizer must map {BOS!r} "

@@ -275,15 +275,17 @@ def render_segments(
 
 
 def render_ids(messages: Sequence[Mapping[str, Any]], tokenizer: TokenEncoder, *,
-               trusted_control_tokens: bool = False, **kwargs: Any) -> list[int]:
+               trusted_control_tokens: bool = False, max_tokens: int | None = None, **kwargs: Any) -> list[int]:
     """The prompt's ids, exactly the BOS the template writes (encode adds none).
 
     The template's structure becomes control tokens; message content, tool results, tool-call names and
     arguments and the tools block are plain text, so content that spells a control token is those characters,
     never the token. `trusted_control_tokens=True`: `tokenizer.encode(render_prompt(...))`, as the official
-    template with the tokenizer does, for callers whose every message is trusted.
+    template with the tokenizer does, for callers whose every message is trusted. `max_tokens`: PromptTooLong
+    (a ValueError) as soon as the prompt is certainly longer, without encoding the rest (segments.py).
     """
-    return encode_segments(render_segments(messages, **kwargs), tokenizer, trusted=trusted_control_tokens)
+    return encode_segments(render_segments(messages, **kwargs), tokenizer, trusted=trusted_control_tokens,
+                           max_tokens=max_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any
 
 import tokenizers
 
+from deepseek_mcp.inference.text.bounded import TokenBounds, deepseek_cuts, encode_in_pieces, without_added_tokens
 from deepseek_mcp.inference.text.control import BOS as BOS_TOKEN
 from deepseek_mcp.inference.text.control import EOS as EOS_TOKEN
 from deepseek_mcp.inference.text.control import PAD as PAD_TOKEN
@@ -37,6 +38,8 @@ DEEPSEEK_V31_VOCAB_SIZE = 129280  # the model's embedding rows; the tokenizer it
 V31_RENAMED_IDS: tuple[int, ...] = (128796, 128797)
 _SKIPPED_IDS = frozenset({0, 1, 2, 128805})
 _PLACEHOLDER = re.compile(r"<｜place▁holder▁no▁\d+｜>")
+_GIL_FREE_CHARS = 4096  # longer text is encoded by encode_batch, which releases the GIL while it runs
+_STEPWISE_CHARS = 1 << 16  # plain text spelling an added token: step by step up to this long (~0.1 s of GIL)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,6 +206,15 @@ class Tokenizer:
         self._special_ids = frozenset(added)
         self._skip_ids = frozenset(i for i, t in added.items() if t.special)
         self._piece_cache: dict[int, bytes] = {}  # id -> raw bytes, filled lazily (byte-level only)
+        # Long text is encoded in pieces (inference/text/bounded.py) where that gives the ids of the whole: plain
+        # text whenever the pre-tokenizer is DeepSeek's, text with added tokens also when none strips spaces.
+        self._cuts_plain = deepseek_cuts(backend)
+        self._cuts = self._cuts_plain and not any(t.lstrip or t.rstrip or t.single_word for t in added.values())
+        self._added_chars = frozenset("".join(t.content for t in added.values()))
+        # Plain text through the backend's own encode (one call, the GIL released) unless that may differ.
+        self._plain_by_backend = backend.truncation is None and backend.padding is None
+        self._bounds: TokenBounds | None = None
+        self._plain: tokenizers.Tokenizer | None = None
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -290,23 +302,57 @@ class Tokenizer:
 
     # -- encode / decode ------------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Ids of `text`, control tokens spelled in it matched. `limit`: PromptTooLong (bounded.py) as soon as more
+        than `limit` ids are certain; the rest of the text is never encoded."""
+        return self._encode(text, limit, plain=False)
 
-    def encode_text(self, text: str) -> list[int]:
+    def encode_text(self, text: str, limit: int | None = None) -> list[int]:
         """Ids of `text` as plain text: added tokens (control tokens, placeholders) are never matched, so a spelled
-        `<｜User｜>` becomes the BPE pieces of its characters and decodes back to itself.
+        `<｜User｜>` becomes the BPE pieces of its characters and decodes back to itself. `limit` as for `encode`.
 
         The backend's own pipeline without its added vocabulary: normalizer, pre-tokenizer, model. Between two
-        added tokens `encode` runs exactly these steps, so for text that spells no added token both agree."""
+        added tokens `encode` runs exactly these steps, so for text that spells no added token both agree: a piece
+        whose `encode` holds no added-token id is that (one call into the backend); the rest go step by step."""
+        return self._encode(text, limit, plain=True)
+
+    def _encode(self, text: str, limit: int | None, *, plain: bool) -> list[int]:
         if not text:
             return []
+        encode = self._encode_plain if plain else self._encode_piece
+        if len(text) <= _GIL_FREE_CHARS and limit is None:
+            return encode(text)
+        cuts = self._cuts_plain if plain else self._cuts  # and then each token is some of the text's own bytes
+        return encode_in_pieces(text, encode, limit=limit, cuts=cuts,
+                                keep_whole=frozenset() if plain else self._added_chars,
+                                bounds=self._token_bounds if cuts and self._byte_level else None)
+
+    def _encode_piece(self, text: str) -> list[int]:
+        if len(text) <= _GIL_FREE_CHARS:
+            return self._backend.encode(text, add_special_tokens=False).ids
+        return self._backend.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        if self._plain_by_backend:
+            ids = self._encode_piece(text)
+            if self._special_ids.isdisjoint(ids):
+                return ids
+            if len(text) > _STEPWISE_CHARS:  # long: the same pipeline in one call that releases the GIL
+                self._plain = self._plain or without_added_tokens(self._backend)  # built on first use
+                return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
         backend = self._backend
         if backend.normalizer is not None:
             text = backend.normalizer.normalize_str(text)
         pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
         model = backend.model
         return [t.id for piece, _ in pieces for t in model.tokenize(piece)]
+
+    def _token_bounds(self) -> TokenBounds:
+        """Every entry's bytes (added tokens as their UTF-8), for lower bounds on long pieces; built on first use."""
+        if self._bounds is None:
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+            self._bounds = TokenBounds(byte_level_piece_bytes(token) for token in vocab)
+        return self._bounds
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]

@@ -9,6 +9,7 @@ settings), and with a token configured every /v1 route needs it, as `Authorizati
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import secrets
@@ -225,7 +226,8 @@ class ApiApp:
         req = await self._body(request, CompletionRequest)
         model = self._model(req.model)
         check_ready(self.service)
-        plan = completions.completion_plan(req, self.service.host.engine.tokenizer)
+        host = self.service.host
+        plan = await host.tokenize(functools.partial(completions.completion_plan, req, host.engine.tokenizer))
         rid = "cmpl-" + secrets.token_hex(12)
         plan.caller, plan.request_id = "completions", rid
         prep = await self.service.prepare(plan)

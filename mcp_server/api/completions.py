@@ -12,6 +12,7 @@ import json
 import time
 from typing import Any
 
+from deepseek_mcp.inference.text.bounded import PromptTooLong
 from deepseek_mcp.inference.text.template import BOS
 from deepseek_mcp.mcp_server.api.errors import invalid
 from deepseek_mcp.mcp_server.api.openai_chat import refuse_unsupported
@@ -22,11 +23,12 @@ from deepseek_mcp.mcp_server.logprobs import TokenLogprob, completion_logprobs
 from deepseek_mcp.mcp_server.pipeline import Choice, Item, Plan
 
 
-def _prompts(req: Any, tokenizer: Any) -> list[list[int]]:
-    """`prompt` as OpenAI allows it: a string, a list of strings, a list of token ids, or a list of such lists."""
+def _prompts(req: Any, tokenizer: Any, limit: int | None) -> list[list[int]]:
+    """`prompt` as OpenAI allows it: a string, a list of strings, a list of token ids, or a list of such lists.
+    `limit`: PromptTooLong for a prompt past it, before the rest of its text is encoded."""
     prompt = req.prompt
     if isinstance(prompt, str):
-        return [raw_prompt_ids(tokenizer, prompt, req.suffix)]
+        return [raw_prompt_ids(tokenizer, prompt, req.suffix, limit)]
     if not prompt:
         raise invalid("prompt must not be empty", "prompt")
     nested = not all(isinstance(p, int) for p in prompt)
@@ -37,7 +39,10 @@ def _prompts(req: Any, tokenizer: Any) -> list[list[int]]:
     for i, p in enumerate(prompt):
         where = f"prompt[{i}]" if nested else "prompt"
         if isinstance(p, str):
-            out.append(raw_prompt_ids(tokenizer, p, req.suffix))
+            try:
+                out.append(raw_prompt_ids(tokenizer, p, req.suffix, limit))
+            except PromptTooLong as e:
+                raise PromptTooLong(e.num_tokens, e.limit, where if len(prompt) > 1 else "") from None
             continue
         if req.suffix is not None:
             raise invalid("suffix needs a text prompt, not token ids", "suffix")
@@ -60,10 +65,12 @@ def logprobs_of(req: Any) -> int | None:
     return value
 
 
-def completion_plan(req: Any, tokenizer: Any) -> Plan:
+def completion_plan(req: Any, tokenizer: Any, max_prompt_tokens: int | None = None) -> Plan:
+    """The request as a plan of raw prompts; `max_prompt_tokens`: PromptTooLong past it (ModelHost.tokenize runs
+    this on a worker thread with the context's limit)."""
     refuse_unsupported(req)
-    return Plan(prompts=_prompts(req, tokenizer), max_tokens=req.max_tokens, temperature=req.temperature,
-                top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop_list(),
+    return Plan(prompts=_prompts(req, tokenizer, max_prompt_tokens), max_tokens=req.max_tokens,
+                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop_list(),
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, n=req.n,
                 logprobs=logprobs_of(req))
 
@@ -141,13 +148,25 @@ class TextStream:
         await self.write(b"data: [DONE]\n\n")
 
 
-def raw_prompt_ids(tokenizer: Any, prompt: str, suffix: str | None) -> list[int]:
-    """BOS + prompt, or fill-in-the-middle: BOS <｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜>."""
+def raw_prompt_ids(tokenizer: Any, prompt: str, suffix: str | None, limit: int | None = None) -> list[int]:
+    """BOS + prompt, or fill-in-the-middle: BOS <｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜>.
+    `limit`: PromptTooLong once the ids certainly pass it (the rest of the text is not encoded)."""
     bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.token_to_id(BOS)
     if suffix is None:
-        return [bos, *tokenizer.encode(prompt)]
+        return [bos, *_encode(tokenizer, prompt, limit, 1)]
     ids = [tokenizer.token_to_id(t) for t in ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")]
     if any(i is None for i in ids):
         raise RequestError("suffix (fill-in-the-middle) needs the FIM tokens, which this tokenizer lacks")
     begin, hole, end = ids
-    return [bos, begin, *tokenizer.encode(prompt), hole, *tokenizer.encode(suffix), end]
+    head = _encode(tokenizer, prompt, limit, 4)
+    return [bos, begin, *head, hole, *_encode(tokenizer, suffix, limit, 4 + len(head)), end]
+
+
+def _encode(tokenizer: Any, text: str, limit: int | None, used: int) -> list[int]:
+    """`tokenizer.encode(text)` within what is left of `limit` after `used` ids (counted in its PromptTooLong)."""
+    if limit is None:
+        return tokenizer.encode(text)
+    try:
+        return tokenizer.encode(text, limit=limit - used)
+    except PromptTooLong as e:
+        raise PromptTooLong(used + e.num_tokens, limit) from None

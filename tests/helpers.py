@@ -57,3 +57,20 @@ def local_tp(rank: int, world_size: int):
             return [x] * self.world_size if self.rank == 0 else None
 
     return LocalTP(rank, world_size)
+
+
+def drive(core, seqs, after_step=None) -> int:
+    """Add `seqs` to an EngineCore and step it until every one has finished (a step's error is raised);
+    `after_step()` runs after each step. Closes the core; returns the steps taken."""
+    for s in seqs:
+        core.scheduler.add(s)
+    steps = 0
+    while core.scheduler.has_work():
+        result = core.step()
+        if result.error is not None:
+            raise result.error
+        steps += 1
+        if after_step is not None:
+            after_step()
+    core.close()
+    return steps

@@ -78,28 +78,10 @@ def mtp_checkpoint(root: Path, fp8: bool, seed: int, bigram: float | None = None
 def int4_mtp_checkpoint(root: Path, fmt: str, group: int, seed: int, bigram: float | None = None
                         ) -> dict[str, Path]:
     """`mtp_checkpoint` as a 4-bit checkpoint in `fmt` ("q": the MTP layer's Linears quantized like the main
-    blocks') and as the exact fp32 dequantization of its codes ("deq")."""
-    from quant_packers import SKIP_ALWAYS, dequantize, pack_module, quant_config, quantize
+    blocks', zero points on) and as the exact fp32 dequantization of its codes ("deq")."""
+    from quant_packers import write_int4_pair
 
     path, _, _ = mtp_checkpoint(root, False, seed, bigram)
-    tensors = load_file(str(path / "model.safetensors"))
-    q, deq = {}, {}
-    skip = (*SKIP_ALWAYS, "shared_head.head")  # the layer's copies of the embedding and head: never loaded
-    for name, t in tensors.items():
-        if name.endswith(".weight") and t.dim() == 2 and not any(x in name for x in skip):
-            u, s, z = quantize(t, group, True, torch.bfloat16 if fmt == "compressed-tensors" else torch.float16)
-            for suffix, packed in pack_module(fmt, u, s, z, True).items():
-                q[f"{name.removesuffix('.weight')}.{suffix}"] = packed
-            deq[name] = dequantize(u, s, z)
-        else:
-            q[name] = deq[name] = t
-    cfg = json.loads((path / "config.json").read_text())
-    dirs = {}
-    for kind, ts in (("q", q), ("deq", deq)):
-        d = root / f"{fmt}_{kind}"
-        d.mkdir()
-        save_file(ts, str(d / "model.safetensors"))
-        (d / "config.json").write_text(json.dumps(
-            {**cfg, "quantization_config": quant_config(fmt, group, True, [])} if kind == "q" else cfg))
-        dirs[kind] = d
-    return dirs
+    return write_int4_pair(root, fmt, group, True, load_file(str(path / "model.safetensors")),
+                           json.loads((path / "config.json").read_text()),
+                           unlisted=("shared_head.head",))  # the layer's copy of the head: never loaded

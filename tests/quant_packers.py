@@ -87,24 +87,34 @@ def int4_checkpoint_pair(root: Path, fmt: str, group: int, zero_point: bool, ski
     """A tiny transformers model as a 4-bit checkpoint in `fmt` ("q") and as the exact fp32 dequantization of its
     codes ("deq"); modules whose name contains one of `skip` stay unquantized (listed in the config)."""
     from hf_checkpoints import tiny_hf_model
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     base = root / "hf"
     base.mkdir()
     tiny_hf_model(base, seed=seed, **model_kw)
-    tensors = load_file(str(base / "model.safetensors"))
+    return write_int4_pair(root, fmt, group, zero_point, load_file(str(base / "model.safetensors")),
+                           json.loads((base / "config.json").read_text()), skip, v2)
+
+
+def write_int4_pair(root: Path, fmt: str, group: int, zero_point: bool, tensors: dict[str, torch.Tensor],
+                    cfg: dict, skip: tuple[str, ...] = (), v2: bool = False,
+                    unlisted: tuple[str, ...] = ()) -> dict[str, Path]:
+    """`tensors` (a checkpoint with config.json `cfg`) written as `fmt` ("q") and as the exact fp32
+    dequantization of its codes ("deq"), under root/{fmt}_q and root/{fmt}_deq. Modules whose name contains one
+    of `skip` (listed in the config) or of `unlisted` (not listed) stay unquantized."""
+    from safetensors.torch import save_file
+
     scale_dtype = torch.bfloat16 if fmt == "compressed-tensors" else torch.float16
     q, deq = {}, {}
     for name, t in tensors.items():
         module = name.removesuffix(".weight")
-        if name.endswith(".weight") and t.dim() == 2 and not any(x in name for x in SKIP_ALWAYS + skip):
+        if name.endswith(".weight") and t.dim() == 2 and not any(x in name for x in SKIP_ALWAYS + skip + unlisted):
             u, s, z = quantize(t, group, zero_point or fmt == "awq", scale_dtype)
             for suffix, packed in pack_module(fmt, u, s, z, zero_point or fmt == "awq", v2).items():
                 q[f"{module}.{suffix}"] = packed
             deq[name] = dequantize(u, s, z)
         else:
             q[name] = deq[name] = t
-    cfg = json.loads((base / "config.json").read_text())
     dirs = {}
     for kind, ts in (("q", q), ("deq", deq)):
         d = root / f"{fmt}_{kind}"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import drive
 from mtp_checkpoints import mtp_checkpoint
 
 from deepseek_mcp.inference.engine.batch import ScheduledSeq, build_batch
@@ -45,18 +46,12 @@ def _run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
     core = EngineCore(engine, max_num_seqs=max_num_seqs or len(prompts), max_num_batched_tokens=budget,
                       cache_tokens=cache_tokens, block_size=4, warm_up=False, speculative_tokens=k)
     seqs = [Sequence(str(i), p, sp, eos_id=engine.tokenizer.eos_id) for i, (p, sp) in enumerate(zip(prompts, params))]
-    for s in seqs:
-        core.scheduler.add(s)
-    steps = 0
-    while core.scheduler.has_work():
-        result = core.step()
-        if result.error is not None:
-            raise result.error
-        steps += 1
+
+    def note_drafts() -> None:
         if record is not None:
-            record += [(list(s.token_ids), list(s.draft_ids)) for s in core.scheduler.running if s.draft_ids]
-    core.close()
-    return seqs, steps, core
+            record.extend((list(s.token_ids), list(s.draft_ids)) for s in core.scheduler.running if s.draft_ids)
+
+    return seqs, drive(core, seqs, note_drafts), core
 
 
 def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
@@ -211,10 +206,7 @@ def test_verify_steps_replay_the_decode_graphs_with_hidden_states(partial: Engin
 
     graphs.run_hidden = counting
     seqs = [Sequence(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
-    for s in seqs:
-        core.scheduler.add(s)
-    while core.scheduler.has_work():
-        assert core.step().error is None
+    drive(core, seqs)
     assert [s.output_ids for s in seqs] == [s.output_ids for s in eager]
     assert [(s.num_drafted, s.num_accepted) for s in seqs] == [(s.num_drafted, s.num_accepted) for s in eager]
     assert max(replayed) > 2  # steps with more rows than sequences: verify steps replayed

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,13 +142,14 @@ def _content_length(response: bytearray) -> int:
     return 0
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+@contextmanager
+def console_server(log: Path, token: str) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    """`deepseek-mcp --transport http` on a free loopback port, its output in `log`, once `/health` says ok:
+    (process, port, log); killed on exit."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DEEPSEEK_MCP_TOKEN", "DEEPSEEK_MCP_CONFIG")}
-    log = tmp_path_factory.mktemp("body") / "server.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(SCRIPT), "--transport", "http", "--port", str(port), "--token", TOKEN,
+        proc = subprocess.Popen([str(SCRIPT), "--transport", "http", "--port", str(port), "--token", token,
                                  "--max-tokens", "4", "--temperature", "0"], env=env, stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 90
@@ -164,6 +166,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subproces
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    with console_server(tmp_path_factory.mktemp("body") / "server.log", TOKEN) as served:
+        yield served
 
 
 def test_a_50_mb_upload_is_refused_as_it_arrives_with_memory_and_health_bounded(

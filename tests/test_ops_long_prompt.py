@@ -19,8 +19,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-from api_server import free_port
-from test_ops_body_limit import LIMIT, SCRIPT, Watch, rss
+from test_ops_body_limit import LIMIT, Watch, console_server, rss
 
 TOKEN = "long-prompt-token-" + os.urandom(6).hex()
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -50,27 +49,8 @@ def prose(size: int) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DEEPSEEK_MCP_TOKEN", "DEEPSEEK_MCP_CONFIG")}
-    log = tmp_path_factory.mktemp("long") / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([str(SCRIPT), "--transport", "http", "--port", str(port), "--token", TOKEN,
-                                 "--max-tokens", "4", "--temperature", "0"], env=env, stdout=out, stderr=out)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok":
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield proc, port, log
-    finally:
-        proc.kill()
-        proc.wait()
+    with console_server(tmp_path_factory.mktemp("long") / "server.log", TOKEN) as served:
+        yield served
 
 
 def test_a_prompt_far_past_the_context_is_refused_cheaply_on_every_route(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import drive
 from hf_checkpoints import tiny_hf_model
 
 from deepseek_mcp.inference.engine.core import EngineCore
@@ -34,16 +35,7 @@ def _run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
                       warm_up=False, drafter=drafter, speculative_tokens=k)
     seqs = [Sequence(str(i), p, sp, logits_processors=tuple(processors[i]) if processors else (),
                      eos_id=engine.tokenizer.eos_id) for i, (p, sp) in enumerate(zip(prompts, params))]
-    for s in seqs:
-        core.scheduler.add(s)
-    steps = 0
-    while core.scheduler.has_work():
-        result = core.step()
-        if result.error is not None:
-            raise result.error
-        steps += 1
-    core.close()
-    return seqs, steps, core
+    return seqs, drive(core, seqs), core
 
 
 def test_emitted_tokens_rule() -> None:

@@ -49,7 +49,8 @@ def _run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
 
     def note_drafts() -> None:
         if record is not None:
-            record.extend((list(s.token_ids), list(s.draft_ids)) for s in core.scheduler.running if s.draft_ids)
+            record.extend((list(s.token_ids), list(s.draft_ids), _mtp_latents(core, s))
+                          for s in core.scheduler.running if s.draft_ids)
 
     return seqs, drive(core, seqs, note_drafts), core
 
@@ -107,9 +108,18 @@ def test_preemption_and_prefix_hits_change_no_token(partial: Engine) -> None:
     assert core.block_manager.num_used_blocks == 0
 
 
-def _scratch_drafts(engine: Engine, tokens: list[int], k: int) -> list[int]:
+def _mtp_latents(core: EngineCore, seq: Sequence) -> torch.Tensor:
+    """The MTP layer's latents [P, C + R] in the pool for positions 0 .. P - 1 of a decoding sequence (P: its
+    last token's position; the extend wrote those, the chained drafts the ones after)."""
+    cache, bs = core.runner.kv_cache[-1], core.block_manager.block_size
+    slots = [seq.block_table[p // bs] * bs + p % bs for p in range(seq.num_tokens - 1)]
+    return cache.view(-1, cache.shape[-1])[slots].clone()
+
+
+def _scratch_drafts(engine: Engine, tokens: list[int], k: int) -> tuple[list[int], torch.Tensor]:
     """The MTP layer's greedy drafts after `tokens`, computed from nothing: the main model over every token, the
-    layer over every position, then chained (a fresh cache, no paging history)."""
+    layer over every position, then chained (a fresh cache, no paging history); and the layer's latents of
+    positions 0 .. P - 1 before the chained drafts."""
     model, cfg, bs = engine.model, engine.config, 4
     n_blocks = -(-(len(tokens) + k) // bs)
     cache = torch.full((cfg.num_layers + 1, n_blocks, bs, cfg.kv_cache_dim), float("nan"))  # poisoned
@@ -119,26 +129,30 @@ def _scratch_drafts(engine: Engine, tokens: list[int], k: int) -> list[int]:
     _, hidden = model(x, pos, meta, cache, return_hidden=True)  # states at 0 .. P - 1
     x, pos, meta = build_batch([ScheduledSeq(tokens[1:], 0, table)], bs, dev)
     logits, h = model.draft(x, pos, hidden, meta, cache)
+    latents = cache[-1].view(-1, cache.shape[-1])[: len(tokens) - 1].clone()
     drafts = [int(logits[-1].argmax())]
     for j in range(1, k):
         x, pos, meta = build_batch([ScheduledSeq([drafts[-1]], len(tokens) + j - 2, table)], bs, dev)
         logits, h = model.draft(x, pos, h[-1:], meta, cache)
         drafts.append(int(logits[-1].argmax()))
-    return drafts
+    return drafts, latents
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_each_draft_equals_the_layer_from_scratch(partial: Engine, k: int) -> None:
-    """After verifies that accepted some drafts and rolled others back, and after chunked prefill, the drafts
-    the engine proposes are those of the layer run over the whole sequence afresh."""
+@pytest.mark.parametrize(("k", "lengths"), [(1, (9, 30)), (3, (9, 30)), (2, (30,))])
+def test_each_draft_equals_the_layer_from_scratch(partial: Engine, k: int, lengths: tuple[int, ...]) -> None:
+    """After verifies that accepted some drafts and rolled others back, and after chunked prefill (beside a
+    decoding request, or alone: steps in which nothing drafts still write the layer's latents), the drafts the
+    engine proposes, and the layer's latents they read, are those of the layer run over the whole sequence
+    afresh."""
     record: list = []
-    prompts = _prompts(30, (9, 30))
-    params = [SamplingParams(max_tokens=N, ignore_eos=True)] * 2
-    spec, _, _ = _run(partial, prompts, params, k, budget=16, record=record)
-    assert sum(s.num_accepted for s in spec) > 0 and len(record) > 10
-    for tokens, drafts in record:
-        want = _scratch_drafts(partial, tokens, k)[: len(drafts)]
-        assert drafts == want, (len(tokens), drafts, want)
+    prompts = _prompts(30, lengths)
+    params = [SamplingParams(max_tokens=N, ignore_eos=True)] * len(prompts)
+    spec, _, _ = _run(partial, prompts, params, k, budget=16 if len(prompts) > 1 else 8, record=record)
+    assert sum(s.num_accepted for s in spec) > 0 and len(record) > 5
+    for tokens, drafts, latents in record:
+        want, want_latents = _scratch_drafts(partial, tokens, k)
+        assert drafts == want[: len(drafts)], (len(tokens), drafts, want)
+        torch.testing.assert_close(latents, want_latents, rtol=1e-4, atol=1e-4)  # every position's, written once
 
 
 def test_speculative_tokens_is_checked(tmp_path: Path, partial: Engine) -> None:

@@ -75,10 +75,12 @@ class MTPDrafter:
                     drafting.append((len(ext), seq, room))
             ext.append(ScheduledSeq(seq.token_ids[sched.start_pos + 1 : end + 1], sched.start_pos, seq.block_table))
             rows.extend(range(base, base + count))
-        if not drafting:
-            return  # nothing drafts next step; latents of the prefills are written when they do
-        logits = self.runner.draft(ext, rows)  # [len(ext), V]
+        if not ext:
+            return
+        logits = self.runner.draft(ext, rows)  # [len(ext), V]; a step only prefilling writes its latents too
         self.forwards += 1
+        if not drafting:
+            return
         picked = logits[[i for i, _, _ in drafting]].argmax(-1).tolist()
         drafts = {id(seq): [t] for (_, seq, _), t in zip(drafting, picked, strict=True)}
         chain = drafting  # (row of its state in the last MTP output, sequence, room)
